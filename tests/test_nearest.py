@@ -1,0 +1,278 @@
+"""u2.nearest on every backend against a float64 reference: odd shapes, dtypes, ties, bad input."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import unicode2_fast as u2
+from unicode2_fast import _cpu_search
+from unicode2_fast.kernels import nearest as nearest_kernel
+
+from reference import assert_nearest_ok, objective64
+
+METRICS = ["l2", "ip", "cos"]
+# (N, K, d): 1, 7, 129, 1153 and K not a multiple of any block (CODE_BLOCK = 2048, BLOCK_K = 64/128)
+SHAPES = [(1, 1, 1), (7, 7, 7), (129, 1153, 33), (5, 2100, 129), (3, 129, 1153), (6, 300, 1152)]
+interpret = os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(
+    not (interpret or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1"
+)
+
+
+def _data(n, k, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g).to(dtype), torch.randn(k, d, generator=g).to(dtype)
+
+
+def _torch_same_precision_error(x, codebook, metric, ids):
+    """Max error torch itself makes computing the chosen codes' distances in float32."""
+    x32, c32 = x.float(), codebook.float()
+    if metric == "l2":
+        full = x32.pow(2).sum(1, keepdim=True) + c32.pow(2).sum(1) - 2 * x32 @ c32.t()
+    elif metric == "ip":
+        full = -(x32 @ c32.t())
+    else:
+        full = 1 - (x32 / x32.norm(dim=1, keepdim=True)) @ (c32 / c32.norm(dim=1, keepdim=True)).t()
+    truth = objective64(x, codebook, metric)
+    return (full.double() - truth).abs().max().item()
+
+
+# --- the exact CPU path -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("n,k,d", SHAPES)
+@pytest.mark.parametrize("filter_kind", ["fp64", "fp32", "int8"])
+def test_cpu_path_is_exact(n, k, d, metric, filter_kind):
+    if filter_kind == "int8" and d < _cpu_search.MIN_INT8_DIM:
+        pytest.skip("int8 filter is used only from MIN_INT8_DIM")
+    x, c = _data(n, k, d)
+    ids, dists = _cpu_search.nearest_cpu(x, c, metric, filter_kind)
+    assert_nearest_ok(ids, dists, x, c, metric, exact=True, rel_tol=2e-7)
+
+
+@pytest.mark.parametrize("filter_kind", ["fp32", "int8"])
+def test_cpu_filter_exact_on_near_ties(filter_kind):
+    # Hundreds of codewords within the int8 error bound of each other: the certified filter must
+    # still return the float64 argmin, not just a near one.
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(8, 96, generator=g)
+    c = centers.repeat_interleave(400, dim=0) + 1e-3 * torch.randn(3200, 96, generator=g)
+    x = centers[torch.arange(40) % 8] + 1e-3 * torch.randn(40, 96, generator=g)
+    for metric in METRICS:
+        ids, dists = _cpu_search.nearest_cpu(x, c, metric, filter_kind)
+        assert_nearest_ok(ids, dists, x, c, metric, exact=True, rel_tol=2e-7)
+
+
+def test_cpu_degenerate_codebook_falls_back_exactly(monkeypatch):
+    # Every codeword equidistant: candidates exceed the cap and the streaming scan takes over.
+    monkeypatch.setattr(_cpu_search, "CANDIDATE_CAP", 16)
+    c = torch.ones(3000, 32)
+    c[2500] = 0.5
+    x = torch.cat([torch.ones(2, 32), torch.full((1, 32), 0.5)])
+    ids, dists = _cpu_search.nearest_cpu(x, c, "l2", "int8")
+    assert ids.tolist() == [0, 0, 2500]
+    assert dists.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_cpu_query_chunks_and_blocks(monkeypatch):
+    monkeypatch.setattr(_cpu_search, "QUERY_CHUNK", 16)
+    monkeypatch.setattr(_cpu_search, "CODE_BLOCK", 64)
+    monkeypatch.setattr(_cpu_search, "RERANK_CHUNK", 8)
+    x, c = _data(50, 1000, 40, seed=3)
+    for kind in ["int8", "fp32", "fp64"]:
+        ids, dists = _cpu_search.nearest_cpu(x, c, "l2", kind)
+        assert_nearest_ok(ids, dists, x, c, "l2", exact=True, rel_tol=2e-7)
+
+
+def test_codebook_stats_rebuilt_after_in_place_change():
+    x, c = _data(20, 500, 64, seed=4)
+    ids_before, _ = u2.nearest(x, c)
+    c.mul_(-1.0)
+    ids_after, dists_after = u2.nearest(x, c)
+    assert_nearest_ok(ids_after, dists_after, x, c, "l2", exact=True, rel_tol=2e-7)
+    assert not torch.equal(ids_before, ids_after)
+
+
+# --- the public function, every backend -------------------------------------------------------
+
+def _backends():
+    out = ["torch", "faiss"]
+    if interpret or torch.cuda.is_available():
+        out.append("triton")
+    return out
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("n,k,d", SHAPES)
+def test_nearest_backends_vs_float64(n, k, d, metric, backend):
+    x, c = _data(n, k, d, seed=n + k + d)
+    if backend == "triton" and torch.cuda.is_available():
+        x, c = x.cuda(), c.cuda()
+    ids, dists = u2.nearest(x, c, metric=metric, backend=backend)
+    assert ids.dtype == torch.int64 and dists.dtype == torch.float32
+    ids, dists, x, c = ids.cpu(), dists.cpu(), x.cpu(), c.cpu()
+    if backend == "torch":
+        assert_nearest_ok(ids, dists, x, c, metric, exact=True, rel_tol=2e-7)
+    else:
+        # fp32 backends: within the error torch makes in fp32 on the same inputs, plus a small eps
+        torch_err = _torch_same_precision_error(x, c, metric, ids)
+        assert_nearest_ok(ids, dists, x, c, metric, abs_tol=2 * torch_err + 1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("metric", METRICS)
+def test_triton_fp16_within_torch_error(metric):
+    x, c = _data(37, 300, 64, dtype=torch.float16, seed=5)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ids, dists = u2.nearest(x.to(dev), c.to(dev), metric=metric, backend="triton")
+    torch_err = _torch_same_precision_error(x, c, metric, ids.cpu())
+    assert_nearest_ok(ids.cpu(), dists.cpu(), x, c, metric, abs_tol=2 * torch_err + 1e-6)
+
+
+@needs_triton
+def test_triton_split_reduction_and_int64_offsets(tmp_path):
+    # Rows of x and codebook lie more than 2^31 elements apart: a sparse memory-mapped file holds
+    # them, so offset arithmetic in int32 would wrap and read the wrong rows (or fault).
+    if torch.cuda.is_available():
+        pytest.skip("the sparse-file view is a CPU (interpreter) construction")
+    d = 16
+    row_stride = 2**31 + 32
+    storage = np.memmap(tmp_path / "sparse.bin", dtype=np.float16, mode="w+", shape=(row_stride + d,))
+    g = torch.Generator().manual_seed(6)
+    rows = torch.randn(2, d, generator=g).half()
+    storage[:d] = rows[0].numpy()
+    storage[row_stride:row_stride + d] = rows[1].numpy()
+    big = torch.from_numpy(storage)
+    codebook = big.as_strided((2, d), (row_stride, 1))
+    x = big.as_strided((2, d), (row_stride, 1))
+    ids, dists = nearest_kernel.nearest_triton(x, codebook, "l2")
+    assert ids.tolist() == [0, 1]
+    assert dists.abs().max().item() < 1e-4  # ||x||^2 + ||c||^2 - 2<x,c> in fp32
+
+
+def test_reduce_splits_prefers_lowest_index():
+    vals = torch.tensor([[1.0, 2.0, 3.0], [1.0, 0.5, 3.0], [0.5, 0.5, 3.0]])
+    idx = torch.tensor([[0, 1, 2], [10, 11, 12], [20, 21, 22]])
+    best, best_idx = nearest_kernel.reduce_splits(vals, idx)
+    assert best.tolist() == [0.5, 0.5, 3.0]
+    assert best_idx.tolist() == [20, 11, 2]
+
+
+def test_choose_splits_fills_the_device():
+    # one image (729 queries) on 132 SMs: many splits; a big batch: few
+    assert nearest_kernel.choose_splits(729, 500_000, 128, 128, 132) >= 40
+    assert nearest_kernel.choose_splits(100_000, 500_000, 128, 128, 132) == 1
+    assert nearest_kernel.choose_splits(729, 100, 128, 128, 132) == 1
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_ties_go_to_lowest_index(backend):
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(10, 64, generator=g)
+    c = torch.cat([base, base, base, base])  # every codeword four times, 300 apart... 10 apart
+    x = base[[3, 5, 9]]
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    for metric in METRICS:
+        ids, _ = u2.nearest(x.to(dev), c.to(dev), metric=metric, backend=backend)
+        assert ids.cpu().tolist() == [3, 5, 9], (backend, metric)
+
+
+@needs_triton
+def test_triton_ties_across_blocks_and_splits():
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(5, 32, generator=g)
+    c = torch.randn(2000, 32, generator=g) * 10
+    c[[7, 700, 1500, 1999]] = base[0]  # the same codeword in several blocks and splits
+    x = base[:1]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ids, _ = u2.nearest(x.to(dev), c.to(dev), backend="triton")
+    assert ids.tolist() == [7]
+
+
+# --- input kinds and shapes -------------------------------------------------------------------
+
+def test_leading_dims_and_empty():
+    x, c = _data(24, 50, 8)
+    ids, dists = u2.nearest(x.reshape(2, 3, 4, 8), c)
+    assert ids.shape == (2, 3, 4) and dists.shape == (2, 3, 4)
+    flat_ids, _ = u2.nearest(x, c)
+    assert torch.equal(ids.reshape(-1), flat_ids)
+    ids0, dists0 = u2.nearest(torch.empty(0, 8), c)
+    assert ids0.shape == (0,) and dists0.shape == (0,) and ids0.dtype == torch.int64
+    ids00, _ = u2.nearest(torch.empty(3, 0, 8), c)
+    assert ids00.shape == (3, 0)
+
+
+def test_numpy_in_numpy_out():
+    x, c = _data(9, 40, 16)
+    ids, dists = u2.nearest(x.numpy(), c.numpy())
+    assert isinstance(ids, np.ndarray) and ids.dtype == np.int64
+    assert isinstance(dists, np.ndarray) and dists.dtype == np.float32
+    t_ids, _ = u2.nearest(x, c)
+    assert np.array_equal(ids, t_ids.numpy())
+
+
+def test_codebook_object_and_low_precision_inputs():
+    x, c = _data(11, 200, 48)
+    cb = u2.Codebook(c)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        xd, cd = x.to(dtype), c.to(dtype)
+        ids, dists = u2.nearest(xd, u2.Codebook(cd))
+        assert_nearest_ok(ids, dists, xd, cd, "l2", exact=True, rel_tol=2e-7)
+    ids, _ = u2.nearest(x, cb)
+    assert torch.equal(ids, u2.nearest(x, c)[0])
+
+
+def test_non_contiguous_inputs_are_handled():
+    x, c = _data(13, 70, 24)
+    xt = x.t().contiguous().t()  # same values, column-major
+    ct = c.t().contiguous().t()
+    assert not xt.is_contiguous() and not ct.is_contiguous()
+    for backend in _backends():
+        ids, dists = u2.nearest(xt, ct, backend=backend)
+        ref_ids, _ = u2.nearest(x, c, backend=backend)
+        assert torch.equal(ids.cpu(), ref_ids.cpu())
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "make,exc,match",
+    [
+        (lambda x, c: (x.clone().index_fill_(0, torch.tensor([2]), float("nan")), c), ValueError, "x contains non-finite"),
+        (lambda x, c: (x, c.clone().index_fill_(0, torch.tensor([1]), float("inf"))), ValueError, "codebook contains non-finite"),
+        (lambda x, c: (x[:, :5], c), ValueError, "dimension mismatch"),
+        (lambda x, c: (x.long(), c), TypeError, "x must be a floating"),
+        (lambda x, c: (x, c.int()), TypeError, "codebook must be a floating"),
+        (lambda x, c: (x, c[:0]), ValueError, "empty codebook"),
+        (lambda x, c: (x, c[0]), ValueError, "codebook must be a 2-D"),
+        (lambda x, c: (x.to("meta"), c), ValueError, "is on meta"),
+        (lambda x, c: ([1.0, 2.0], c), TypeError, "expected a torch.Tensor"),
+    ],
+)
+def test_bad_input_names_the_problem(make, exc, match):
+    x, c = _data(4, 10, 8)
+    bx, bc = make(x, c)
+    with pytest.raises(exc, match=match):
+        u2.nearest(bx, bc)
+
+
+def test_unknown_metric_backend_and_zero_vector_cos():
+    x, c = _data(4, 10, 8)
+    with pytest.raises(ValueError, match="unknown metric 'l1'"):
+        u2.nearest(x, c, metric="l1")
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        u2.nearest(x, c, backend="gpu")
+    c0 = c.clone()
+    c0[3] = 0
+    with pytest.raises(ValueError, match="codebook row 3 is the zero vector"):
+        u2.nearest(x, c0, metric="cos")
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, c = _data(4, 10, 8)
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        u2.nearest(x, c, backend="triton")
