@@ -36,12 +36,16 @@ CODE_BLOCK = 2048
 QUERY_CHUNK = 4096
 #: rows quantised / normed at a time when building codebook statistics (bounds temporaries)
 STAT_CHUNK = 16384
+#: candidates extracted per (query, block) at once; the rest are re-checked at the end
+BLOCK_CANDIDATES = 32
 #: candidates per query kept before the query falls back to a streaming exact scan
 CANDIDATE_CAP = 1024
 #: candidate pairs re-ranked at a time (each pair gathers two d-vectors in fp64)
 RERANK_CHUNK = 16384
 #: below this many multiply-adds the int8 set-up costs more than it saves: use the fp64 filter
 SMALL_PROBLEM_MACS = 1 << 27
+#: codewords in the strided sample that gives each query an initial upper bound
+PILOT_SIZE = 2048
 #: torch's CPU int8 GEMM returns wrong results for d = 1 (seen in torch 2.13); int8 only from here
 MIN_INT8_DIM = 16
 
@@ -88,30 +92,40 @@ class _RowStats:
     sq_rel_err: float
 
 
-def _row_stats(v: torch.Tensor, kind: str, normalize: bool) -> _RowStats:
-    """Quantise / convert rows ``v: (R, d)`` for the filter and bound the residuals."""
+def _row_stats(v: torch.Tensor, kind: str, normalize: bool, center: Optional[torch.Tensor] = None) -> _RowStats:
+    """Quantise / convert rows ``v: (R, d)`` for the filter and bound the residuals.
+
+    ``normalize`` (cos) scales rows to unit norm; ``center`` (l2) is subtracted first: squared L2
+    distances do not change under a shift, and the filter's error bound scales with the row
+    norms, so removing the features' shared mean (large for SigLIP) tightens it a lot.
+    The statistics describe the exact transformed rows: the rounding of the transform itself is
+    folded into the residual bounds.
+    """
     parts = []
     for start in range(0, v.shape[0], STAT_CHUNK):
-        parts.append(_row_stats_chunk(v[start:start + STAT_CHUNK], kind, normalize))
+        parts.append(_row_stats_chunk(v[start:start + STAT_CHUNK], kind, normalize, center))
     if not parts:
-        parts.append(_row_stats_chunk(v, kind, normalize))
+        parts.append(_row_stats_chunk(v, kind, normalize, center))
     fields = ("filt", "scale", "res_norm", "filt_norm", "norm", "sq")
     return _RowStats(*(torch.cat([getattr(p, f) for p in parts]) if getattr(parts[0], f) is not None else None
                        for f in fields), parts[0].sq_rel_err)
 
 
-def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool) -> _RowStats:
-    # v: (R, d) any float dtype
+def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool, center: Optional[torch.Tensor]) -> _RowStats:
+    # v: (R, d) any float dtype; center: (d,) or None
     if kind == "fp64" or v.dtype == torch.float64:
-        return _row_stats_chunk_fp64(v, kind, normalize)
+        return _row_stats_chunk_fp64(v, kind, normalize, center)
     # fp32 arithmetic (fp16/bf16/fp32 inputs are exact in fp32); every quantity that feeds the
     # error bound is inflated by the rounding of its own fp32 computation so it stays a bound.
     d = v.shape[1]
     gamma = 1.01 * (d + 4) * _U32  # relative rounding of a d-term fp32 sum
     grow = 1.0 + 2.0 * gamma
     v32 = v.float()
+    if center is not None:
+        v32 = v32 - center.float()  # each element within one rounding of the exact difference
     norm = torch.linalg.vector_norm(v32, dim=1)
-    off_unit = torch.zeros_like(norm)  # distance of the rows below from the exact (normalised) rows
+    # distance of the rows below from the exact transformed rows
+    off_unit = 1.01 * _U32 * norm if center is not None else torch.zeros_like(norm)
     if normalize:
         v32 = v32 / norm.unsqueeze(1)
         norm = torch.linalg.vector_norm(v32, dim=1)
@@ -130,11 +144,13 @@ def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool) -> _RowStats:
         filt = q.to(torch.int8)
     filt_norm = torch.linalg.vector_norm(filt.float(), dim=1).double() * scale.double() * grow
     sq = torch.linalg.vecdot(v32, v32) if not normalize else None
-    return _RowStats(filt, scale, res_norm, filt_norm, norm.double() * grow + off_unit.double(), sq, gamma)
+    return _RowStats(filt, scale, res_norm, filt_norm, norm.double() * grow + off_unit.double(), sq, gamma + 3.0 * _U32)
 
 
-def _row_stats_chunk_fp64(v: torch.Tensor, kind: str, normalize: bool) -> _RowStats:
+def _row_stats_chunk_fp64(v: torch.Tensor, kind: str, normalize: bool, center: Optional[torch.Tensor]) -> _RowStats:
     v64 = v.double()
+    if center is not None:
+        v64 = v64 - center.double()  # fp64 rounding here is far below the 2^-20 growth margin
     norm = v64.norm(dim=1)
     if normalize:
         v64 = v64 / norm.unsqueeze(1)
@@ -165,9 +181,12 @@ def _row_stats_chunk_fp64(v: torch.Tensor, kind: str, normalize: bool) -> _RowSt
 class _CodebookStats:
     """Per-codebook filter statistics, cached across calls (built once, then reused)."""
 
-    def __init__(self, codebook: torch.Tensor, kind: str, normalize: bool):
+    def __init__(self, codebook: torch.Tensor, kind: str, metric: str):
         self.version = codebook._version
-        self.stats = _row_stats(codebook, kind, normalize)
+        # l2: shift everything by the codebook mean (see _row_stats); fp32 so the shift itself is
+        # a fixed, exactly known vector
+        self.center = _column_mean(codebook).float() if metric == "l2" else None
+        self.stats = _row_stats(codebook, kind, metric == "cos", self.center)
         # per-block maxima used in the error bound W
         n_blocks = math.ceil(codebook.shape[0] / CODE_BLOCK)
         self.block_res_max = [self.stats.res_norm[b * CODE_BLOCK:(b + 1) * CODE_BLOCK].max().item() for b in range(n_blocks)]
@@ -179,17 +198,25 @@ class _CodebookStats:
         )
 
 
-# codebook tensor -> {(kind, normalize): _CodebookStats}; weak keys so a dropped codebook frees it
+def _column_mean(v: torch.Tensor) -> torch.Tensor:
+    """(d,) float64 mean of the rows of ``v``, accumulated in chunks (no fp64 copy of ``v``)."""
+    total = torch.zeros(v.shape[1], dtype=torch.float64)
+    for start in range(0, v.shape[0], STAT_CHUNK):
+        total += v[start:start + STAT_CHUNK].double().sum(dim=0)
+    return total / max(1, v.shape[0])
+
+
+# codebook tensor -> {(kind, metric): _CodebookStats}; weak keys so a dropped codebook frees it
 _STATS_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def codebook_stats(codebook: torch.Tensor, kind: str, normalize: bool) -> _CodebookStats:
+def codebook_stats(codebook: torch.Tensor, kind: str, metric: str) -> _CodebookStats:
     """Cached filter statistics of ``codebook``; rebuilt if the tensor was modified in place."""
     per_tensor = _STATS_CACHE.setdefault(codebook, {})
-    key = (kind, normalize)
+    key = (kind, metric)
     entry = per_tensor.get(key)
     if entry is None or entry.version != codebook._version:
-        entry = _CodebookStats(codebook, kind, normalize)
+        entry = _CodebookStats(codebook, kind, metric)
         per_tensor[key] = entry
     return entry
 
@@ -277,6 +304,32 @@ def _pair_objective(x, codebook, rows, cols, metric: str, gamma: float, x_norm, 
     return out, err
 
 
+def _pilot_upper_bound(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
+    """(n,) float64 upper bound on each query's true minimum from a strided codeword sample.
+
+    Without it the first blocks are filtered against a loose bound and hand many candidates to
+    the re-ranking; a sample that spans the codebook (k-means codebooks are stored cluster by
+    cluster) usually holds a codeword from the query's own cluster. Costs one small fp64 GEMM.
+    """
+    k = codebook.shape[0]
+    sample = torch.unique(torch.linspace(0, k - 1, min(k, PILOT_SIZE)).long())
+    x64 = x.double()
+    c64 = codebook.index_select(0, sample).double()
+    if metric == "cos":
+        x64 = x64 / x64.norm(dim=1, keepdim=True)
+        c64 = c64 / c64.norm(dim=1, keepdim=True)
+    dot = x64 @ c64.t()
+    if metric == "l2":
+        x_sq = x64.pow(2).sum(dim=1, keepdim=True)
+        c_sq = c64.pow(2).sum(dim=1)
+        obj = x_sq + c_sq - 2.0 * dot
+        slack = 1e-10 * (x_sq + c_sq)  # fp64 rounding of the expansion, with a wide margin
+    else:
+        obj = -dot
+        slack = 1e-10 * x64.norm(dim=1, keepdim=True) * c64.norm(dim=1)
+    return (obj + slack).min(dim=1).values
+
+
 def _select_lowest(n: int, rows: torch.Tensor, cols: torch.Tensor, obj: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per row, the minimum objective and, among exact ties, the lowest column."""
     best = torch.full((n,), math.inf, dtype=torch.float64).scatter_reduce(0, rows, obj, reduce="amin")
@@ -302,8 +355,7 @@ def nearest_cpu(
     if n == 0:
         return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float32)
     kind = filter_kind or choose_filter(n, k, d)
-    normalize = metric == "cos"
-    cstats = codebook_stats(codebook, kind, normalize)
+    cstats = codebook_stats(codebook, kind, metric)
     ids = torch.empty(n, dtype=torch.int64)
     obj = torch.empty(n, dtype=torch.float64)
     for start in range(0, n, QUERY_CHUNK):
@@ -324,22 +376,44 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
     # x: (n, d) queries; returns ids (n,), float64 objective (n,)
     n, d = x.shape
     k = codebook.shape[0]
-    qs = _row_stats(x, kind, metric == "cos")
+    qs = _row_stats(x, kind, metric == "cos", cstats.center)
     cs = cstats.stats
     coef = 2.0 if metric == "l2" else 1.0  # filter objective: ||c||^2 - 2<x,c>  or  -<x,c>
     gemm_round = _gemm_rounding(kind, d)
     neg_scale = (-coef * qs.scale.double()).to(torch.float32 if kind == "int8" else cs.filt.dtype)
     # The candidates' exact objectives live in the "pair" space (||x-c||^2 for l2); the filter's
     # omits ||x||^2. pair = filter + offset.
-    offset = (x.double().pow(2).sum(dim=1) if metric == "l2" else torch.zeros(n, dtype=torch.float64))
+    offset = ((x.double() - cstats.center.double()).pow(2).sum(dim=1) if metric == "l2"
+              else torch.zeros(n, dtype=torch.float64))
     two_stage = x.dtype != torch.float64 and codebook.dtype != torch.float64
     x_pair = x.float() if two_stage else x.double()
     pair_gamma = 1.01 * (d + 4) * _U32 if two_stage else 0.0
 
-    upper = torch.full((n,), math.inf, dtype=torch.float64)  # bound on the true minimum (pair space)
+    upper = _pilot_upper_bound(x, codebook, metric)  # bound on the true minimum (pair space)
     cand_rows, cand_cols, cand_lower = [], [], []
+    deferred = []  # (rows, block, lower bound of the codewords not extracted)
     counts = torch.zeros(n, dtype=torch.int64)
     overflow = torch.zeros(n, dtype=torch.bool)
+
+    def add(r, local_cols, b):
+        """Record candidates (r, block b's local_cols) with their certified pair-space bounds."""
+        nonlocal overflow
+        counts.index_add_(0, r, torch.ones_like(r))
+        over = counts > CANDIDATE_CAP
+        if bool(over.any()):
+            overflow |= over
+            keep = ~overflow[r]
+            r, local_cols = r[keep], local_cols[keep]
+        start = b * CODE_BLOCK
+        # Exact-ish objective of the block's candidates right away: the block's codewords and the
+        # query chunk are still in cache, and the tighter bound prunes the following blocks.
+        obj, err = _pair_objective(x_pair, codebook[start:start + CODE_BLOCK], r, local_cols, metric, pair_gamma,
+                                   qs.norm, cs.norm[start:start + CODE_BLOCK])
+        upper.scatter_reduce_(0, r, obj + err, reduce="amin")
+        cand_rows.append(r)
+        cand_cols.append(local_cols + start)
+        cand_lower.append(obj - err)
+
     for b, start in enumerate(range(0, k, CODE_BLOCK)):
         stop = min(k, start + CODE_BLOCK)
         approx = _filter_gemm(qs.filt, cs.filt[start:stop], kind)
@@ -361,21 +435,27 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
         rows = (blk_min <= thresh).logical_and_(~overflow).nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        hit = (approx[rows] <= thresh_f[rows].unsqueeze(1)).nonzero()
-        r = rows[hit[:, 0]]
-        counts.index_add_(0, r, torch.ones_like(r))
-        over = counts > CANDIDATE_CAP
-        if bool(over.any()):
-            overflow |= over
-            keep = ~overflow[r]
-            hit, r = hit[keep], r[keep]
-        # Exact-ish objective of the block's candidates right away: the block's codewords and the
-        # query chunk are still in cache, and the tighter bound prunes the following blocks.
-        obj, err = _pair_objective(x_pair, codebook[start:stop], r, hit[:, 1], metric, pair_gamma, qs.norm, cs.norm[start:stop])
-        upper.scatter_reduce_(0, r, obj + err, reduce="amin")
-        cand_rows.append(r)
-        cand_cols.append(hit[:, 1] + start)
-        cand_lower.append(obj - err)
+        sub = approx[rows]
+        mask = sub <= thresh_f[rows].unsqueeze(1)
+        many = mask.sum(dim=1) > BLOCK_CANDIDATES
+        if bool(many.any()):
+            # A row with many candidates here is usually looking at the siblings of its nearest
+            # codeword before reaching it: extract only the smallest few now and re-check the rest
+            # against the final bound (they are rarely needed).
+            smallest, small_cols = sub[many].topk(BLOCK_CANDIDATES, dim=1, largest=False)
+            mask[many] = torch.zeros_like(mask[many]).scatter_(1, small_cols, True)
+            many_rows = rows[many]
+            deferred.append((many_rows, b, smallest[:, -1].double() - width[many_rows]))
+        hit = mask.nonzero()
+        add(rows[hit[:, 0]], hit[:, 1], b)
+
+    # Deferred (row, block) pairs whose unextracted codewords could still beat the final bound
+    # are scanned in full.
+    for many_rows, b, rest_lower in deferred:
+        need = many_rows[(rest_lower <= upper[many_rows] - offset[many_rows]) & ~overflow[many_rows]]
+        if need.numel():
+            size = min(k, (b + 1) * CODE_BLOCK) - b * CODE_BLOCK
+            add(need.repeat_interleave(size), torch.arange(size).repeat(need.numel()), b)
 
     rows = torch.cat(cand_rows) if cand_rows else torch.empty(0, dtype=torch.int64)
     cols = torch.cat(cand_cols) if cand_cols else torch.empty(0, dtype=torch.int64)
