@@ -42,8 +42,9 @@ BLOCK_CANDIDATES = 32
 CANDIDATE_CAP = 1024
 #: candidate pairs re-ranked at a time (each pair gathers two d-vectors in fp64)
 RERANK_CHUNK = 16384
-#: below this many multiply-adds the int8 set-up costs more than it saves: use the fp64 filter
-SMALL_PROBLEM_MACS = 1 << 27
+#: codebooks below this many elements (K x d) use the fp64 filter: its statistics are a plain
+#: copy and the scan is short; above, every call reads the int8 copy (8x less than fp64)
+SMALL_CODEBOOK_ELEMENTS = 1 << 20
 #: codewords in the strided sample that gives each query an initial upper bound
 PILOT_SIZE = 2048
 #: torch's CPU int8 GEMM returns wrong results for d = 1 (seen in torch 2.13); int8 only from here
@@ -187,6 +188,7 @@ class _CodebookStats:
         # a fixed, exactly known vector
         self.center = _column_mean(codebook).float() if metric == "l2" else None
         self.stats = _row_stats(codebook, kind, metric == "cos", self.center)
+        self.pilot = _pilot_sample(codebook, metric)
         # per-block maxima used in the error bound W
         n_blocks = math.ceil(codebook.shape[0] / CODE_BLOCK)
         self.block_res_max = [self.stats.res_norm[b * CODE_BLOCK:(b + 1) * CODE_BLOCK].max().item() for b in range(n_blocks)]
@@ -223,7 +225,7 @@ def codebook_stats(codebook: torch.Tensor, kind: str, metric: str) -> _CodebookS
 
 def choose_filter(n: int, k: int, d: int) -> str:
     """The filter precision for an (N, K, d) search on this machine."""
-    if n * k * d < SMALL_PROBLEM_MACS:
+    if k * d < SMALL_CODEBOOK_ELEMENTS:
         return "fp64"
     if d >= MIN_INT8_DIM and int8_gemm_available():
         return "int8"
@@ -304,29 +306,42 @@ def _pair_objective(x, codebook, rows, cols, metric: str, gamma: float, x_norm, 
     return out, err
 
 
-def _pilot_upper_bound(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
+def _pilot_sample(codebook: torch.Tensor, metric: str) -> torch.Tensor:
+    """(S, d) float32 strided sample of the codebook (unit rows for cos) for the pilot bound.
+
+    S is at most PILOT_SIZE and about 1/32 of K, so the pilot stays a few % of the scan.
+    """
+    k = codebook.shape[0]
+    size = min(k, PILOT_SIZE, max(64, k // 32))
+    sample = torch.unique(torch.linspace(0, k - 1, size).long())
+    c32 = codebook.index_select(0, sample).float()
+    if metric == "cos":
+        c32 = c32 / c32.norm(dim=1, keepdim=True)
+    return c32
+
+
+def _pilot_upper_bound(x: torch.Tensor, pilot: torch.Tensor, metric: str) -> torch.Tensor:
     """(n,) float64 upper bound on each query's true minimum from a strided codeword sample.
 
     Without it the first blocks are filtered against a loose bound and hand many candidates to
     the re-ranking; a sample that spans the codebook (k-means codebooks are stored cluster by
-    cluster) usually holds a codeword from the query's own cluster. Costs one small fp64 GEMM.
+    cluster) usually holds a codeword from the query's own cluster. Costs one small fp32 GEMM;
+    its rounding (and that of the fp32 inputs) is added so the result stays an upper bound.
     """
-    k = codebook.shape[0]
-    sample = torch.unique(torch.linspace(0, k - 1, min(k, PILOT_SIZE)).long())
-    x64 = x.double()
-    c64 = codebook.index_select(0, sample).double()
+    x32 = x.float()
     if metric == "cos":
-        x64 = x64 / x64.norm(dim=1, keepdim=True)
-        c64 = c64 / c64.norm(dim=1, keepdim=True)
-    dot = x64 @ c64.t()
+        x32 = x32 / x32.norm(dim=1, keepdim=True)
+    dot = (x32 @ pilot.t()).double()
+    x_norm = x32.double().norm(dim=1, keepdim=True)
+    c_norm = pilot.double().norm(dim=1)
+    # fp32 rounding of d-term sums, of the inputs (fp64 queries) and of the unit rows (cos)
+    gamma = 2.0 * (x.shape[1] + 8) * _U32
     if metric == "l2":
-        x_sq = x64.pow(2).sum(dim=1, keepdim=True)
-        c_sq = c64.pow(2).sum(dim=1)
-        obj = x_sq + c_sq - 2.0 * dot
-        slack = 1e-10 * (x_sq + c_sq)  # fp64 rounding of the expansion, with a wide margin
+        obj = x_norm.pow(2) + c_norm.pow(2) - 2.0 * dot
+        slack = gamma * (x_norm + c_norm).pow(2)
     else:
         obj = -dot
-        slack = 1e-10 * x64.norm(dim=1, keepdim=True) * c64.norm(dim=1)
+        slack = gamma * x_norm * c_norm + (4.0 * gamma if metric == "cos" else 0.0)
     return (obj + slack).min(dim=1).values
 
 
@@ -389,7 +404,7 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
     x_pair = x.float() if two_stage else x.double()
     pair_gamma = 1.01 * (d + 4) * _U32 if two_stage else 0.0
 
-    upper = _pilot_upper_bound(x, codebook, metric)  # bound on the true minimum (pair space)
+    upper = _pilot_upper_bound(x, cstats.pilot, metric)  # bound on the true minimum (pair space)
     cand_rows, cand_cols, cand_lower = [], [], []
     deferred = []  # (rows, block, lower bound of the codewords not extracted)
     counts = torch.zeros(n, dtype=torch.int64)

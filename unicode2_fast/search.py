@@ -5,8 +5,10 @@ Backends:
     "torch"   on CPU, the certified int8 filter + float64 re-ranking of ``_cpu_search`` (exact);
               on CUDA, blocked cuBLAS matmul + argmin;
     "faiss"   IndexFlatL2 / IndexFlatIP, results converted to our (ids, dists) meaning;
-    "auto"    Triton for CUDA tensors, "torch" for CPU tensors (measured faster than FAISS at every
-              shape of bench/bench_nearest.py on AVX-512 machines).
+    "auto"    Triton for CUDA tensors, "torch" for CPU tensors: on an AVX-512 VNNI CPU it measured
+              1.6-13x faster than FAISS IndexFlatL2 from K = 5,000 (N >= 64) and K = 50,000
+              (N >= 1) up to K = 500,000 at d = 1152; FAISS only wins below ~1 ms (K = 5,000, N <= 8),
+              where exactness is worth more than the fraction of a millisecond.
 
 Every backend returns the same meaning: ``dists`` is the squared L2 distance ("l2"), minus the
 inner product ("ip") or one minus the cosine similarity ("cos"), so smaller is always nearer, and

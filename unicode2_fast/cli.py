@@ -1,0 +1,87 @@
+"""Command line: ``unicode2-fast <command>`` (also ``python -m unicode2_fast <command>``).
+
+Commands:
+    kernels   ahead-of-time compile report of every Triton kernel (no GPU needed)
+    bench     the exact-search benchmark (bench/bench_nearest.py) on built-in synthetic data
+
+A user mistake (bad argument, missing file) prints one line on stderr and exits with status 2;
+nothing here prints a traceback for those.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+_REPO_BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported as one line, exit status 2."""
+
+
+def _cmd_kernels(args: argparse.Namespace) -> int:
+    from .kernels.compile import compile_report, format_report
+
+    rows = compile_report(arch=args.arch, kernels=args.only or None)
+    print(format_report(rows))
+    return 0
+
+
+def _load_bench(name: str):
+    path = _REPO_BENCH / f"{name}.py"
+    if not path.is_file():
+        raise UserError(
+            f"benchmark script {path} not found: the benchmarks live in the source checkout's bench/ folder"
+        )
+    module_name = f"unicode2_fast_bench_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses with postponed annotations look the module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cmd_bench(args: argparse.Namespace, rest: List[str]) -> int:
+    return _load_bench("bench_nearest").main(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unicode2-fast",
+        description="Fast exact search and tooling for very large visual codebooks.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    kernels = sub.add_parser(
+        "kernels",
+        help="compile every Triton kernel ahead of time and report registers, spills, smem, wgmma",
+        description="Compile every Triton kernel for a CUDA target without a GPU and print a table.",
+        epilog="example: unicode2-fast kernels --arch 90",
+    )
+    kernels.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for H100 (default 90)")
+    kernels.add_argument("--only", nargs="*", help="kernel names to compile (default: all)")
+    sub.add_parser(
+        "bench",
+        help="exact-search benchmark vs FAISS and torch on built-in data (options: see bench --help)",
+        description="Runs bench/bench_nearest.py; every option after 'bench' is passed to it.",
+        epilog="example: unicode2-fast bench --quick --out bench_out",
+        add_help=False,
+    )
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if args.command == "bench":
+            return _cmd_bench(args, rest)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return _cmd_kernels(args)
+    except UserError as error:
+        print(f"unicode2-fast: error: {error}", file=sys.stderr)
+        return 2
