@@ -2,10 +2,33 @@
 visual codebooks (the tokenizer side of UniCode^2).
 
 Importing the package touches no GPU and compiles no kernel: Triton kernels are imported and
-compiled on the first call that needs them.
+compiled on the first call that needs them, and the heavier modules load on first attribute use.
 """
+import importlib
+
 from .codebook import Codebook
 from .search import nearest
 
-__all__ = ["Codebook", "nearest"]
 __version__ = "0.1.0"
+
+# public name -> module that defines it, imported on first use
+_LAZY = {
+    "build_codebook": ".kmeans",
+    "HierarchicalIndex": ".hierarchical",
+    "gathered_embedding": ".embedding",
+    "SparseRowAdamW": ".optim",
+    "CascadedQuantizer": ".quantizer",
+    "VectorQuantizer": ".quantizer",
+    "large_vocab_cross_entropy": ".losses",
+    "info_nce": ".losses",
+}
+
+__all__ = ["Codebook", "nearest", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'unicode2_fast' has no attribute {name!r}")
