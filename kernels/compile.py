@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional
 
 #: kernel modules of this package that expose ``aot_specs()``; those not written yet are skipped
-KERNEL_MODULES = ["nearest", "hierarchical", "embedding_backward", "sparse_adamw"]
+KERNEL_MODULES = ["nearest", "hierarchical", "embedding_backward", "sparse_adamw", "cross_entropy"]
 
 _REQUIRED_SPEC_KEYS = (
     "name", "dtype", "fn", "signature", "constexprs", "num_warps", "num_stages", "expect_wgmma",
