@@ -28,8 +28,6 @@ from typing import Optional, Tuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-METRICS = ("l2", "ip", "cos")
-
 #: codewords per block: the int32 + fp32 block matrices of a query chunk stay in L2/L3 cache
 CODE_BLOCK = 2048
 #: queries per chunk: bounds the block matrices to QUERY_CHUNK x CODE_BLOCK x 8 bytes (64 MB)
@@ -40,7 +38,7 @@ STAT_CHUNK = 16384
 BLOCK_CANDIDATES = 32
 #: candidates per query kept before the query falls back to a streaming exact scan
 CANDIDATE_CAP = 1024
-#: candidate pairs re-ranked at a time (each pair gathers two d-vectors in fp64)
+#: candidate pairs re-ranked at a time (each pair gathers a query and a codeword row)
 RERANK_CHUNK = 16384
 #: codebooks below this many elements (K x d) use the fp64 filter: its statistics are a plain
 #: copy and the scan is short; above, every call reads the int8 copy (8x less than fp64)
@@ -49,6 +47,8 @@ SMALL_CODEBOOK_ELEMENTS = 1 << 20
 PILOT_SIZE = 2048
 #: torch's CPU int8 GEMM returns wrong results for d = 1 (seen in torch 2.13); int8 only from here
 MIN_INT8_DIM = 16
+#: int32 accumulation of 127 * 127 * d products stays exact below this dimension
+MAX_INT8_DIM = (2**31 - 1) // (127 * 127)
 
 _U32 = 2.0 ** -24
 _U64 = 2.0 ** -53
@@ -227,7 +227,7 @@ def choose_filter(n: int, k: int, d: int) -> str:
     """The filter precision for an (N, K, d) search on this machine."""
     if k * d < SMALL_CODEBOOK_ELEMENTS:
         return "fp64"
-    if d >= MIN_INT8_DIM and int8_gemm_available():
+    if MIN_INT8_DIM <= d <= MAX_INT8_DIM and int8_gemm_available():
         return "int8"
     return "fp32"
 
@@ -242,7 +242,7 @@ def _filter_gemm(qx: torch.Tensor, qc: torch.Tensor, kind: str) -> torch.Tensor:
 def _gemm_rounding(kind: str, d: int) -> float:
     """Relative bound on the filter GEMM's own rounding, times ||x|| ||c||."""
     if kind == "int8":
-        return 0.0  # integer products and sums are exact (127^2 * d < 2^31 for d < 133,000)
+        return 0.0  # integer products and sums are exact (127^2 * d < 2^31 up to MAX_INT8_DIM)
     unit = _U32 if kind == "fp32" else _U64
     return 1.01 * (d + 2) * unit
 
