@@ -25,3 +25,22 @@ def test_missing_bench_script_is_one_line_error(monkeypatch, tmp_path, capsys):
     assert cli.main(["bench", "--tiny"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("unicode2-fast: error: benchmark script")
+
+
+def test_profile_nearest_writes_a_chrome_trace(tmp_path, capsys):
+    import json
+
+    assert cli.main(["profile", "nearest", "--k", "3000", "--n", "20", "--d", "32", "--out", str(tmp_path)]) == 0
+    traces = list(tmp_path.glob("trace_nearest_cpu_*.json"))
+    assert len(traces) == 1
+    names = {event.get("name") for event in json.loads(traces[0].read_text())["traceEvents"]}
+    assert {"nearest", "nearest/torch", "nearest/filter_scan"} <= names
+
+
+def test_profile_cuda_without_gpu_is_one_line_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert cli.main(["profile", "nearest", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.startswith("unicode2-fast: error: --device cuda")

@@ -28,6 +28,8 @@ from typing import Optional, Tuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .profiling import stage
+
 #: codewords per block: the int32 + fp32 block matrices of a query chunk stay in L2/L3 cache
 CODE_BLOCK = 2048
 #: queries per chunk: bounds the block matrices to QUERY_CHUNK x CODE_BLOCK x 8 bytes (64 MB)
@@ -370,7 +372,8 @@ def nearest_cpu(
     if n == 0:
         return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float32)
     kind = filter_kind or choose_filter(n, k, d)
-    cstats = codebook_stats(codebook, kind, metric)
+    with stage("nearest/codebook_stats"):
+        cstats = codebook_stats(codebook, kind, metric)
     ids = torch.empty(n, dtype=torch.int64)
     obj = torch.empty(n, dtype=torch.float64)
     for start in range(0, n, QUERY_CHUNK):
@@ -404,7 +407,8 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
     x_pair = x.float() if two_stage else x.double()
     pair_gamma = 1.01 * (d + 4) * _U32 if two_stage else 0.0
 
-    upper = _pilot_upper_bound(x, cstats.pilot, metric)  # bound on the true minimum (pair space)
+    with stage("nearest/pilot"):
+        upper = _pilot_upper_bound(x, cstats.pilot, metric)  # bound on the true minimum (pair space)
     cand_rows, cand_cols, cand_lower = [], [], []
     deferred = []  # (rows, block, lower bound of the codewords not extracted)
     counts = torch.zeros(n, dtype=torch.int64)
@@ -429,58 +433,60 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
         cand_cols.append(local_cols + start)
         cand_lower.append(obj - err)
 
-    for b, start in enumerate(range(0, k, CODE_BLOCK)):
-        stop = min(k, start + CODE_BLOCK)
-        approx = _filter_gemm(qs.filt, cs.filt[start:stop], kind)
-        if kind == "int8":
-            approx = approx.float().mul_(cs.scale[start:stop])
-        approx.mul_(neg_scale.unsqueeze(1))
-        if metric == "l2":
-            approx.add_(cs.sq[start:stop].to(approx.dtype))
-        # width: |true filter objective - approx| <= width for every codeword of this block
-        dot_err = qs.filt_norm * cstats.block_res_max[b] + qs.res_norm * cstats.block_norm_max[b]
-        dot_err = dot_err + gemm_round * qs.filt_norm * cstats.block_filt_max[b]
-        # fp32 evaluation of the approximate objective: a few roundings of terms of this size
-        magnitude = coef * qs.filt_norm * cstats.block_filt_max[b] + cstats.block_sq_max[b]
-        width = coef * dot_err + 2.0 ** -19 * magnitude + cs.sq_rel_err * cstats.block_sq_max[b]
-        blk_min = approx.min(dim=1).values.double()
-        upper = torch.minimum(upper, blk_min + width + offset)
-        thresh = upper - offset + width
-        thresh_f = (thresh + thresh.abs() * 2.0 ** -20).to(approx.dtype)
-        rows = (blk_min <= thresh).logical_and_(~overflow).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
-        sub = approx[rows]
-        mask = sub <= thresh_f[rows].unsqueeze(1)
-        many = mask.sum(dim=1) > BLOCK_CANDIDATES
-        if bool(many.any()):
-            # A row with many candidates here is usually looking at the siblings of its nearest
-            # codeword before reaching it: extract only the smallest few now and re-check the rest
-            # against the final bound (they are rarely needed).
-            smallest, small_cols = sub[many].topk(BLOCK_CANDIDATES, dim=1, largest=False)
-            mask[many] = torch.zeros_like(mask[many]).scatter_(1, small_cols, True)
-            many_rows = rows[many]
-            deferred.append((many_rows, b, smallest[:, -1].double() - width[many_rows]))
-        hit = mask.nonzero()
-        add(rows[hit[:, 0]], hit[:, 1], b)
+    with stage("nearest/filter_scan"):
+        for b, start in enumerate(range(0, k, CODE_BLOCK)):
+            stop = min(k, start + CODE_BLOCK)
+            approx = _filter_gemm(qs.filt, cs.filt[start:stop], kind)
+            if kind == "int8":
+                approx = approx.float().mul_(cs.scale[start:stop])
+            approx.mul_(neg_scale.unsqueeze(1))
+            if metric == "l2":
+                approx.add_(cs.sq[start:stop].to(approx.dtype))
+            # width: |true filter objective - approx| <= width for every codeword of this block
+            dot_err = qs.filt_norm * cstats.block_res_max[b] + qs.res_norm * cstats.block_norm_max[b]
+            dot_err = dot_err + gemm_round * qs.filt_norm * cstats.block_filt_max[b]
+            # fp32 evaluation of the approximate objective: a few roundings of terms of this size
+            magnitude = coef * qs.filt_norm * cstats.block_filt_max[b] + cstats.block_sq_max[b]
+            width = coef * dot_err + 2.0 ** -19 * magnitude + cs.sq_rel_err * cstats.block_sq_max[b]
+            blk_min = approx.min(dim=1).values.double()
+            upper = torch.minimum(upper, blk_min + width + offset)
+            thresh = upper - offset + width
+            thresh_f = (thresh + thresh.abs() * 2.0 ** -20).to(approx.dtype)
+            rows = (blk_min <= thresh).logical_and_(~overflow).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            sub = approx[rows]
+            mask = sub <= thresh_f[rows].unsqueeze(1)
+            many = mask.sum(dim=1) > BLOCK_CANDIDATES
+            if bool(many.any()):
+                # A row with many candidates here is usually looking at the siblings of its nearest
+                # codeword before reaching it: extract only the smallest few now and re-check the rest
+                # against the final bound (they are rarely needed).
+                smallest, small_cols = sub[many].topk(BLOCK_CANDIDATES, dim=1, largest=False)
+                mask[many] = torch.zeros_like(mask[many]).scatter_(1, small_cols, True)
+                many_rows = rows[many]
+                deferred.append((many_rows, b, smallest[:, -1].double() - width[many_rows]))
+            hit = mask.nonzero()
+            add(rows[hit[:, 0]], hit[:, 1], b)
 
-    # Deferred (row, block) pairs whose unextracted codewords could still beat the final bound
-    # are scanned in full.
-    for many_rows, b, rest_lower in deferred:
-        need = many_rows[(rest_lower <= upper[many_rows] - offset[many_rows]) & ~overflow[many_rows]]
-        if need.numel():
-            size = min(k, (b + 1) * CODE_BLOCK) - b * CODE_BLOCK
-            add(need.repeat_interleave(size), torch.arange(size).repeat(need.numel()), b)
+    with stage("nearest/rerank"):
+        # Deferred (row, block) pairs whose unextracted codewords could still beat the final bound
+        # are scanned in full.
+        for many_rows, b, rest_lower in deferred:
+            need = many_rows[(rest_lower <= upper[many_rows] - offset[many_rows]) & ~overflow[many_rows]]
+            if need.numel():
+                size = min(k, (b + 1) * CODE_BLOCK) - b * CODE_BLOCK
+                add(need.repeat_interleave(size), torch.arange(size).repeat(need.numel()), b)
 
-    rows = torch.cat(cand_rows) if cand_rows else torch.empty(0, dtype=torch.int64)
-    cols = torch.cat(cand_cols) if cand_cols else torch.empty(0, dtype=torch.int64)
-    lower = torch.cat(cand_lower) if cand_lower else torch.empty(0, dtype=torch.float64)
-    keep = (lower <= upper[rows]) & ~overflow[rows]
-    rows, cols = rows[keep], cols[keep]
-    if two_stage:
-        obj, _ = _pair_objective(x, codebook, rows, cols, metric, 0.0, qs.norm, cs.norm, torch.float64)
-    else:
-        obj = lower[keep]
+        rows = torch.cat(cand_rows) if cand_rows else torch.empty(0, dtype=torch.int64)
+        cols = torch.cat(cand_cols) if cand_cols else torch.empty(0, dtype=torch.int64)
+        lower = torch.cat(cand_lower) if cand_lower else torch.empty(0, dtype=torch.float64)
+        keep = (lower <= upper[rows]) & ~overflow[rows]
+        rows, cols = rows[keep], cols[keep]
+        if two_stage:
+            obj, _ = _pair_objective(x, codebook, rows, cols, metric, 0.0, qs.norm, cs.norm, torch.float64)
+        else:
+            obj = lower[keep]
     ids, best = _select_lowest(n, rows, cols, obj, k)
     if bool(overflow.any()):
         over_rows = overflow.nonzero().squeeze(1)

@@ -3,6 +3,7 @@
 Commands:
     kernels   ahead-of-time compile report of every Triton kernel (no GPU needed)
     bench     the exact-search benchmark (bench/bench_nearest.py) on built-in synthetic data
+    profile   torch-profiler Chrome trace of one op (with NVTX ranges under Nsight)
 
 A user mistake (bad argument, missing file) prints one line on stderr and exits with status 2;
 nothing here prints a traceback for those.
@@ -44,6 +45,19 @@ def _load_bench(name: str):
     return module
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from .profiling import profile_nearest
+
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available")
+    path = profile_nearest(args.out, k=args.k, n=args.n, d=args.d, device=args.device)
+    print(f"wrote {path} (open in chrome://tracing or ui.perfetto.dev)")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace, rest: List[str]) -> int:
     return _load_bench("bench_nearest").main(rest)
 
@@ -62,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     kernels.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for H100 (default 90)")
     kernels.add_argument("--only", nargs="*", help="kernel names to compile (default: all)")
+    profile = sub.add_parser(
+        "profile",
+        help="write a torch-profiler Chrome trace of one op on synthetic data",
+        description="Trace one op (u2 stage ranges included) with the torch profiler.",
+        epilog="example: unicode2-fast profile nearest --k 50000 --n 729 --out traces",
+    )
+    profile.add_argument("op", choices=["nearest"], help="the op to profile")
+    profile.add_argument("--k", type=int, default=50_000, help="codebook size (default 50000)")
+    profile.add_argument("--n", type=int, default=729, help="queries (default 729: one image)")
+    profile.add_argument("--d", type=int, default=1152, help="dimension (default 1152)")
+    profile.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    profile.add_argument("--out", default="traces", help="output directory (default traces/)")
     sub.add_parser(
         "bench",
         help="exact-search benchmark vs FAISS and torch on built-in data (options: see bench --help)",
@@ -81,6 +107,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _cmd_bench(args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command == "profile":
+            return _cmd_profile(args)
         return _cmd_kernels(args)
     except UserError as error:
         print(f"unicode2-fast: error: {error}", file=sys.stderr)

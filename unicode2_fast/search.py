@@ -33,6 +33,7 @@ from ._checks import (
     to_tensor,
 )
 from .codebook import Codebook
+from .profiling import stage
 
 METRICS = ("l2", "ip", "cos")
 BACKENDS = ("auto", "triton", "torch", "faiss")
@@ -109,6 +110,11 @@ def nearest(
         ValueError: NaN/Inf, dimension mismatch, empty codebook, devices that differ, an unknown
             metric or backend, or a zero vector with metric "cos".
     """
+    with stage("nearest"):
+        return _nearest(x, codebook, metric, backend)
+
+
+def _nearest(x: Any, codebook: Any, metric: str, backend: str) -> Tuple[Any, Any]:
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
     kind = array_kind(x)
@@ -124,14 +130,15 @@ def nearest(
         _check_no_zero_rows(x2d, "x")
         _check_no_zero_rows(cb, "codebook")
 
-    if resolved == "triton":
-        ids, dists = _nearest_triton(x2d, cb, metric)
-    elif resolved == "faiss":
-        ids, dists = _nearest_faiss(x2d, cb, metric)
-    elif xt.device.type == "cpu":
-        ids, dists = _cpu_search.nearest_cpu(x2d, cb, metric)
-    else:
-        ids, dists = _nearest_torch_gpu(x2d, cb, metric)
+    with stage(f"nearest/{resolved}"):
+        if resolved == "triton":
+            ids, dists = _nearest_triton(x2d, cb, metric)
+        elif resolved == "faiss":
+            ids, dists = _nearest_faiss(x2d, cb, metric)
+        elif xt.device.type == "cpu":
+            ids, dists = _cpu_search.nearest_cpu(x2d, cb, metric)
+        else:
+            ids, dists = _nearest_torch_gpu(x2d, cb, metric)
     return from_tensor(ids.reshape(lead), kind), from_tensor(dists.reshape(lead), kind)
 
 
