@@ -71,7 +71,8 @@ def test_every_kernel_fits_registers_without_spills(report):
     for key, row in report.items():
         assert row["spill_bytes"] == 0, f"{key} spills {row['spill_bytes']} bytes\n{aot.format_report([row])}"
         assert 0 < row["regs"] <= 255, key
-        assert row["smem_bytes"] > 0, key
+        # tensor-core kernels stage their tiles in shared memory; element-wise ones need none
+        assert row["smem_bytes"] > 0 or not row["expect_wgmma"], key
         assert row["uses_wgmma"] == row["expect_wgmma"], key
 
 

@@ -1,0 +1,159 @@
+"""``u2.gathered_embedding``: ``weight[indices]`` whose weight gradient is row-sparse.
+
+The C2 table of UniCode^2 is K x d = 500K x 1152 (576M parameters) and one training step gathers
+a few thousand rows of it. ``torch.nn.functional.embedding`` returns a dense K x d gradient (2.3 GB
+of fp32, nearly all zeros) unless ``sparse=True``, and even then its CUDA backward accumulates
+with atomics. Here the backward returns a coalesced sparse COO gradient -- sorted unique row ids
+and one summed row each -- computed deterministically, and ``u2.SparseRowAdamW`` updates just
+those rows.
+
+Backends for the backward (chosen at the forward call):
+    "triton"  sorted segment-reduce kernel (kernels/embedding_backward.py): CUDA tensors, or CPU
+              tensors under TRITON_INTERPRET=1 (tests);
+    "torch"   ``torch.unique`` + ``index_add_`` into fp32 rows: deterministic on the CPU;
+    "auto"    Triton for CUDA tensors in fp32/fp16/bf16, torch otherwise.
+Both sum duplicates in fp32 (float64 tables in float64) and round once to the table's dtype.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Tuple
+
+import torch
+
+from ._checks import check_float, check_matrix, to_tensor
+
+BACKENDS = ("auto", "triton", "torch")
+INDEX_DTYPES = (torch.int32, torch.int64)
+#: dtypes the Triton kernels read; float64 stays on the torch path
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """"triton" or "torch" for tensors on ``device`` of ``dtype``.
+
+    Shared by the embedding backward and ``SparseRowAdamW``: "auto" picks Triton on CUDA for
+    fp32/fp16/bf16; an explicit "triton" on the CPU needs Triton's interpreter.
+
+    Raises:
+        ValueError: an unknown backend, or "triton" where it cannot run.
+        TypeError: "triton" for float64.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and dtype in TRITON_DTYPES else "torch"
+    if backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got {device}); use backend='torch' or 'auto' on the CPU "
+                "(or set TRITON_INTERPRET=1 to run the kernel in Triton's interpreter)"
+            )
+        if dtype not in TRITON_DTYPES:
+            raise TypeError(
+                f"backend='triton' computes float32/float16/bfloat16 tables, got {dtype}; use backend='torch'"
+            )
+    return backend
+
+
+def check_indices(indices: torch.Tensor, num_rows: int) -> None:
+    """Raise TypeError for non-integer ids and ValueError naming the first id outside [0, K)."""
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"indices must be an int32 or int64 tensor, got dtype {indices.dtype}")
+    if indices.numel() == 0:
+        return
+    lo, hi = torch.aminmax(indices)  # one pass, one device sync on CUDA
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= num_rows:
+        bad = lo if lo < 0 else hi
+        position = int((indices.reshape(-1) == bad).nonzero()[0, 0])
+        why = "negative ids are not allowed (no wrap-around)" if bad < 0 else f"valid ids are 0..{num_rows - 1}"
+        raise ValueError(
+            f"indices hold id {bad} (flat position {position}), out of range for a table of K = {num_rows} rows: {why}"
+        )
+
+
+def embedding_backward_torch(grad_rows: torch.Tensor, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row-sparse gradient of ``weight[ids]`` with torch ops: sorted unique ids and summed rows.
+
+    Args:
+        grad_rows: (N, d) upstream gradient; ids: (N,) int64.
+
+    Returns:
+        unique_ids (U,) int64 ascending and values (U, d) in ``grad_rows``' dtype, summed in fp32
+        (float64 for float64) in the order of the positions: deterministic.
+    """
+    # grad_rows: (N, d), ids: (N,)
+    unique_ids, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    accumulate = torch.promote_types(grad_rows.dtype, torch.float32)
+    sums = torch.zeros((unique_ids.shape[0], grad_rows.shape[1]), dtype=accumulate, device=grad_rows.device)
+    sums.index_add_(0, inverse, grad_rows.to(accumulate))
+    return unique_ids, sums.to(grad_rows.dtype)
+
+
+class _GatheredEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, weight: torch.Tensor, backend: str) -> torch.Tensor:
+        # ids: (N,) int64, weight: (K, d)
+        ctx.save_for_backward(ids)
+        ctx.weight_shape = tuple(weight.shape)
+        ctx.weight_dtype = weight.dtype
+        ctx.backend = backend
+        return weight.index_select(0, ids)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        # grad_out: (N, d)
+        if not ctx.needs_input_grad[1]:
+            return None, None, None
+        (ids,) = ctx.saved_tensors
+        grad_rows = grad_out.to(ctx.weight_dtype)
+        if ctx.backend == "triton":
+            from .kernels import embedding_backward as kernel  # first use: importing the package compiles nothing
+
+            unique_ids, values = kernel.embedding_backward_triton(grad_rows, ids)
+        else:
+            unique_ids, values = embedding_backward_torch(grad_rows, ids)
+        # unique_ids are sorted and in range by construction: flag the tensor coalesced and skip
+        # torch's invariant check (a full pass over the ids)
+        grad_weight = torch.sparse_coo_tensor(
+            unique_ids.unsqueeze(0), values, ctx.weight_shape, is_coalesced=True, check_invariants=False
+        )
+        return None, grad_weight, None
+
+
+def gathered_embedding(indices: Any, weight: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``weight[indices]`` with a row-sparse weight gradient.
+
+    Args:
+        indices: ids of any shape, int32 or int64 torch tensor (or NumPy array), on ``weight``'s
+            device, each in [0, K).
+        weight: (K, d) float table, usually a leaf ``nn.Parameter``.
+        backend: "auto" | "triton" | "torch" for the backward (see the module docstring).
+
+    Returns:
+        (*indices.shape, d) tensor equal to ``weight[indices]``. Its backward gives ``weight`` a
+        coalesced ``torch.sparse_coo`` gradient of shape (K, d): the sorted unique ids (one sparse
+        dimension) and their summed gradient rows in ``weight``'s dtype, accumulated in fp32.
+        ``indices`` get no gradient. (When autograd stores it in ``weight.grad`` it keeps the
+        sorted unique ids but, like ``nn.Embedding(sparse=True)``'s, without the coalesced flag.)
+        Pair it with ``u2.SparseRowAdamW`` (or ``torch.optim.SparseAdam``).
+
+    Raises:
+        TypeError: non-integer indices, a non-float weight, or backend "triton" for float64.
+        ValueError: weight not 2-D, an id outside [0, K) (the message names it and K), devices
+            that differ, or an unknown backend.
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor (e.g. an nn.Parameter), got {type(weight).__name__}")
+    check_matrix(weight, "weight")
+    check_float(weight, "weight")
+    ids = to_tensor(indices, "indices")
+    if ids.device != weight.device:
+        raise ValueError(f"indices are on {ids.device} but weight is on {weight.device}; move one of them")
+    num_rows = weight.shape[0]
+    check_indices(ids, num_rows)
+    resolved = resolve_backend(backend, weight.device, weight.dtype)
+    lead = tuple(ids.shape)
+    rows = _GatheredEmbedding.apply(ids.reshape(-1).to(torch.int64), weight, resolved)
+    return rows.reshape(*lead, weight.shape[1])
