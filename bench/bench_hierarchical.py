@@ -1,0 +1,324 @@
+"""Benchmark hierarchical search: u2.HierarchicalIndex vs FAISS IndexIVFFlat on the same cells, and exact search.
+
+SigLIP-like synthetic data (two-level clusters, d = 1152, fp32): a codebook of K codewords and
+N = 2916 held-out queries (four images of 729 patches; drawn around codewords with noise, none of
+them a codeword). One index is built per run (``HierarchicalIndex.build``: k-means into n_coarse
+cells, build time reported) and FAISS's IVF index is given exactly the same partition: an
+``IndexFlatL2`` quantizer holding the index's coarse centroids, ``IndexIVFFlat(quantizer, d,
+n_coarse)`` marked trained, the codewords added with their cell ids (``add_preassigned``). Every
+method runs with the same thread count, in the same run:
+
+approximate (one row per nprobe in 1, 2, 4, 8, 16, 32, 64, at most n_coarse)
+    u2_hier               ``index.search(x, nprobe)``: grouped per-cell BLAS scan (CPU)
+    faiss_ivf             ``IndexIVFFlat.search(x, 1)`` with ``nprobe``
+    u2_hier_triton_bf16   the grouped Triton kernel on bf16 CUDA tensors (only where CUDA is available)
+    u2_hier_triton_fp32   the same in fp32
+exact
+    u2_exact              ``index.search(x, exact=True)``: certified, equal to u2.nearest
+    u2_flat               ``u2.nearest(x, codebook)``: the flat exact scan, and the recall reference
+    faiss_flat            ``IndexFlatL2.search(x, 1)``
+
+Per row: median / p10 / p90 seconds, queries/s, recall@1 (fraction of ids equal to u2.nearest's,
+which is exact), codewords scanned per query (the mean size of the probed cells, summed over
+probes), the speed ratio to faiss_ivf at the same nprobe and to u2_flat (> 1: faster), and
+one-time build seconds, excluded from the timings.
+
+Writes OUT/hierarchical.csv, OUT/hierarchical.md and OUT/hierarchical.png (recall@1 against
+queries/s, log scale, one curve per method) and prints the table.
+
+    python bench/bench_hierarchical.py            # K = 500K, n_coarse = 1000
+    python bench/bench_hierarchical.py --quick    # K = 50K, n_coarse = 100
+    python bench/bench_hierarchical.py --tiny     # smoke test: K = 2000, d = 64, N = 37
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402  (bench/ is not a package)
+
+import unicode2_fast as u2  # noqa: E402
+from unicode2_fast.data import siglip_like  # noqa: E402
+
+NPROBES = (1, 2, 4, 8, 16, 32, 64)
+APPROX_METHODS = ("u2_hier", "faiss_ivf", "u2_hier_triton_bf16", "u2_hier_triton_fp32")
+EXACT_METHODS = ("u2_exact", "u2_flat", "faiss_flat")
+GPU_METHODS = ("u2_hier_triton_bf16", "u2_hier_triton_fp32")
+ALL_METHODS = APPROX_METHODS + EXACT_METHODS
+
+TABLE_COLUMNS = ("method", "nprobe", "recall@1", "median s", "q/s", "codes/query", "× faiss_ivf", "× u2_flat",
+                 "build s")
+
+
+def _time(fn: Callable[[], Any], repeats: int, warmup: int, cuda: bool):
+    return _common.time_calls(fn, repeats, warmup, torch.cuda.synchronize if cuda else None)
+
+
+def _faiss_ivf(index: "u2.HierarchicalIndex", codebook: torch.Tensor):
+    """IndexIVFFlat over exactly the index's cells: its centroids quantize, its cell ids assign."""
+    import faiss
+    from faiss.contrib.ivf_tools import add_preassigned
+
+    quantizer = faiss.IndexFlatL2(index.dim)
+    quantizer.add(index.coarse_centroids.float().contiguous().numpy())
+    ivf = faiss.IndexIVFFlat(quantizer, index.dim, index.n_coarse)
+    ivf.is_trained = True
+    add_preassigned(ivf, codebook.float().contiguous().numpy(), index.coarse_ids.numpy())
+    return ivf, quantizer
+
+
+def codes_per_query(index: "u2.HierarchicalIndex", queries: torch.Tensor, nprobe: int) -> float:
+    """Mean number of codewords in the nprobe cells each query probes."""
+    probes = index._probe(queries.float(), nprobe)
+    return float(index.cell_sizes[probes].sum(dim=1).double().mean())
+
+
+def run(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[str, Any]]:
+    import faiss
+
+    data = siglip_like(args.k, args.n, args.d, seed=args.seed)
+    codebook, queries = data.codebook, data.queries
+    del data
+    k, n, d = args.k, args.n, args.d
+    cuda = torch.cuda.is_available()
+    methods = [m for m in args.methods if m not in GPU_METHODS or cuda]
+    nprobes = [p for p in args.nprobe if p <= args.n_coarse]
+    steps = sum(len(nprobes) if m in APPROX_METHODS else 1 for m in methods) + 1
+    progress = tqdm(total=steps, desc="hierarchical", file=sys.stderr)
+
+    progress.set_postfix_str("build index")
+    start = time.perf_counter()
+    index = u2.HierarchicalIndex.build(codebook, n_coarse=args.n_coarse, niter=args.niter, seed=args.seed)
+    index_build_s = time.perf_counter() - start
+    progress.update()
+
+    results: Dict[tuple, Dict[str, Any]] = {}
+
+    def record(method: str, nprobe: Optional[int], times: List[float], ids: torch.Tensor, build_s: Optional[float],
+               note: str = "") -> None:
+        results[(method, nprobe)] = dict(times=times, ids=ids.cpu().reshape(-1).long(), build_s=build_s, note=note)
+        progress.update()
+
+    # the exact reference first: recall is measured against it
+    progress.set_postfix_str("u2_flat")
+    flat_codebook = codebook.view_as(codebook)  # own cache entry: the first call pays u2's statistics build
+    first_s = _time(lambda: u2.nearest(queries, flat_codebook), 1, 0, False)[0][0]
+    times, (exact_ids, _) = _time(lambda: u2.nearest(queries, flat_codebook), args.repeats, args.warmup, False)
+    if "u2_flat" in methods:
+        record("u2_flat", None, times, exact_ids, max(0.0, first_s - _common.quantiles(times)["median_s"]),
+               "build_s = first call - median")
+    if "faiss_flat" in methods:
+        progress.set_postfix_str("faiss_flat")
+        flat = faiss.IndexFlatL2(d)
+        start = time.perf_counter()
+        flat.add(codebook.numpy())
+        build_s = time.perf_counter() - start
+        times, (_, ids) = _time(lambda: flat.search(queries.numpy(), 1), args.repeats, args.warmup, False)
+        record("faiss_flat", None, times, torch.from_numpy(ids[:, 0]), build_s)
+        del flat
+    if "u2_exact" in methods:
+        progress.set_postfix_str("u2_exact")
+        times, (ids, _) = _time(lambda: index.search(queries, exact=True), args.repeats, args.warmup, False)
+        record("u2_exact", None, times, ids, index_build_s, "build_s = k-means + index")
+
+    if "u2_hier" in methods:
+        for nprobe in nprobes:
+            progress.set_postfix_str(f"u2_hier nprobe={nprobe}")
+            times, (ids, _) = _time(lambda: index.search(queries, nprobe=nprobe), args.repeats, args.warmup, False)
+            record("u2_hier", nprobe, times, ids, index_build_s, "build_s = k-means + index")
+    if "faiss_ivf" in methods:
+        start = time.perf_counter()
+        ivf, quantizer = _faiss_ivf(index, codebook)
+        build_s = time.perf_counter() - start
+        xs = queries.numpy()
+        for nprobe in nprobes:
+            progress.set_postfix_str(f"faiss_ivf nprobe={nprobe}")
+            ivf.nprobe = nprobe
+            times, (_, ids) = _time(lambda: ivf.search(xs, 1), args.repeats, args.warmup, False)
+            record("faiss_ivf", nprobe, times, torch.from_numpy(ids[:, 0]), build_s,
+                   "same cells as u2; build_s = add_preassigned only")
+        del ivf, quantizer
+    for method in (m for m in methods if m in GPU_METHODS):
+        dtype = torch.bfloat16 if method.endswith("bf16") else torch.float32
+        gpu_index = u2.HierarchicalIndex(codebook.to("cuda", dtype), index.coarse_centroids.cuda(),
+                                         index.coarse_ids.cuda())
+        x = queries.to("cuda", dtype)
+        for nprobe in nprobes:
+            progress.set_postfix_str(f"{method} nprobe={nprobe}")
+            first_s = _time(lambda: gpu_index.search(x, nprobe=nprobe), 1, 0, True)[0][0]
+            times, (ids, _) = _time(lambda: gpu_index.search(x, nprobe=nprobe), args.repeats, args.warmup, True)
+            record(method, nprobe, times, ids, max(0.0, first_s - _common.quantiles(times)["median_s"]),
+                   "build_s = first call - median (includes Triton compile)")
+        del gpu_index, x
+        torch.cuda.empty_cache()
+    progress.close()
+
+    flat = results.get(("u2_flat", None))
+    flat_median = _common.quantiles(flat["times"])["median_s"] if flat else None
+    scanned = {p: codes_per_query(index, queries, p) for p in nprobes}
+    rows = []
+    for (method, nprobe), r in results.items():
+        q = _common.quantiles(r["times"])
+        ivf = results.get(("faiss_ivf", nprobe)) if nprobe is not None else None
+        ivf_median = _common.quantiles(ivf["times"])["median_s"] if ivf else None
+        on_gpu = method in GPU_METHODS
+        rows.append({
+            "method": method,
+            "nprobe": nprobe,
+            "K": k, "N": n, "d": d, "n_coarse": index.n_coarse,
+            "dtype": "bfloat16" if method.endswith("bf16") else "float32",
+            "recall_at_1": float((r["ids"] == exact_ids).double().mean()),
+            **q,
+            "repeats": len(r["times"]),
+            "queries_per_s": n / q["median_s"],
+            "codes_per_query": scanned[nprobe] if nprobe is not None else (None if method == "u2_exact" else k),
+            "ratio_vs_faiss_ivf": ivf_median / q["median_s"] if ivf_median else None,
+            "ratio_vs_u2_flat": flat_median / q["median_s"] if flat_median else None,
+            "build_s": r["build_s"],
+            "device": stamp["gpu"] if on_gpu else stamp["cpu"],
+            "threads": stamp["threads"],
+            "torch": stamp["torch"], "faiss": stamp["faiss"], "triton": stamp["triton"], "numpy": stamp["numpy"],
+            "date": stamp["date"],
+            "note": r["note"],
+        })
+    del index, codebook, queries
+    gc.collect()
+    return rows
+
+
+def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
+    return "–" if value is None else format(value, spec) + suffix
+
+
+def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["method"], _fmt(r["nprobe"], "d"), f"{r['recall_at_1']:.4f}", f"{r['median_s']:.4g}",
+            f"{r['queries_per_s']:,.0f}", _fmt(r["codes_per_query"], ",.0f"),
+            _fmt(r["ratio_vs_faiss_ivf"], ".2f", "×"), _fmt(r["ratio_vs_u2_flat"], ".2f", "×"),
+            _fmt(r["build_s"], ".3g"),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def stamp_text(stamp: Dict[str, Any]) -> str:
+    gpu = f"GPU: {stamp['gpu']} | " if stamp["gpu"] else ""
+    return (f"CPU: {stamp['cpu']} ({stamp['cores']} cores, {stamp['threads']} threads) | {gpu}"
+            f"torch {stamp['torch']}, faiss {stamp['faiss']}, triton {stamp['triton']}, "
+            f"numpy {stamp['numpy']}, python {stamp['python']} | {stamp['date']}")
+
+
+def plot(rows: Sequence[Dict[str, Any]], stamp: Dict[str, Any], path: str) -> None:
+    """recall@1 (x) against queries/s (log y): a curve per nprobe sweep, a marker per exact method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        xs = [r["recall_at_1"] for r in mine]
+        ys = [r["queries_per_s"] for r in mine]
+        if mine[0]["nprobe"] is None:
+            ax.scatter(xs, ys, marker="*", s=140, label=method, zorder=3)
+            continue
+        ax.plot(xs, ys, marker="o", label=method)
+        for r in mine:
+            ax.annotate(str(r["nprobe"]), (r["recall_at_1"], r["queries_per_s"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("recall@1 (ids equal to the exact nearest codeword)")
+    ax.set_ylabel("queries / s (log scale, higher is better)")
+    r0 = rows[0]
+    device = stamp["cpu"] + (f" + {stamp['gpu']}" if stamp["gpu"] else "")
+    ax.set_title(
+        f"hierarchical search, K={r0['K']:,}, d={r0['d']}, N={r0['N']:,}, n_coarse={r0['n_coarse']} "
+        f"(labels: nprobe), {stamp['threads']} CPU threads\n{device}\n"
+        f"torch {stamp['torch']}, faiss {stamp['faiss']}, triton {stamp['triton']}, {stamp['date']}",
+        fontsize=8,
+    )
+    ax.legend(fontsize=8)
+    ax.grid(which="both", alpha=0.3)
+    fig.tight_layout()
+    with _common.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--k", type=int, default=500_000, help="codebook size K")
+    parser.add_argument("--n", type=int, default=2916, help="held-out queries N (2916 = four images)")
+    parser.add_argument("--d", type=int, default=1152, help="feature dimension")
+    parser.add_argument("--n-coarse", type=int, default=None, help="cells (default: K / 500, at most 1000)")
+    parser.add_argument("--niter", type=int, default=20, help="k-means iterations of the index build")
+    parser.add_argument("--nprobe", type=int, nargs="+", default=list(NPROBES), help="nprobe sweep")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per method and nprobe")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="CPU threads for torch and FAISS alike (default: torch's current setting)")
+    parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(ALL_METHODS),
+                        help="subset of methods (u2_flat always runs: it is the recall reference)")
+    parser.add_argument("--out", default="bench_out", help="output directory")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic data and k-means seed")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="K=50000, n_coarse=100")
+    size.add_argument("--tiny", action="store_true", help="K=2000, d=64, N=37, n_coarse=16, repeats 1: smoke test")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.k = 50_000
+    if args.tiny:
+        args.k, args.n, args.d, args.n_coarse, args.repeats, args.niter = 2000, 37, 64, 16, 1, 5
+    if args.n_coarse is None:
+        args.n_coarse = max(1, min(1000, args.k // 500))
+    if min(args.k, args.n, args.d, args.repeats, args.threads, args.n_coarse, *args.nprobe) < 1 or args.warmup < 0:
+        parser.error("need K, N, d, n_coarse, nprobe, repeats, threads >= 1 and warmup >= 0")
+    if args.n_coarse > args.k:
+        parser.error(f"--n-coarse {args.n_coarse} exceeds K = {args.k}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    import faiss
+
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    if not torch.cuda.is_available():
+        print("GPU part skipped: no CUDA device")
+    stamp = _common.machine_stamp()
+    rows = run(args, stamp)
+
+    table = markdown_table(rows)
+    stamp_line = stamp_text(stamp)
+    print(table)
+    print()
+    print(stamp_line)
+    os.makedirs(args.out, exist_ok=True)
+    _common.write_csv(rows, os.path.join(args.out, "hierarchical.csv"))
+    _common.write_text(
+        f"# hierarchical search (K = {args.k:,}, d = {args.d}, N = {args.n:,}, n_coarse = {args.n_coarse}, fp32)\n\n"
+        f"{table}\n\n{stamp_line}\n\n"
+        "recall@1: ids equal to u2.nearest (exact). codes/query: codewords in the probed cells. "
+        "× faiss_ivf: FAISS IndexIVFFlat on the same cells at the same nprobe, its median over this "
+        "method's (> 1: faster); × u2_flat likewise against the flat exact scan. build s: one-time "
+        "preparation, excluded from the timings.\n",
+        os.path.join(args.out, "hierarchical.md"),
+    )
+    plot(rows, stamp, os.path.join(args.out, "hierarchical.png"))
+    print(f"wrote {', '.join(os.path.join(args.out, f'hierarchical.{ext}') for ext in ('csv', 'md', 'png'))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""Smoke test of bench/bench_hierarchical.py at the --tiny size: it runs, and its outputs are well formed."""
+import csv
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+import torch
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_hierarchical.py"
+NPROBES = [1, 2, 4, 8, 16]  # the sweep, capped at the tiny index's 16 cells
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_hierarchical", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load_bench()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_hierarchical")
+    threads = torch.get_num_threads()
+    try:
+        rc = bench.main(["--tiny", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return rc, out
+
+
+def _rows(out):
+    with open(out / "hierarchical.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_run_writes_every_method_and_nprobe(tiny_run):
+    rc, out = tiny_run
+    assert rc == 0
+    rows = _rows(out)
+    cpu_rows = [r for r in rows if not r["method"].startswith("u2_hier_triton")]
+    for method in ("u2_hier", "faiss_ivf"):
+        assert [int(r["nprobe"]) for r in cpu_rows if r["method"] == method] == NPROBES
+    assert {r["method"] for r in cpu_rows if not r["nprobe"]} == {"u2_exact", "u2_flat", "faiss_flat"}
+    for column in ("recall_at_1", "median_s", "p10_s", "p90_s", "queries_per_s", "codes_per_query",
+                   "ratio_vs_faiss_ivf", "ratio_vs_u2_flat", "build_s", "n_coarse", "device", "threads",
+                   "torch", "faiss", "date", "note"):
+        assert column in rows[0], column
+    for r in cpu_rows:
+        assert (r["K"], r["N"], r["d"], r["n_coarse"]) == ("2000", "37", "64", "16")
+        assert float(r["p10_s"]) <= float(r["median_s"]) <= float(r["p90_s"])
+        assert float(r["queries_per_s"]) > 0 and 0.0 <= float(r["recall_at_1"]) <= 1.0
+    ivf = {int(r["nprobe"]): r for r in cpu_rows if r["method"] == "faiss_ivf"}
+    assert all(float(r["ratio_vs_faiss_ivf"]) == pytest.approx(1.0) for r in ivf.values())
+    assert float(ivf[16]["codes_per_query"]) == 2000  # every cell probed
+
+
+def test_tiny_run_recall(tiny_run):
+    rows = _rows(tiny_run[1])
+    exact = {r["method"]: float(r["recall_at_1"]) for r in rows if not r["nprobe"]}
+    assert exact["u2_exact"] == 1.0 and exact["u2_flat"] == 1.0 and exact["faiss_flat"] >= 0.97
+    for method in ("u2_hier", "faiss_ivf"):
+        recalls = [float(r["recall_at_1"]) for r in rows if r["method"] == method]
+        assert all(a <= b + 1e-9 for a, b in zip(recalls, recalls[1:])), (method, recalls)
+        assert recalls[-1] >= 0.97  # all cells probed: exact up to fp32 near-ties
+    # the same cells and the same probe order: u2 and FAISS find the same codewords
+    u2_hier = [float(r["recall_at_1"]) for r in rows if r["method"] == "u2_hier"]
+    faiss_ivf = [float(r["recall_at_1"]) for r in rows if r["method"] == "faiss_ivf"]
+    assert max(abs(a - b) for a, b in zip(u2_hier, faiss_ivf)) <= 0.03
+
+
+def test_tiny_run_writes_png_and_markdown(tiny_run, bench):
+    out = tiny_run[1]
+    assert (out / "hierarchical.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    markdown = (out / "hierarchical.md").read_text()
+    assert "| " + " | ".join(bench.TABLE_COLUMNS) + " |" in markdown
+    assert "faiss" in markdown and "torch" in markdown  # the version stamp
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_size_presets(bench):
+    args = bench.parse_args([])
+    assert (args.k, args.n, args.d, args.n_coarse) == (500_000, 2916, 1152, 1000)
+    assert bench.parse_args(["--quick"]).k == 50_000
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--k", "10", "--n-coarse", "11"])

@@ -1,0 +1,805 @@
+"""``u2.HierarchicalIndex``: coarse-to-fine nearest-codeword search over a two-level codebook.
+
+The codebook is partitioned into ``n_coarse`` cells, one per coarse centroid (the two-stage
+k-means structure of the paper's codebook, or a k-means run here). The index stores the codewords
+sorted by cell -- one contiguous block per cell, an int64 cell-offset table and the permutation back
+to the original ids -- so the fine scan of a cell is one GEMM over a contiguous block.
+
+Approximate search (``search(x, nprobe)``): each query ranks the cells by the distance to their
+centroid and scans the ``nprobe`` nearest. The scan is grouped by cell: all queries that probe a
+cell are gathered and multiplied with that cell's block at once, so a codeword is read once per
+cell visit, not once per query. CPU: one torch GEMM per cell (BLAS). GPU: one Triton launch over
+(cell, query tile) work items (``kernels/hierarchical.py``).
+
+Exact search (``search(x, exact=True)``): the same grouped scan, run in rounds. For l2 every
+codeword c of a cell with centroid m and radius r = max ||c - m|| satisfies, by the triangle
+inequality, ``||x - c||^2 >= (||x - m|| - r)^2`` (when ||x - m|| > r), so a cell whose bound exceeds
+the best distance found so far cannot hold the nearest codeword. Round by round each query scans its
+next-nearest unpruned cells (1, 1, 2, 4, ... per round), its upper bound tightens and more cells
+prune; a query whose unpruned cells still hold over FALLBACK_FRACTION of the codebook (loose bounds:
+unclustered data, queries far from every cell) is finished by ``u2.nearest`` over the whole
+codebook, so exact mode is never much slower than the flat scan. As in ``_cpu_search``, the fp32
+GEMM distances are only a filter: every bound carries a rigorous margin for fp32 rounding, every
+codeword that could be the nearest given those margins is kept as a candidate, and the candidates
+are re-ranked with float64 distances from the original vectors, ties to the lowest original id --
+the result equals ``u2.nearest(x, codebook)`` on the CPU.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import tempfile
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import safetensors
+import safetensors.torch
+import torch
+
+from ._checks import array_kind, check_finite, check_float, check_matrix, flatten_queries, from_tensor, to_tensor
+from .codebook import Codebook
+from .profiling import stage
+from .search import _codebook_tensor, _kernel_layout, _triton_interpreter, nearest
+
+FORMAT = "unicode2_fast.hierarchical_index"
+VERSION = "1"
+METRICS = ("l2",)
+BACKENDS = ("auto", "triton", "torch")
+
+#: cells probed when ``search`` is called without ``nprobe`` (fewer if the index has fewer cells)
+DEFAULT_NPROBE = 8
+#: k-means trains on at most this many codewords per coarse centroid (a seeded subsample, as FAISS)
+MAX_POINTS_PER_CENTROID = 256
+#: rows converted to float64 at a time for codeword statistics and k-means sums
+STAT_CHUNK = 16384
+#: queries per chunk: bounds the (chunk, n_coarse) coarse tables and the per-cell gathers
+QUERY_CHUNK = 4096
+#: exact mode: cells each unfinished query scans in round r (the last entry doubles afterwards)
+ROUND_CELLS = (1, 1, 2)
+#: exact mode: from this round on, a query whose unpruned cells hold more than FALLBACK_FRACTION
+#: of the codewords is finished by ``u2.nearest`` (int8 flat scan) instead of fp32 cell scans
+FALLBACK_AFTER_ROUNDS = 2
+FALLBACK_FRACTION = 0.25
+#: exact mode: candidates per query before the query falls back (degenerate, equidistant codebooks)
+CANDIDATE_CAP = 1024
+#: (query, codeword) pairs re-ranked in float64 at a time
+RERANK_CHUNK = 16384
+
+_U32 = 2.0 ** -24
+#: relative margin on fp64 quantities (norms, square roots, sums of d terms): far above their
+#: rounding (d * 2^-53 < 1e-12 for d < 10^4), far below anything that changes a decision
+_GROW64 = 1e-10
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"HierarchicalIndex supports metric 'l2' (squared Euclidean) only, got {metric!r}")
+
+
+def _check_int(value: Any, name: str, low: int, high: Optional[int] = None, hint: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        upper = f", {high}" if high is not None else ", inf"
+        raise ValueError(f"{name} must be in [{low}{upper}], got {value}{hint}")
+    return value
+
+
+class HierarchicalIndex:
+    """Coarse cells over a (K, d) codebook for approximate (nprobe) and certified-exact search.
+
+    Build one with :meth:`build` (k-means over the codewords) or :meth:`from_codebook` (a
+    :class:`Codebook` that carries its two-stage structure in ``meta``), or directly from a
+    partition.
+
+    Args:
+        codebook: (K, d) codewords (tensor, NumPy / CuPy array, any float dtype) or a Codebook.
+        coarse_centroids: (n_coarse, d) centroid of each cell.
+        coarse_ids: (K,) integer cell of each codeword, in [0, n_coarse). Any assignment gives
+            exact results in exact mode; the nearest-centroid one gives the best recall and pruning.
+        metric: "l2" (squared Euclidean distance).
+
+    Raises:
+        TypeError / ValueError: wrong dtypes, shapes, devices, non-finite values, cell ids out of range.
+    """
+
+    def __init__(self, codebook: Any, coarse_centroids: Any, coarse_ids: Any, *, metric: str = "l2") -> None:
+        _check_metric(metric)
+        vectors = _codebook_tensor(codebook)
+        k, d = vectors.shape
+        centroids = to_tensor(coarse_centroids, "coarse_centroids")
+        check_matrix(centroids, "coarse_centroids")
+        check_float(centroids, "coarse_centroids")
+        if centroids.shape[0] == 0 or centroids.shape[1] != d:
+            raise ValueError(f"coarse_centroids must be (n_coarse >= 1, d={d}), got shape {tuple(centroids.shape)}")
+        check_finite(centroids, "coarse_centroids")
+        cells = to_tensor(coarse_ids, "coarse_ids")
+        if cells.dim() != 1 or cells.shape[0] != k:
+            raise ValueError(f"coarse_ids must have shape ({k},) (one cell per codeword), got {tuple(cells.shape)}")
+        if cells.dtype.is_floating_point or cells.dtype.is_complex or cells.dtype == torch.bool:
+            raise TypeError(f"coarse_ids must be an integer tensor, got dtype {cells.dtype}")
+        n_coarse = centroids.shape[0]
+        cells = cells.long()
+        lo, hi = int(cells.min()), int(cells.max())
+        if lo < 0 or hi >= n_coarse:
+            raise ValueError(f"coarse_ids must lie in [0, n_coarse={n_coarse}), found values in [{lo}, {hi}]")
+        if centroids.device != vectors.device or cells.device != vectors.device:
+            raise ValueError(
+                f"codebook, coarse_centroids and coarse_ids must be on one device, got {vectors.device}, "
+                f"{centroids.device} and {cells.device}"
+            )
+        perm = torch.sort(cells, stable=True).indices  # stable: a cell keeps its codewords' original order
+        identity = bool(torch.equal(perm, torch.arange(k, device=perm.device)))
+        codes = vectors if identity else vectors.index_select(0, perm)
+        sizes = torch.bincount(cells, minlength=n_coarse)
+        self._setup(codes, perm, _offsets(sizes), centroids.float(), metric, vectors)
+
+    # ------------------------------------------------------------------------------------------
+    # construction
+
+    def _setup(self, codes: torch.Tensor, perm: torch.Tensor, cell_offsets: torch.Tensor, centroids: torch.Tensor,
+               metric: str, codebook: Optional[torch.Tensor]) -> None:
+        """Store the sorted layout and derive the per-codeword and per-cell statistics in float64.
+
+        codes: (K, d) sorted by cell; perm: (K,) sorted position -> original id; cell_offsets:
+        (n_coarse + 1,); centroids: (n_coarse, d) fp32; codebook: the original-order tensor or None.
+        """
+        device = codes.device
+        k = codes.shape[0]
+        n_coarse = centroids.shape[0]
+        self._metric = metric
+        self._codes = codes.contiguous()
+        # the statistics below describe these values: a later in-place change is refused at search
+        self._versions = [(t, t._version) for t in (self._codes, codebook) if t is not None]
+        self._perm = perm
+        self._cell_offsets = cell_offsets
+        self._offsets_list: List[int] = cell_offsets.tolist()
+        self._coarse_centroids = centroids.contiguous()
+        self._codebook = codebook
+        self._cell_size = cell_offsets[1:] - cell_offsets[:-1]
+        self._cell_of_pos = torch.repeat_interleave(torch.arange(n_coarse, device=device), self._cell_size)
+
+        centroids64 = centroids.double()
+        centroid_sq64 = centroids64.pow(2).sum(dim=1)
+        self._centroid_sq = centroid_sq64.float()
+        self._centroid_norm = centroid_sq64.sqrt() * (1 + _GROW64)
+        self._centroid_sq_bound = centroid_sq64 * (1 + _GROW64)
+        codes_sq64 = torch.empty(k, dtype=torch.float64, device=device)
+        to_centroid = torch.empty(k, dtype=torch.float64, device=device)
+        for start in range(0, k, STAT_CHUNK):
+            c64 = self._codes[start:start + STAT_CHUNK].double()
+            codes_sq64[start:start + STAT_CHUNK] = c64.pow(2).sum(dim=1)
+            c64 -= centroids64.index_select(0, self._cell_of_pos[start:start + STAT_CHUNK])
+            to_centroid[start:start + STAT_CHUNK] = c64.pow(2).sum(dim=1).sqrt()
+        self._codes_sq = codes_sq64.float()
+
+        def cell_max(values: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(n_coarse, dtype=torch.float64, device=device)
+            return out.scatter_reduce(0, self._cell_of_pos, values, reduce="amax") * (1 + _GROW64)
+
+        self._cell_sq_max = cell_max(codes_sq64)
+        self._cell_norm_max = cell_max(codes_sq64.sqrt())
+        self._radius = cell_max(to_centroid)  # (n_coarse,) rounded up: a certified cell radius
+        self._codes32: Optional[torch.Tensor] = None
+        self._kernel_codes: Dict[torch.dtype, torch.Tensor] = {}
+
+    @classmethod
+    def build(
+        cls,
+        codebook: Any,
+        n_coarse: int = 1000,
+        *,
+        niter: int = 20,
+        seed: int = 0,
+        metric: str = "l2",
+        max_points_per_centroid: int = MAX_POINTS_PER_CENTROID,
+    ) -> "HierarchicalIndex":
+        """Partition a codebook with k-means and index it.
+
+        Lloyd's algorithm over a seeded subsample of at most ``max_points_per_centroid * n_coarse``
+        codewords, initialised with ``n_coarse`` distinct sampled codewords; assignments use the
+        exact ``u2.nearest``, sums are float64 and an empty cluster takes half of the largest one
+        (split along a fixed +-pattern), so the same inputs and seed give the same index on any
+        machine. Every codeword then goes to the cell of its nearest centroid (``u2.nearest``).
+
+        Args:
+            codebook: (K, d) codewords or a :class:`Codebook`.
+            n_coarse: number of cells, 1 <= n_coarse <= K.
+            niter: Lloyd iterations (0: the sampled codewords are the centroids).
+            seed: seed of the subsample and the initialisation.
+            metric: "l2".
+            max_points_per_centroid: training-subsample size per centroid.
+
+        Raises:
+            ValueError: n_coarse outside [1, K], negative niter, bad codebook.
+        """
+        _check_metric(metric)
+        vectors = _codebook_tensor(codebook)
+        k = vectors.shape[0]
+        n_coarse = _check_int(n_coarse, "n_coarse", 1, k, f" (it cannot exceed the number of codewords K={k})")
+        niter = _check_int(niter, "niter", 0)
+        max_points_per_centroid = _check_int(max_points_per_centroid, "max_points_per_centroid", 1)
+        with stage("hierarchical/kmeans"):
+            centroids = _kmeans(vectors, n_coarse, niter, seed, max_points_per_centroid)
+        with stage("hierarchical/assign"):
+            coarse_ids, _ = nearest(vectors, centroids)
+        return cls(vectors, centroids, coarse_ids, metric=metric)
+
+    @classmethod
+    def from_codebook(cls, codebook: Codebook, *, metric: str = "l2") -> "HierarchicalIndex":
+        """Index a codebook with the two-stage structure it carries.
+
+        Uses ``codebook.meta["coarse_ids"]`` ((K,) int) and ``codebook.meta["coarse_centroids"]``
+        ((n_coarse, d)), as recorded by ``u2.build_codebook``.
+
+        Raises:
+            TypeError: ``codebook`` is not a :class:`Codebook`.
+            ValueError: the meta entries are missing or inconsistent with the codebook.
+        """
+        if not isinstance(codebook, Codebook):
+            raise TypeError(
+                f"from_codebook needs a u2.Codebook, got {type(codebook).__name__}; "
+                "for a plain tensor use HierarchicalIndex.build(codebook, n_coarse=...)"
+            )
+        missing = [key for key in ("coarse_ids", "coarse_centroids") if key not in codebook.meta]
+        if missing:
+            raise ValueError(
+                f"the codebook carries no two-stage structure: meta lacks {missing} "
+                f"(present: {sorted(codebook.meta)}); "
+                "build the cells with HierarchicalIndex.build(codebook, n_coarse=...) instead"
+            )
+        meta = codebook.meta
+        centroids, cells = meta["coarse_centroids"], meta["coarse_ids"]
+        if not isinstance(centroids, torch.Tensor) or not isinstance(cells, torch.Tensor):
+            raise ValueError("codebook.meta['coarse_ids'] and meta['coarse_centroids'] must be tensors / arrays")
+        device = codebook.device
+        try:
+            return cls(codebook, centroids.to(device), cells.to(device), metric=metric)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"codebook.meta holds an invalid two-stage structure: {error}") from error
+
+    # ------------------------------------------------------------------------------------------
+    # properties
+
+    @property
+    def coarse_centroids(self) -> torch.Tensor:
+        """(n_coarse, d) float32 centroid of each cell."""
+        return self._coarse_centroids
+
+    @property
+    def coarse_ids(self) -> torch.Tensor:
+        """(K,) int64 cell of each codeword, in the original codeword order."""
+        ids = torch.empty_like(self._cell_of_pos)
+        ids[self._perm] = self._cell_of_pos
+        return ids
+
+    @property
+    def cell_sizes(self) -> torch.Tensor:
+        """(n_coarse,) int64 number of codewords in each cell."""
+        return self._cell_size
+
+    @property
+    def ntotal(self) -> int:
+        """Number of codewords K."""
+        return self._codes.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self._codes.shape[1]
+
+    @property
+    def n_coarse(self) -> int:
+        return self._coarse_centroids.shape[0]
+
+    @property
+    def metric(self) -> str:
+        return self._metric
+
+    @property
+    def device(self) -> torch.device:
+        return self._codes.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._codes.dtype
+
+    def __repr__(self) -> str:
+        return (f"HierarchicalIndex(ntotal={self.ntotal}, dim={self.dim}, n_coarse={self.n_coarse}, "
+                f"metric={self._metric!r}, dtype={self.dtype}, device={self.device})")
+
+    def to(self, device: Union[str, torch.device]) -> "HierarchicalIndex":
+        """A copy of the index on ``device`` (e.g. "cuda" for the Triton kernel)."""
+        index = HierarchicalIndex.__new__(HierarchicalIndex)
+        codebook = self._codebook.to(device) if self._codebook is not None else None
+        index._setup(self._codes.to(device), self._perm.to(device), self._cell_offsets.to(device),
+                     self._coarse_centroids.to(device), self._metric, codebook)
+        return index
+
+    # ------------------------------------------------------------------------------------------
+    # search
+
+    def search(
+        self, x: Any, nprobe: Optional[int] = None, *, exact: bool = False, backend: str = "auto"
+    ) -> Tuple[Any, Any]:
+        """Nearest codeword of every query, scanning only some cells.
+
+        Args:
+            x: (..., d) queries: torch tensor, NumPy or CuPy array, any float dtype, on the index's device.
+            nprobe: cells scanned per query in approximate mode, 1 <= nprobe <= n_coarse
+                (default: DEFAULT_NPROBE = 8, or n_coarse if fewer). Ignored with ``exact=True``.
+            exact: certified exact search: the same ids and distances as ``u2.nearest(x, codebook)``.
+            backend: "auto" | "triton" | "torch" for the approximate scan ("triton": the grouped
+                kernel, on CUDA or under TRITON_INTERPRET=1; "auto": Triton on CUDA). Exact mode
+                runs the torch path on either device.
+
+        Returns:
+            ``(ids, dists)``: int64 original codeword ids and float32 squared L2 distances (computed
+            in float64 from the original vectors), shape x.shape[:-1], as the array kind of ``x``.
+            Approximate mode returns the nearest codeword among the probed cells (lowest original
+            id on equal fp32 distance).
+
+        Raises:
+            TypeError: non-float x, a non-int nprobe.
+            ValueError: dimension or device mismatch, NaN / Inf, nprobe out of range, unknown or
+                unavailable backend.
+        """
+        with stage("hierarchical"):
+            kind = array_kind(x)
+            xt = to_tensor(x, "x")
+            check_float(xt, "x")
+            if xt.device != self.device:
+                raise ValueError(f"x is on {xt.device} but the index is on {self.device}; use index.to(device)")
+            x2d, lead = flatten_queries(xt, self.dim)
+            check_finite(x2d, "x")
+            if any(t._version != version for t, version in self._versions):
+                raise ValueError("the codebook was modified in place after the index was built; build the index again")
+            if nprobe is not None:
+                hint = f" (the index has n_coarse={self.n_coarse} cells)"
+                nprobe = _check_int(nprobe, "nprobe", 1, self.n_coarse, hint)
+            resolved = self._resolve_backend(backend, x2d.dtype)
+            if exact:
+                if backend == "triton":
+                    raise ValueError("exact=True runs the grouped torch scan; use backend='auto' or 'torch'")
+                with stage("hierarchical/exact"):
+                    ids, dists = self._search_exact(x2d)
+            else:
+                nprobe = min(DEFAULT_NPROBE, self.n_coarse) if nprobe is None else nprobe
+                with stage(f"hierarchical/{resolved}"):
+                    ids, dists = self._search_approx(x2d, nprobe, resolved)
+            return from_tensor(ids.reshape(lead), kind), from_tensor(dists.reshape(lead), kind)
+
+    def _resolve_backend(self, backend: str, dtype: torch.dtype) -> str:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        on_cuda = self.device.type == "cuda"
+        if backend == "auto":
+            # the kernel computes in fp32 / fp16 / bf16; float64 stays on the torch path
+            fp64 = torch.float64 in (dtype, self.dtype)
+            return "triton" if on_cuda and not fp64 else "torch"
+        if backend == "triton" and not on_cuda and not _triton_interpreter():
+            raise ValueError(
+                f"backend='triton' needs the index on CUDA (it is on {self.device}); use backend='torch' or 'auto' "
+                "on the CPU (or set TRITON_INTERPRET=1 to run the kernel in Triton's interpreter)"
+            )
+        return backend
+
+    def _search_approx(self, x: torch.Tensor, nprobe: int, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        # x: (N, d) -> ids (N,) int64, dists (N,) fp32
+        n = x.shape[0]
+        ids = torch.empty(n, dtype=torch.int64, device=x.device)
+        dists = torch.empty(n, dtype=torch.float32, device=x.device)
+        for start in range(0, n, QUERY_CHUNK):
+            chunk = x[start:start + QUERY_CHUNK]
+            x32 = chunk.float()
+            with stage("hierarchical/probe"):
+                probes = self._probe(x32, nprobe)
+            with stage("hierarchical/scan"):
+                if backend == "triton":
+                    part_val, part_pos = self._scan_triton(chunk, probes)
+                else:
+                    part_val, part_pos = self._scan_torch(x32, probes)
+            pos = self._reduce_probes(part_val, part_pos)
+            ids[start:start + QUERY_CHUNK] = self._perm[pos]
+            rows = torch.arange(pos.shape[0], device=x.device)
+            dists[start:start + QUERY_CHUNK] = _pair_sq_dist(chunk, self._codes, rows, pos).float()
+        return ids, dists
+
+    def _coarse_scores(self, x32: torch.Tensor) -> torch.Tensor:
+        """(N, n_coarse) fp32 ``||m||^2 - 2 <x, m>``; +inf for empty cells, so they rank last."""
+        scores = torch.addmm(self._centroid_sq, x32, self._coarse_centroids.t(), alpha=-2.0)
+        return scores.masked_fill_((self._cell_size == 0).unsqueeze(0), math.inf)
+
+    def _probe(self, x32: torch.Tensor, nprobe: int) -> torch.Tensor:
+        """(N, nprobe) int64 nearest cells of each query; equal scores rank the lower cell first."""
+        scores = self._coarse_scores(x32)
+        return torch.sort(scores, dim=1, stable=True).indices[:, :nprobe].contiguous()
+
+    def _codes_fp32(self) -> torch.Tensor:
+        if self._codes32 is None:
+            self._codes32 = self._codes if self._codes.dtype == torch.float32 else self._codes.float()
+        return self._codes32
+
+    def _cell_groups(self, cells: torch.Tensor) -> Tuple[torch.Tensor, List[Tuple[int, int, int]]]:
+        """Group pairs by cell: ``order`` (P,) sorts the pairs by cell (stable: pair order kept within a
+        cell), and each (cell, lo, hi) says that ``order[lo:hi]`` are that cell's pairs."""
+        order = torch.sort(cells, stable=True).indices
+        counts = torch.bincount(cells, minlength=self.n_coarse)
+        present = counts.nonzero().squeeze(1)
+        bounds = _offsets(counts[present]).tolist()
+        return order, [(cell, bounds[i], bounds[i + 1]) for i, cell in enumerate(present.tolist())]
+
+    def _scan_torch(self, x32: torch.Tensor, probes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Grouped scan with one GEMM per cell; same outputs as ``kernels.hierarchical.probe_scan_triton``."""
+        # x32: (N, d), probes: (N, nprobe)
+        n, nprobe = probes.shape
+        codes32 = self._codes_fp32()
+        part_val = torch.full((n * nprobe,), math.inf, dtype=torch.float32, device=x32.device)
+        part_pos = torch.zeros(n * nprobe, dtype=torch.int64, device=x32.device)
+        slot_order, groups = self._cell_groups(probes.reshape(-1))
+        query_order = torch.div(slot_order, nprobe, rounding_mode="floor")
+        for cell, lo, hi in groups:
+            start, stop = self._offsets_list[cell], self._offsets_list[cell + 1]
+            if start == stop:
+                continue
+            slots, queries = slot_order[lo:hi], query_order[lo:hi]
+            scores = torch.addmm(self._codes_sq[start:stop], x32.index_select(0, queries), codes32[start:stop].t(),
+                                 alpha=-2.0)
+            val, arg = scores.min(dim=1)  # first minimum: the lowest position, i.e. lowest id in the cell
+            part_val[slots] = val
+            part_pos[slots] = arg + start
+        return part_val.view(n, nprobe), part_pos.view(n, nprobe)
+
+    def _scan_triton(self, x: torch.Tensor, probes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        from .kernels import hierarchical as kernel  # imported on first use: importing the package compiles nothing
+
+        if x.dtype == torch.float64 or self.dtype == torch.float64:
+            raise TypeError(
+                "backend='triton' computes in float32/float16/bfloat16; float64 input needs backend='torch'")
+        common = x.dtype
+        if x.dtype != self.dtype:
+            common = torch.promote_types(x.dtype, self.dtype)
+            if common in (torch.float16, torch.bfloat16):
+                common = torch.float32
+        codes = self._kernel_codes.get(common)
+        if codes is None:
+            codes = self._kernel_codes[common] = _kernel_layout(self._codes, common)
+        return kernel.probe_scan_triton(_kernel_layout(x, common), codes, self._codes_sq, self._cell_offsets, probes)
+
+    def _reduce_probes(self, part_val: torch.Tensor, part_pos: torch.Tensor) -> torch.Tensor:
+        """(N,) sorted position of the best probe's codeword; equal values go to the lowest original id."""
+        # part_val, part_pos: (N, nprobe)
+        best = part_val.min(dim=1, keepdim=True).values
+        original = self._perm[part_pos]
+        sentinel = torch.iinfo(torch.int64).max
+        choice = torch.where(part_val == best, original, torch.full_like(original, sentinel)).argmin(dim=1)
+        return part_pos.gather(1, choice.unsqueeze(1)).squeeze(1)
+
+    # ------------------------------------------------------------------------------------------
+    # exact search
+
+    def _search_exact(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # x: (N, d) -> ids (N,) int64, dists (N,) fp32
+        n = x.shape[0]
+        ids = torch.empty(n, dtype=torch.int64, device=x.device)
+        dists = torch.empty(n, dtype=torch.float32, device=x.device)
+        for start in range(0, n, QUERY_CHUNK):
+            stop = start + QUERY_CHUNK
+            ids[start:stop], dists[start:stop] = self._exact_chunk(x[start:stop])
+        return ids, dists
+
+    def _exact_chunk(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # x: (n, d) queries of one chunk
+        n, d = x.shape
+        device = x.device
+        x32 = x.float()
+        x_sq = x.double().pow(2).sum(dim=1)  # ||x||^2: the fp32 filter leaves it out, bounds add it back
+        x_norm = x_sq.sqrt() * (1 + _GROW64)
+        # |fl(<x32, c32>) - <x, c>| <= gamma ||x|| ||c||: d-term fp32 sum plus rounding x or c to fp32
+        gamma = 1.01 * (d + 4) * _U32
+
+        with stage("hierarchical/exact_bounds"):
+            scores = self._coarse_scores(x32)  # (n, n_coarse)
+            coarse = scores.double() + x_sq.unsqueeze(1)  # ~ ||x - m||^2
+            cross = x_norm.unsqueeze(1) * self._centroid_norm.unsqueeze(0)
+            coarse_err = 2.0 * gamma * cross + 2.0 ** -21 * (x_sq.unsqueeze(1) + self._centroid_sq_bound + 2.0 * cross)
+            centroid_dist = (coarse - coarse_err).clamp_min_(0.0).sqrt_().mul_(1 - _GROW64)
+            lower = (centroid_dist - self._radius.unsqueeze(0)).clamp_min_(0.0).pow_(2).mul_(1 - _GROW64)
+            # cells in increasing coarse distance (lower cell first on ties); empty cells are never scanned
+            order = torch.sort(scores, dim=1, stable=True).indices
+            lower = lower.gather(1, order)
+            size = self._cell_size[order]
+            done = size == 0
+
+        state = _ExactState(n, device)
+        k = self.ntotal
+        for round_index in range(self.n_coarse + len(ROUND_CELLS)):
+            alive = ~done & (lower <= state.upper.unsqueeze(1)) & ~state.fallback.unsqueeze(1)
+            done |= ~alive  # upper only decreases: a pruned cell stays pruned
+            if round_index >= FALLBACK_AFTER_ROUNDS:
+                remaining = torch.where(alive, size, 0).sum(dim=1)
+                state.fallback |= remaining > FALLBACK_FRACTION * k
+                alive &= ~state.fallback.unsqueeze(1)
+            per_query = (ROUND_CELLS[round_index] if round_index < len(ROUND_CELLS)
+                         else min(self.n_coarse, ROUND_CELLS[-1] << (round_index - len(ROUND_CELLS) + 1)))
+            pick = alive & (alive.cumsum(dim=1) <= per_query)
+            rows, ranks = pick.nonzero(as_tuple=True)
+            if rows.numel() == 0:
+                break
+            done |= pick
+            with stage("hierarchical/exact_scan"):
+                self._exact_scan(x32, x_sq, x_norm, gamma, rows, order[rows, ranks], state)
+
+        with stage("hierarchical/rerank"):
+            cand_rows, cand_pos, cand_lower = state.candidates()
+            keep = (cand_lower <= state.upper[cand_rows]) & ~state.fallback[cand_rows]
+            cand_rows, cand_pos = cand_rows[keep], cand_pos[keep]
+            dist64 = _pair_sq_dist(x, self._codes, cand_rows, cand_pos)
+            ids, best = _lowest_id_of_min(n, cand_rows, self._perm[cand_pos], dist64)
+            dists = best.float()
+        if bool(state.fallback.any()):
+            with stage("hierarchical/fallback"):
+                rows = state.fallback.nonzero().squeeze(1)
+                ids[rows], dists[rows] = nearest(x[rows], self._original_codebook())
+        return ids, dists
+
+    def _exact_scan(self, x32, x_sq, x_norm, gamma, rows, cells, state: "_ExactState") -> None:
+        """Scan the (query, cell) pairs grouped by cell; tighten upper bounds, record candidates.
+
+        For a query q and a codeword c the filter value f = fl(||c||^2 - 2 <x32, c32>) lies within
+        ``width`` of the true ``||c||^2 - 2 <x, c>`` (the fp32 GEMM, the rounded ||c||^2 and the
+        final additions, with a 2x margin), so ``f + width + ||x||^2`` bounds ||x - c||^2 from above
+        and ``f - width + ||x||^2`` from below.
+        """
+        codes32 = self._codes_fp32()
+        order, groups = self._cell_groups(cells)
+        rows, cells = rows[order], cells[order]
+        # per pair, computed once for the round: the filter's error bound and ||x||^2
+        cross = x_norm[rows] * self._cell_norm_max[cells]
+        pair_x_sq = x_sq[rows]
+        width = 2.0 * gamma * cross + 2.0 ** -21 * (self._cell_sq_max[cells] + 2.0 * cross + pair_x_sq)
+        for cell, lo, hi in groups:
+            start, stop = self._offsets_list[cell], self._offsets_list[cell + 1]
+            queries = rows[lo:hi]  # distinct: a (query, cell) pair is scanned once
+            scores = torch.addmm(self._codes_sq[start:stop], x32.index_select(0, queries), codes32[start:stop].t(),
+                                 alpha=-2.0)
+            row_min = scores.min(dim=1).values.double()
+            upper = torch.minimum(state.upper[queries], row_min + width[lo:hi] + pair_x_sq[lo:hi])
+            state.upper[queries] = upper
+            threshold = upper - pair_x_sq[lo:hi] + width[lo:hi]  # f above this: true distance above upper
+            threshold_f32 = (threshold + threshold.abs() * 2.0 ** -20).float()
+            hit_row, hit_col = (scores <= threshold_f32.unsqueeze(1)).nonzero(as_tuple=True)
+            lower = scores[hit_row, hit_col].double() - width[lo:hi][hit_row] + pair_x_sq[lo:hi][hit_row]
+            state.add(queries[hit_row], hit_col + start, lower)
+
+    def _original_codebook(self) -> torch.Tensor:
+        """The codewords in original order (kept from the build, or un-permuted once after a load)."""
+        if self._codebook is None:
+            inverse = torch.empty_like(self._perm)
+            inverse[self._perm] = torch.arange(self.ntotal, device=self._perm.device)
+            self._codebook = self._codes.index_select(0, inverse)
+        return self._codebook
+
+    # ------------------------------------------------------------------------------------------
+    # persistence
+
+    def save(self, path: PathLike) -> None:
+        """Write the index to ``path`` as safetensors, atomically.
+
+        Stored: the codewords sorted by cell (their dtype), the permutation back to original ids,
+        the cell offsets and the coarse centroids; derived statistics (norms, radii) are recomputed
+        on load rather than trusted from disk. The file is written to a temporary file in the same
+        directory, flushed, then renamed over ``path``; on error an existing file is left untouched.
+
+        Raises:
+            OSError: the directory is missing or not writable.
+        """
+        path = os.fspath(path)
+        tensors = {
+            "codes": self._codes.detach().cpu().contiguous(),
+            "perm": self._perm.cpu().contiguous(),
+            "cell_offsets": self._cell_offsets.cpu().contiguous(),
+            "coarse_centroids": self._coarse_centroids.cpu().contiguous(),
+        }
+        header = {"format": FORMAT, "version": VERSION, "metric": self._metric}
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            safetensors.torch.save_file(tensors, tmp_path, metadata=header)
+            with open(tmp_path, "r+b") as tmp_file:
+                os.fsync(tmp_file.fileno())
+            os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; an index is shared like a model file
+            os.replace(tmp_path, path)
+        except BaseException:
+            os.unlink(tmp_path)
+            raise
+        if os.name == "posix":
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # persist the rename itself
+            finally:
+                os.close(dir_fd)
+
+    @classmethod
+    def load(cls, path: PathLike, device: Optional[Union[str, torch.device]] = None) -> "HierarchicalIndex":
+        """Read an index written by :meth:`save`.
+
+        Args:
+            path: the safetensors file.
+            device: where to put the index (default: CPU).
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            IsADirectoryError: ``path`` is a directory.
+            ValueError: not valid safetensors (empty, truncated, corrupt), a safetensors file that is
+                not a hierarchical index (e.g. a codebook file), an unsupported version, or stored
+                tensors with wrong shapes, dtypes or values. The message names the file.
+        """
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"hierarchical index file not found: {path}")
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"hierarchical index path is a directory, expected a .safetensors file: {path}")
+        names = ("codes", "perm", "cell_offsets", "coarse_centroids")
+        try:
+            with safetensors.safe_open(path, framework="pt", device="cpu") as file:
+                header = file.metadata() or {}
+                if header.get("format") != FORMAT:
+                    raise ValueError(
+                        f"{path} is not a unicode2_fast hierarchical index: a safetensors file without "
+                        f"format={FORMAT!r} metadata (format={header.get('format')!r})"
+                    )
+                if header.get("version") != VERSION:
+                    raise ValueError(f"{path}: unsupported hierarchical index version {header.get('version')!r}; "
+                                     f"this library reads version {VERSION}")
+                missing = [name for name in names if name not in file.keys()]
+                if missing:
+                    raise ValueError(f"{path}: corrupt hierarchical index, tensors {missing} are missing")
+                tensors = {name: file.get_tensor(name) for name in names}
+        except safetensors.SafetensorError as error:
+            raise ValueError(f"{path}: not a valid safetensors file (truncated or corrupt?): {error}") from error
+        metric = header.get("metric")
+        if metric not in METRICS:
+            raise ValueError(f"{path}: unsupported metric {metric!r} in the index header")
+        codes, perm, offsets, centroids = (tensors[name] for name in names)
+        try:
+            _validate_stored(codes, perm, offsets, centroids)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: invalid stored hierarchical index: {error}") from error
+        index = cls.__new__(cls)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        index._setup(codes.to(device), perm.to(device), offsets.to(device), centroids.to(device), metric, None)
+        return index
+
+
+class _ExactState:
+    """Per-query state of an exact search chunk: upper bounds, candidates, fallback flags."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.upper = torch.full((n,), math.inf, dtype=torch.float64, device=device)  # >= the true minimum
+        self.fallback = torch.zeros(n, dtype=torch.bool, device=device)
+        self._count = torch.zeros(n, dtype=torch.int64, device=device)
+        self._rows: List[torch.Tensor] = []
+        self._pos: List[torch.Tensor] = []
+        self._lower: List[torch.Tensor] = []
+
+    def add(self, rows: torch.Tensor, pos: torch.Tensor, lower: torch.Tensor) -> None:
+        """Record candidates (query row, sorted codeword position, lower bound of its distance)."""
+        self._count.index_add_(0, rows, torch.ones_like(rows))
+        self.fallback |= self._count > CANDIDATE_CAP  # too many near-equal codewords: flat scan instead
+        self._rows.append(rows)
+        self._pos.append(pos)
+        self._lower.append(lower)
+
+    def candidates(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        device = self.upper.device
+        if not self._rows:
+            empty = torch.empty(0, dtype=torch.int64, device=device)
+            return empty, empty, torch.empty(0, dtype=torch.float64, device=device)
+        return torch.cat(self._rows), torch.cat(self._pos), torch.cat(self._lower)
+
+
+def _offsets(sizes: torch.Tensor) -> torch.Tensor:
+    """(n + 1,) int64 exclusive prefix sum of (n,) sizes."""
+    offsets = torch.zeros(sizes.shape[0] + 1, dtype=torch.int64, device=sizes.device)
+    torch.cumsum(sizes, 0, out=offsets[1:])
+    return offsets
+
+
+def _pair_sq_dist(x: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """float64 ``||x[rows] - codes[pos]||^2`` from the original vectors, RERANK_CHUNK pairs at a time.
+
+    The same arithmetic as u2.nearest's CPU re-ranking (difference, square, row sum in float64),
+    so equal pairs get bit-identical distances and ties resolve identically.
+    """
+    out = torch.empty(rows.shape[0], dtype=torch.float64, device=x.device)
+    for start in range(0, rows.shape[0], RERANK_CHUNK):
+        xv = x.index_select(0, rows[start:start + RERANK_CHUNK]).double()
+        cv = codes.index_select(0, pos[start:start + RERANK_CHUNK]).double()
+        out[start:start + RERANK_CHUNK] = xv.sub_(cv).pow_(2).sum(dim=1)
+    return out
+
+
+def _lowest_id_of_min(n: int, rows: torch.Tensor, ids: torch.Tensor,
+                      dist: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the minimum distance and, among exact ties, the lowest id (rows with no pair: inf, -1)."""
+    best = torch.full((n,), math.inf, dtype=torch.float64, device=dist.device)
+    best = best.scatter_reduce(0, rows, dist, reduce="amin")
+    tie = dist == best[rows]
+    sentinel = torch.iinfo(torch.int64).max
+    best_id = torch.full((n,), sentinel, dtype=torch.int64, device=dist.device).scatter_reduce(
+        0, rows[tie], ids[tie], reduce="amin")
+    return best_id.masked_fill_(best_id == sentinel, -1), best
+
+
+def _kmeans(vectors: torch.Tensor, n_coarse: int, niter: int, seed: int, max_points_per_centroid: int) -> torch.Tensor:
+    """(n_coarse, d) float32 centroids by Lloyd's algorithm over a seeded subsample of ``vectors: (K, d)``."""
+    generator = torch.Generator().manual_seed(seed)
+    k, d = vectors.shape
+    device = vectors.device
+    n_train = min(k, n_coarse * max_points_per_centroid)
+    if n_train < k:
+        sample = torch.randperm(k, generator=generator)[:n_train].sort().values.to(device)
+        train = vectors.index_select(0, sample)
+    else:
+        train = vectors
+    init = torch.randperm(n_train, generator=generator)[:n_coarse].to(device)
+    centroids = train.index_select(0, init).float()
+    for _ in range(niter):
+        assign, _ = nearest(train, centroids)
+        sums = torch.zeros((n_coarse, d), dtype=torch.float64, device=device)
+        for start in range(0, n_train, STAT_CHUNK):
+            sums.index_add_(0, assign[start:start + STAT_CHUNK], train[start:start + STAT_CHUNK].double())
+        counts = torch.bincount(assign, minlength=n_coarse)
+        sums /= counts.clamp_min(1).unsqueeze(1).double()
+        _split_empty(sums, counts)
+        centroids = sums.float()
+    return centroids
+
+
+def _split_empty(centroids: torch.Tensor, counts: torch.Tensor) -> None:
+    """Give each empty cluster half of the currently largest one (in place, deterministic).
+
+    The two halves are the old centroid moved by +delta and -delta along an alternating +-pattern,
+    so the next assignment splits that cluster between them.
+    """
+    empty = (counts == 0).nonzero().squeeze(1).tolist()
+    if not empty:
+        return
+    counts = counts.clone()
+    pattern = torch.ones(centroids.shape[1], dtype=torch.float64, device=centroids.device)
+    pattern[1::2] = -1.0
+    for j in empty:
+        big = int(counts.argmax())
+        delta = 2.0 ** -10 * pattern * (centroids[big].abs() + 2.0 ** -10)
+        centroids[j] = centroids[big] + delta
+        centroids[big] -= delta
+        counts[j] = counts[big] // 2
+        counts[big] -= counts[j]
+
+
+def _validate_stored(codes: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, centroids: torch.Tensor) -> None:
+    """Check the tensors of an index file against each other (raises TypeError / ValueError)."""
+    check_matrix(codes, "codes")
+    check_float(codes, "codes")
+    k, d = codes.shape
+    if k == 0 or d == 0:
+        raise ValueError(f"codes has shape {tuple(codes.shape)}, need K >= 1 and d >= 1")
+    check_finite(codes, "codes")
+    check_matrix(centroids, "coarse_centroids")
+    check_float(centroids, "coarse_centroids")
+    n_coarse = centroids.shape[0]
+    if n_coarse == 0 or centroids.shape[1] != d:
+        raise ValueError(f"coarse_centroids has shape {tuple(centroids.shape)}, expected (n_coarse >= 1, {d})")
+    check_finite(centroids, "coarse_centroids")
+    if perm.dtype != torch.int64 or perm.shape != (k,):
+        raise ValueError(f"perm must be ({k},) int64, got {tuple(perm.shape)} {perm.dtype}")
+    if not torch.equal(torch.sort(perm).values, torch.arange(k)):
+        raise ValueError("perm is not a permutation of the codeword ids")
+    if offsets.dtype != torch.int64 or offsets.shape != (n_coarse + 1,):
+        raise ValueError(f"cell_offsets must be ({n_coarse + 1},) int64, got {tuple(offsets.shape)} {offsets.dtype}")
+    if int(offsets[0]) != 0 or int(offsets[-1]) != k or bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"cell_offsets must rise from 0 to K={k}")
