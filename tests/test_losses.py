@@ -96,6 +96,17 @@ def test_torch_path_within_torch_error(n, k, h, reduction, bias):
     _check_against_torch(hidden, weight, targets, b, reduction, backend="torch", chunk_size=max(1, min(100, k // 3)))
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("n,k,h", SHAPES)
+def test_cpu_training_path_within_torch_error(n, k, h, reduction, bias, monkeypatch):
+    # the row-chunked path that computes the gradients with the loss; "none" gets a non-uniform
+    # upstream gradient, so the weight gradient must come from the recomputing backward
+    monkeypatch.setattr(losses, "ROW_CHUNK_BYTES", 4 * k * 3)  # three rows per chunk
+    hidden, weight, b, targets = _data(n, k, h, bias=bias, seed=n + k + h + 1)
+    _check_against_torch(hidden, weight, targets, b, reduction, backend="torch")
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_float64_inputs_are_computed_in_float64(reduction):
     hidden, weight, b, targets = _data(33, 300, 17, bias=True, dtype=torch.float64)
