@@ -44,3 +44,9 @@ def test_profile_cuda_without_gpu_is_one_line_error(capsys):
         pytest.skip("a CUDA device is present")
     assert cli.main(["profile", "nearest", "--device", "cuda"]) == 2
     assert capsys.readouterr().err.startswith("unicode2-fast: error: --device cuda")
+
+
+def test_build_codebook_command_missing_file_is_one_line(tmp_path, capsys):
+    assert cli.main(["build-codebook", str(tmp_path / "nope.npy"), "--k", "4", "--out", str(tmp_path / "c.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "features file not found" in err[0]

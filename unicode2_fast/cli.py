@@ -3,6 +3,7 @@
 Commands:
     kernels   ahead-of-time compile report of every Triton kernel (no GPU needed)
     bench     the exact-search benchmark (bench/bench_nearest.py) on built-in synthetic data
+    build-codebook   two-stage k-means codebook from a .npy of features
     profile   torch-profiler Chrome trace of one op (with NVTX ranges under Nsight)
 
 A user mistake (bad argument, missing file) prints one line on stderr and exits with status 2;
@@ -89,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     profile.add_argument("--out", default="traces", help="output directory (default traces/)")
     sub.add_parser(
+        "build-codebook",
+        help="build a codebook by two-stage k-means over a .npy of features (options: build-codebook --help)",
+        description="Every option after 'build-codebook' is passed to the builder.",
+        epilog="example: unicode2-fast build-codebook feats.npy --k 500000 --n-coarse 1000 --out codebook.safetensors",
+        add_help=False,
+    )
+    sub.add_parser(
         "bench",
         help="exact-search benchmark vs FAISS and torch on built-in data (options: see bench --help)",
         description="Runs bench/bench_nearest.py; every option after 'bench' is passed to it.",
@@ -105,6 +113,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "bench":
             return _cmd_bench(args, rest)
+        if args.command == "build-codebook":
+            from .kmeans import cli_main
+
+            return cli_main(rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "profile":

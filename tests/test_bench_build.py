@@ -1,0 +1,75 @@
+"""Smoke test of bench/bench_build.py at the --tiny size: both modes run and write well-formed CSVs."""
+import csv
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+import torch
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_build.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_build", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load_bench()
+
+
+def _run(bench, argv):
+    threads = torch.get_num_threads()
+    try:
+        return bench.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_comparison_writes_one_row_per_cpu_method(bench, tmp_path):
+    assert _run(bench, ["--tiny", "--out", str(tmp_path), "--methods", "u2", "faiss"]) == 0
+    rows = {r["method"]: r for r in _rows(tmp_path / "build.csv")}
+    assert sorted(rows) == ["faiss", "u2"]
+    for column in ("k", "n_coarse", "n_train", "n_test", "d", "niter", "build_s", "heldout_mse", "utilisation",
+                   "gmac", "mse_ratio_vs_faiss", "speedup_vs_faiss", "peak_extra_mib", "device", "threads",
+                   "torch", "faiss", "date"):
+        assert column in rows["u2"], column
+    for r in rows.values():
+        assert (r["k"], r["n_train"], r["n_test"], r["d"], r["niter"]) == ("64", "4000", "500", "64", "5")
+        assert float(r["build_s"]) > 0 and float(r["heldout_mse"]) > 0
+        assert 0 < float(r["utilisation"]) <= 1
+    assert rows["u2"]["n_coarse"] == "8" and rows["faiss"]["n_coarse"] == ""
+    assert float(rows["faiss"]["mse_ratio_vs_faiss"]) == pytest.approx(1.0)
+    # the two-stage build lands near single-stage k-means on held-out data
+    assert float(rows["u2"]["mse_ratio_vs_faiss"]) < 1.1
+    # the two-stage cost model: far fewer multiply-adds than one stage at the same k
+    assert float(rows["u2"]["gmac"]) < float(rows["faiss"]["gmac"])
+    assert "| u2 |" in (tmp_path / "build.md").read_text()
+
+
+def test_tiny_scaled_streams_and_extrapolates(bench, tmp_path, capsys):
+    assert _run(bench, ["--tiny", "--scaled", "--no-progress", "--out", str(tmp_path)]) == 0
+    (row,) = _rows(tmp_path / "build_scaled.csv")
+    assert (row["m"], row["k"], row["d"]) == ("20000", "500", "64")
+    assert int(row["passes"]) == 3  # scan + assignment + one fine batch
+    assert float(row["net_build_s"]) > 0 and float(row["peak_rss_gib"]) > 0
+    assert float(row["paper_est_s"]) > float(row["net_build_s"])
+    out = capsys.readouterr().out
+    assert "MAC = niter*min(M, p*n_coarse)*n_coarse*d" in out and "paper:" in out
+
+
+def test_cost_model_matches_the_paper_numbers(bench):
+    # coarse 20*256,000*1,000*1,152 + assign 150M*1,000*1,152 + fine 20*128M*500*1,152
+    expected = 20 * 256_000 * 1000 * 1152 + 150_000_000 * 1000 * 1152 + 20 * 128_000_000 * 500 * 1152
+    assert bench.two_stage_macs(150_000_000, 500_000, 1000, 1152, 20, 256) == pytest.approx(expected)
+    assert bench.one_stage_macs(150_000_000, 500_000, 1152, 20, 256) == pytest.approx(20 * 128_000_000 * 500_000 * 1152)

@@ -1,0 +1,453 @@
+"""u2.build_codebook: two-stage k-means that recovers known clusters, allocates exactly k codewords,
+repairs empty and NaN centroids, streams .npy files and chunk iterables with the same result as a
+tensor, resumes bitwise-identically from checkpoints, and refuses bad inputs; plus the CLI."""
+import os
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+import unicode2_fast as u2
+from unicode2_fast import kmeans
+from unicode2_fast.codebook import Codebook
+from unicode2_fast.data import siglip_like
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_threaded():
+    """Run this module on one torch and one FAISS thread. On the shared 2-core CI machine, with
+    other jobs running, every multi-threaded OpenMP region waits for a descheduled thread: the
+    same tests took 2 s to 80 s from run to run; single-threaded they take 2-3 s every time.
+    Thread count changes no result here beyond what it changes on any machine (BLAS blocking)."""
+    threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(faiss_threads)
+
+
+def _blobs(n_blobs=16, d=32, m=4000, seed=0, spread=5.0, noise=0.3):
+    """Equal-sized, well-separated Gaussian blobs: centres (n_blobs, d), labels (m,), x (m, d)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = spread * torch.randn(n_blobs, d, generator=generator)
+    labels = (torch.arange(m) % n_blobs)[torch.randperm(m, generator=generator)]
+    return centres, labels, centres[labels] + noise * torch.randn(m, d, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    """(4000, 16) SigLIP-like features: two-level clusters of unequal sizes."""
+    return siglip_like(300, 4000, 16, seed=0).queries
+
+
+@pytest.fixture(scope="module")
+def reference(clustered):
+    return u2.build_codebook(clustered, 120, progress=False)
+
+
+def _assert_same_codebook(actual, expected):
+    assert torch.equal(actual.vectors, expected.vectors)
+    assert actual.meta.keys() == expected.meta.keys()
+    for key, value in expected.meta.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(actual.meta[key], value), key
+        else:
+            assert actual.meta[key] == value, key
+
+
+def _mse(x, codebook):
+    return float(u2.nearest(x, codebook)[1].double().mean())
+
+
+# clustering quality ----------------------------------------------------------
+
+
+@pytest.fixture(params=["faiss", "lloyd"])
+def fine_trainer(request, monkeypatch):
+    """The per-cell k-means: faiss.Kmeans (the CPU default) or _lloyd (what CUDA runs)."""
+    if request.param == "lloyd":
+        monkeypatch.setattr(kmeans, "_train_cell", kmeans._lloyd)
+    return request.param
+
+
+def test_recovers_well_separated_blobs(fine_trainer):
+    centres, labels, x = _blobs()
+    cb = u2.build_codebook(x, 32, progress=False)
+    _, centre_dists = u2.nearest(centres, cb)
+    # a codeword is the mean of ~125 points of one blob: off its centre by ~0.3^2 * 32 / 125 per blob
+    assert float(centre_dists.max()) < 1.0
+    ids, _ = u2.nearest(x, cb)
+    for code in ids.unique():
+        assert labels[ids == code].unique().numel() == 1, "a codeword mixes two blobs"
+
+
+def test_mse_close_to_single_stage_faiss_kmeans(fine_trainer):
+    data = siglip_like(400, 10_000, 32, seed=1).queries
+    train, held_out = data[:8000], data[8000:]
+    # single runs differ by the local minimum they land in (a few % either way): compare means
+    ours, theirs = [], []
+    for seed in range(3):
+        ours.append(_mse(held_out, u2.build_codebook(train, 100, seed=seed, progress=False)))
+        km = faiss.Kmeans(32, 100, niter=20, seed=seed + 1, max_points_per_centroid=256)
+        km.train(train.numpy())
+        theirs.append(_mse(held_out, torch.from_numpy(km.centroids)))
+    ratio = np.mean(ours) / np.mean(theirs)
+    print(f"held-out MSE ({fine_trainer} cells): build_codebook {np.round(ours, 4)}, "
+          f"faiss.Kmeans {np.round(theirs, 4)}, ratio of means {ratio:.4f}")
+    assert ratio < 1.05
+
+
+# result layout ------------------------------------------------------------------
+
+
+def test_meta_and_layout(clustered, reference, tmp_path):
+    cb = reference
+    assert isinstance(cb, Codebook) and (cb.k, cb.dim) == (120, 16) and cb.dtype == torch.float32
+    assert cb.meta["n_coarse"] == 11 == round(120 ** 0.5)
+    assert {key: cb.meta[key] for key in ("k", "niter", "seed", "max_points_per_centroid", "n_features")} == {
+        "k": 120, "niter": 20, "seed": 0, "max_points_per_centroid": 256, "n_features": 4000}
+    coarse_ids, coarse_centroids = cb.meta["coarse_ids"], cb.meta["coarse_centroids"]
+    assert coarse_ids.dtype == torch.int64 and coarse_ids.shape == (120,)
+    assert coarse_centroids.dtype == torch.float32 and coarse_centroids.shape == (11, 16)
+    assert bool((coarse_ids[1:] >= coarse_ids[:-1]).all()), "codewords are stored sorted by coarse cell"
+    assert int(cb.meta["cell_sizes"].sum()) == 4000
+    assert torch.unique(cb.vectors, dim=0).shape[0] == 120
+    # Voronoi cells are convex and each fine codeword is a mean of (or one of) its cell's points,
+    # so the nearest coarse centroid of a codeword is its own cell
+    assert torch.equal(u2.nearest(cb.vectors, coarse_centroids)[0], coarse_ids)
+    # allocation in proportion to the cell sizes: within one codeword of the quota
+    quota = 120 * cb.meta["cell_sizes"].double() / 4000
+    assert float((torch.bincount(coarse_ids, minlength=11) - quota).abs().max()) < 1.0 + 1e-9
+    cb.save(tmp_path / "cb.safetensors")
+    _assert_same_codebook(Codebook.load(tmp_path / "cb.safetensors"), cb)
+
+
+def test_same_seed_identical_other_seed_differs(clustered, reference):
+    _assert_same_codebook(u2.build_codebook(clustered, 120, progress=False), reference)
+    other = u2.build_codebook(clustered, 120, seed=1, progress=False)
+    assert not torch.equal(other.vectors, reference.vectors)
+    assert other.meta["seed"] == 1
+
+
+def test_npy_chunks_and_dtypes_give_the_tensor_result(clustered, reference, tmp_path, monkeypatch):
+    # blocks of 300 rows and fine samples of ~3 cells per pass: many blocks, several gather passes
+    monkeypatch.setattr(kmeans, "BLOCK_BYTES", 300 * 16 * 4)
+    expected = u2.build_codebook(clustered, 120, progress=False)
+    _assert_same_codebook(expected, reference)  # the block size does not change the result
+    path = tmp_path / "features.npy"
+    np.save(path, clustered.numpy())
+    sizes = [1, 999, 7, 1500, 1493]
+    edges = np.cumsum([0] + sizes)
+    chunks = [clustered[a:b] if i % 2 else clustered[a:b].numpy() for i, (a, b) in enumerate(zip(edges, edges[1:]))]
+    for features in (str(path), path, chunks, lambda: iter(chunks), clustered.double(), clustered.numpy()):
+        _assert_same_codebook(u2.build_codebook(features, 120, progress=False), expected)
+    _assert_same_codebook(u2.build_codebook(chunks, 120, progress=False, fine_batch_bytes=1200 * 16 * 4), expected)
+
+
+def test_progress_bars_show_the_objective(clustered, capsys):
+    u2.build_codebook(clustered[:1000], 20, niter=3, progress=True)
+    err = capsys.readouterr().err
+    assert "coarse k-means" in err and "fine k-means" in err and "mse=" in err
+
+
+# allocation -------------------------------------------------------------------
+
+
+def test_allocation_is_proportional_with_largest_remainders():
+    assert kmeans.allocate_codewords([50, 30, 20], 10).tolist() == [5, 3, 2]
+    assert kmeans.allocate_codewords([5, 5, 5], 4).tolist() == [2, 1, 1]  # remainder ties: lowest index
+    assert kmeans.allocate_codewords([5, 5, 5], 5).tolist() == [2, 2, 1]
+    assert kmeans.allocate_codewords([0, 10, 0, 30], 8).tolist() == [0, 2, 0, 6]
+
+
+def test_allocation_gives_every_nonempty_cell_one_and_respects_capacity():
+    # tiny cells get one codeword each, taken from the cell most above its quota
+    assert kmeans.allocate_codewords([1, 1, 98], 3).tolist() == [1, 1, 1]
+    assert kmeans.allocate_codewords([10_000, 50, 1, 1, 0, 3000], 100).tolist() == [75, 1, 1, 1, 0, 22]
+    # never more codewords than points: the excess goes to the cells most below their quota
+    assert kmeans.allocate_codewords([100, 3, 3], 104).tolist() == [98, 3, 3]
+    assert kmeans.allocate_codewords([100, 50, 50], 60, capacity=[10, 50, 50]).tolist() == [10, 25, 25]
+
+
+def test_allocation_invariants_on_random_skewed_sizes():
+    generator = np.random.default_rng(0)
+    for _ in range(200):
+        cells = int(generator.integers(1, 40))
+        sizes = (generator.pareto(1.0, cells) * generator.integers(1, 50)).astype(np.int64)
+        sizes[generator.random(cells) < 0.2] = 0
+        if sizes.sum() == 0:
+            sizes[0] = 1
+        nonempty = int((sizes > 0).sum())
+        k = int(generator.integers(nonempty, sizes.sum() + 1))
+        alloc = kmeans.allocate_codewords(sizes.tolist(), k).numpy()
+        assert alloc.sum() == k
+        assert (alloc[sizes > 0] >= 1).all() and (alloc[sizes == 0] == 0).all()
+        assert (alloc <= sizes).all()
+
+
+def test_allocation_errors():
+    with pytest.raises(ValueError, match="smaller than the number of non-empty cells"):
+        kmeans.allocate_codewords([5, 5, 5], 2)
+    with pytest.raises(ValueError, match="more than the cells can hold"):
+        kmeans.allocate_codewords([2, 3, 0], 6)
+
+
+# repairs: empty clusters, NaN / Inf centroids, duplicates ------------------------
+
+
+def test_empty_clusters_are_split(monkeypatch):
+    monkeypatch.setattr(kmeans, "_train_cell", kmeans._lloyd)
+    centres, _, x = _blobs()
+    refills = []
+    refill = kmeans._refill
+
+    def spy(centroids, bad, *args):
+        refills.append(int(bad.sum()))
+        return refill(centroids, bad, *args)
+
+    # every centroid starts on the same point: all but one cluster are empty after the first pass
+    monkeypatch.setattr(kmeans, "_init_centroids", lambda x, k, generator: x[:1].repeat(k, 1))
+    monkeypatch.setattr(kmeans, "_refill", spy)
+    cb = u2.build_codebook(x, 32, progress=False)
+    assert refills and max(refills) >= 20
+    assert torch.isfinite(cb.vectors).all() and torch.unique(cb.vectors, dim=0).shape[0] == 32
+    # farthest-first splitting still finds every blob
+    assert float(u2.nearest(centres, cb)[1].max()) < 1.0
+
+
+def test_nan_and_inf_centroids_are_dropped_and_refilled(monkeypatch):
+    monkeypatch.setattr(kmeans, "_train_cell", kmeans._lloyd)
+    centres, _, x = _blobs()
+    update = kmeans._update_centroids
+    poisoned = []
+
+    def poison_first_update_per_k(x, ids, k):
+        centroids, counts = update(x, ids, k)
+        if k not in poisoned:  # the coarse stage (k = 6) and the first cell of each size
+            poisoned.append(k)
+            centroids[0] = float("nan")
+            centroids[-1, 0] = 1e300  # finite in float64, Inf once cast to float32
+            if k > 6:
+                centroids[k // 2, 3] = float("inf")
+        return centroids, counts
+
+    monkeypatch.setattr(kmeans, "_update_centroids", poison_first_update_per_k)
+    cb = u2.build_codebook(x, 32, progress=False)
+    # k = 1: the only centroid is dropped (refilled from its former members); k = 10: three of ten
+    assert poisoned[0] == 6 and 1 in poisoned and 10 in poisoned
+    assert torch.isfinite(cb.vectors).all() and torch.unique(cb.vectors, dim=0).shape[0] == 32
+    assert float(u2.nearest(centres, cb)[1].max()) < 1.0
+
+
+def test_refill_takes_the_farthest_points_of_the_largest_cluster():
+    x = torch.tensor([[0.0, 0], [1, 0], [3, 0], [10, 0], [10, 1], [20, 0]])
+    ids = torch.tensor([0, 0, 0, 1, 1, 0])
+    centroids = torch.tensor([[5.0, 0], [10, 0.5], [float("nan"), 0], [0, 0]])
+    bad = torch.tensor([False, False, True, True])
+    counts = torch.tensor([4, 2, 0, 0])
+    used = torch.zeros(6, dtype=torch.bool)
+    out = kmeans._refill(centroids, bad, counts, x, ids, used)
+    # cluster 0 (4 members) is split first at its farthest member (20, 0); its weight halves to
+    # 2, tying with cluster 1, so the lower index (0) donates again: the member farthest from both
+    # its centroid and (20, 0) is (0, 0)
+    assert out[2].tolist() == [20.0, 0.0] and out[3].tolist() == [0.0, 0.0]
+    assert torch.equal(out[:2], centroids[:2])
+    assert used.tolist() == [True, False, False, False, False, True]
+
+
+class _FakeKmeans:
+    """Stands in for faiss.Kmeans: returns fixed centroids, one NaN and two equal."""
+
+    def __init__(self, d, k, **kwargs):
+        self.k = k
+
+    def train(self, x):
+        self.centroids = np.array([[0.0, 0], [5, 5], [np.nan, 1], [5, 5]], dtype=np.float32)[:self.k]
+        self.obj = [3.0, 2.0]
+
+
+def test_faiss_cells_are_compacted_like_lloyd(monkeypatch):
+    monkeypatch.setattr(faiss, "Kmeans", _FakeKmeans)
+    x = torch.tensor([[0.0, 0], [1, 0], [5, 5], [6, 5], [9, 9]])
+    centroids, mse = kmeans._faiss_kmeans(x, 4, 2, seed=0, label="cell")
+    assert mse == 2.0 / 5 and torch.isfinite(centroids).all()
+    assert torch.unique(centroids, dim=0).shape[0] == 4
+    assert centroids[:2].tolist() == [[0.0, 0.0], [5.0, 5.0]]
+    # the NaN row takes (9, 9), the farthest member of the largest cluster ([5, 5]: 3 members); its
+    # weight halves to 2, tying with [0, 0], so the duplicate takes [0, 0]'s farthest member (1, 0)
+    assert centroids[2:].tolist() == [[9.0, 9.0], [1.0, 0.0]]
+    with pytest.raises(ValueError, match="cell: only 2 distinct points among its 6 training rows for 4"):
+        kmeans._faiss_kmeans(torch.tensor([[0.0, 0], [5, 5], [-0.0, 0]]).repeat(2, 1), 4, 2, seed=0, label="cell")
+
+
+def test_distinct_row_count():
+    x = torch.randn(50, 7)
+    assert kmeans._distinct_row_count(x, 50) == 50
+    assert kmeans._distinct_row_count(torch.cat([x, x, -0.0 * x[:5] + x[:5]]), 10) >= 10
+    assert kmeans._distinct_row_count(torch.cat([x[:3], x[:3], torch.zeros(2, 7), -torch.zeros(1, 7)]), 10) == 4
+
+
+def test_lloyd_with_exactly_k_distinct_points_and_too_few():
+    x = torch.tensor([[0.0, 0], [1, 1], [2, 0]]).repeat(5, 1)
+    centroids, mse = kmeans._lloyd(x, 3, 5, seed=0, label="test")
+    assert sorted(map(tuple, centroids.tolist())) == [(0.0, 0.0), (1.0, 1.0), (2.0, 0.0)] and mse == 0.0
+    with pytest.raises(ValueError, match="test: only 3 distinct points among its 15 training rows for 4"):
+        kmeans._lloyd(x, 4, 5, seed=0, label="test")
+
+
+# checkpoints --------------------------------------------------------------------
+
+
+def test_resume_after_interruption_is_bitwise_identical(clustered, reference, tmp_path, monkeypatch):
+    lloyd, train_cell = kmeans._lloyd, kmeans._train_cell
+    trained = []
+
+    def interrupt_at_the_third_cell(x, k, niter, seed, label, report=None):
+        if len(trained) == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        trained.append(label)
+        return train_cell(x, k, niter, seed, label, report)
+
+    def spy(function):
+        return lambda *args: trained.append(args[4]) or function(*args)
+
+    monkeypatch.setattr(kmeans, "_lloyd", spy(lloyd))
+    monkeypatch.setattr(kmeans, "_train_cell", interrupt_at_the_third_cell)
+    with pytest.raises(KeyboardInterrupt):
+        u2.build_codebook(clustered, 120, progress=False, checkpoint_dir=tmp_path)
+    assert trained == ["coarse stage", "coarse cell 0", "coarse cell 1"]
+    assert sorted(os.listdir(tmp_path)) == ["assign.pt", "coarse.pt", "fine_cell_0.pt", "fine_cell_1.pt"]
+
+    trained.clear()
+    monkeypatch.setattr(kmeans, "_train_cell", spy(train_cell))
+    # another fine batch size changes which cells are gathered together, not the result
+    resumed = u2.build_codebook(clustered, 120, progress=False, checkpoint_dir=tmp_path,
+                                fine_batch_bytes=500 * 16 * 4)
+    assert trained == [f"coarse cell {c}" for c in range(2, 11)]  # no coarse stage, no cell twice
+    _assert_same_codebook(resumed, reference)
+    trained.clear()
+    _assert_same_codebook(u2.build_codebook(clustered, 120, progress=False, checkpoint_dir=tmp_path), reference)
+    assert trained == []
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("change", ["k", "seed", "n_coarse", "data"])
+def test_resume_with_other_parameters_or_data_raises(clustered, tmp_path, change):
+    u2.build_codebook(clustered[:1000], 30, niter=2, progress=False, checkpoint_dir=tmp_path)
+    kwargs = {"k": 30, "niter": 2, "seed": 0, "n_coarse": None}
+    features = clustered[:1000]
+    if change == "data":
+        features = features.clone()
+        features[-1] += 1.0
+    else:
+        kwargs[change] = {"k": 31, "seed": 1, "n_coarse": 4}[change]
+    with pytest.raises(ValueError, match="holds a build with other parameters or data"):
+        u2.build_codebook(features, progress=False, checkpoint_dir=tmp_path, **kwargs)
+
+
+def test_corrupt_checkpoint_is_reported(clustered, tmp_path):
+    (tmp_path / "coarse.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="coarse.pt: unreadable checkpoint"):
+        u2.build_codebook(clustered[:1000], 30, niter=2, progress=False, checkpoint_dir=tmp_path)
+
+
+# bad inputs --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"k": 4001}, ValueError, r"k=4001 exceeds the number of feature rows \(4000\)"),
+    ({"k": 10, "n_coarse": 11}, ValueError, "n_coarse=11 must not exceed k=10"),
+    ({"k": 0}, ValueError, "k must be >= 1"),
+    ({"k": 2.5}, TypeError, "k must be an integer"),
+    ({"k": 10, "niter": 0}, ValueError, "niter must be >= 1"),
+    ({"k": 10, "max_points_per_centroid": 0}, ValueError, "max_points_per_centroid must be >= 1"),
+])
+def test_bad_parameters(clustered, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        u2.build_codebook(clustered, progress=False, **kwargs)
+
+
+def test_bad_features(clustered, tmp_path):
+    x = clustered[:200]
+    with pytest.raises(ValueError, match="2-D"):
+        u2.build_codebook(x[0], 2, progress=False)
+    with pytest.raises(TypeError, match="floating"):
+        u2.build_codebook(torch.ones(100, 4, dtype=torch.int32), 2, progress=False)
+    with pytest.raises(ValueError, match="chunk 1 has dim 15 but the chunks before it have dim 16"):
+        u2.build_codebook([x[:100], x[100:, :15]], 2, progress=False)
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        u2.build_codebook(iter([x]), 2, progress=False)
+    with pytest.raises(TypeError, match="features must be an"):
+        u2.build_codebook(42, 2, progress=False)
+    with pytest.raises(ValueError, match="yielded no rows"):
+        u2.build_codebook([], 2, progress=False)
+    passes = []
+
+    def shrinking():
+        passes.append(1)
+        return iter([x if len(passes) == 1 else x[:150]])
+
+    with pytest.raises(ValueError, match="must yield the same chunks every time"):
+        u2.build_codebook(shrinking, 2, progress=False)
+    duplicated = x[:10].repeat(40, 1)
+    with pytest.raises(ValueError, match="distinct points"):
+        u2.build_codebook(duplicated, 20, progress=False)
+
+
+def test_nan_rows_are_named(clustered, tmp_path):
+    x = clustered[:2000].clone()
+    x[1017, 3] = float("nan")
+    with pytest.raises(ValueError, match="first in row 1017"):
+        u2.build_codebook(x, 10, progress=False)
+    with pytest.raises(ValueError, match=r"features row 1017 \(row 17 of chunk 1\) holds NaN or Inf"):
+        u2.build_codebook([x[:1000], x[1000:]], 10, progress=False)
+    path = tmp_path / "nan.npy"
+    np.save(path, x.numpy())
+    with pytest.raises(ValueError, match="features row 1017 holds NaN or Inf"):
+        u2.build_codebook(path, 10, progress=False)
+
+
+def test_bad_npy_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="features file not found"):
+        u2.build_codebook(tmp_path / "missing.npy", 2, progress=False)
+    np.save(tmp_path / "ints.npy", np.ones((10, 4), dtype=np.int64))
+    with pytest.raises(TypeError, match="floating"):
+        u2.build_codebook(tmp_path / "ints.npy", 2, progress=False)
+    np.save(tmp_path / "cube.npy", np.ones((2, 3, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="2-D"):
+        u2.build_codebook(tmp_path / "cube.npy", 2, progress=False)
+    (tmp_path / "text.npy").write_text("not numpy")
+    with pytest.raises(ValueError, match="not a .npy array file"):
+        u2.build_codebook(tmp_path / "text.npy", 2, progress=False)
+
+
+# command line ------------------------------------------------------------------
+
+
+def test_cli_writes_a_loadable_codebook(clustered, tmp_path, capsys):
+    np.save(tmp_path / "features.npy", clustered[:1000].numpy())
+    out = tmp_path / "cb.safetensors"
+    rc = kmeans.cli_main([str(tmp_path / "features.npy"), "--k", "30", "--n-coarse", "3", "--niter", "4",
+                          "--out", str(out), "--no-progress", "--checkpoint-dir", str(tmp_path / "ckpt")])
+    assert rc == 0
+    cb = Codebook.load(out)
+    assert (cb.k, cb.dim, cb.meta["n_coarse"], cb.meta["niter"], cb.meta["n_features"]) == (30, 16, 3, 4, 1000)
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/missing.npy", "--k", "5", "--out", "{tmp}/cb.safetensors"], "features file not found"),
+    (["{tmp}/features.npy", "--out", "{tmp}/cb.safetensors"], "the following arguments are required: --k"),
+    (["{tmp}/features.npy", "--k", "five", "--out", "{tmp}/cb.safetensors"], "invalid int value"),
+    (["{tmp}/features.npy", "--k", "0", "--out", "{tmp}/cb.safetensors"], "k must be >= 1"),
+    (["{tmp}/features.npy", "--k", "5", "--out", "{tmp}/no/such/dir/cb.safetensors"],
+     "output directory does not exist"),
+])
+def test_cli_user_mistakes_print_one_line_and_return_2(tmp_path, capsys, args, message):
+    np.save(tmp_path / "features.npy", np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32))
+    rc = kmeans.cli_main([arg.format(tmp=tmp_path) for arg in args] + ["--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("unicode2-fast build-codebook: error:") and message in err
