@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Dict, Optional, Union
 
 import safetensors
@@ -17,6 +16,7 @@ import safetensors.torch
 import torch
 
 from ._checks import array_kind, check_finite, check_float, check_matrix, to_tensor
+from ._io import atomic_write
 
 FORMAT = "unicode2_fast.codebook"
 VERSION = "1"
@@ -209,26 +209,7 @@ class Codebook:
         plain_meta = {key: value for key, value in meta.items() if not isinstance(value, torch.Tensor)}
         header = {"format": FORMAT, "version": VERSION, "meta_json": json.dumps(plain_meta)}
 
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            safetensors.torch.save_file(tensors, tmp_path, metadata=header)
-            with open(tmp_path, "r+b") as tmp_file:
-                os.fsync(tmp_file.fileno())
-            # mkstemp creates the file 0600; a saved codebook is meant to be shared like a model file.
-            os.chmod(tmp_path, 0o644)
-            os.replace(tmp_path, path)
-        except BaseException:
-            os.unlink(tmp_path)
-            raise
-        if os.name == "posix":
-            # Persist the rename itself, not only the file's bytes.
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        atomic_write(path, lambda tmp_path: safetensors.torch.save_file(tensors, tmp_path, metadata=header))
 
     @classmethod
     def load(cls, path: PathLike, device: Optional[Union[str, torch.device]] = None) -> "Codebook":

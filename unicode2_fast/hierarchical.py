@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import tempfile
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import safetensors
@@ -37,6 +36,7 @@ import safetensors.torch
 import torch
 
 from ._checks import array_kind, check_finite, check_float, check_matrix, flatten_queries, from_tensor, to_tensor
+from ._io import atomic_write
 from .codebook import Codebook
 from .profiling import stage
 from .search import _codebook_tensor, _kernel_layout, _triton_interpreter, nearest
@@ -604,24 +604,7 @@ class HierarchicalIndex:
             "coarse_centroids": self._coarse_centroids.cpu().contiguous(),
         }
         header = {"format": FORMAT, "version": VERSION, "metric": self._metric}
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            safetensors.torch.save_file(tensors, tmp_path, metadata=header)
-            with open(tmp_path, "r+b") as tmp_file:
-                os.fsync(tmp_file.fileno())
-            os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; an index is shared like a model file
-            os.replace(tmp_path, path)
-        except BaseException:
-            os.unlink(tmp_path)
-            raise
-        if os.name == "posix":
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)  # persist the rename itself
-            finally:
-                os.close(dir_fd)
+        atomic_write(path, lambda tmp_path: safetensors.torch.save_file(tensors, tmp_path, metadata=header))
 
     @classmethod
     def load(cls, path: PathLike, device: Optional[Union[str, torch.device]] = None) -> "HierarchicalIndex":

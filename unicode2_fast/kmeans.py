@@ -50,7 +50,6 @@ import hashlib
 import heapq
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -59,6 +58,7 @@ import torch
 from tqdm import tqdm
 
 from ._checks import check_finite, check_float, check_matrix, to_tensor
+from ._io import atomic_write
 from .codebook import Codebook
 from .profiling import stage
 from .search import nearest
@@ -848,17 +848,7 @@ class _Checkpoints:
 
     def save(self, name: str, state: Dict[str, Any]) -> None:
         """Write atomically: a temporary file in the same directory, then one rename."""
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                torch.save({**state, "run": self.run}, out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self._path(name))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write(self._path(name), lambda tmp_path: torch.save({**state, "run": self.run}, tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ def profile_nearest(out_dir: str, k: int = 50_000, n: int = 729, d: int = 1152, 
     """
     import os
 
+    from ._io import atomic_write
     from .data import siglip_like
     from .search import nearest
 
@@ -66,7 +67,5 @@ def profile_nearest(out_dir: str, k: int = 50_000, n: int = 729, d: int = 1152, 
             torch.cuda.synchronize()
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"trace_nearest_{device}_k{k}_n{n}.json")
-    tmp = path + ".tmp"
-    prof.export_chrome_trace(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, prof.export_chrome_trace)
     return path

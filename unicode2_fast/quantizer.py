@@ -17,8 +17,7 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import safetensors
 import safetensors.torch
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_finite, check_float, check_matrix, flatten_queries, to_tensor
+from ._io import atomic_write
 from .codebook import Codebook
 from .embedding import gathered_embedding
 from .search import METRICS, _check_no_zero_rows, nearest
@@ -80,31 +80,6 @@ def _orthonormal_projection(dim: int, out_dim: int, seed: int) -> torch.Tensor:
         return q
     q, _ = torch.linalg.qr(torch.randn(out_dim, dim, generator=generator, dtype=torch.float64))
     return q.t().contiguous()
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp_path)`` into a temporary file next to ``path``, fsync, then rename over ``path``.
-
-    On any error the temporary file is removed and an existing ``path`` is left untouched.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp_path)
-        with open(tmp_path, "r+b") as tmp_file:
-            os.fsync(tmp_file.fileno())
-        os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; a saved model is meant to be shared
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
-    if os.name == "posix":
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # persist the rename itself
-        finally:
-            os.close(dir_fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +283,7 @@ class CascadedQuantizer(nn.Module):
         if self.projection is not None:
             tensors["projection"] = self.projection
         tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-        _atomic_write(
+        atomic_write(
             os.path.join(save_directory, WEIGHTS_NAME),
             lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": _FORMAT}),
         )
@@ -318,7 +293,7 @@ class CascadedQuantizer(nn.Module):
             with open(tmp, "w", encoding="utf-8") as file:
                 file.write(text)
 
-        _atomic_write(os.path.join(save_directory, CONFIG_NAME), write_config)
+        atomic_write(os.path.join(save_directory, CONFIG_NAME), write_config)
 
     @classmethod
     def from_pretrained(
