@@ -2,7 +2,7 @@
 
 Commands:
     kernels   ahead-of-time compile report of every Triton kernel (no GPU needed)
-    bench     the exact-search benchmark (bench/bench_nearest.py) on built-in synthetic data
+    bench     the main job: every op's benchmark vs FAISS and torch (bench/run_all.py), CSV/Markdown/PNG
     build-codebook   two-stage k-means codebook from a .npy of features
     profile   torch-profiler Chrome trace of one op (with NVTX ranges under Nsight)
 
@@ -60,7 +60,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace, rest: List[str]) -> int:
-    return _load_bench("bench_nearest").main(rest)
+    # bench/run_all.py owns the options (and --help): everything after "bench" goes to it
+    return _load_bench("run_all").main(rest, prog="unicode2-fast bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_parser(
         "bench",
-        help="exact-search benchmark vs FAISS and torch on built-in data (options: see bench --help)",
-        description="Runs bench/bench_nearest.py; every option after 'bench' is passed to it.",
+        help="every benchmark (nearest, hierarchical, embedding, cross_entropy, build) vs FAISS and torch, "
+             "with results.csv/.md/.png (options: bench --help)",
+        description="Runs bench/run_all.py; every option after 'bench' is passed to it.",
         epilog="example: unicode2-fast bench --quick --out bench_out",
         add_help=False,
     )
