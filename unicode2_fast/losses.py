@@ -10,7 +10,11 @@ Backends:
     "torch"   chunked over the vocabulary (``chunk_size`` rows of the weight at a time): per chunk
               an (N, chunk) logit block in fp32 (float64 for float64 inputs) folded into a running
               max and sum of exp per row, picking up the target logit when the target is in the
-              chunk. Runs on any device; the CPU path of "auto".
+              chunk. Runs on any device; the CPU path of "auto". On the CPU, when gradients are
+              needed (and no chunk_size is forced), it instead chunks over rows: a (K, rows) block
+              of at most ROW_CHUNK_BYTES holds a chunk's full softmax, whose gradients are computed
+              right away and scaled in backward -- 6 N K h FLOPs like materialised logits, not the
+              8 N K h of forward + recomputing backward.
     "triton"  the fused forward kernel of ``unicode2_fast.kernels.cross_entropy`` (logit tiles in
               registers, online log-sum-exp, no logits in memory); CUDA tensors, or CPU tensors
               under TRITON_INTERPRET=1 (tests).
@@ -52,8 +56,9 @@ BACKENDS = ("auto", "triton", "torch", "cce")
 CHUNK_BYTES = 128 << 20
 #: ... with chunks of this many classes at least and at most (GEMMs this wide run near peak)
 MIN_CHUNK, MAX_CHUNK = 1024, 32768
-#: the CPU training path (gradients computed with the loss) holds one (rows, K) block of this size
-ROW_CHUNK_BYTES = 256 << 20
+#: the CPU training path (gradients computed with the loss) holds one (K, rows) block of this size
+#: (rows below ~256 make the GEMMs inefficient: at K = 500K this is 256 rows)
+ROW_CHUNK_BYTES = 512 << 20
 
 
 def default_chunk_size(n_rows: int, n_classes: int) -> int:
@@ -213,18 +218,25 @@ def loss_and_unit_grads_torch(
     for start in range(0, n, rows_per_chunk):
         stop = min(n, start + rows_per_chunk)
         rows = hidden[start:stop]
-        logits = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())  # (R, K)
-        column = targets[start:stop].unsqueeze(1)
-        lse = torch.logsumexp(logits, dim=1)
-        losses[start:stop] = lse - logits.gather(1, column).squeeze(1)
-        probs = logits.sub_(lse.unsqueeze(1)).exp_()
-        probs.scatter_add_(1, column, probs.new_full(column.shape, -1.0))  # softmax - onehot
+        # (K, R) layout: the K-tall GEMMs run faster than (R, K) ones on CPU BLAS (measured
+        # 9.7 s vs 10.7 s for N = 512, K = 500K, h = 1024), and softmax runs down the columns
+        logits_t = weight @ rows.t() if bias is None else torch.addmm(bias.unsqueeze(1), weight, rows.t())
+        target_row = targets[start:stop].unsqueeze(0)
+        target_logit = logits_t.gather(0, target_row).squeeze(0)
+        # softmax in place (torch.logsumexp would allocate another (K, R) block)
+        col_max = logits_t.amax(dim=0)
+        probs_t = logits_t.sub_(col_max).exp_()
+        col_sum = probs_t.sum(dim=0)
+        probs_t.div_(col_sum)
+        losses[start:stop] = col_max + torch.log(col_sum) - target_logit
+        probs_t.scatter_add_(0, target_row, probs_t.new_full(target_row.shape, -1.0))  # softmax - onehot
         if need_hidden:
-            torch.mm(probs, weight, out=grad_hidden[start:stop])
+            torch.mm(probs_t.t(), weight, out=grad_hidden[start:stop])
         if need_weight:
-            grad_weight.addmm_(probs.t(), rows)
+            grad_weight.addmm_(probs_t, rows)
         if need_bias:
-            grad_bias += probs.sum(dim=0)
+            grad_bias += probs_t.sum(dim=1)
+        del logits_t, probs_t  # free this block before the next one is allocated
     return losses, grad_hidden, grad_weight, grad_bias
 
 
