@@ -215,3 +215,24 @@ def write_csv(rows: Sequence[Dict[str, Any]], path: str) -> None:
             writer.writeheader()
             for row in rows:
                 writer.writerow({key: "" if value is None else value for key, value in row.items()})
+
+
+def fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
+    """``value`` formatted with ``spec`` (and ``suffix``), or "–" for a missing value."""
+    return "–" if value is None else format(value, spec) + suffix
+
+
+def short_count(count: int) -> str:
+    """500000 -> "500K", 2000000 -> "2M"; other counts as they are."""
+    if count >= 1_000_000 and count % 100_000 == 0:
+        return f"{count / 1e6:g}M"
+    if count >= 1_000 and count % 100 == 0:
+        return f"{count / 1e3:g}K"
+    return str(count)
+
+
+def stamp_text(stamp: Dict[str, Any], libraries: Sequence[str] = ("torch", "faiss", "triton", "numpy", "python")) -> str:
+    """One line naming the machine, the versions of ``libraries`` and the date of a run."""
+    gpu = f"GPU: {stamp['gpu']} | " if stamp["gpu"] else ""
+    versions = ", ".join(f"{name} {stamp[name]}" for name in libraries)
+    return f"CPU: {stamp['cpu']} ({stamp['cores']} cores, {stamp['threads']} threads) | {gpu}{versions} | {stamp['date']}"

@@ -179,8 +179,6 @@ def compare_rows(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[s
     return rows
 
 
-def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
-    return "–" if value is None else format(value, spec) + suffix
 
 
 def compare_table(rows: Sequence[Dict[str, Any]]) -> str:
@@ -188,8 +186,8 @@ def compare_table(rows: Sequence[Dict[str, Any]]) -> str:
     for r in rows:
         lines.append("| " + " | ".join([
             r["method"], f"{r['k']:,}", f"{r['n_train']:,}", str(r["d"]), f"{r['build_s']:.3g}",
-            f"{r['heldout_mse']:.5g}", _fmt(r["mse_ratio_vs_faiss"], ".4f"), f"{r['utilisation']:.4f}",
-            f"{r['gmac']:.4g}", _fmt(r["peak_extra_mib"], ".1f"),
+            f"{r['heldout_mse']:.5g}", _common.fmt(r["mse_ratio_vs_faiss"], ".4f"), f"{r['utilisation']:.4f}",
+            f"{r['gmac']:.4g}", _common.fmt(r["peak_extra_mib"], ".1f"),
         ]) + " |")
     return "\n".join(lines)
 

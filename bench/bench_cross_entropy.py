@@ -187,8 +187,6 @@ def shape_rows(results: Dict[str, Measurement], k: int, n: int, h: int, stamp: D
     return rows
 
 
-def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
-    return "–" if value is None else format(value, spec) + suffix
 
 
 def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
@@ -197,26 +195,15 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
         lines.append("| " + " | ".join([
             r["method"], f"{r['K']:,}", f"{r['N']:,}", f"{r['hidden']:,}",
             f"{r['median_s']:.4g}", f"{r['rows_per_s']:,.0f}", f"{r['gflops']:.1f}",
-            _fmt(r["ratio_vs_torch"], ".2f", "×"), _fmt(r["loss_abs_diff_vs_torch"], ".2g"),
-            _fmt(r["grad_rel_err_vs_torch"], ".2g"), _fmt(r["peak_extra_mib"], ".1f"),
+            _common.fmt(r["ratio_vs_torch"], ".2f", "×"), _common.fmt(r["loss_abs_diff_vs_torch"], ".2g"),
+            _common.fmt(r["grad_rel_err_vs_torch"], ".2g"), _common.fmt(r["peak_extra_mib"], ".1f"),
             f"{r['naive_nk_bytes'] / _common.MIB:,.1f}",
         ]) + " |")
     return "\n".join(lines)
 
 
-def stamp_text(stamp: Dict[str, Any]) -> str:
-    gpu = f"GPU: {stamp['gpu']} | " if stamp["gpu"] else ""
-    return (f"CPU: {stamp['cpu']} ({stamp['cores']} cores, {stamp['threads']} threads) | {gpu}"
-            f"torch {stamp['torch']}, triton {stamp['triton']}, numpy {stamp['numpy']}, "
-            f"python {stamp['python']} | {stamp['date']}")
 
 
-def _short(count: int) -> str:
-    if count >= 1_000_000 and count % 100_000 == 0:
-        return f"{count / 1e6:g}M"
-    if count >= 1_000 and count % 100 == 0:
-        return f"{count / 1e3:g}K"
-    return str(count)
 
 
 def plot(rows: Sequence[Dict[str, Any]], stamp: Dict[str, Any], path: str) -> None:
@@ -246,7 +233,7 @@ def plot(rows: Sequence[Dict[str, Any]], stamp: Dict[str, Any], path: str) -> No
         naive_mib = shape[1] * shape[0] * 4 / _common.MIB
         ax_mem.hlines(naive_mib, j - 0.45, j + 0.45, colors="k", linestyles="--",
                       label="N×K fp32 logits" if j == 0 else None)
-    labels = [f"K={_short(k)}\nN={n}, h={h}" for k, n, h in shapes]
+    labels = [f"K={_common.short_count(k)}\nN={n}, h={h}" for k, n, h in shapes]
     for ax in (ax_time, ax_mem):
         ax.set_xticks(range(len(shapes)))
         ax.set_xticklabels(labels)
@@ -330,7 +317,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             hidden, weight, targets = make_data(n, k, h, seed=args.seed)
             results: Dict[str, Measurement] = {}
             for name in methods:
-                progress.set_postfix_str(f"K={_short(k)} N={n} h={h} {name}")
+                progress.set_postfix_str(f"K={_common.short_count(k)} N={n} h={h} {name}")
                 method = METHODS[name]
                 if method.device == "cuda":
                     data = (hidden.to("cuda", method.dtype), weight.to("cuda", method.dtype), targets.to("cuda"))
@@ -349,7 +336,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     progress.close()
 
     table = markdown_table(rows)
-    stamp_line = stamp_text(stamp)
+    stamp_line = _common.stamp_text(stamp, ("torch", "triton", "numpy", "python"))
     print(table)
     print()
     print(stamp_line)

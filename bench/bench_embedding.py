@@ -176,8 +176,6 @@ def result_rows(results: Dict[str, Measurement], k: int, d: int, n: int, unique_
     return rows
 
 
-def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
-    return "–" if value is None else format(value, spec) + suffix
 
 
 def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
@@ -186,18 +184,13 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
         lines.append("| " + " | ".join([
             r["method"], f"{r['K']:,}", str(r["d"]), f"{r['N']:,}", f"{r['unique_ids']:,.0f}",
             f"{1e3 * r['median_s']:.3g}", f"{1e3 * r['p10_s']:.3g}", f"{1e3 * r['p90_s']:.3g}",
-            _fmt(r["ratio_vs_dense"], ".2f", "×"), _fmt(r["ratio_vs_sparse_adam"], ".2f", "×"),
+            _common.fmt(r["ratio_vs_dense"], ".2f", "×"), _common.fmt(r["ratio_vs_sparse_adam"], ".2f", "×"),
             f"{r['grad_state_mib']:,.1f}", f"{r['peak_extra_mib']:,.1f}", f"{r['first_step_s']:.3g}",
-            _fmt(r["max_abs_diff_vs_dense"], ".2g"),
+            _common.fmt(r["max_abs_diff_vs_dense"], ".2g"),
         ]) + " |")
     return "\n".join(lines)
 
 
-def stamp_text(stamp: Dict[str, Any]) -> str:
-    gpu = f"GPU: {stamp['gpu']} | " if stamp["gpu"] else ""
-    return (f"CPU: {stamp['cpu']} ({stamp['cores']} cores, {stamp['threads']} threads) | {gpu}"
-            f"torch {stamp['torch']}, triton {stamp['triton']}, numpy {stamp['numpy']}, "
-            f"python {stamp['python']} | {stamp['date']}")
 
 
 def plot(rows: Sequence[Dict[str, Any]], stamp: Dict[str, Any], device: str, path: str) -> None:
@@ -297,7 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     rows = result_rows(results, args.k, args.d, args.n, unique_ids, args.device, stamp)
     table = markdown_table(rows)
-    stamp_line = stamp_text(stamp)
+    stamp_line = _common.stamp_text(stamp, ("torch", "triton", "numpy", "python"))
     print(table)
     print()
     print(stamp_line)

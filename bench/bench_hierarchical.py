@@ -194,27 +194,20 @@ def run(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[str, Any]]
     return rows
 
 
-def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
-    return "–" if value is None else format(value, spec) + suffix
 
 
 def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for r in rows:
         lines.append("| " + " | ".join([
-            r["method"], _fmt(r["nprobe"], "d"), f"{r['recall_at_1']:.4f}", f"{r['median_s']:.4g}",
-            f"{r['queries_per_s']:,.0f}", _fmt(r["codes_per_query"], ",.0f"),
-            _fmt(r["ratio_vs_faiss_ivf"], ".2f", "×"), _fmt(r["ratio_vs_u2_flat"], ".2f", "×"),
-            _fmt(r["build_s"], ".3g"),
+            r["method"], _common.fmt(r["nprobe"], "d"), f"{r['recall_at_1']:.4f}", f"{r['median_s']:.4g}",
+            f"{r['queries_per_s']:,.0f}", _common.fmt(r["codes_per_query"], ",.0f"),
+            _common.fmt(r["ratio_vs_faiss_ivf"], ".2f", "×"), _common.fmt(r["ratio_vs_u2_flat"], ".2f", "×"),
+            _common.fmt(r["build_s"], ".3g"),
         ]) + " |")
     return "\n".join(lines)
 
 
-def stamp_text(stamp: Dict[str, Any]) -> str:
-    gpu = f"GPU: {stamp['gpu']} | " if stamp["gpu"] else ""
-    return (f"CPU: {stamp['cpu']} ({stamp['cores']} cores, {stamp['threads']} threads) | {gpu}"
-            f"torch {stamp['torch']}, faiss {stamp['faiss']}, triton {stamp['triton']}, "
-            f"numpy {stamp['numpy']}, python {stamp['python']} | {stamp['date']}")
 
 
 def plot(rows: Sequence[Dict[str, Any]], stamp: Dict[str, Any], path: str) -> None:
@@ -300,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = run(args, stamp)
 
     table = markdown_table(rows)
-    stamp_line = stamp_text(stamp)
+    stamp_line = _common.stamp_text(stamp)
     print(table)
     print()
     print(stamp_line)

@@ -272,8 +272,6 @@ def shape_rows(results: Dict[str, Measurement], k: int, n: int, d: int, stamp: D
     return rows
 
 
-def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
-    return "–" if value is None else format(value, spec) + suffix
 
 
 def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
@@ -285,26 +283,15 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
             r["method"], f"{r['K']:,}", f"{r['N']:,}",
             f"{r['median_s']:.4g}", f"{r['queries_per_s']:,.0f}",
             f"{r['tflops']:.1f} T" if on_gpu else f"{r['gflops']:.1f}",
-            _fmt(r["ratio_vs_faiss"], ".2f", "×"), _fmt(r["ratio_vs_torch"], ".2f", "×"),
-            _fmt(r["ids_agree_faiss"], ".4f"), _fmt(r["ids_agree_exact"], ".4f"),
-            _fmt(r["peak_extra_mib"], ".1f"), _fmt(r["build_s"], ".3g"),
+            _common.fmt(r["ratio_vs_faiss"], ".2f", "×"), _common.fmt(r["ratio_vs_torch"], ".2f", "×"),
+            _common.fmt(r["ids_agree_faiss"], ".4f"), _common.fmt(r["ids_agree_exact"], ".4f"),
+            _common.fmt(r["peak_extra_mib"], ".1f"), _common.fmt(r["build_s"], ".3g"),
         ]) + " |")
     return "\n".join(lines)
 
 
-def stamp_text(stamp: Dict[str, Any]) -> str:
-    gpu = f"GPU: {stamp['gpu']} | " if stamp["gpu"] else ""
-    return (f"CPU: {stamp['cpu']} ({stamp['cores']} cores, {stamp['threads']} threads) | {gpu}"
-            f"torch {stamp['torch']}, faiss {stamp['faiss']}, triton {stamp['triton']}, "
-            f"numpy {stamp['numpy']}, python {stamp['python']} | {stamp['date']}")
 
 
-def _short(count: int) -> str:
-    if count >= 1_000_000 and count % 100_000 == 0:
-        return f"{count / 1e6:g}M"
-    if count >= 1_000 and count % 100 == 0:
-        return f"{count / 1e3:g}K"
-    return str(count)
 
 
 def plot(rows: Sequence[Dict[str, Any]], stamp: Dict[str, Any], path: str) -> None:
@@ -325,7 +312,7 @@ def plot(rows: Sequence[Dict[str, Any]], stamp: Dict[str, Any], path: str) -> No
         bars = ax.bar(xs, ys, width, label=name, hatch="//" if METHODS[name].device == "cuda" else None)
         ax.bar_label(bars, labels=[f"{y:,.0f}" for y in ys], fontsize=7, rotation=90, padding=2)
     ax.set_xticks(range(len(shapes)))
-    ax.set_xticklabels([f"K={_short(k)}\nN={n}" for k, n in shapes])
+    ax.set_xticklabels([f"K={_common.short_count(k)}\nN={n}" for k, n in shapes])
     ax.set_yscale("log")
     # bars start a decade below the slowest so their heights compare, with headroom for the labels
     ax.set_ylim(10 ** math.floor(math.log10(min(qps.values())) - 1), 10 ** (math.log10(max(qps.values())) + 0.6))
@@ -406,7 +393,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for n in args.n:
             results: Dict[str, Measurement] = {}
             for name in methods:
-                progress.set_postfix_str(f"K={_short(k)} N={n} {name}")
+                progress.set_postfix_str(f"K={_common.short_count(k)} N={n} {name}")
                 method = METHODS[name]
                 if method.device == "cuda":
                     if method.dtype not in on_gpu:
@@ -428,7 +415,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     progress.close()
 
     table = markdown_table(rows)
-    stamp_line = stamp_text(stamp)
+    stamp_line = _common.stamp_text(stamp)
     print(table)
     print()
     print(stamp_line)
