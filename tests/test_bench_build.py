@@ -1,26 +1,16 @@
 """Smoke test of bench/bench_build.py at the --tiny size: both modes run and write well-formed CSVs."""
 import csv
-import importlib.util
-import pathlib
-import sys
 
 import pytest
 import torch
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_build.py"
+from unicode2_fast import cli
 
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_build", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load_bench()
+    return cli.load_bench("bench_build")
 
 
 def _run(bench, argv):

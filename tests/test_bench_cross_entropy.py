@@ -1,27 +1,17 @@
 """Smoke test of bench/bench_cross_entropy.py at the --tiny size: it runs, and its outputs are well formed."""
 import csv
-import importlib.util
-import pathlib
-import sys
 
 import pytest
 import torch
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_cross_entropy.py"
+from unicode2_fast import cli
+
 CPU_METHODS = {"u2", "torch"}
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_cross_entropy", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load_bench()
+    return cli.load_bench("bench_cross_entropy")
 
 
 @pytest.fixture(scope="module")

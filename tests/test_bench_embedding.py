@@ -1,30 +1,20 @@
 """Smoke test of bench/bench_embedding.py at the --tiny size: it runs, and its outputs are well formed."""
 import csv
-import importlib.util
-import pathlib
-import sys
 
 import pytest
 import torch
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_embedding.py"
+from unicode2_fast import cli
+
 METHODS = {"u2", "torch_dense", "torch_sparse"}
 COLUMNS = ("method", "K", "d", "N", "unique_ids", "median_s", "p10_s", "p90_s", "steps_per_s", "ratio_vs_dense",
            "ratio_vs_sparse_adam", "grad_bytes", "state_bytes", "grad_state_mib", "peak_extra_mib", "first_step_s",
            "max_abs_diff_vs_dense", "repeats", "device", "threads", "torch", "triton", "date", "note")
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_embedding", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench():
-    return _load_bench()
+    return cli.load_bench("bench_embedding")
 
 
 @pytest.fixture(scope="module")

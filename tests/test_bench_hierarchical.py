@@ -1,27 +1,17 @@
 """Smoke test of bench/bench_hierarchical.py at the --tiny size: it runs, and its outputs are well formed."""
 import csv
-import importlib.util
-import pathlib
-import sys
 
 import pytest
 import torch
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_hierarchical.py"
+from unicode2_fast import cli
+
 NPROBES = [1, 2, 4, 8, 16]  # the sweep, capped at the tiny index's 16 cells
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_hierarchical", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load_bench()
+    return cli.load_bench("bench_hierarchical")
 
 
 @pytest.fixture(scope="module")

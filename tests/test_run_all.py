@@ -1,8 +1,5 @@
 """bench/run_all.py at the --tiny size: every op runs in one process and the aggregate is well formed."""
 import csv
-import importlib.util
-import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -10,17 +7,12 @@ import torch
 
 from unicode2_fast import cli
 
-RUN_ALL = pathlib.Path(__file__).resolve().parents[1] / "bench" / "run_all.py"
 OPS = ["nearest", "hierarchical", "embedding", "cross_entropy", "build"]
 
 
 @pytest.fixture(scope="module")
 def run_all():
-    spec = importlib.util.spec_from_file_location("run_all", RUN_ALL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return cli.load_bench("run_all")
 
 
 def _main(module, argv):

@@ -32,7 +32,8 @@ def _cmd_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_bench(name: str):
+def load_bench(name: str):
+    """Import bench/<name>.py of the source checkout (bench/ is not an installed package)."""
     path = _REPO_BENCH / f"{name}.py"
     if not path.is_file():
         raise UserError(
@@ -61,7 +62,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace, rest: List[str]) -> int:
     # bench/run_all.py owns the options (and --help): everything after "bench" goes to it
-    return _load_bench("run_all").main(rest, prog="unicode2-fast bench")
+    return load_bench("run_all").main(rest, prog="unicode2-fast bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
