@@ -50,3 +50,12 @@ def test_build_codebook_command_missing_file_is_one_line(tmp_path, capsys):
     assert cli.main(["build-codebook", str(tmp_path / "nope.npy"), "--k", "4", "--out", str(tmp_path / "c.safetensors")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "features file not found" in err[0]
+
+
+def test_tokenize_command_missing_folder_is_one_line(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    argv = ["tokenize", str(tmp_path / "nope"), "--siglip", str(tmp_path), "--codebook", str(tmp_path / "c.safetensors"),
+            "--out", str(tmp_path / "ids.npy")]
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "nope" in err[0]

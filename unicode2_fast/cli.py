@@ -4,6 +4,7 @@ Commands:
     kernels   ahead-of-time compile report of every Triton kernel (no GPU needed)
     bench     the main job: every op's benchmark vs FAISS and torch (bench/run_all.py), CSV/Markdown/PNG
     build-codebook   two-stage k-means codebook from a .npy of features
+    tokenize  images folder -> codeword ids (.npy) with a SigLIP model and a codebook
     profile   torch-profiler Chrome trace of one op (with NVTX ranges under Nsight)
 
 A user mistake (bad argument, missing file) prints one line on stderr and exits with status 2;
@@ -99,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(
+        "tokenize",
+        help="tokenize a folder of images into codeword ids with a SigLIP model (options: tokenize --help)",
+        description="Every option after 'tokenize' is passed to the tokenizer.",
+        epilog="example: unicode2-fast tokenize images/ --siglip siglip-so400m --codebook c1.safetensors --out ids.npy",
+        add_help=False,
+    )
+    sub.add_parser(
         "bench",
         help="every benchmark (nearest, hierarchical, embedding, cross_entropy, build) vs FAISS and torch, "
              "with results.csv/.md/.png (options: bench --help)",
@@ -120,6 +128,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .kmeans import cli_main
 
             return cli_main(rest)
+        if args.command == "tokenize":
+            from .models import cli_tokenize
+
+            return cli_tokenize(rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "profile":
