@@ -5,6 +5,7 @@ TRITON_INTERPRET must be set before any @triton.jit function is created, i.e. be
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -12,3 +13,23 @@ if not torch.cuda.is_available():
 
 # A bounded thread count keeps the suite predictable on the 2-core CI machine.
 torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def bench(request):
+    """The module's benchmark script, bench/<BENCH_NAME>.py (set BENCH_NAME in the test module)."""
+    from unicode2_fast import cli
+
+    return cli.load_bench(request.module.BENCH_NAME)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(bench, request, tmp_path_factory):
+    """(return code, output dir) of one ``--tiny`` run of the module's benchmark."""
+    out = tmp_path_factory.mktemp(request.module.BENCH_NAME)
+    threads = torch.get_num_threads()  # the benchmarks set the process-wide thread count
+    try:
+        rc = bench.main(["--tiny", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return rc, out

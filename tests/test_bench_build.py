@@ -4,13 +4,7 @@ import csv
 import pytest
 import torch
 
-from unicode2_fast import cli
-
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return cli.load_bench("bench_build")
+BENCH_NAME = "bench_build"
 
 
 def _run(bench, argv):

@@ -4,28 +4,13 @@ import csv
 import pytest
 import torch
 
-from unicode2_fast import cli
+
+BENCH_NAME = "bench_embedding"
 
 METHODS = {"u2", "torch_dense", "torch_sparse"}
 COLUMNS = ("method", "K", "d", "N", "unique_ids", "median_s", "p10_s", "p90_s", "steps_per_s", "ratio_vs_dense",
            "ratio_vs_sparse_adam", "grad_bytes", "state_bytes", "grad_state_mib", "peak_extra_mib", "first_step_s",
            "max_abs_diff_vs_dense", "repeats", "device", "threads", "torch", "triton", "date", "note")
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return cli.load_bench("bench_embedding")
-
-
-@pytest.fixture(scope="module")
-def tiny_run(bench, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_embedding")
-    threads = torch.get_num_threads()
-    try:
-        rc = bench.main(["--tiny", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
-    return rc, out
 
 
 def _rows(out):

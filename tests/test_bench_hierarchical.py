@@ -2,27 +2,11 @@
 import csv
 
 import pytest
-import torch
 
-from unicode2_fast import cli
+
+BENCH_NAME = "bench_hierarchical"
 
 NPROBES = [1, 2, 4, 8, 16]  # the sweep, capped at the tiny index's 16 cells
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return cli.load_bench("bench_hierarchical")
-
-
-@pytest.fixture(scope="module")
-def tiny_run(bench, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_hierarchical")
-    threads = torch.get_num_threads()
-    try:
-        rc = bench.main(["--tiny", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
-    return rc, out
 
 
 def _rows(out):

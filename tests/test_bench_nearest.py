@@ -4,25 +4,10 @@ import csv
 import pytest
 import torch
 
-from unicode2_fast import cli
+
+BENCH_NAME = "bench_nearest"
 
 CPU_METHODS = {"u2", "faiss_flat", "torch_matmul"}
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return cli.load_bench("bench_nearest")
-
-
-@pytest.fixture(scope="module")
-def tiny_run(bench, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_nearest")
-    threads = torch.get_num_threads()
-    try:
-        rc = bench.main(["--tiny", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
-    return rc, out
 
 
 def _rows(out):
