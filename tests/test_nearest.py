@@ -276,3 +276,16 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
     x, c = _data(4, 10, 8)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         u2.nearest(x, c, backend="triton")
+
+
+def test_non_contiguous_codebook_copy_is_cached():
+    from unicode2_fast import search
+
+    x, c = _data(5, 300, 32)
+    ct = c.t().contiguous().t()
+    assert search._codebook_tensor(ct) is search._codebook_tensor(ct)
+    ct.mul_(2.0)  # an in-place change of the caller's tensor makes a fresh copy
+    refreshed = search._codebook_tensor(ct)
+    assert torch.equal(refreshed, c * 2.0)
+    ids, dists = u2.nearest(x, ct)
+    assert_nearest_ok(ids, dists, x, c * 2.0, "l2", exact=True, rel_tol=2e-7)

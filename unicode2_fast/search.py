@@ -66,7 +66,9 @@ def _codebook_tensor(codebook: Any) -> torch.Tensor:
     if tensor.shape[0] == 0:
         raise ValueError("empty codebook: it has K = 0 codewords")
     if not tensor.is_contiguous():
-        tensor = tensor.contiguous()
+        # the contiguous copy is cached on the caller's tensor, so the per-codebook statistics
+        # (keyed by tensor identity) are built once, not on every call
+        tensor = _per_codebook(tensor, ("contiguous",), lambda c: c.contiguous())
     # checked once per tensor version, not on every call (K x d = 576M elements at K = 500K)
     _per_codebook(tensor, ("finite",), lambda c: check_finite(c, "codebook"))
     return tensor
