@@ -236,3 +236,23 @@ def stamp_text(stamp: Dict[str, Any], libraries: Sequence[str] = ("torch", "fais
     gpu = f"GPU: {stamp['gpu']} | " if stamp["gpu"] else ""
     versions = ", ".join(f"{name} {stamp[name]}" for name in libraries)
     return f"CPU: {stamp['cpu']} ({stamp['cores']} cores, {stamp['threads']} threads) | {gpu}{versions} | {stamp['date']}"
+
+
+#: dense peak TFLOP/s from NVIDIA's data sheets: (name fragment, bf16/fp16 tensor core, fp32 non-tensor)
+GPU_PEAK_TFLOPS = (
+    ("H200", 989.0, 67.0),
+    ("H100 PCIe", 756.0, 51.0),
+    ("H100", 989.0, 67.0),  # SXM
+    ("A100", 312.0, 19.5),
+)
+
+
+def gpu_peak_tflops(device_name: Optional[str], dtype: str) -> Optional[float]:
+    """The data-sheet peak of ``device_name`` for ``dtype`` ("bfloat16"/"float16" on tensor cores,
+    "float32" without), or None for an unknown device."""
+    if not device_name:
+        return None
+    for fragment, tensor_core, fp32 in GPU_PEAK_TFLOPS:
+        if fragment in device_name:
+            return fp32 if dtype == "float32" else tensor_core
+    return None

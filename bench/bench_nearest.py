@@ -253,6 +253,10 @@ def shape_rows(results: Dict[str, Measurement], k: int, n: int, d: int, stamp: D
             "queries_per_s": n / q["median_s"],
             "gflops": gflops,
             "tflops": gflops / 1e3,
+            # share of the data-sheet peak, GPU rows only (the CPU path's int8 rate has no such figure)
+            "pct_of_peak": (100.0 * gflops / 1e3 / peak
+                            if name in GPU_METHODS and (peak := _common.gpu_peak_tflops(stamp["gpu"], str(method.dtype).replace("torch.", "")))
+                            else None),
             "ratio_vs_faiss": faiss_ref.median_s / q["median_s"] if faiss_ref else None,
             "ratio_vs_torch": torch_ref.median_s / q["median_s"] if torch_ref else None,
             "ids_agree_faiss": _agree(m.ids, faiss_ids),
@@ -282,7 +286,7 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
         lines.append("| " + " | ".join([
             r["method"], f"{r['K']:,}", f"{r['N']:,}",
             f"{r['median_s']:.4g}", f"{r['queries_per_s']:,.0f}",
-            f"{r['tflops']:.1f} T" if on_gpu else f"{r['gflops']:.1f}",
+            (f"{r['tflops']:.1f} T" + (f" ({r['pct_of_peak']:.0f}% of peak)" if r["pct_of_peak"] is not None else "")) if on_gpu else f"{r['gflops']:.1f}",
             _common.fmt(r["ratio_vs_faiss"], ".2f", "×"), _common.fmt(r["ratio_vs_torch"], ".2f", "×"),
             _common.fmt(r["ids_agree_faiss"], ".4f"), _common.fmt(r["ids_agree_exact"], ".4f"),
             _common.fmt(r["peak_extra_mib"], ".1f"), _common.fmt(r["build_s"], ".3g"),

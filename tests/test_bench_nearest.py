@@ -88,3 +88,19 @@ def test_write_csv_is_atomic_and_fills_missing(bench, tmp_path):
     with open(path, newline="") as f:
         assert list(csv.DictReader(f)) == [{"a": "1", "b": "", "c": ""}, {"a": "2", "b": "", "c": "x"}]
     assert [p.name for p in tmp_path.iterdir()] == ["rows.csv"]
+
+
+def test_gpu_peak_table():
+    from unicode2_fast import cli
+
+    common = cli.load_bench("_common")
+    assert common.gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
+    assert common.gpu_peak_tflops("NVIDIA H100 PCIe", "float32") == 51.0
+    assert common.gpu_peak_tflops("NVIDIA H200", "float16") == 989.0
+    assert common.gpu_peak_tflops(None, "bfloat16") is None
+    assert common.gpu_peak_tflops("Some GPU", "bfloat16") is None
+
+
+def test_cpu_rows_have_no_peak_share(tiny_run):
+    rc, out = tiny_run
+    assert all(r["pct_of_peak"] == "" for r in _rows(out))
