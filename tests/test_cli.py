@@ -59,3 +59,13 @@ def test_tokenize_command_missing_folder_is_one_line(tmp_path, capsys):
     assert cli.main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(err) == 1 and "nope" in err[0]
+
+
+def test_train_command_missing_llm_is_one_line(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    argv = ["train", "--llm", str(tmp_path / "nope"), "--codebook", str(tmp_path / "c.safetensors"),
+            "--ids", str(tmp_path / "ids.npy"), "--captions", str(tmp_path / "c.jsonl"), "--stage", "1",
+            "--steps", "1", "--batch-size", "1", "--out", str(tmp_path / "run")]
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and err[0].startswith("unicode2-fast train: error:")

@@ -5,6 +5,7 @@ Commands:
     bench     the main job: every op's benchmark vs FAISS and torch (bench/run_all.py), CSV/Markdown/PNG
     build-codebook   two-stage k-means codebook from a .npy of features
     tokenize  images folder -> codeword ids (.npy) with a SigLIP model and a codebook
+    train     stage-1 (projector) / stage-2 (all, row-sparse C2) understanding training
     profile   torch-profiler Chrome trace of one op (with NVTX ranges under Nsight)
 
 A user mistake (bad argument, missing file) prints one line on stderr and exits with status 2;
@@ -107,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(
+        "train",
+        help="train the projector (stage 1) or everything (stage 2) on tokenized images + captions (options: train --help)",
+        description="Every option after 'train' is passed to the trainer; run under torchrun for FSDP2.",
+        epilog="example: unicode2-fast train --llm qwen2.5-7b --codebook c1.safetensors --ids ids.npy "
+               "--captions captions.jsonl --stage 1 --steps 1000 --batch-size 8 --out run1",
+        add_help=False,
+    )
+    sub.add_parser(
         "bench",
         help="every benchmark (nearest, hierarchical, embedding, cross_entropy, build) vs FAISS and torch, "
              "with results.csv/.md/.png (options: bench --help)",
@@ -132,6 +141,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .models import cli_tokenize
 
             return cli_tokenize(rest)
+        if args.command == "train":
+            from .train import cli_train
+
+            return cli_train(rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "profile":

@@ -1,0 +1,198 @@
+"""UnifiedModel (C2 -> projector -> Qwen2) and the stage-1/2 trainer on a tiny random Qwen2."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+import unicode2_fast as u2  # noqa: E402
+from unicode2_fast.models.unified import UnifiedModel  # noqa: E402
+from unicode2_fast.train import TokenDataset, cli_train, train, warmup_cosine  # noqa: E402
+
+WORDS = ["a", "cat", "dog", "on", "the", "mat", "red", "blue", "big", "small", "sits", "runs"]
+CAPTIONS = [
+    "a cat sits on the mat", "the dog runs", "a red cat", "a big blue dog", "the small cat runs",
+    "a dog on the mat", "red mat", "the big cat sits", "blue dog sits on a mat", "a small red dog",
+    "the cat", "a dog runs on the blue mat",
+]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", "[EOS]", *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    llm_dir = root / "llm"
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=64, pad_token_id=0, eos_token_id=2, bos_token_id=2)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(llm_dir)
+    tokenizer.save_pretrained(llm_dir)
+    codebook = u2.Codebook(torch.randn(40, 16, generator=torch.Generator().manual_seed(1)))
+    codebook_path = root / "codebook.safetensors"
+    codebook.save(codebook_path)
+    ids = np.random.default_rng(2).integers(0, 20, size=(12, 4)).astype(np.int64)  # rows 20..39 unused
+    ids_path = root / "ids.npy"
+    np.save(ids_path, ids)
+    captions_path = root / "captions.jsonl"
+    captions_path.write_text("".join(json.dumps({"text": t}) + "\n" for t in CAPTIONS))
+    return dict(root=root, llm=str(llm_dir), codebook=str(codebook_path), ids=str(ids_path),
+                captions=str(captions_path), tokenizer=tokenizer)
+
+
+def _model(assets):
+    torch.manual_seed(0)
+    return UnifiedModel.from_pretrained(assets["llm"], assets["codebook"])
+
+
+def _dataset(assets, rows=None):
+    ds = TokenDataset(assets["ids"], assets["captions"], assets["tokenizer"])
+    if rows is not None:
+        ds.ids, ds.tokens = ds.ids[:rows], ds.tokens[:rows]
+    return ds
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_loss_matches_manual_computation(assets):
+    model = _model(assets)
+    ds = _dataset(assets, rows=4)
+    batch = ds.collate([ds[i] for i in range(4)])
+    with torch.no_grad():
+        loss = model(batch["visual_ids"], batch["input_ids"], batch["labels"], batch["attention_mask"])
+        visual = model.projector(model.c2[batch["visual_ids"]])
+        text = model.llm.model.embed_tokens(batch["input_ids"])
+        embeds = torch.cat([visual, text], 1)
+        mask = torch.cat([torch.ones(4, 4, dtype=torch.int64), batch["attention_mask"]], 1)
+        labels = torch.cat([torch.full((4, 4), -100), batch["labels"]], 1)
+        manual = model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        # and by hand: CE of text tokens, each predicted from the previous position
+        logits = model.llm(inputs_embeds=embeds, attention_mask=mask).logits
+        by_hand = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, manual, rtol=0, atol=0)
+    torch.testing.assert_close(loss, by_hand, rtol=1e-5, atol=1e-6)
+    # step 0 of train() reports the same loss (before any update)
+    losses = train(model, ds, stage=1, steps=1, batch_size=4, shuffle=False)
+    assert losses[0] == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_stage1_trains_projector_only_and_loss_decreases(assets):
+    model = _model(assets)
+    ds = _dataset(assets, rows=4)
+    llm0, c20, proj0 = _snapshot(model.llm), model.c2.detach().clone(), _snapshot(model.projector)
+    losses = train(model, ds, stage=1, steps=30, batch_size=4, shuffle=False, warmup_ratio=0.1)
+    assert len(losses) == 30
+    assert losses[-1] < losses[0] - 0.03, losses  # a random LLM: only the projector moves
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 25
+    for name, value in _snapshot(model.llm).items():
+        assert torch.equal(value, llm0[name]), name
+    assert torch.equal(model.c2.detach(), c20)
+    assert any(not torch.equal(v, proj0[k]) for k, v in _snapshot(model.projector).items())
+    assert all(p.grad is None for p in model.llm.parameters())
+
+
+def test_stage2_updates_only_used_c2_rows_with_sparse_grads(assets):
+    model = _model(assets)
+    ds = _dataset(assets, rows=4)
+    c20, llm0 = model.c2.detach().clone(), _snapshot(model.llm)
+    seen = []
+    orig_step = u2.SparseRowAdamW.step
+
+    def spy(self, *a, **k):
+        seen.append(model.c2.grad is not None and model.c2.grad.is_sparse)
+        return orig_step(self, *a, **k)
+
+    u2.SparseRowAdamW.step = spy
+    try:
+        train(model, ds, stage=2, steps=3, batch_size=4, shuffle=False, lr=1e-3)
+    finally:
+        u2.SparseRowAdamW.step = orig_step
+    assert seen == [True, True, True]
+    used = torch.unique(torch.from_numpy(ds.ids))
+    unused = torch.ones(40, dtype=torch.bool)
+    unused[used] = False
+    after = model.c2.detach()
+    assert torch.equal(after[unused], c20[unused])
+    assert not torch.equal(after[used], c20[used])
+    assert (after[used] != c20[used]).any(dim=1).all()  # every used row moved
+    assert any(not torch.equal(v, llm0[k]) for k, v in _snapshot(model.llm).items())
+
+
+def test_lr_schedule_warmup_then_cosine(assets):
+    f = warmup_cosine(100, 0.03)  # 3 warmup steps
+    assert [f(0), f(1), f(2)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert f(3) == pytest.approx(1.0)
+    assert f(3 + 97 // 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 48 / 97)))
+    assert f(99) == pytest.approx(0.5 * (1 + math.cos(math.pi * 96 / 97)))
+    # the trainer's optimizer follows it
+    model = _model(assets)
+    opt = torch.optim.AdamW(model.projector.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1e-3 * f(s) for s in range(5)])
+
+
+def test_save_from_pretrained_round_trip(assets, tmp_path):
+    model = _model(assets)
+    ds = _dataset(assets, rows=4)
+    train(model, ds, stage=2, steps=2, batch_size=4, shuffle=False, lr=1e-3, out_dir=tmp_path / "run")
+    assert {"config.json", "model.safetensors", "llm"} <= set(os.listdir(tmp_path / "run"))
+    loaded = UnifiedModel.from_pretrained(tmp_path / "run")
+    batch = ds.collate([ds[i] for i in range(4)])
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        a = model(batch["visual_ids"], batch["input_ids"], batch["labels"], batch["attention_mask"])
+        b = loaded(batch["visual_ids"], batch["input_ids"], batch["labels"], batch["attention_mask"])
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(loaded.c2, model.c2)
+
+
+def test_cli_train_end_to_end(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli_train(["train", "--llm", assets["llm"], "--codebook", assets["codebook"], "--ids", assets["ids"],
+                    "--captions", assets["captions"], "--stage", "1", "--steps", "3", "--batch-size", "4",
+                    "--out", str(out), "--log-every", "0"])
+    assert rc == 0
+    assert {"config.json", "model.safetensors", "llm"} <= set(os.listdir(out))
+    assert UnifiedModel.from_pretrained(out).codebook_size == 40
+
+
+def test_cli_train_row_count_mismatch(assets, tmp_path, capsys):
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "a cat"}) + "\n")
+    rc = cli_train(["--llm", assets["llm"], "--codebook", assets["codebook"], "--ids", assets["ids"],
+                    "--captions", str(short), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("unicode2-fast train: error:") and "12 rows" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_train_codebook_too_small_and_missing_file(assets, tmp_path, capsys):
+    big = tmp_path / "big.npy"
+    np.save(big, np.full((12, 4), 40, dtype=np.int64))
+    rc = cli_train(["--llm", assets["llm"], "--codebook", assets["codebook"], "--ids", str(big),
+                    "--captions", assets["captions"], "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "codebook too small" in err
+    rc = cli_train(["--llm", assets["llm"], "--codebook", str(tmp_path / "nope.safetensors"), "--ids", assets["ids"],
+                    "--captions", assets["captions"], "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("unicode2-fast train: error:")

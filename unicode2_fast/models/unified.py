@@ -1,0 +1,233 @@
+"""The understanding side of UniCode^2: visual token ids -> C2 rows -> MLP projector -> Qwen2 LLM.
+
+``UnifiedModel`` computes L_UND, the next-token cross-entropy on the text conditioned on the
+visual tokens: the LLM gets ``inputs_embeds = [projector(C2[visual_ids]) ; embed(input_ids)]`` and
+the visual positions are labelled -100, so only text tokens are scored. The C2 lookup is
+``u2.gathered_embedding``: its gradient is row-sparse (train C2 with ``u2.SparseRowAdamW``).
+
+The LLM is ``transformers.Qwen2ForCausalLM`` as is; transformers is imported on first use.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Optional, Union
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from .._io import atomic_write
+from ..codebook import Codebook
+from ..embedding import gathered_embedding
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+LLM_SUBDIR = "llm"
+_FORMAT = "unicode2_fast.unified_model"
+_VERSION = 1
+
+
+def _codebook_vectors(codebook: Any) -> torch.Tensor:
+    """(K, d) tensor from a Codebook, a path to a codebook .safetensors, or a (K, d) tensor."""
+    if isinstance(codebook, (str, os.PathLike)):
+        codebook = Codebook.load(codebook)
+    if isinstance(codebook, Codebook):
+        return codebook.vectors.detach()
+    codebook = Codebook(codebook)  # validates shape / dtype / finiteness
+    return codebook.vectors.detach()
+
+
+class UnifiedModel(nn.Module):
+    """C2 table -> MLP projector -> Qwen2ForCausalLM (through ``inputs_embeds``).
+
+    Args:
+        llm: a ``transformers.Qwen2ForCausalLM`` (any causal LM taking ``inputs_embeds`` works).
+        codebook: (K, d) initial value of C2 (a Codebook, a codebook path or a tensor); C2 is a
+            float32 copy of C1 (the cascade's initialisation).
+        projector_hidden: hidden width of the projector (default: the LLM's hidden size).
+
+    Attributes:
+        c2: (K, d) ``nn.Parameter``. projector: Linear(d, h) -> GELU -> Linear(h, h), with h the
+        LLM's hidden size. llm: the language model.
+    """
+
+    def __init__(self, llm: nn.Module, codebook: Any, projector_hidden: Optional[int] = None) -> None:
+        super().__init__()
+        vectors = _codebook_vectors(codebook)
+        hidden = int(llm.config.hidden_size)
+        projector_hidden = hidden if projector_hidden is None else int(projector_hidden)
+        self.llm = llm
+        self.c2 = nn.Parameter(vectors.to(torch.promote_types(vectors.dtype, torch.float32), copy=True).cpu())
+        self.projector = nn.Sequential(
+            nn.Linear(vectors.shape[1], projector_hidden), nn.GELU(), nn.Linear(projector_hidden, hidden)
+        )
+        device = next(llm.parameters()).device
+        self.c2.data = self.c2.data.to(device)
+        self.projector.to(device)
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.c2.shape[0])
+
+    @property
+    def code_dim(self) -> int:
+        return int(self.c2.shape[1])
+
+    def visual_embeds(self, visual_ids: torch.Tensor) -> torch.Tensor:
+        """(B, P) ids -> (B, P, hidden) LLM input embeddings (row-sparse gradient to C2)."""
+        return self.projector(gathered_embedding(visual_ids, self.c2))
+
+    def build_inputs(
+        self,
+        visual_ids: torch.Tensor,
+        input_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """``inputs_embeds`` (B, P+T, h), ``attention_mask`` (B, P+T) and ``labels`` (B, P+T)."""
+        if visual_ids.dim() != 2 or input_ids.dim() != 2 or visual_ids.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"visual_ids must be (B, P) and input_ids (B, T) with the same B, got "
+                f"{tuple(visual_ids.shape)} and {tuple(input_ids.shape)}"
+            )
+        text = self.llm.get_input_embeddings()(input_ids)  # (B, T, h)
+        visual = self.visual_embeds(visual_ids).to(text.dtype)  # (B, P, h)
+        batch, num_visual = visual_ids.shape
+        out = {"inputs_embeds": torch.cat([visual, text], dim=1)}
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        visual_mask = torch.ones((batch, num_visual), dtype=attention_mask.dtype, device=attention_mask.device)
+        out["attention_mask"] = torch.cat([visual_mask, attention_mask], dim=1)
+        if labels is not None:
+            ignore = torch.full((batch, num_visual), -100, dtype=labels.dtype, device=labels.device)
+            out["labels"] = torch.cat([ignore, labels], dim=1)
+        return out
+
+    def forward(
+        self,
+        visual_ids: torch.Tensor,
+        input_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """L_UND: the LLM's next-token CE on the text part (visual positions labelled -100).
+
+        ``labels`` defaults to ``input_ids`` (with -100 where ``attention_mask`` is 0).
+        """
+        if labels is None:
+            labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
+        inputs = self.build_inputs(visual_ids, input_ids, labels, attention_mask)
+        return self.llm(**inputs).loss
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: PathLike, *, save_llm: bool = True, state_dict=None) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (projector and C2), each atomically, and
+        (``save_llm``) the LLM under ``llm/`` with its own ``save_pretrained``.
+
+        ``state_dict``: optional full LLM state dict (e.g. gathered from FSDP2 shards).
+        """
+        directory = os.fspath(save_directory)
+        os.makedirs(directory, exist_ok=True)
+        tensors = {"c2": self.c2.detach()}
+        tensors.update({f"projector.{k}": v.detach() for k, v in self.projector.state_dict().items()})
+        tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
+        atomic_write(
+            os.path.join(directory, WEIGHTS_NAME),
+            lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": _FORMAT}),
+        )
+        if save_llm:
+            kwargs = {} if state_dict is None else {"state_dict": state_dict}
+            self.llm.save_pretrained(os.path.join(directory, LLM_SUBDIR), **kwargs)
+        config = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "codebook_size": self.codebook_size,
+            "code_dim": self.code_dim,
+            "projector_hidden": int(self.projector[0].out_features),
+            "hidden_size": int(self.projector[2].out_features),
+            "llm": LLM_SUBDIR if save_llm else None,
+        }
+        text = json.dumps(config, indent=2) + "\n"
+
+        def write_config(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as file:
+                file.write(text)
+
+        atomic_write(os.path.join(directory, CONFIG_NAME), write_config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: PathLike,
+        codebook: Any = None,
+        *,
+        llm_path: Optional[PathLike] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        torch_dtype: Optional[torch.dtype] = None,
+        projector_hidden: Optional[int] = None,
+    ) -> "UnifiedModel":
+        """Load a model.
+
+        ``path`` is either a directory written by :meth:`save_pretrained` (C2, projector and the
+        LLM under ``llm/``, or ``llm_path`` when it was saved without the LLM), or a Qwen2 LLM
+        directory, in which case ``codebook`` (Codebook, path or tensor) initialises C2 and the
+        projector is freshly initialised.
+
+        Raises:
+            FileNotFoundError: a missing directory / file.
+            ValueError: a foreign or inconsistent saved model; no codebook for a fresh model.
+        """
+        from transformers import Qwen2ForCausalLM
+
+        directory = os.fspath(path)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"model directory not found: {directory}")
+        config = _read_config(os.path.join(directory, CONFIG_NAME))
+        kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
+        if config is None:  # a plain LLM
+            if codebook is None:
+                raise ValueError("a codebook is needed to build a UnifiedModel on a plain LLM directory")
+            llm = Qwen2ForCausalLM.from_pretrained(directory, **kwargs)
+            if device is not None:
+                llm.to(device)
+            return cls(llm, codebook, projector_hidden)
+        source = llm_path if llm_path is not None else (
+            os.path.join(directory, config["llm"]) if config.get("llm") else None)
+        if source is None:
+            raise ValueError(f"{directory} was saved without its LLM: pass llm_path")
+        llm = Qwen2ForCausalLM.from_pretrained(os.fspath(source), **kwargs)
+        if device is not None:
+            llm.to(device)
+        weights_path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(weights_path):
+            raise FileNotFoundError(f"weights file not found: {weights_path}")
+        tensors = safetensors.torch.load_file(weights_path)
+        if "c2" not in tensors or tuple(tensors["c2"].shape) != (config["codebook_size"], config["code_dim"]):
+            raise ValueError(f"{weights_path}: missing or mis-shaped tensor 'c2'")
+        if int(llm.config.hidden_size) != config["hidden_size"]:
+            raise ValueError(
+                f"LLM hidden size {llm.config.hidden_size} != saved projector output {config['hidden_size']}")
+        model = cls(llm, tensors["c2"], config["projector_hidden"])
+        projector_state = {k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")}
+        model.projector.load_state_dict(projector_state)
+        return model
+
+
+def _read_config(path: str) -> Optional[Dict[str, Any]]:
+    """The saved UnifiedModel config, or None when ``path`` is a plain (LLM) config."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as file:
+            config = json.load(file)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(config, dict) or config.get("format") != _FORMAT:
+        return None
+    if config.get("version") != _VERSION:
+        raise ValueError(f"{path}: unsupported version {config.get('version')!r}")
+    return config

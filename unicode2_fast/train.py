@@ -1,0 +1,403 @@
+"""Stage-1 / stage-2 understanding training of :class:`~unicode2_fast.models.unified.UnifiedModel`.
+
+Stage 1: the LLM and C2 are frozen; only the projector trains (AdamW, lr 1e-3).
+Stage 2: everything trains (lr 1e-5); C2's row-sparse gradient goes to ``u2.SparseRowAdamW``
+(only the rows a batch touches change), every other parameter to ``torch.optim.AdamW``.
+Both: betas (0.9, 0.95), linear warmup over 3% of the steps then cosine decay to 0
+(``torch.optim.lr_scheduler.LambdaLR``); bf16 autocast on CUDA only.
+
+Multi-GPU: run under ``torchrun --nproc_per_node N``. When torch.distributed is initialised with
+world size > 1, each decoder layer of the LLM (and then the LLM) is sharded with FSDP2
+(``torch.distributed.fsdp.fully_shard``); the projector and C2 stay replicated and their
+gradients are averaged across ranks (C2's sparse gradient by gathering the touched rows); each
+rank reads its own slice of every shuffled epoch. This path is not exercised by the CPU tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .optim import SparseRowAdamW
+
+PathLike = Union[str, "os.PathLike[str]"]
+STAGE_LR = {1: 1e-3, 2: 1e-5}
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+
+def read_captions(path: PathLike) -> List[str]:
+    """The ``"text"`` of every non-empty line of a JSON-lines file.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: a line that is not a JSON object with a
+        string "text" (the message names the line).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"captions file not found: {path}")
+    texts = []
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{os.path.basename(path)} line {number}: not JSON ({exc})") from exc
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f'{os.path.basename(path)} line {number}: expected {{"text": "..."}}')
+            texts.append(record["text"])
+    return texts
+
+
+def read_ids(path: PathLike) -> np.ndarray:
+    """(N, P) int64 visual token ids from a ``.npy`` written by ``unicode2-fast tokenize``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ids file not found: {path}")
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {os.path.basename(path)}: {exc}") from exc
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{os.path.basename(path)} must hold a 2-D integer array (N, P), got {ids.dtype} {ids.shape}")
+    if ids.size and ids.min() < 0:
+        raise ValueError(f"{os.path.basename(path)} holds negative ids")
+    return ids.astype(np.int64, copy=False)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Rows of visual ids (N, P) paired with captions; tokenised once, EOS appended.
+
+    Args:
+        ids: path to ``ids.npy`` or an (N, P) integer array.
+        captions: path to ``captions.jsonl`` (one ``{"text": ...}`` per row) or a list of strings.
+        tokenizer: a transformers tokenizer (its pad token, else EOS, pads; EOS ends each caption).
+        max_length: optional cap on the caption tokens (EOS included).
+
+    Raises:
+        ValueError: the numbers of id rows and captions differ; the tokenizer has no pad/EOS token.
+    """
+
+    def __init__(self, ids: Any, captions: Any, tokenizer: Any, max_length: Optional[int] = None) -> None:
+        self.ids = read_ids(ids) if isinstance(ids, (str, os.PathLike)) else np.asarray(ids, dtype=np.int64)
+        texts = read_captions(captions) if isinstance(captions, (str, os.PathLike)) else list(captions)
+        if self.ids.ndim != 2:
+            raise ValueError(f"ids must be (N, P), got shape {self.ids.shape}")
+        if len(texts) != self.ids.shape[0]:
+            raise ValueError(f"{self.ids.shape[0]} rows of ids but {len(texts)} captions: they must pair one to one")
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        if pad is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token")
+        self.pad_token_id = int(pad)
+        self.captions = texts
+        self.tokens: List[List[int]] = []
+        for text in texts:
+            tokens = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if eos is not None:
+                tokens.append(int(eos))
+            if max_length is not None:
+                tokens = tokens[:max_length]
+            self.tokens.append(tokens or [self.pad_token_id])
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        return {"visual_ids": torch.from_numpy(self.ids[index].copy()), "input_ids": self.tokens[index]}
+
+    def collate(self, rows: Sequence[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        """Right-pad ``input_ids``; ``attention_mask`` 0 and ``labels`` -100 on padding."""
+        length = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.int64)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.int64)
+        for i, row in enumerate(rows):
+            input_ids[i, :len(row["input_ids"])] = torch.tensor(row["input_ids"], dtype=torch.int64)
+            attention_mask[i, :len(row["input_ids"])] = 1
+        return {
+            "visual_ids": torch.stack([row["visual_ids"] for row in rows]),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": input_ids.masked_fill(attention_mask == 0, -100),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule, optimizers, distributed
+# ---------------------------------------------------------------------------------------------
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float = 0.03) -> Callable[[int], float]:
+    """LR multiplier for ``LambdaLR``: linear warmup over ceil(ratio * total) steps, then cosine.
+
+    step s < w: (s + 1) / w; else 0.5 * (1 + cos(pi * (s - w) / (total - w))).
+    """
+    warmup = int(math.ceil(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _world() -> Tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shard_llm(llm: torch.nn.Module) -> None:
+    """FSDP2: shard each decoder layer, then the rest of the LLM."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import fully_shard
+        except ImportError as exc:
+            raise RuntimeError(
+                "multi-process training needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.4)"
+            ) from exc
+    layers = getattr(getattr(llm, "model", None), "layers", None)
+    if layers is None:
+        raise RuntimeError("cannot find the LLM's decoder layers (llm.model.layers) to shard")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(llm)
+
+
+def _average_replicated_grads(params: Sequence[torch.nn.Parameter], world: int) -> None:
+    """Average the gradients of replicated parameters across ranks (sparse: gather touched rows)."""
+    import torch.distributed as dist
+
+    for param in params:
+        grad = param.grad
+        if grad is None:
+            continue
+        if grad.is_sparse:
+            grad = grad.coalesce()
+            gathered: List[Any] = [None] * world
+            dist.all_gather_object(gathered, (grad.indices().cpu(), grad.values().cpu()))
+            indices = torch.cat([g[0] for g in gathered], dim=1).to(param.device)
+            values = torch.cat([g[1] for g in gathered], dim=0).to(param.device) / world
+            param.grad = torch.sparse_coo_tensor(indices, values, param.shape).coalesce()
+        else:
+            dist.all_reduce(grad)
+            grad.div_(world)
+
+
+def _batches(n: int, batch_size: int, seed: int, shuffle: bool, rank: int, world: int):
+    """Endless stream of index lists: a (seeded) permutation per epoch, this rank's slice of it."""
+    epoch = 0
+    while True:
+        if shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        else:
+            order = list(range(n))
+        order = order[rank::world] or order[:1]
+        for start in range(0, len(order), batch_size):
+            yield order[start:start + batch_size]
+        epoch += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# training loop
+# ---------------------------------------------------------------------------------------------
+
+
+def train(
+    model: Any,
+    dataset: TokenDataset,
+    *,
+    stage: int = 1,
+    steps: int,
+    batch_size: int,
+    lr: Optional[float] = None,
+    warmup_ratio: float = 0.03,
+    betas: Tuple[float, float] = (0.9, 0.95),
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    log_every: int = 0,
+    out_dir: Optional[PathLike] = None,
+    shuffle: bool = True,
+    log: Optional[Callable[[str], None]] = None,
+) -> List[float]:
+    """Train ``model`` (a UnifiedModel) on ``dataset`` for ``steps`` optimizer steps.
+
+    Args:
+        stage: 1 (projector only; LLM and C2 frozen) or 2 (all; C2 by ``SparseRowAdamW``).
+        lr: peak learning rate (default 1e-3 for stage 1, 1e-5 for stage 2).
+        warmup_ratio: fraction of the steps with linear warmup, then cosine decay to 0.
+        log_every: print the loss every this many steps (0: never); ``log`` replaces ``print``.
+        out_dir: if given, ``model.save_pretrained(out_dir)`` at the end (rank 0).
+        shuffle: reshuffle (seeded) each epoch; False iterates rows in order.
+
+    Returns:
+        the loss of every step (as computed before that step's update).
+
+    Raises:
+        ValueError: bad stage / steps / batch_size / lr.
+    """
+    if stage not in STAGE_LR:
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+    lr = STAGE_LR[stage] if lr is None else float(lr)
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty")
+    torch.manual_seed(seed)
+    rank, world = _world()
+    device = model.c2.device
+
+    model.train()
+    model.llm.requires_grad_(stage == 2)
+    model.c2.requires_grad_(stage == 2)
+    model.projector.requires_grad_(True)
+    if world > 1:
+        _shard_llm(model.llm)
+
+    dense_params = [p for p in model.projector.parameters()]
+    if stage == 2:
+        dense_params += [p for p in model.llm.parameters() if p.requires_grad]
+    optimizers = [torch.optim.AdamW(dense_params, lr=lr, betas=betas, weight_decay=weight_decay)]
+    if stage == 2:
+        optimizers.append(SparseRowAdamW([model.c2], lr=lr, betas=betas, weight_decay=weight_decay))
+    factor = warmup_cosine(steps, warmup_ratio)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
+    replicated = list(model.projector.parameters()) + ([model.c2] if stage == 2 else [])
+
+    use_autocast = device.type == "cuda"
+    losses: List[float] = []
+    stream = _batches(len(dataset), batch_size, seed, shuffle, rank, world)
+    for step in range(steps):
+        batch = dataset.collate([dataset[i] for i in next(stream)])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+            loss = model(batch["visual_ids"], batch["input_ids"], batch["labels"], batch["attention_mask"])
+        loss.backward()
+        if world > 1:
+            _average_replicated_grads(replicated, world)
+        for opt in optimizers:
+            opt.step()
+        for sched in schedulers:
+            sched.step()
+        losses.append(float(loss.detach()))
+        if log_every and rank == 0 and (step % log_every == 0 or step == steps - 1):
+            (log or print)(f"step {step + 1}/{steps} loss {losses[-1]:.4f} lr {schedulers[0].get_last_lr()[0]:.3e}")
+
+    if out_dir is not None:
+        if world > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(model.llm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                model.save_pretrained(out_dir, state_dict=full)
+        else:
+            model.save_pretrained(out_dir)
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+
+def cli_train(argv: Optional[Sequence[str]] = None) -> int:
+    """``unicode2-fast train --llm PATH --codebook FILE --ids ids.npy --captions captions.jsonl
+    --stage 1 --steps 100 --batch-size 8 --out DIR [--lr LR] [--seed S]``.
+
+    Returns:
+        0 on success; 2 after a user mistake (missing file, ids/captions row-count mismatch,
+        codebook smaller than the largest id, bad arguments), reported as one line on stderr.
+    """
+    from .cli import UserError
+    from .codebook import Codebook
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):  # one line and status 2, not argparse's usage + exit
+            raise UserError(message)
+
+    prog = "unicode2-fast train"
+    parser = Parser(
+        prog=prog,
+        description="Understanding training (L_UND): visual ids -> C2 -> projector -> Qwen2 LLM. "
+                    "Stage 1 trains the projector, stage 2 everything. Multi-GPU: run under torchrun.",
+        epilog=f"example: {prog} --llm Qwen2.5-7B --codebook codebook.safetensors --ids ids.npy "
+               "--captions captions.jsonl --stage 1 --steps 100 --batch-size 8 --out run1",
+    )
+    parser.add_argument("--llm", required=True, help="Qwen2 model directory (with its tokenizer), or a "
+                                                     "directory written by a previous train run")
+    parser.add_argument("--codebook", required=True, help="codebook .safetensors (initialises C2)")
+    parser.add_argument("--ids", required=True, help="(N, P) .npy from `unicode2-fast tokenize`")
+    parser.add_argument("--captions", required=True, help='JSON lines, one {"text": ...} per row of ids')
+    parser.add_argument("--stage", type=int, choices=[1, 2], default=1)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", required=True, help="output directory (save_pretrained)")
+    parser.add_argument("--lr", type=float, default=None, help="peak lr (default 1e-3 stage 1, 1e-5 stage 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=10)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # accept the whole command line too
+        argv = argv[1:]
+    try:
+        args = parser.parse_args(argv)
+        if args.steps < 1 or args.batch_size < 1:
+            raise UserError("--steps and --batch-size must be >= 1")
+        if args.lr is not None and not args.lr > 0:
+            raise UserError(f"--lr must be > 0, got {args.lr}")
+        if not os.path.isdir(args.llm):
+            raise UserError(f"LLM directory not found: {args.llm}")
+        if not os.path.isfile(args.codebook):
+            raise UserError(f"codebook not found: {args.codebook}")
+        ids = read_ids(args.ids)
+        captions = read_captions(args.captions)
+        if len(captions) != ids.shape[0]:
+            raise UserError(f"{args.ids} has {ids.shape[0]} rows but {args.captions} has {len(captions)} "
+                            "captions: they must pair one to one")
+        codebook = Codebook.load(args.codebook)
+        if ids.size and int(ids.max()) >= codebook.k:
+            raise UserError(f"codebook too small: it has {codebook.k} codewords but {args.ids} holds id "
+                            f"{int(ids.max())}")
+        from transformers import AutoTokenizer
+
+        from .models.unified import UnifiedModel
+
+        llm_dir = args.llm
+        tokenizer_dir = os.path.join(llm_dir, "llm") if os.path.isdir(os.path.join(llm_dir, "llm")) else llm_dir
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        dataset = TokenDataset(ids, captions, tokenizer)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = UnifiedModel.from_pretrained(llm_dir, codebook, device=device)
+        if model.codebook_size <= int(ids.max(initial=0)):
+            raise UserError(f"the model's C2 has {model.codebook_size} rows but {args.ids} holds id {int(ids.max())}")
+    except SystemExit as exit_:  # --help
+        return int(exit_.code or 0)
+    except (UserError, FileNotFoundError, IsADirectoryError, PermissionError, ValueError, OSError) as error:
+        print(f"{prog}: error: {error}".replace("\n", " "), file=sys.stderr)
+        return 2
+    train(model, dataset, stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+          seed=args.seed, log_every=args.log_every, out_dir=args.out)
+    if _world()[0] == 0:
+        tokenizer.save_pretrained(os.path.join(args.out, "llm"))
+        print(f"saved {args.out}")
+    return 0
