@@ -196,3 +196,22 @@ def test_cli_train_codebook_too_small_and_missing_file(assets, tmp_path, capsys)
                     "--captions", assets["captions"], "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and err.startswith("unicode2-fast train: error:")
+
+
+def test_torchrun_two_ranks_fsdp2_on_cpu(assets, tmp_path):
+    # two gloo ranks on the CPU: process-group set-up from torchrun's environment, FSDP2 sharding of
+    # the LLM, the text embedding looked up through the registered FSDP forward method, replicated
+    # (sparse) gradients averaged, and the save on rank 0
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "unicode2_fast", "train", "--llm", assets["llm"], "--codebook", assets["codebook"],
+           "--ids", assets["ids"], "--captions", assets["captions"], "--stage", "2", "--steps", "2",
+           "--batch-size", "2", "--out", str(out), "--log-every", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "step 2/2" in done.stdout
+    reloaded = UnifiedModel.from_pretrained(str(out))
+    assert reloaded.codebook_size == 40

@@ -10,7 +10,7 @@ Multi-GPU: run under ``torchrun --nproc_per_node N``. When torch.distributed is 
 world size > 1, each decoder layer of the LLM (and then the LLM) is sharded with FSDP2
 (``torch.distributed.fsdp.fully_shard``); the projector and C2 stay replicated and their
 gradients are averaged across ranks (C2's sparse gradient by gathering the touched rows); each
-rank reads its own slice of every shuffled epoch. This path is not exercised by the CPU tests.
+rank reads its own slice of every shuffled epoch. The CPU tests run it with two gloo ranks.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+import types
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -162,6 +163,23 @@ def _world() -> Tuple[int, int]:
     return 0, 1
 
 
+def _init_distributed_from_env() -> str:
+    """Join the process group torchrun describes (WORLD_SIZE > 1) and return this rank's device.
+
+    NCCL with one GPU per rank (LOCAL_RANK) on CUDA machines, gloo on the CPU; a plain run (no
+    torchrun) stays single-process.
+    """
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return f"cuda:{local_rank}" if cuda else "cpu"
+
+
 def _shard_llm(llm: torch.nn.Module) -> None:
     """FSDP2: shard each decoder layer, then the rest of the LLM."""
     try:
@@ -179,6 +197,12 @@ def _shard_llm(llm: torch.nn.Module) -> None:
     for layer in layers:
         fully_shard(layer)
     fully_shard(llm)
+    # The text embedding is looked up outside the LLM's forward (to build inputs_embeds): an FSDP
+    # forward method on the root gathers the embedding weight for that call.
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    llm.embed_text = types.MethodType(lambda self, input_ids: self.get_input_embeddings()(input_ids), llm)
+    register_fsdp_forward_method(llm, "embed_text")
 
 
 def _average_replicated_grads(params: Sequence[torch.nn.Parameter], world: int) -> None:
@@ -386,7 +410,7 @@ def cli_train(argv: Optional[Sequence[str]] = None) -> int:
         tokenizer_dir = os.path.join(llm_dir, "llm") if os.path.isdir(os.path.join(llm_dir, "llm")) else llm_dir
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         dataset = TokenDataset(ids, captions, tokenizer)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = _init_distributed_from_env()
         model = UnifiedModel.from_pretrained(llm_dir, codebook, device=device)
         if model.codebook_size <= int(ids.max(initial=0)):
             raise UserError(f"the model's C2 has {model.codebook_size} rows but {args.ids} holds id {int(ids.max())}")

@@ -93,7 +93,9 @@ class UnifiedModel(nn.Module):
                 f"visual_ids must be (B, P) and input_ids (B, T) with the same B, got "
                 f"{tuple(visual_ids.shape)} and {tuple(input_ids.shape)}"
             )
-        text = self.llm.get_input_embeddings()(input_ids)  # (B, T, h)
+        # embed_text: a sharded LLM's FSDP forward method (see train._shard_llm); else the table
+        embed = getattr(self.llm, "embed_text", None) or self.llm.get_input_embeddings()
+        text = embed(input_ids)  # (B, T, h)
         visual = self.visual_embeds(visual_ids).to(text.dtype)  # (B, P, h)
         batch, num_visual = visual_ids.shape
         out = {"inputs_embeds": torch.cat([visual, text], dim=1)}
