@@ -256,3 +256,12 @@ def gpu_peak_tflops(device_name: Optional[str], dtype: str) -> Optional[float]:
         if fragment in device_name:
             return fp32 if dtype == "float32" else tensor_core
     return None
+
+
+def save_figure(fig: Any, path: str, dpi: int = 120) -> None:
+    """Write a matplotlib figure as a PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)

@@ -226,9 +226,7 @@ def plot(rows: Sequence[Dict[str, Any]], stamp: Dict[str, Any], device: str, pat
         fontsize=9,
     )
     fig.tight_layout()
-    with _common.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -331,9 +331,7 @@ def plot(rows: Sequence[Dict[str, Any]], stamp: Dict[str, Any], path: str) -> No
     ax.legend(fontsize=8)
     ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()
-    with _common.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------

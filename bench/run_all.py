@@ -631,9 +631,7 @@ def plot_summary(results: Dict[str, List[Dict[str, Any]]], stamp: Dict[str, Any]
                  f"torch {stamp['torch']}, faiss {stamp['faiss']}, triton {stamp['triton']}, numpy {stamp['numpy']}, "
                  f"python {stamp['python']} | {stamp['date']}", fontsize=10)
     fig.tight_layout()
-    with _common.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------------------------
