@@ -265,3 +265,20 @@ def save_figure(fig: Any, path: str, dpi: int = 120) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
+
+
+def write_report(out_dir: str, name: str, rows: Sequence[Dict[str, Any]], table: str, stamp_line: str,
+                 title: str, notes: str, plot: Optional[Callable[[str], None]] = None) -> None:
+    """Print the table and stamp; write OUT/<name>.csv, OUT/<name>.md (title, table, stamp, notes)
+    and, when there are rows and a ``plot(path)``, OUT/<name>.png; say what was written."""
+    print(table)
+    print()
+    print(stamp_line)
+    os.makedirs(out_dir, exist_ok=True)
+    write_csv(rows, os.path.join(out_dir, f"{name}.csv"))
+    write_text(f"# {title}\n\n{table}\n\n{stamp_line}\n\n{notes}\n", os.path.join(out_dir, f"{name}.md"))
+    written = [f"{name}.csv", f"{name}.md"]
+    if rows and plot is not None:
+        plot(os.path.join(out_dir, f"{name}.png"))
+        written.append(f"{name}.png")
+    print(f"wrote {', '.join(os.path.join(out_dir, file) for file in written)}")

@@ -334,25 +334,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     progress.close()
 
     table = markdown_table(rows)
-    stamp_line = _common.stamp_text(stamp, ("torch", "triton", "numpy", "python"))
-    print(table)
-    print()
-    print(stamp_line)
-    os.makedirs(args.out, exist_ok=True)
-    _common.write_csv(rows, os.path.join(args.out, "cross_entropy.csv"))
-    _common.write_text(
-        f"# large-vocabulary cross-entropy, forward + backward (mean loss)\n\n{table}\n\n{stamp_line}\n\n"
+    _common.write_report(
+        args.out, "cross_entropy", rows, table, _common.stamp_text(stamp, ("torch", "triton", "numpy", "python")),
+        "large-vocabulary cross-entropy, forward + backward (mean loss)",
         "× torch: the naive baseline's median over this method's (> 1: faster). loss diff / grad rel err: "
         "against the baseline's loss and hidden gradient. naive N×K MiB: the fp32 logits the baseline "
         "materialises (autograd keeps them and their gradient). Both methods allocate the dense K×h "
-        "weight gradient.\n",
-        os.path.join(args.out, "cross_entropy.md"),
+        "weight gradient.",
+        lambda path: plot(rows, stamp, path),
     )
-    written = ["cross_entropy.csv", "cross_entropy.md"]
-    if rows:
-        plot(rows, stamp, os.path.join(args.out, "cross_entropy.png"))
-        written.append("cross_entropy.png")
-    print(f"wrote {', '.join(os.path.join(args.out, name) for name in written)}")
     return 0
 
 

@@ -288,25 +288,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     rows = result_rows(results, args.k, args.d, args.n, unique_ids, args.device, stamp)
     table = markdown_table(rows)
-    stamp_line = _common.stamp_text(stamp, ("torch", "triton", "numpy", "python"))
-    print(table)
-    print()
-    print(stamp_line)
-    os.makedirs(args.out, exist_ok=True)
-    _common.write_csv(rows, os.path.join(args.out, "embedding.csv"))
-    _common.write_text(
-        f"# C2 training step: gathered embedding + optimizer (K = {args.k:,}, d = {args.d}, N = {args.n:,}, "
-        f"Zipf s = {args.zipf:g}, fp32, {args.device})\n\n{table}\n\n{stamp_line}\n\n"
+    _common.write_report(
+        args.out, "embedding", rows, table, _common.stamp_text(stamp, ("torch", "triton", "numpy", "python")),
+        f"C2 training step: gathered embedding + optimizer (K = {args.k:,}, d = {args.d}, N = {args.n:,}, "
+        f"Zipf s = {args.zipf:g}, fp32, {args.device})",
         "× dense / × SparseAdam: the baseline's median step over this method's (> 1: faster). grad+state: "
         "bytes held by the table's gradient and the optimizer state after a step. first step: allocates the "
-        "optimizer state, excluded from the timings. max |Δ| vs dense: rows updated by step 1 against torch_dense.\n",
-        os.path.join(args.out, "embedding.md"),
+        "optimizer state, excluded from the timings. max |Δ| vs dense: rows updated by step 1 against torch_dense.",
+        lambda path: plot(rows, stamp, args.device, path),
     )
-    written = ["embedding.csv", "embedding.md"]
-    if rows:
-        plot(rows, stamp, args.device, os.path.join(args.out, "embedding.png"))
-        written.append("embedding.png")
-    print(f"wrote {', '.join(os.path.join(args.out, name) for name in written)}")
     return 0
 
 

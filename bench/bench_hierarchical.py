@@ -291,23 +291,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = run(args, stamp)
 
     table = markdown_table(rows)
-    stamp_line = _common.stamp_text(stamp)
-    print(table)
-    print()
-    print(stamp_line)
-    os.makedirs(args.out, exist_ok=True)
-    _common.write_csv(rows, os.path.join(args.out, "hierarchical.csv"))
-    _common.write_text(
-        f"# hierarchical search (K = {args.k:,}, d = {args.d}, N = {args.n:,}, n_coarse = {args.n_coarse}, fp32)\n\n"
-        f"{table}\n\n{stamp_line}\n\n"
+    _common.write_report(
+        args.out, "hierarchical", rows, table, _common.stamp_text(stamp),
+        f"hierarchical search (K = {args.k:,}, d = {args.d}, N = {args.n:,}, n_coarse = {args.n_coarse}, fp32)",
         "recall@1: ids equal to u2.nearest (exact). codes/query: codewords in the probed cells. "
         "× faiss_ivf: FAISS IndexIVFFlat on the same cells at the same nprobe, its median over this "
         "method's (> 1: faster); × u2_flat likewise against the flat exact scan. build s: one-time "
-        "preparation, excluded from the timings.\n",
-        os.path.join(args.out, "hierarchical.md"),
+        "preparation, excluded from the timings.",
+        lambda path: plot(rows, stamp, path),
     )
-    plot(rows, stamp, os.path.join(args.out, "hierarchical.png"))
-    print(f"wrote {', '.join(os.path.join(args.out, f'hierarchical.{ext}') for ext in ('csv', 'md', 'png'))}")
     return 0
 
 

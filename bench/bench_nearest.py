@@ -417,23 +417,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     progress.close()
 
     table = markdown_table(rows)
-    stamp_line = _common.stamp_text(stamp)
-    print(table)
-    print()
-    print(stamp_line)
-    os.makedirs(args.out, exist_ok=True)
-    _common.write_csv(rows, os.path.join(args.out, "nearest.csv"))
-    _common.write_text(
-        f"# exact nearest codeword (d = {args.d}, fp32 unless noted)\n\n{table}\n\n{stamp_line}\n\n"
+    _common.write_report(
+        args.out, "nearest", rows, table, _common.stamp_text(stamp),
+        f"exact nearest codeword (d = {args.d}, fp32 unless noted)",
         "× FAISS / × torch: the baseline's median over this method's (> 1: faster). ids = exact: "
-        "agreement with u2, which is exact. build s: one-time preparation, excluded from the timings.\n",
-        os.path.join(args.out, "nearest.md"),
+        "agreement with u2, which is exact. build s: one-time preparation, excluded from the timings.",
+        lambda path: plot(rows, stamp, path),
     )
-    written = ["nearest.csv", "nearest.md"]
-    if rows:
-        plot(rows, stamp, os.path.join(args.out, "nearest.png"))
-        written.append("nearest.png")
-    print(f"wrote {', '.join(os.path.join(args.out, name) for name in written)}")
     return 0
 
 
