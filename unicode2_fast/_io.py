@@ -32,3 +32,13 @@ def atomic_write(path: str, write: Callable[[str], None], mode: int = 0o644) -> 
             os.fsync(dir_fd)  # persist the rename itself
         finally:
             os.close(dir_fd)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` with :func:`atomic_write`."""
+
+    def write(tmp_path: str) -> None:
+        with open(tmp_path, "w", encoding="utf-8") as file:
+            file.write(text)
+
+    atomic_write(path, write)

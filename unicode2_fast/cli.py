@@ -26,6 +26,14 @@ class UserError(Exception):
     """A mistake in the command line or its inputs: reported as one line, exit status 2."""
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise UserError (one line, status 2) instead of printing the
+    usage and exiting, for the commands that parse their own options."""
+
+    def error(self, message: str):
+        raise UserError(message)
+
+
 def _cmd_kernels(args: argparse.Namespace) -> int:
     from .kernels.compile import compile_report, format_report
 

@@ -44,7 +44,6 @@ build.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import heapq
@@ -1045,15 +1044,6 @@ def _fine_stage(source, checkpoints: Optional[_Checkpoints], todo: List[int], co
 # command line
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and status 2 from cli_main, not argparse's exit
-        raise _UsageError(message)
-
-
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     """``unicode2-fast build-codebook FEATURES.npy --k K --out CODEBOOK.safetensors [...]``.
 
@@ -1064,8 +1054,10 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         0 on success; 2 after a user mistake (bad argument, missing or invalid features file,
         unwritable output), reported as one line on stderr.
     """
+    from .cli import OneLineErrorParser, UserError
+
     prog = "unicode2-fast build-codebook"
-    parser = _Parser(
+    parser = OneLineErrorParser(
         prog=prog,
         description="Build a codebook by two-stage k-means over a .npy file of (M, d) features "
                     "(memory-mapped: never loaded whole).",
@@ -1089,7 +1081,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
         out_dir = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(out_dir):
-            raise _UsageError(f"output directory does not exist: {out_dir}")
+            raise UserError(f"output directory does not exist: {out_dir}")
         started = time.perf_counter()
         codebook = build_codebook(
             args.features, args.k, args.n_coarse, niter=args.niter, seed=args.seed,
@@ -1099,7 +1091,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         codebook.save(args.out)
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
-    except (_UsageError, FileNotFoundError, IsADirectoryError, PermissionError, ValueError, TypeError) as error:
+    except (UserError, FileNotFoundError, IsADirectoryError, PermissionError, ValueError, TypeError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: {codebook.k} codewords of dim {codebook.dim} in {codebook.meta['n_coarse']} "

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_finite, check_float, check_matrix, flatten_queries, to_tensor
-from ._io import atomic_write
+from ._io import atomic_write, atomic_write_text
 from .codebook import Codebook
 from .embedding import gathered_embedding
 from .search import METRICS, _check_no_zero_rows, nearest
@@ -288,12 +288,7 @@ class CascadedQuantizer(nn.Module):
             lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": _FORMAT}),
         )
         text = json.dumps(self.config.to_dict(), indent=2) + "\n"
-
-        def write_config(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as file:
-                file.write(text)
-
-        atomic_write(os.path.join(save_directory, CONFIG_NAME), write_config)
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), text)
 
     @classmethod
     def from_pretrained(

@@ -14,7 +14,6 @@ rank reads its own slice of every shuffled epoch. The CPU tests run it with two 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -353,15 +352,11 @@ def cli_train(argv: Optional[Sequence[str]] = None) -> int:
         0 on success; 2 after a user mistake (missing file, ids/captions row-count mismatch,
         codebook smaller than the largest id, bad arguments), reported as one line on stderr.
     """
-    from .cli import UserError
+    from .cli import OneLineErrorParser, UserError
     from .codebook import Codebook
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str):  # one line and status 2, not argparse's usage + exit
-            raise UserError(message)
-
     prog = "unicode2-fast train"
-    parser = Parser(
+    parser = OneLineErrorParser(
         prog=prog,
         description="Understanding training (L_UND): visual ids -> C2 -> projector -> Qwen2 LLM. "
                     "Stage 1 trains the projector, stage 2 everything. Multi-GPU: run under torchrun.",

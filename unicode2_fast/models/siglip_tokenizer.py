@@ -6,7 +6,6 @@ The vision tower is ``transformers.SiglipVisionModel`` as is (no CLS token: ever
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -15,7 +14,7 @@ from typing import Any, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .._io import atomic_write
+from .._io import atomic_write, atomic_write_text
 from ..codebook import Codebook
 from ..search import METRICS, nearest
 
@@ -217,14 +216,10 @@ def cli_tokenize(argv: Optional[Sequence[str]] = None) -> int:
         0 on success; 2 after a user mistake (missing folder, model or codebook, no images, codebook
         dim mismatch, unreadable image), reported as one line on stderr.
     """
-    from ..cli import UserError
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str):  # one line and status 2, not argparse's usage + exit
-            raise UserError(message)
+    from ..cli import OneLineErrorParser, UserError
 
     prog = "unicode2-fast tokenize"
-    parser = Parser(
+    parser = OneLineErrorParser(
         prog=prog,
         description="Visual token ids of every image in a folder: SigLIP patch features, then the "
                     "nearest codeword of each patch.",
@@ -268,12 +263,8 @@ def cli_tokenize(argv: Optional[Sequence[str]] = None) -> int:
         with open(tmp_path, "wb") as file:  # a file object: np.save(path) would append ".npy"
             np.save(file, ids)
 
-    def write_names(tmp_path: str) -> None:
-        with open(tmp_path, "w", encoding="utf-8") as file:
-            json.dump(names, file, indent=1)
-
     names_path = os.path.splitext(args.out)[0] + ".json"
     atomic_write(args.out, write_ids)
-    atomic_write(names_path, write_names)
+    atomic_write_text(names_path, json.dumps(names, indent=1))
     print(f"wrote {args.out}: {ids.shape[0]} images x {ids.shape[1]} tokens, names in {names_path}")
     return 0

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .._io import atomic_write
+from .._io import atomic_write, atomic_write_text
 from ..codebook import Codebook
 from ..embedding import gathered_embedding
 
@@ -154,12 +154,7 @@ class UnifiedModel(nn.Module):
             "llm": LLM_SUBDIR if save_llm else None,
         }
         text = json.dumps(config, indent=2) + "\n"
-
-        def write_config(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as file:
-                file.write(text)
-
-        atomic_write(os.path.join(directory, CONFIG_NAME), write_config)
+        atomic_write_text(os.path.join(directory, CONFIG_NAME), text)
 
     @classmethod
     def from_pretrained(
