@@ -20,22 +20,38 @@ becomes a constexpr, a multiple of 16 gets ``tt.divisibility = 16``. Pointers al
 ``tt.divisibility = 16``, as torch allocations do at launch. Without ``runtime_values`` a
 unit stride is compiled as a general stride, which is not the code a contiguous launch runs.
 
+Every compile runs in a fresh Python subprocess with ``TRITON_INTERPRET`` unset: the interpreter
+patches ``triton.language`` in place while it runs a kernel (and some Triton versions never undo
+it), so a real compile in a process that interpreted a kernel before breaks with errors such as
+"'value' object has no attribute 'data'". The subprocess also turns a compiler abort (an LLVM
+error for an unsupported arch) into a Python exception instead of killing the caller.
+
 Nothing is cached here beyond Triton's own cache; temporary cubins are removed.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
+import importlib.util
 import inspect
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-#: kernel modules of this package that expose ``aot_specs()``; those not written yet are skipped
-KERNEL_MODULES = ["nearest", "hierarchical", "embedding_backward", "sparse_adamw", "cross_entropy"]
+#: kernel modules of this package that expose ``aot_specs()``; every one must exist
+KERNEL_MODULES = ["nearest", "hierarchical", "embedding", "sparse_adamw", "cross_entropy"]
+#: where the package's specs come from: ``module:function`` returning aot spec dicts
+PACKAGE_SPECS = f"{__name__}:kernel_specs"
+#: CUDA compute capabilities Triton's NVIDIA backend compiles for (sm_75 Turing .. sm_121)
+MIN_ARCH, MAX_ARCH = 75, 121
+#: exception types a worker's failure is raised as in the caller (others become RuntimeError)
+_WORKER_ERRORS = {error.__name__: error for error in (RuntimeError, ValueError, FileNotFoundError, ModuleNotFoundError)}
 
 _REQUIRED_SPEC_KEYS = (
     "name", "dtype", "fn", "signature", "constexprs", "num_warps", "num_stages", "expect_wgmma",
@@ -66,21 +82,24 @@ def nvidia_tool(name: str) -> Path:
 
 
 def kernel_specs(kernels: Optional[Iterable[str]] = None) -> List[dict]:
-    """Every ``aot_specs()`` entry of the kernel modules that exist, optionally filtered by name.
+    """Every ``aot_specs()`` entry of the package's kernel modules, optionally filtered by name.
 
     Raises:
+        ModuleNotFoundError: a module of KERNEL_MODULES is missing (a deleted kernel fails loudly).
         ValueError: a requested kernel name is not listed by any module.
     """
     specs = []
     for module_name in KERNEL_MODULES:
-        full_name = f"{__package__}.{module_name}"
-        try:
-            module = importlib.import_module(full_name)
-        except ModuleNotFoundError as error:
-            if error.name == full_name:
-                continue  # not written yet; a missing import inside an existing module still raises
-            raise
-        specs.extend(module.aot_specs())
+        specs.extend(importlib.import_module(f"{__package__}.{module_name}").aot_specs())
+    return select_specs(specs, kernels)
+
+
+def select_specs(specs: List[dict], kernels: Optional[Iterable[str]] = None) -> List[dict]:
+    """The specs whose name is in ``kernels`` (all when None).
+
+    Raises:
+        ValueError: a requested kernel name is not among the specs.
+    """
     if kernels is None:
         return specs
     wanted = set(kernels)
@@ -225,9 +244,79 @@ def compile_report(arch: int = 90, kernels: Optional[Iterable[str]] = None) -> L
 
     Raises:
         RuntimeError naming the kernel and dtype that failed to compile; FileNotFoundError when
-        Triton's bundled CUDA tools are missing; ValueError for an unknown kernel name.
+        Triton's bundled CUDA tools are missing; ValueError for an unknown kernel name or an arch
+        outside MIN_ARCH..MAX_ARCH; ModuleNotFoundError when a kernel module is missing.
     """
-    return [compile_spec(spec, arch) for spec in kernel_specs(kernels)]
+    return compile_isolated(PACKAGE_SPECS, arch, kernels)
+
+
+def compile_isolated(source: str, arch: int = 90, kernels: Optional[Iterable[str]] = None) -> List[dict]:
+    """``compile_spec`` for every spec of ``source``, in a clean subprocess (see the module doc).
+
+    Args:
+        source: ``"module:function"`` or ``"path/to/file.py:function"``; the function returns a
+            list of aot spec dicts (``kernel_specs``-style; it is called with no arguments).
+        arch, kernels: as for :func:`compile_report`.
+
+    Returns and raises: as :func:`compile_report`; a worker that dies (a compiler abort) raises
+    RuntimeError with the tail of its stderr.
+    """
+    if isinstance(arch, bool) or not isinstance(arch, int) or not MIN_ARCH <= arch <= MAX_ARCH:
+        raise ValueError(
+            f"arch must be a CUDA compute capability between {MIN_ARCH} and {MAX_ARCH} (e.g. 90 for H100), got {arch!r}"
+        )
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    # the caller's import path, so the worker finds the same package and spec modules
+    env["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
+    with tempfile.TemporaryDirectory(prefix="unicode2_fast_aot_") as tmp:
+        result_path = Path(tmp) / "rows.json"
+        command = [sys.executable, "-m", __name__, "--worker", source, "--arch", str(arch), "--result", str(result_path)]
+        if kernels is not None:
+            command += ["--only", *kernels]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if not result_path.is_file():
+            tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+            raise RuntimeError(f"AOT compile for sm_{arch} crashed (exit status {done.returncode}): {tail}")
+        result = json.loads(result_path.read_text())
+    if "error" in result:
+        error = result["error"]
+        raise _WORKER_ERRORS.get(error["type"], RuntimeError)(error["message"])
+    return result["rows"]
+
+
+def _load_specs(source: str) -> List[dict]:
+    """Call the ``module:function`` or ``file.py:function`` that ``source`` names."""
+    where, _, function = source.rpartition(":")
+    if not where or not function:
+        raise ValueError(f"spec source must be 'module:function' or 'file.py:function', got {source!r}")
+    if where.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+        if spec is None or not Path(where).is_file():
+            raise FileNotFoundError(f"spec file {where} not found")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    return getattr(module, function)()
+
+
+def _worker(argv: Optional[List[str]] = None) -> None:
+    """The subprocess side of :func:`compile_isolated`: writes {"rows": [...]} or {"error": ...}."""
+    parser = argparse.ArgumentParser(prog=f"python -m {__name__}")
+    parser.add_argument("--worker", required=True)
+    parser.add_argument("--arch", type=int, required=True)
+    parser.add_argument("--result", required=True)
+    parser.add_argument("--only", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        specs = select_specs(_load_specs(args.worker), args.only)
+        result = {"rows": [compile_spec(spec, args.arch) for spec in specs]}
+    except Exception as error:
+        result = {"error": {"type": type(error).__name__, "message": str(error)}}
+    tmp_path = f"{args.result}.tmp"
+    with open(tmp_path, "w", encoding="utf-8") as file:
+        json.dump(result, file)
+    os.replace(tmp_path, args.result)
 
 
 def format_report(rows: List[dict]) -> str:
@@ -243,3 +332,7 @@ def format_report(rows: List[dict]) -> str:
     widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
                      for cells in [header, *lines])
+
+
+if __name__ == "__main__":
+    _worker()

@@ -1,17 +1,27 @@
 """Ahead-of-time compile report: every kernel builds for sm_90 with no GPU, tensor cores where
 expected, no register spills. Needs only the ptxas / cuobjdump that the triton wheel bundles."""
+import os
 import re
+from pathlib import Path
 
 import pytest
-import triton
-import triton.language as tl
 
-try:
-    from unicode2_fast.kernels import compile as aot
-except ImportError:  # package not installed: kernels/ imported from the repository root
-    from kernels import compile as aot
+from unicode2_fast.kernels import compile as aot
 
 ARCH = 90
+PROBES = str(Path(__file__).with_name("aot_probes.py"))
+#: every (kernel, dtype) variant the package ships: deleting a kernel or a dtype fails here
+EXPECTED_VARIANTS = {
+    ("nearest", "bf16"), ("nearest", "fp16"), ("nearest", "fp32"),
+    ("hierarchical", "bf16"), ("hierarchical", "fp32"),
+    ("embedding_backward", "bf16"), ("embedding_backward", "fp16"), ("embedding_backward", "fp32"),
+    ("sparse_adamw", "bf16"), ("sparse_adamw", "fp32"),
+    ("cross_entropy", "bf16"), ("cross_entropy", "fp16"), ("cross_entropy", "fp32"),
+}
+
+
+def _probe(name):
+    return f"{PROBES}:{name}_specs"
 
 
 @pytest.fixture(scope="module")
@@ -24,31 +34,8 @@ def report():
     return {(row["name"], row["dtype"]): row for row in rows}
 
 
-@triton.jit
-def _spilling_softmax(x_ptr, out_ptr, BLOCK: tl.constexpr):
-    # one warp holding BLOCK fp32 values live across two reductions: far past 255 registers
-    offs = tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + offs)
-    e = tl.exp(x - tl.max(x, axis=0))
-    tl.store(out_ptr + offs, e / tl.sum(e, axis=0))
-
-
-@triton.jit
-def _strided_copy(x_ptr, out_ptr, n, stride, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    tl.store(out_ptr + offs, tl.load(x_ptr + offs * stride, mask=mask), mask=mask)
-
-
-@triton.jit
-def _broken_kernel(x_ptr, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    tl.store(x_ptr + offs, tl.load(x_ptr + offs) + tl.arange(0, 2 * BLOCK))  # shapes do not broadcast
-
-
-def _spec(fn, signature, constexprs, dtype="fp32", num_warps=1, **extra):
-    return dict(name=fn.__name__, dtype=dtype, fn=fn, signature=signature, constexprs=constexprs,
-                num_warps=num_warps, num_stages=1, expect_wgmma=False, **extra)
+def test_report_covers_every_kernel_and_dtype(report):
+    assert set(report) == EXPECTED_VARIANTS
 
 
 def test_nearest_is_built_for_every_dtype(report):
@@ -95,18 +82,13 @@ def test_format_report_lists_every_row(report):
 
 def test_spills_are_detected(report):
     # the zero-spill check above is only worth something if a spilling kernel reads non-zero
-    spec = _spec(_spilling_softmax, {"x_ptr": "*fp32", "out_ptr": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 16384})
-    row = aot.compile_spec(spec, ARCH)
+    (row,) = aot.compile_isolated(_probe("spilling"), ARCH)
     assert row["spill_bytes"] > 0 and row["stack_bytes"] > 0
     assert row["regs"] <= 255 and not row["uses_wgmma"]
 
 
 def test_runtime_values_specialize_like_the_jit(report):
-    signature = {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "stride": "i64", "BLOCK": "constexpr"}
-    general = aot.compile_spec(_spec(_strided_copy, signature, {"BLOCK": 1024}, num_warps=4), ARCH)
-    unit = aot.compile_spec(
-        _spec(_strided_copy, signature, {"BLOCK": 1024}, num_warps=4, runtime_values={"stride": 1, "n": 4096}), ARCH
-    )
+    general, unit = aot.compile_isolated(_probe("strided"), ARCH)
     # stride == 1 becomes a constexpr (one parameter fewer) and n % 16 == 0 lets loads vectorize
     n_params = [len(re.findall(r"\.param \.\w+ \w+_param_\d+", row["ptx"])) for row in (general, unit)]
     assert n_params[1] == n_params[0] - 1
@@ -114,21 +96,41 @@ def test_runtime_values_specialize_like_the_jit(report):
 
 
 def test_bad_runtime_value_is_rejected():
-    signature = {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "stride": "i64", "BLOCK": "constexpr"}
     with pytest.raises(ValueError, match="runtime_values"):
-        aot.compile_spec(_spec(_strided_copy, signature, {"BLOCK": 64}, runtime_values={"x_ptr": 1}), ARCH)
+        aot.compile_isolated(_probe("bad_runtime_value"), ARCH)
 
 
 def test_compile_failure_names_kernel_and_dtype(report):
-    spec = _spec(_broken_kernel, {"x_ptr": "*fp16", "BLOCK": "constexpr"}, {"BLOCK": 32}, dtype="fp16")
     with pytest.raises(RuntimeError, match=r"'_broken_kernel' \(fp16\)"):
-        aot.compile_spec(spec, ARCH)
+        aot.compile_isolated(_probe("broken"), ARCH)
 
 
-def test_kernel_filter(report):
-    assert {row["name"] for row in aot.compile_report(arch=ARCH, kernels=["nearest"])} == {"nearest"}
+def test_kernel_filter_after_interpreting_a_kernel(report):
+    # a real compile in a process that just ran a kernel in Triton's interpreter failed with
+    # "'value' object has no attribute 'data'" before the compile moved to a clean subprocess
+    import torch
+
+    import unicode2_fast as u2
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        u2.nearest(torch.randn(5, 16), torch.randn(7, 16), backend="triton")
+    rows = aot.compile_report(arch=ARCH, kernels=["nearest"])
+    assert {row["name"] for row in rows} == {"nearest"}
+    assert next(row for row in rows if row["dtype"] == "bf16")["uses_wgmma"]
     with pytest.raises(ValueError, match="unknown kernel"):
         aot.compile_report(arch=ARCH, kernels=["no_such_kernel"])
+
+
+@pytest.mark.parametrize("arch", [7, -5, 0, 1000, "90", True])
+def test_bad_arch_is_a_clear_error(arch):
+    with pytest.raises(ValueError, match="compute capability"):
+        aot.compile_report(arch=arch)
+
+
+def test_missing_kernel_module_raises(monkeypatch):
+    monkeypatch.setattr(aot, "KERNEL_MODULES", [*aot.KERNEL_MODULES, "no_such_kernel_module"])
+    with pytest.raises(ModuleNotFoundError, match="no_such_kernel_module"):
+        aot.kernel_specs()
 
 
 def test_import_error_inside_a_kernel_module_is_not_skipped(monkeypatch):

@@ -8,7 +8,7 @@ import torch
 
 import unicode2_fast as u2
 from unicode2_fast import embedding as embedding_module
-from unicode2_fast.kernels import embedding_backward as kernel
+from unicode2_fast.kernels import embedding as kernel
 
 interpret = os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(

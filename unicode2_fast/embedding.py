@@ -8,7 +8,7 @@ and one summed row each -- computed deterministically, and ``u2.SparseRowAdamW``
 those rows.
 
 Backends for the backward (chosen at the forward call):
-    "triton"  sorted segment-reduce kernel (kernels/embedding_backward.py): CUDA tensors, or CPU
+    "triton"  sorted segment-reduce kernel (kernels/embedding.py): CUDA tensors, or CPU
               tensors under TRITON_INTERPRET=1 (tests);
     "torch"   ``torch.unique`` + ``index_add_`` into fp32 rows: deterministic on the CPU;
     "auto"    Triton for CUDA tensors in fp32/fp16/bf16, torch otherwise.
@@ -109,7 +109,7 @@ class _GatheredEmbedding(torch.autograd.Function):
         (ids,) = ctx.saved_tensors
         grad_rows = grad_out.to(ctx.weight_dtype)
         if ctx.backend == "triton":
-            from .kernels import embedding_backward as kernel  # first use: importing the package compiles nothing
+            from .kernels import embedding as kernel  # first use: importing the package compiles nothing
 
             unique_ids, values = kernel.embedding_backward_triton(grad_rows, ids)
         else:
