@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  (bench/ is not a package)
 
 import unicode2_fast as u2  # noqa: E402
-from unicode2_fast import losses  # noqa: E402
+from unicode2_fast import cross_entropy  # noqa: E402
 
 CPU_METHODS = ("u2", "torch")
 GPU_METHODS = ("u2_triton_bf16", "u2_cce_bf16", "torch_bf16")
@@ -136,7 +136,7 @@ def run_method(method: Method, hidden, weight, targets, cfg: Config) -> Measurem
             lambda: _step(loss_fn, hidden, weight, targets), cfg.repeats, cfg.warmup,
             torch.cuda.synchronize if cuda else None,
         )
-    chunk = losses.default_chunk_size(hidden.shape[0], weight.shape[0])
+    chunk = cross_entropy.default_chunk_size(hidden.shape[0], weight.shape[0])
     notes = {
         "auto": [f"chunked over {chunk} classes at a time"],
         "triton": [f"fused forward kernel; backward chunked over {chunk} classes"],

@@ -8,7 +8,7 @@ The per-op scripts run in this order, each with the same thread count and output
                     graph baseline (timed here, on the same codebook and queries) (bench_hierarchical.py)
     embedding       one C2 training step: row-sparse embedding + optimizer vs torch   (bench_embedding.py)
     cross_entropy   large-vocabulary CE forward + backward vs plain torch             (bench_cross_entropy.py)
-    build           codebook build: two-stage u2.build_codebook vs faiss.Kmeans       (bench_build.py)
+    kmeans          codebook build: two-stage u2.build_codebook vs faiss.Kmeans       (bench_kmeans.py)
 
 Sizes: ``--full`` (the default) runs each script at its default sizes (K = 500K for the search,
 embedding and CE benchmarks); ``--quick`` runs small sizes chosen to finish in about 1.5 minutes on
@@ -21,7 +21,7 @@ trains on the first rows and measures held-out MSE on the next ones. ``--codeboo
 (a u2.Codebook .safetensors): all its codewords are the codebook of nearest and hierarchical;
 the queries are then the first N rows of --features, or without it codewords drawn at random
 plus Gaussian noise (0.25 x the codebook's per-coordinate std); a large codebook makes even
---quick slow. An op that takes neither (embedding, cross_entropy; build takes no --codebook) runs
+--quick slow. An op that takes neither (embedding, cross_entropy; kmeans takes no --codebook) runs
 on its synthetic data and says so. The per-op scripts are run unchanged: their one
 ``siglip_like`` call is answered with the user's arrays (see ``serving``).
 
@@ -59,9 +59,9 @@ import _common  # noqa: E402  (bench/ is not a package)
 import unicode2_fast as u2  # noqa: E402
 from unicode2_fast.data import SyntheticCodebookData  # noqa: E402
 
-OPS = ("nearest", "hierarchical", "embedding", "cross_entropy", "build")
+OPS = ("nearest", "hierarchical", "embedding", "cross_entropy", "kmeans")
 #: the ops whose data can come from --features / --codebook
-FEATURE_OPS = ("nearest", "hierarchical", "build")
+FEATURE_OPS = ("nearest", "hierarchical", "kmeans")
 CODEBOOK_OPS = ("nearest", "hierarchical")
 
 #: per-op arguments of --quick: about 1.5 minutes in all on 2 cores (hierarchical's HNSW build of
@@ -71,7 +71,7 @@ QUICK_ARGS: Dict[str, List[str]] = {
     "hierarchical": ["--quick", "--n", "729", "--repeats", "2"],  # K = 50K, n_coarse = 100
     "embedding": ["--quick"],                                 # K = 50K, N = 2916
     "cross_entropy": ["--quick", "--n", "256"],               # K = 50K, N = 256, h = 1024
-    "build": ["--k", "1000", "--n-train", "32000", "--n-test", "4000", "--niter", "10"],
+    "kmeans": ["--k", "1000", "--n-train", "32000", "--n-test", "4000", "--niter", "10"],
 }
 SIZE_ARGS: Dict[str, Dict[str, List[str]]] = {
     "full": {op: [] for op in OPS},
@@ -259,10 +259,10 @@ def hnsw_rows(codebook: torch.Tensor, queries: torch.Tensor, repeats: int, warmu
 
 
 def _cpu_methods(op: str, module: Any) -> List[str]:
-    """The CPU methods of nearest, hierarchical, cross_entropy or build (embedding takes --device)."""
+    """The CPU methods of nearest, hierarchical, cross_entropy or kmeans (embedding takes --device)."""
     if op == "hierarchical":
         return [m for m in module.ALL_METHODS if m not in module.GPU_METHODS]
-    if op == "build":
+    if op == "kmeans":
         return [m for m in module.METHODS if not m.endswith(("cuda", "gpu"))]
     return list(module.CPU_METHODS)
 
@@ -279,7 +279,7 @@ def _common_argv(op: str, module: Any, args: argparse.Namespace) -> List[str]:
 def _user_argv(op: str, module: Any, mode_argv: List[str], user: UserData, seed: int):
     """(argv, queries, codebook or None, description) that run ``op`` at its mode's settings on the user's data."""
     base = module.parse_args(mode_argv)
-    if op == "build":
+    if op == "kmeans":
         rows, n_train, n_test, k, source = user.build_data(base.n_train, base.n_test, base.k)
         argv = ["--k", str(k), "--n-train", str(n_train), "--n-test", str(n_test), "--d", str(rows.shape[1]),
                 "--niter", str(base.niter)]
@@ -428,7 +428,7 @@ def normalise(op: str, rows: List[Dict[str, Any]],
                             details=_details(("naive N×K MiB", r["naive_nk_bytes"] / _common.MIB, ",.1f"),
                                              ("loss diff", r["loss_abs_diff_vs_torch"], ".2g"),
                                              ("grad rel err", r["grad_rel_err_vs_torch"], ".2g"))))
-    elif op == "build":
+    elif op == "kmeans":
         for r in rows:
             out.append(_row(op, r, setting=f"niter={r['niter']}",
                             shape=f"k={r['k']} n_train={r['n_train']} d={r['d']}", K=r["k"], N=r["n_train"],
@@ -489,7 +489,7 @@ TITLES = {
     "hierarchical": "Hierarchical search (u2 vs FAISS IVFFlat on the same cells, FAISS HNSW, exact)",
     "embedding": "C2 training step (row-sparse embedding + optimizer vs torch)",
     "cross_entropy": "Large-vocabulary cross-entropy, forward + backward (vs plain torch)",
-    "build": "Codebook build (two-stage u2.build_codebook vs faiss.Kmeans)",
+    "kmeans": "Codebook build (two-stage u2.build_codebook vs faiss.Kmeans)",
 }
 NOTES = {
     "nearest": "recall@1: ids equal to the exact (float64) nearest codeword. × baseline: FAISS's median time "
@@ -501,7 +501,7 @@ NOTES = {
                  "torch_dense (nn.Embedding + AdamW) median over the method's.",
     "cross_entropy": "Peak extra memory is the process RSS growth; the naive logits size is in results.csv "
                      "(details). × baseline: naive torch.",
-    "build": "Median = one build's seconds. GFLOP/s from each method's own multiply-add count. Quality "
+    "kmeans": "Median = one build's seconds. GFLOP/s from each method's own multiply-add count. Quality "
              "(held-out MSE, MSE / FAISS, utilisation) in results.csv (details).",
 }
 
@@ -649,7 +649,7 @@ outputs: OUT/results.csv, results.md, results.png, and each op's <op>.csv/.md/.p
 def build_parser(prog: str = "run_all.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Run every benchmark (nearest, hierarchical, embedding, cross_entropy, build) in one process\n"
+        description="Run every benchmark (nearest, hierarchical, embedding, cross_entropy, kmeans) in one process\n"
                     "and write each op's CSV/Markdown/PNG plus results.csv, results.md and results.png.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -666,7 +666,7 @@ def build_parser(prog: str = "run_all.py") -> argparse.ArgumentParser:
                         help=f"run only these ops (of {', '.join(OPS)}); they run in that order")
     parser.add_argument("--features", metavar="FILE.npy",
                         help="your (M, d) patch features: the first K rows are the codebook and the next N the "
-                             "queries of nearest/hierarchical; build trains on them")
+                             "queries of nearest/hierarchical; kmeans trains on them")
     parser.add_argument("--codebook", metavar="FILE",
                         help="a u2.Codebook .safetensors: the codebook of nearest/hierarchical")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),

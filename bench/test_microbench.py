@@ -23,7 +23,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_build  # noqa: E402  (bench/ is not a package)
+import bench_kmeans  # noqa: E402  (bench/ is not a package)
 import bench_cross_entropy  # noqa: E402
 import bench_embedding  # noqa: E402
 import bench_hierarchical  # noqa: E402
@@ -227,15 +227,15 @@ def test_cross_entropy(benchmark, sizes, cross_entropy_case, method):
 @pytest.fixture(scope="module")
 def build_case(sizes):
     n_test = 2000
-    args = bench_build.parse_args([
+    args = bench_kmeans.parse_args([
         "--k", str(sizes.build_k), "--n-train", str(sizes.build_n), "--n-test", str(n_test),
         "--d", str(sizes.build_d), "--niter", str(sizes.build_niter), "--seed", str(SEED),
     ])
-    # twice as many true fine clusters as codewords, as in bench_build: no codebook fits exactly
+    # twice as many true fine clusters as codewords, as in bench_kmeans: no codebook fits exactly
     data = siglip_like(2 * args.k, args.n_train + n_test, args.d, seed=SEED).queries
     train, held_out = data[:args.n_train].contiguous(), data[args.n_train:].contiguous()
     case = SimpleNamespace(args=args, train=train, held_out=held_out)
-    case.faiss_mse = heldout_mse(bench_build.run_faiss(train, args), case)
+    case.faiss_mse = heldout_mse(bench_kmeans.run_faiss(train, args), case)
     return case
 
 
@@ -250,7 +250,7 @@ def heldout_mse(centroids: torch.Tensor, case) -> float:
 def test_build(benchmark, sizes, build_case, method):
     case = build_case
     describe(benchmark, sizes.build_k, sizes.build_n, sizes.build_d, niter=sizes.build_niter)
-    run = bench_build.run_u2 if method == "u2" else bench_build.run_faiss
+    run = bench_kmeans.run_u2 if method == "u2" else bench_kmeans.run_faiss
     centroids = benchmark(run, case.train, case.args)
     assert centroids.shape == (sizes.build_k, sizes.build_d)
     mse = heldout_mse(centroids, case)

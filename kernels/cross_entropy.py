@@ -11,7 +11,7 @@ The N x K logit matrix is never written: at N = 2916, K = 500,000 that is 5.8 GB
 (n_splits, N) fp32 partials, merged by a tiny log-sum-exp reduction (``combine_splits``).
 
 Splitting the vocabulary keeps the GPU full when N is small (one image is 729 rows: 6 row tiles
-of 128 for 132 SMs). The backward pass is not a kernel: ``unicode2_fast.losses`` recomputes the
+of 128 for 132 SMs). The backward pass is not a kernel: ``unicode2_fast.cross_entropy`` recomputes the
 logits chunk by chunk with torch GEMMs from the saved per-row log-sum-exp (see there).
 
 All row offsets are int64: the classifier holds K x h = 1.8G elements at K = 500K, h = 3584, and

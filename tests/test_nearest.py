@@ -1,4 +1,5 @@
 """u2.nearest on every backend against a float64 reference: odd shapes, dtypes, ties, bad input."""
+import importlib
 import os
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 import unicode2_fast as u2
-from unicode2_fast import _cpu_search
+from unicode2_fast import _nearest_cpu
 from unicode2_fast.kernels import nearest as nearest_kernel
 
 from reference import assert_nearest_ok, objective64
@@ -44,10 +45,10 @@ def _torch_same_precision_error(x, codebook, metric, ids):
 @pytest.mark.parametrize("n,k,d", SHAPES)
 @pytest.mark.parametrize("filter_kind", ["fp64", "fp32", "int8"])
 def test_cpu_path_is_exact(n, k, d, metric, filter_kind):
-    if filter_kind == "int8" and d < _cpu_search.MIN_INT8_DIM:
+    if filter_kind == "int8" and d < _nearest_cpu.MIN_INT8_DIM:
         pytest.skip("int8 filter is used only from MIN_INT8_DIM")
     x, c = _data(n, k, d)
-    ids, dists = _cpu_search.nearest_cpu(x, c, metric, filter_kind)
+    ids, dists = _nearest_cpu.nearest_cpu(x, c, metric, filter_kind)
     assert_nearest_ok(ids, dists, x, c, metric, exact=True, rel_tol=2e-7)
 
 
@@ -60,28 +61,28 @@ def test_cpu_filter_exact_on_near_ties(filter_kind):
     c = centers.repeat_interleave(400, dim=0) + 1e-3 * torch.randn(3200, 96, generator=g)
     x = centers[torch.arange(40) % 8] + 1e-3 * torch.randn(40, 96, generator=g)
     for metric in METRICS:
-        ids, dists = _cpu_search.nearest_cpu(x, c, metric, filter_kind)
+        ids, dists = _nearest_cpu.nearest_cpu(x, c, metric, filter_kind)
         assert_nearest_ok(ids, dists, x, c, metric, exact=True, rel_tol=2e-7)
 
 
 def test_cpu_degenerate_codebook_falls_back_exactly(monkeypatch):
     # Every codeword equidistant: candidates exceed the cap and the streaming scan takes over.
-    monkeypatch.setattr(_cpu_search, "CANDIDATE_CAP", 16)
+    monkeypatch.setattr(_nearest_cpu, "CANDIDATE_CAP", 16)
     c = torch.ones(3000, 32)
     c[2500] = 0.5
     x = torch.cat([torch.ones(2, 32), torch.full((1, 32), 0.5)])
-    ids, dists = _cpu_search.nearest_cpu(x, c, "l2", "int8")
+    ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", "int8")
     assert ids.tolist() == [0, 0, 2500]
     assert dists.tolist() == [0.0, 0.0, 0.0]
 
 
 def test_cpu_query_chunks_and_blocks(monkeypatch):
-    monkeypatch.setattr(_cpu_search, "QUERY_CHUNK", 16)
-    monkeypatch.setattr(_cpu_search, "CODE_BLOCK", 64)
-    monkeypatch.setattr(_cpu_search, "RERANK_CHUNK", 8)
+    monkeypatch.setattr(_nearest_cpu, "QUERY_CHUNK", 16)
+    monkeypatch.setattr(_nearest_cpu, "CODE_BLOCK", 64)
+    monkeypatch.setattr(_nearest_cpu, "RERANK_CHUNK", 8)
     x, c = _data(50, 1000, 40, seed=3)
     for kind in ["int8", "fp32", "fp64"]:
-        ids, dists = _cpu_search.nearest_cpu(x, c, "l2", kind)
+        ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", kind)
         assert_nearest_ok(ids, dists, x, c, "l2", exact=True, rel_tol=2e-7)
 
 
@@ -279,7 +280,7 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
 
 
 def test_non_contiguous_codebook_copy_is_cached():
-    from unicode2_fast import search
+    search = importlib.import_module("unicode2_fast.nearest")  # the package attribute is the function
 
     x, c = _data(5, 300, 32)
     ct = c.t().contiguous().t()

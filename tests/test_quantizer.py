@@ -23,11 +23,11 @@ def _randn(*shape, seed=0, dtype=torch.float32):
 
 
 def _sparse_optimizer(params, lr):
-    """u2.SparseRowAdamW where unicode2_fast.optim exists, else torch's own row-sparse Adam."""
+    """u2.SparseRowAdamW where unicode2_fast.sparse_adamw exists, else torch's own row-sparse Adam."""
     try:
-        from unicode2_fast.optim import SparseRowAdamW
+        from unicode2_fast.sparse_adamw import SparseRowAdamW
     except ModuleNotFoundError as exc:
-        if exc.name != "unicode2_fast.optim":
+        if exc.name != "unicode2_fast.sparse_adamw":
             raise
         return torch.optim.SparseAdam(params, lr=lr)
     return SparseRowAdamW(params, lr=lr)

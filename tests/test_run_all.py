@@ -7,7 +7,7 @@ import torch
 
 from unicode2_fast import cli
 
-OPS = ["nearest", "hierarchical", "embedding", "cross_entropy", "build"]
+OPS = ["nearest", "hierarchical", "embedding", "cross_entropy", "kmeans"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_tiny_run_writes_a_row_per_op_and_method(run_all, tiny_run):
     assert methods["nearest"] == {"u2", "faiss_flat", "torch_matmul"}
     assert {"u2_hier", "faiss_ivf", "faiss_hnsw", "u2_flat"} <= methods["hierarchical"]
     assert methods["embedding"] == {"u2", "torch_dense", "torch_sparse"}
-    assert methods["build"] == {"u2", "faiss"}
+    assert methods["kmeans"] == {"u2", "faiss"}
     hnsw = [r for r in rows if r["method"] == "faiss_hnsw"]
     assert [r["setting"] for r in hnsw] == [f"efSearch={ef}" for ef in run_all.HNSW_EF_SEARCH]
     assert all(0.0 <= float(r["recall"]) <= 1.0 for r in rows if r["op"] == "hierarchical")

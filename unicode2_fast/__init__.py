@@ -7,7 +7,7 @@ compiled on the first call that needs them, and the heavier modules load on firs
 import importlib
 
 from .codebook import Codebook
-from .search import nearest
+from .nearest import nearest
 
 __version__ = "0.1.0"
 
@@ -16,11 +16,11 @@ _LAZY = {
     "build_codebook": ".kmeans",
     "HierarchicalIndex": ".hierarchical",
     "gathered_embedding": ".embedding",
-    "SparseRowAdamW": ".optim",
+    "SparseRowAdamW": ".sparse_adamw",
     "CascadedQuantizer": ".quantizer",
     "VectorQuantizer": ".quantizer",
-    "large_vocab_cross_entropy": ".losses",
-    "info_nce": ".losses",
+    "large_vocab_cross_entropy": ".cross_entropy",
+    "info_nce": ".cross_entropy",
 }
 
 __all__ = ["Codebook", "nearest", *_LAZY]

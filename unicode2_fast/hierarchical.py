@@ -18,7 +18,7 @@ the best distance found so far cannot hold the nearest codeword. Round by round 
 next-nearest unpruned cells (1, 1, 2, 4, ... per round), its upper bound tightens and more cells
 prune; a query whose unpruned cells still hold over FALLBACK_FRACTION of the codebook (loose bounds:
 unclustered data, queries far from every cell) is finished by ``u2.nearest`` over the whole
-codebook, so exact mode is never much slower than the flat scan. As in ``_cpu_search``, the fp32
+codebook, so exact mode is never much slower than the flat scan. As in ``_nearest_cpu``, the fp32
 GEMM distances are only a filter: every bound carries a rigorous margin for fp32 rounding, every
 codeword that could be the nearest given those margins is kept as a candidate, and the candidates
 are re-ranked with float64 distances from the original vectors, ties to the lowest original id --
@@ -39,7 +39,7 @@ from ._checks import array_kind, check_finite, check_float, check_matrix, flatte
 from ._io import atomic_write
 from .codebook import Codebook
 from .profiling import stage
-from .search import _codebook_tensor, _kernel_layout, _triton_interpreter, nearest
+from .nearest import _codebook_tensor, _kernel_layout, _triton_interpreter, nearest
 
 FORMAT = "unicode2_fast.hierarchical_index"
 VERSION = "1"

@@ -60,7 +60,7 @@ from ._checks import check_finite, check_float, check_matrix, to_tensor
 from ._io import atomic_write
 from .codebook import Codebook
 from .profiling import stage
-from .search import nearest
+from .nearest import nearest
 
 #: features are read and assigned in blocks of about this many bytes (fp32)
 BLOCK_BYTES = 64 << 20

@@ -49,7 +49,7 @@ def profile_nearest(out_dir: str, k: int = 50_000, n: int = 729, d: int = 1152, 
 
     from ._io import atomic_write
     from .data import siglip_like
-    from .search import nearest
+    from .nearest import nearest
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")

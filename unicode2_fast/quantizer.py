@@ -29,7 +29,7 @@ from ._checks import check_finite, check_float, check_matrix, flatten_queries, t
 from ._io import atomic_write, atomic_write_text
 from .codebook import Codebook
 from .embedding import gathered_embedding
-from .search import METRICS, _check_no_zero_rows, nearest
+from .nearest import METRICS, _check_no_zero_rows, nearest
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .optim import SparseRowAdamW
+from .sparse_adamw import SparseRowAdamW
 
 PathLike = Union[str, "os.PathLike[str]"]
 STAGE_LR = {1: 1e-3, 2: 1e-5}

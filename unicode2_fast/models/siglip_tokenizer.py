@@ -16,7 +16,7 @@ import torch
 
 from .._io import atomic_write, atomic_write_text
 from ..codebook import Codebook
-from ..search import METRICS, nearest
+from ..nearest import METRICS, nearest
 
 PathLike = Union[str, "os.PathLike[str]"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")

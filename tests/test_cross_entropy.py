@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import unicode2_fast as u2
-from unicode2_fast import losses
+from unicode2_fast import cross_entropy
 from unicode2_fast.kernels import cross_entropy as ce_kernel
 
 interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -102,7 +102,7 @@ def test_torch_path_within_torch_error(n, k, h, reduction, bias):
 def test_cpu_training_path_within_torch_error(n, k, h, reduction, bias, monkeypatch):
     # the row-chunked path that computes the gradients with the loss; "none" gets a non-uniform
     # upstream gradient, so the weight gradient must come from the recomputing backward
-    monkeypatch.setattr(losses, "ROW_CHUNK_BYTES", 4 * k * 3)  # three rows per chunk
+    monkeypatch.setattr(cross_entropy, "ROW_CHUNK_BYTES", 4 * k * 3)  # three rows per chunk
     hidden, weight, b, targets = _data(n, k, h, bias=bias, seed=n + k + h + 1)
     _check_against_torch(hidden, weight, targets, b, reduction, backend="torch")
 
@@ -131,11 +131,11 @@ def test_chunk_size_does_not_change_the_result():
 
 
 def test_default_chunk_size_is_bounded():
-    assert losses.default_chunk_size(512, 500_000) == losses.MAX_CHUNK
-    assert losses.default_chunk_size(2916, 500_000) * 2916 * 4 <= losses.CHUNK_BYTES
-    assert losses.default_chunk_size(10**7, 500_000) == losses.MIN_CHUNK
-    assert losses.default_chunk_size(3, 7) == 7
-    assert losses.default_chunk_size(0, 1) == 1
+    assert cross_entropy.default_chunk_size(512, 500_000) == cross_entropy.MAX_CHUNK
+    assert cross_entropy.default_chunk_size(2916, 500_000) * 2916 * 4 <= cross_entropy.CHUNK_BYTES
+    assert cross_entropy.default_chunk_size(10**7, 500_000) == cross_entropy.MIN_CHUNK
+    assert cross_entropy.default_chunk_size(3, 7) == 7
+    assert cross_entropy.default_chunk_size(0, 1) == 1
 
 
 def test_never_materialises_n_by_k():
@@ -152,7 +152,7 @@ def test_never_materialises_n_by_k():
         return t
 
     blocks = []
-    chunk_logits = losses._chunk_logits
+    chunk_logits = cross_entropy._chunk_logits
 
     def spy(*args):
         logits, weight_chunk = chunk_logits(*args)
@@ -160,13 +160,13 @@ def test_never_materialises_n_by_k():
         return logits, weight_chunk
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        original = losses._chunk_logits
-        losses._chunk_logits = spy
+        original = cross_entropy._chunk_logits
+        cross_entropy._chunk_logits = spy
         try:
             loss = u2.large_vocab_cross_entropy(hidden, weight, targets, backend="torch", chunk_size=chunk)
             loss.backward()
         finally:
-            losses._chunk_logits = original
+            cross_entropy._chunk_logits = original
     assert max(saved) <= k * h and max(blocks) <= n * chunk
     assert len(blocks) == 2 * -(-k // chunk)  # forward + backward, one block per chunk
 
@@ -273,8 +273,8 @@ def test_autocast_does_not_lower_the_logit_precision():
 
 
 def test_lazy_export():
-    assert u2.large_vocab_cross_entropy is losses.large_vocab_cross_entropy
-    assert u2.info_nce is losses.info_nce
+    assert u2.large_vocab_cross_entropy is cross_entropy.large_vocab_cross_entropy
+    assert u2.info_nce is cross_entropy.info_nce
 
 
 # --- the Triton forward kernel ----------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import unicode2_fast as u2
-from unicode2_fast import optim as optim_module
+from unicode2_fast import sparse_adamw as optim_module
 from unicode2_fast.kernels import sparse_adamw as kernel
 
 interpret = os.environ.get("TRITON_INTERPRET") == "1"

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ._checks import check_finite, check_float, check_matrix
-from .search import _triton_interpreter
+from .nearest import _triton_interpreter
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch", "cce")

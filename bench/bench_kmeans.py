@@ -33,12 +33,12 @@ extrapolated with the build's memory model: coarse sample (p * n_coarse * d * 4 
 ids (4 B per feature) + the fine-sample plan (~50 B per feature, transient) + one fine batch
 (fine_batch_bytes) + the codebook (k * d * 4 B).
 
-Writes OUT/build.csv and OUT/build.md (OUT/build_scaled.csv / .md with --scaled); prints the table.
+Writes OUT/kmeans.csv and OUT/kmeans.md (OUT/kmeans_scaled.csv / .md with --scaled); prints the table.
 
-    python bench/bench_build.py                   # k = 10,000, 256K training rows, d = 1152
-    python bench/bench_build.py --quick           # k = 2,000, 64K training rows, niter 10
-    python bench/bench_build.py --scaled          # stream 2M x 1152 -> k = 50,000
-    python bench/bench_build.py --scaled --m 5000000 --k 100000
+    python bench/bench_kmeans.py                   # k = 10,000, 256K training rows, d = 1152
+    python bench/bench_kmeans.py --quick           # k = 2,000, 64K training rows, niter 10
+    python bench/bench_kmeans.py --scaled          # stream 2M x 1152 -> k = 50,000
+    python bench/bench_kmeans.py --scaled --m 5000000 --k 100000
 """
 from __future__ import annotations
 
@@ -366,7 +366,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows = scaled_rows(args, stamp)
         table = scaled_table(rows)
         notes = extrapolation_text(rows[0], args.niter, args.max_points_per_centroid)
-        name = "build_scaled"
+        name = "kmeans_scaled"
         title = f"streamed build_codebook (d = {args.d}, {args.m:,} features generated chunk by chunk)"
     else:
         if not torch.cuda.is_available():
@@ -380,8 +380,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  f"max_points_per_centroid = {args.max_points_per_centroid} and {args.threads} threads for every "
                  "method. Held-out MSE: mean squared distance of the held-out rows to their nearest codeword "
                  "(u2.nearest, exact). Utilisation: fraction of codewords the held-out rows use. GMAC: the "
-                 "Lloyd iterations' multiply-adds by the cost model in bench_build.py's docstring.")
-        name = "build"
+                 "Lloyd iterations' multiply-adds by the cost model in bench_kmeans.py's docstring.")
+        name = "kmeans"
         title = f"codebook build (d = {args.d}, SigLIP-like synthetic features)"
     print(table)
     print()

@@ -1,10 +1,10 @@
-"""Smoke test of bench/bench_build.py at the --tiny size: both modes run and write well-formed CSVs."""
+"""Smoke test of bench/bench_kmeans.py at the --tiny size: both modes run and write well-formed CSVs."""
 import csv
 
 import pytest
 import torch
 
-BENCH_NAME = "bench_build"
+BENCH_NAME = "bench_kmeans"
 
 
 def _run(bench, argv):
@@ -22,7 +22,7 @@ def _rows(path):
 
 def test_tiny_comparison_writes_one_row_per_cpu_method(bench, tmp_path):
     assert _run(bench, ["--tiny", "--out", str(tmp_path), "--methods", "u2", "faiss"]) == 0
-    rows = {r["method"]: r for r in _rows(tmp_path / "build.csv")}
+    rows = {r["method"]: r for r in _rows(tmp_path / "kmeans.csv")}
     assert sorted(rows) == ["faiss", "u2"]
     for column in ("k", "n_coarse", "n_train", "n_test", "d", "niter", "build_s", "heldout_mse", "utilisation",
                    "gmac", "mse_ratio_vs_faiss", "speedup_vs_faiss", "peak_extra_mib", "device", "threads",
@@ -38,12 +38,12 @@ def test_tiny_comparison_writes_one_row_per_cpu_method(bench, tmp_path):
     assert float(rows["u2"]["mse_ratio_vs_faiss"]) < 1.1
     # the two-stage cost model: far fewer multiply-adds than one stage at the same k
     assert float(rows["u2"]["gmac"]) < float(rows["faiss"]["gmac"])
-    assert "| u2 |" in (tmp_path / "build.md").read_text()
+    assert "| u2 |" in (tmp_path / "kmeans.md").read_text()
 
 
 def test_tiny_scaled_streams_and_extrapolates(bench, tmp_path, capsys):
     assert _run(bench, ["--tiny", "--scaled", "--no-progress", "--out", str(tmp_path)]) == 0
-    (row,) = _rows(tmp_path / "build_scaled.csv")
+    (row,) = _rows(tmp_path / "kmeans_scaled.csv")
     assert (row["m"], row["k"], row["d"]) == ("20000", "500", "64")
     assert int(row["passes"]) == 3  # scan + assignment + one fine batch
     assert float(row["net_build_s"]) > 0 and float(row["peak_rss_gib"]) > 0

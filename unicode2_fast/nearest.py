@@ -2,7 +2,7 @@
 
 Backends:
     "triton"  fused distance + argmin kernel (kernels/nearest.py) on CUDA tensors;
-    "torch"   on CPU, the certified int8 filter + float64 re-ranking of ``_cpu_search`` (exact);
+    "torch"   on CPU, the certified int8 filter + float64 re-ranking of ``_nearest_cpu`` (exact);
               on CUDA, blocked cuBLAS matmul + argmin;
     "faiss"   IndexFlatL2 / IndexFlatIP, results converted to our (ids, dists) meaning;
     "auto"    Triton for CUDA tensors, "torch" for CPU tensors: on an AVX-512 VNNI CPU it measured
@@ -22,7 +22,7 @@ from typing import Any, Tuple, Union
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import _cpu_search
+from . import _nearest_cpu
 from ._checks import (
     array_kind,
     check_finite,
@@ -138,7 +138,7 @@ def _nearest(x: Any, codebook: Any, metric: str, backend: str) -> Tuple[Any, Any
         elif resolved == "faiss":
             ids, dists = _nearest_faiss(x2d, cb, metric)
         elif xt.device.type == "cpu":
-            ids, dists = _cpu_search.nearest_cpu(x2d, cb, metric)
+            ids, dists = _nearest_cpu.nearest_cpu(x2d, cb, metric)
         else:
             ids, dists = _nearest_torch_gpu(x2d, cb, metric)
     return from_tensor(ids.reshape(lead), kind), from_tensor(dists.reshape(lead), kind)
