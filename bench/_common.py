@@ -1,6 +1,6 @@
 """Helpers shared by the bench scripts: timing, peak-memory sampling, machine stamp, atomic output.
 
-bench/ is not a package: scripts put this directory on ``sys.path`` and ``import _common``.
+Installed as ``unicode2_fast.bench._common`` (bench/ is mapped like kernels/, see setup.py).
 """
 from __future__ import annotations
 

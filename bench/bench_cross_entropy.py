@@ -41,11 +41,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (bench/ is not a package)
-
-import unicode2_fast as u2  # noqa: E402
-from unicode2_fast import cross_entropy  # noqa: E402
+import unicode2_fast as u2
+from unicode2_fast import cross_entropy
+from unicode2_fast.bench import _common
 
 CPU_METHODS = ("u2", "torch")
 GPU_METHODS = ("u2_triton_bf16", "u2_cce_bf16", "torch_bf16")

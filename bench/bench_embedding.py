@@ -42,10 +42,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (bench/ is not a package)
-
-import unicode2_fast as u2  # noqa: E402
+import unicode2_fast as u2
+from unicode2_fast.bench import _common
 
 METHODS = ("u2", "torch_dense", "torch_sparse")
 LR, BETAS = 1e-3, (0.9, 0.95)

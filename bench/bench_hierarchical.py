@@ -42,11 +42,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (bench/ is not a package)
-
-import unicode2_fast as u2  # noqa: E402
-from unicode2_fast.data import siglip_like  # noqa: E402
+import unicode2_fast as u2
+from unicode2_fast.data import siglip_like
+from unicode2_fast.bench import _common
 
 NPROBES = (1, 2, 4, 8, 16, 32, 64)
 APPROX_METHODS = ("u2_hier", "faiss_ivf", "u2_hier_triton_bf16", "u2_hier_triton_fp32")

@@ -44,18 +44,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (bench/ is not a package)
-
-import unicode2_fast as u2  # noqa: E402
-from unicode2_fast import kmeans  # noqa: E402
-from unicode2_fast.data import siglip_like  # noqa: E402
+import unicode2_fast as u2
+from unicode2_fast import kmeans
+from unicode2_fast.data import siglip_like
+from unicode2_fast.bench import _common
 
 METHODS = ("u2", "faiss", "u2_cuda", "faiss_gpu")
 GIB = 1024 ** 3

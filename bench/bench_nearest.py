@@ -45,11 +45,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402  (bench/ is not a package)
-
-import unicode2_fast as u2  # noqa: E402
-from unicode2_fast.data import siglip_like  # noqa: E402
+import unicode2_fast as u2
+from unicode2_fast.data import siglip_like
+from unicode2_fast.bench import _common
 
 CPU_METHODS = ("u2", "faiss_flat", "torch_matmul")
 GPU_METHODS = ("triton_bf16", "triton_fp32", "torch_cublas_bf16", "torch_cublas_fp32", "faiss_gpu")

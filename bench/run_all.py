@@ -52,12 +52,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, BENCH_DIR)
-import _common  # noqa: E402  (bench/ is not a package)
-
-import unicode2_fast as u2  # noqa: E402
-from unicode2_fast.data import SyntheticCodebookData  # noqa: E402
+import unicode2_fast as u2
+from unicode2_fast.data import SyntheticCodebookData
+from unicode2_fast.bench import _common
 
 OPS = ("nearest", "hierarchical", "embedding", "cross_entropy", "kmeans")
 #: the ops whose data can come from --features / --codebook
@@ -727,7 +724,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "run_all.py") -> int:
     overall = tqdm(ops, desc=f"bench ({args.mode})", unit="op", file=sys.stderr)
     for op in overall:
         overall.set_postfix_str(op)
-        module = importlib.import_module(f"bench_{op}")
+        module = importlib.import_module(f"{__package__}.bench_{op}")
         start = time.perf_counter()
         try:
             sources[op] = run_op(op, module, args, user, stamp)

@@ -15,22 +15,16 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 from types import SimpleNamespace
 from typing import Callable, Tuple
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_kmeans  # noqa: E402  (bench/ is not a package)
-import bench_cross_entropy  # noqa: E402
-import bench_embedding  # noqa: E402
-import bench_hierarchical  # noqa: E402
-import bench_nearest  # noqa: E402
+from unicode2_fast.bench import bench_cross_entropy, bench_embedding, bench_hierarchical, bench_kmeans, bench_nearest
 
-import unicode2_fast as u2  # noqa: E402
-from unicode2_fast.data import siglip_like  # noqa: E402
+import unicode2_fast as u2
+from unicode2_fast.data import siglip_like
 
 SEED = 0
 #: two ids count as a near-tie when their float64 squared distances differ by at most this (relative)

@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before any @triton.jit function is created, i.e. before the first
 ``unicode2_fast.kernels`` import, so it is set here, at collection time.
 """
+import importlib
 import os
 
 import pytest
@@ -17,10 +18,8 @@ torch.manual_seed(0)
 
 @pytest.fixture(scope="module")
 def bench(request):
-    """The module's benchmark script, bench/<BENCH_NAME>.py (set BENCH_NAME in the test module)."""
-    from unicode2_fast import cli
-
-    return cli.load_bench(request.module.BENCH_NAME)
+    """The module's benchmark script, unicode2_fast.bench.<BENCH_NAME> (set BENCH_NAME in the test module)."""
+    return importlib.import_module(f"unicode2_fast.bench.{request.module.BENCH_NAME}")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Smoke test of bench/bench_nearest.py at the --tiny size: it runs, and its outputs are well formed."""
 import csv
+import importlib
 
 import pytest
 import torch
@@ -91,9 +92,7 @@ def test_write_csv_is_atomic_and_fills_missing(bench, tmp_path):
 
 
 def test_gpu_peak_table():
-    from unicode2_fast import cli
-
-    common = cli.load_bench("_common")
+    common = importlib.import_module("unicode2_fast.bench._common")
     assert common.gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
     assert common.gpu_peak_tflops("NVIDIA H100 PCIe", "float32") == 51.0
     assert common.gpu_peak_tflops("NVIDIA H200", "float16") == 989.0

@@ -20,13 +20,6 @@ def test_unknown_command_exits_2(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_missing_bench_script_is_one_line_error(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(cli, "_REPO_BENCH", tmp_path)
-    assert cli.main(["bench", "--tiny"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("unicode2-fast: error: benchmark script")
-
-
 def test_profile_nearest_writes_a_chrome_trace(tmp_path, capsys):
     import json
 

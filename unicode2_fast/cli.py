@@ -2,7 +2,7 @@
 
 Commands:
     kernels   ahead-of-time compile report of every Triton kernel (no GPU needed)
-    bench     the main job: every op's benchmark vs FAISS and torch (bench/run_all.py), CSV/Markdown/PNG
+    bench     the main job: every op's benchmark vs FAISS and torch (unicode2_fast.bench.run_all), CSV/Markdown/PNG
     build-codebook   two-stage k-means codebook from a .npy of features
     tokenize  images folder -> codeword ids (.npy) with a SigLIP model and a codebook
     train     stage-1 (projector) / stage-2 (all, row-sparse C2) understanding training
@@ -14,12 +14,8 @@ nothing here prints a traceback for those.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-from pathlib import Path
 from typing import List, Optional
-
-_REPO_BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 class UserError(Exception):
@@ -42,21 +38,6 @@ def _cmd_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_bench(name: str):
-    """Import bench/<name>.py of the source checkout (bench/ is not an installed package)."""
-    path = _REPO_BENCH / f"{name}.py"
-    if not path.is_file():
-        raise UserError(
-            f"benchmark script {path} not found: the benchmarks live in the source checkout's bench/ folder"
-        )
-    module_name = f"unicode2_fast_bench_{name}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses with postponed annotations look the module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def _cmd_profile(args: argparse.Namespace) -> int:
     from .profiling import profile_nearest
 
@@ -72,7 +53,9 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace, rest: List[str]) -> int:
     # bench/run_all.py owns the options (and --help): everything after "bench" goes to it
-    return load_bench("run_all").main(rest, prog="unicode2-fast bench")
+    from .bench import run_all
+
+    return run_all.main(rest, prog="unicode2-fast bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="every benchmark (nearest, hierarchical, embedding, cross_entropy, build) vs FAISS and torch, "
              "with results.csv/.md/.png (options: bench --help)",
-        description="Runs bench/run_all.py; every option after 'bench' is passed to it.",
+        description="Runs unicode2_fast.bench.run_all; every option after 'bench' is passed to it.",
         epilog="example: unicode2-fast bench --quick --out bench_out",
         add_help=False,
     )
