@@ -212,7 +212,7 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(clustered_index, m
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="needs the index on CUDA"):
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
         clustered_index.search(torch.zeros(1, 32), backend="triton")
 
 

@@ -39,18 +39,17 @@ dtype, as torch returns it in the logits' dtype.
 """
 from __future__ import annotations
 
-import importlib.util
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import _dispatch
 from ._checks import check_finite, check_float, check_matrix
-from .nearest import _triton_interpreter
 
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "triton", "torch", "cce")
+BACKENDS = _dispatch.backends("cross_entropy")
 
 #: the chunked torch path holds one (N, chunk) fp32 logit block of at most this many bytes ...
 CHUNK_BYTES = 128 << 20
@@ -69,11 +68,6 @@ def default_chunk_size(n_rows: int, n_classes: int) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # the chunked torch computation
-
-
-def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
-    """float64 when any input is float64, else float32 (bf16/fp16 inputs are computed in fp32)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _chunk_logits(
@@ -110,7 +104,7 @@ def lse_and_target_torch(
         lse (N,) and target_logit (N,), in fp32 (float64 for float64 inputs).
     """
     # hidden: (N, h), weight: (K, h), targets: (N,), bias: (K,)
-    dtype = _compute_dtype(hidden, weight, bias)
+    dtype = _dispatch.torch_dtype(hidden, weight, bias)
     n, k = hidden.shape[0], weight.shape[0]
     chunk_size = chunk_size or default_chunk_size(n, k)
     hidden = hidden.to(dtype)
@@ -256,7 +250,7 @@ class _RowCrossEntropy(torch.autograd.Function):
         ctx.chunk_size = chunk_size
         # autocast off: under a bf16 autocast region the chunk GEMMs would produce bf16 logits
         with torch.autocast(hidden.device.type, enabled=False):
-            dtype = _compute_dtype(hidden, weight, bias)
+            dtype = _dispatch.torch_dtype(hidden, weight, bias)
             if (backend == "torch" and hidden.device.type == "cpu" and any(need) and chunk_size is None
                     and hidden.dtype == dtype and weight.dtype == dtype and (bias is None or bias.dtype == dtype)):
                 losses, *unit_grads = loss_and_unit_grads_torch(hidden, weight, targets, bias, *need)
@@ -304,13 +298,9 @@ def _lse_and_target_triton(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     from .kernels import cross_entropy as kernel  # imported on first use: importing the package compiles nothing
 
-    if hidden.dtype == torch.float64 or weight.dtype == torch.float64:
-        raise TypeError("backend='triton' computes in float32/float16/bfloat16; float64 input needs backend='torch'")
     if hidden.dtype != weight.dtype:
-        # the wider of the two, fp32 for a bf16/fp16 mix; converts the (large) weight only then
-        common = torch.promote_types(hidden.dtype, weight.dtype)
-        if common in (torch.float16, torch.bfloat16):
-            common = torch.float32
+        # converts the (large) weight only for mixed inputs
+        common = _dispatch.kernel_dtype(hidden.dtype, weight.dtype)
         hidden, weight = hidden.to(common), weight.to(common)
     return kernel.cross_entropy_forward_triton(hidden, weight, targets.contiguous(), bias)
 
@@ -325,32 +315,8 @@ def _row_losses_cce(
     return linear_cross_entropy(hidden, weight, targets, reduction="none", filter_eps=None, **extra).float()
 
 
-def _cce_available() -> bool:
-    return importlib.util.find_spec("cut_cross_entropy") is not None
-
-
 # ----------------------------------------------------------------------------------------------
 # public API
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "auto":
-        if device.type != "cuda":
-            return "torch"
-        return "cce" if _cce_available() else "triton"
-    if backend == "triton" and device.type != "cuda" and not _triton_interpreter():
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got {device}); use backend='torch' or 'auto' on the CPU "
-            "(or set TRITON_INTERPRET=1 to run the kernel in Triton's interpreter)"
-        )
-    if backend == "cce":
-        if device.type != "cuda":
-            raise ValueError(f"backend='cce' needs CUDA tensors (got {device})")
-        if not _cce_available():
-            raise ValueError("backend='cce' needs the cut_cross_entropy package (apple/ml-cross-entropy)")
-    return backend
 
 
 def _check_tensor(t, name: str) -> None:
@@ -422,7 +388,7 @@ def large_vocab_cross_entropy(
     for name, tensor in (("classifier_weight", classifier_weight), ("targets", targets), ("bias", bias)):
         if tensor is not None and tensor.device != hidden.device:
             raise ValueError(f"hidden is on {hidden.device} but {name} is on {tensor.device}; move one of them")
-    resolved = _resolve_backend(backend, hidden.device)
+    resolved = _dispatch.resolve("cross_entropy", backend, hidden.device, (hidden.dtype, classifier_weight.dtype))
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
@@ -524,7 +490,7 @@ def info_nce(
     check_finite(a, "a")
     check_finite(b, "b")
 
-    dtype = _compute_dtype(a, b)
+    dtype = _dispatch.torch_dtype(a, b)
     a_unit = F.normalize(a.to(dtype), dim=1)
     b_unit = F.normalize(b.to(dtype), dim=1)
     logits = (a_unit @ b_unit.t()) / temperature

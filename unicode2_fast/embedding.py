@@ -21,39 +21,11 @@ from typing import Any, Tuple
 
 import torch
 
+from . import _dispatch
 from ._checks import check_float, check_matrix, to_tensor
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = _dispatch.backends("embedding")
 INDEX_DTYPES = (torch.int32, torch.int64)
-#: dtypes the Triton kernels read; float64 stays on the torch path
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """"triton" or "torch" for tensors on ``device`` of ``dtype``.
-
-    Shared by the embedding backward and ``SparseRowAdamW``: "auto" picks Triton on CUDA for
-    fp32/fp16/bf16; an explicit "triton" on the CPU needs Triton's interpreter.
-
-    Raises:
-        ValueError: an unknown backend, or "triton" where it cannot run.
-        TypeError: "triton" for float64.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and dtype in TRITON_DTYPES else "torch"
-    if backend == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors (got {device}); use backend='torch' or 'auto' on the CPU "
-                "(or set TRITON_INTERPRET=1 to run the kernel in Triton's interpreter)"
-            )
-        if dtype not in TRITON_DTYPES:
-            raise TypeError(
-                f"backend='triton' computes float32/float16/bfloat16 tables, got {dtype}; use backend='torch'"
-            )
-    return backend
 
 
 def check_indices(indices: torch.Tensor, num_rows: int) -> None:
@@ -153,7 +125,7 @@ def gathered_embedding(indices: Any, weight: torch.Tensor, *, backend: str = "au
         raise ValueError(f"indices are on {ids.device} but weight is on {weight.device}; move one of them")
     num_rows = weight.shape[0]
     check_indices(ids, num_rows)
-    resolved = resolve_backend(backend, weight.device, weight.dtype)
+    resolved = _dispatch.resolve("embedding", backend, weight.device, (weight.dtype,))
     lead = tuple(ids.shape)
     rows = _GatheredEmbedding.apply(ids.reshape(-1).to(torch.int64), weight, resolved)
     return rows.reshape(*lead, weight.shape[1])

@@ -39,12 +39,13 @@ from ._checks import array_kind, check_finite, check_float, check_matrix, flatte
 from ._io import atomic_write
 from .codebook import Codebook
 from .profiling import stage
-from .nearest import _codebook_tensor, _kernel_layout, _triton_interpreter, nearest
+from . import _dispatch
+from .nearest import _codebook_tensor, _kernel_layout, nearest
 
 FORMAT = "unicode2_fast.hierarchical_index"
 VERSION = "1"
 METRICS = ("l2",)
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = _dispatch.backends("hierarchical")
 
 #: cells probed when ``search`` is called without ``nprobe`` (fewer if the index has fewer cells)
 DEFAULT_NPROBE = 8
@@ -359,7 +360,7 @@ class HierarchicalIndex:
             if nprobe is not None:
                 hint = f" (the index has n_coarse={self.n_coarse} cells)"
                 nprobe = _check_int(nprobe, "nprobe", 1, self.n_coarse, hint)
-            resolved = self._resolve_backend(backend, x2d.dtype)
+            resolved = _dispatch.resolve("hierarchical", backend, self.device, (x2d.dtype, self.dtype))
             if exact:
                 if backend == "triton":
                     raise ValueError("exact=True runs the grouped torch scan; use backend='auto' or 'torch'")
@@ -370,21 +371,6 @@ class HierarchicalIndex:
                 with stage(f"hierarchical/{resolved}"):
                     ids, dists = self._search_approx(x2d, nprobe, resolved)
             return from_tensor(ids.reshape(lead), kind), from_tensor(dists.reshape(lead), kind)
-
-    def _resolve_backend(self, backend: str, dtype: torch.dtype) -> str:
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-        on_cuda = self.device.type == "cuda"
-        if backend == "auto":
-            # the kernel computes in fp32 / fp16 / bf16; float64 stays on the torch path
-            fp64 = torch.float64 in (dtype, self.dtype)
-            return "triton" if on_cuda and not fp64 else "torch"
-        if backend == "triton" and not on_cuda and not _triton_interpreter():
-            raise ValueError(
-                f"backend='triton' needs the index on CUDA (it is on {self.device}); use backend='torch' or 'auto' "
-                "on the CPU (or set TRITON_INTERPRET=1 to run the kernel in Triton's interpreter)"
-            )
-        return backend
 
     def _search_approx(self, x: torch.Tensor, nprobe: int, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
         # x: (N, d) -> ids (N,) int64, dists (N,) fp32

@@ -22,7 +22,7 @@ from typing import Any, Tuple, Union
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import _nearest_cpu
+from . import _dispatch, _nearest_cpu
 from ._checks import (
     array_kind,
     check_finite,
@@ -36,7 +36,7 @@ from .codebook import Codebook
 from .profiling import stage
 
 METRICS = ("l2", "ip", "cos")
-BACKENDS = ("auto", "triton", "torch", "faiss")
+BACKENDS = _dispatch.backends("nearest")
 
 # Codebook statistics for the Triton kernel (||c||^2 or 1/||c||) and FAISS flat indexes, built
 # once per codebook tensor and metric: codebook -> {(what, metric): (tensor version, object)}.
@@ -51,10 +51,6 @@ def _per_codebook(codebook: torch.Tensor, key: tuple, build):
         cached = (codebook._version, build(codebook))
         entries[key] = cached
     return cached[1]
-
-
-def _triton_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _codebook_tensor(codebook: Any) -> torch.Tensor:
@@ -72,19 +68,6 @@ def _codebook_tensor(codebook: Any) -> torch.Tensor:
     # checked once per tensor version, not on every call (K x d = 576M elements at K = 500K)
     _per_codebook(tensor, ("finite",), lambda c: check_finite(c, "codebook"))
     return tensor
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and not _triton_interpreter():
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got {device}); use backend='torch' or 'auto' on the CPU "
-            "(or set TRITON_INTERPRET=1 to run the kernel in Triton's interpreter)"
-        )
-    return backend
 
 
 def nearest(
@@ -127,7 +110,7 @@ def _nearest(x: Any, codebook: Any, metric: str, backend: str) -> Tuple[Any, Any
         raise ValueError(f"x is on {xt.device} but the codebook is on {cb.device}; move one of them")
     x2d, lead = flatten_queries(xt, cb.shape[1])
     check_finite(x2d, "x")
-    resolved = _resolve_backend(backend, xt.device)
+    resolved = _dispatch.resolve("nearest", backend, xt.device, (xt.dtype, cb.dtype))
     if metric == "cos":
         _check_no_zero_rows(x2d, "x")
         _check_no_zero_rows(cb, "codebook")
@@ -155,14 +138,7 @@ def _check_no_zero_rows(t: torch.Tensor, name: str) -> None:
 def _nearest_triton(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> Tuple[torch.Tensor, torch.Tensor]:
     from .kernels import nearest as kernel  # imported on first use: importing the package compiles nothing
 
-    if x.dtype == torch.float64 or codebook.dtype == torch.float64:
-        raise TypeError("backend='triton' computes in float32/float16/bfloat16; float64 input needs backend='torch'")
-    common = x.dtype
-    if x.dtype != codebook.dtype:
-        # Compute in the wider of the two so no input loses precision.
-        common = torch.promote_types(x.dtype, codebook.dtype)
-        if common == torch.float16 or common == torch.bfloat16:
-            common = torch.float32
+    common = _dispatch.kernel_dtype(x.dtype, codebook.dtype)
     if not _has_kernel_layout(codebook, common):
         # cached: only a converted copy, never the codebook itself (a cache value that holds its
         # own key would keep the codebook alive forever)
@@ -193,15 +169,17 @@ def _kernel_layout(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _nearest_torch_gpu(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Blocked matmul + argmin on CUDA with torch ops only (the baseline the kernel is measured against)."""
-    x32 = x.float()
+    """Blocked matmul + argmin on CUDA with torch ops only (the baseline the kernel is measured
+    against, and the float64 path: computed in float64 when either input is float64)."""
+    dtype = _dispatch.torch_dtype(x, codebook)
+    x32 = x.to(dtype)
     if metric == "cos":
         x32 = x32 / x32.norm(dim=1, keepdim=True)
-    best = torch.full((x.shape[0],), float("inf"), device=x.device)
+    best = torch.full((x.shape[0],), float("inf"), dtype=dtype, device=x.device)
     best_idx = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     block = 16384
     for start in range(0, codebook.shape[0], block):
-        c = codebook[start:start + block].float()
+        c = codebook[start:start + block].to(dtype)
         if metric == "cos":
             c = c / c.norm(dim=1, keepdim=True)
         if metric == "l2":
@@ -216,7 +194,7 @@ def _nearest_torch_gpu(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> 
         best = (best + x32.pow(2).sum(dim=1)).clamp_min(0.0)
     elif metric == "cos":
         best = 1.0 + best
-    return best_idx, best
+    return best_idx, best.float()
 
 
 def _nearest_faiss(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -228,8 +206,6 @@ def _nearest_faiss(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> Tupl
         import faiss
     except ImportError as exc:  # pragma: no cover - faiss-cpu is a core dependency
         raise ImportError("backend='faiss' needs the faiss-cpu (or faiss-gpu) package") from exc
-    if x.device.type != "cpu":
-        raise ValueError("backend='faiss' here wraps the CPU indexes; pass CPU tensors")
     xs = x.float().contiguous().numpy()
     if metric == "cos":
         xs = xs.copy()

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from .embedding import BACKENDS, resolve_backend
+from . import _dispatch
 
 
 class SparseRowAdamW(torch.optim.Optimizer):
@@ -71,8 +71,7 @@ class SparseRowAdamW(torch.optim.Optimizer):
             raise ValueError(f"invalid betas {betas}: each must be in [0, 1)")
         if not 0.0 <= weight_decay:
             raise ValueError(f"invalid weight_decay value: {weight_decay}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        _dispatch.check_backend("sparse_adamw", backend)
         self.backend = backend
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
@@ -140,7 +139,7 @@ class SparseRowAdamW(torch.optim.Optimizer):
         row_step.index_add_(0, row_ids, torch.ones((), dtype=torch.int64, device=param.device).expand_as(row_ids))
         param2d = param.view(rows, -1)
         exp_avg, exp_avg_sq = state["exp_avg"].view(rows, -1), state["exp_avg_sq"].view(rows, -1)
-        if resolve_backend(self.backend, param.device, param.dtype) == "triton":
+        if _dispatch.resolve("sparse_adamw", self.backend, param.device, (param.dtype,)) == "triton":
             from .kernels import sparse_adamw as kernel  # first use: importing the package compiles nothing
 
             kernel.sparse_adamw_triton(param2d, row_ids, grad_rows, exp_avg, exp_avg_sq, row_step, **hyper)
