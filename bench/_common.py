@@ -8,6 +8,7 @@ import contextlib
 import csv
 import datetime
 import importlib
+import importlib.util
 import os
 import platform
 import statistics
@@ -258,6 +259,15 @@ def gpu_peak_tflops(device_name: Optional[str], dtype: str) -> Optional[float]:
     return None
 
 
+def plotting_available() -> bool:
+    """Whether matplotlib is installed (``pip install "unicode2_fast[bench]"``); without it the
+    benchmarks write their tables and CSVs and skip the PNGs."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+NO_PLOT_NOTE = "matplotlib is not installed: no PNG plots (pip install \"unicode2_fast[bench]\" for them)"
+
+
 def save_figure(fig: Any, path: str, dpi: int = 120) -> None:
     """Write a matplotlib figure as a PNG atomically, then close it."""
     import matplotlib.pyplot as plt
@@ -279,6 +289,9 @@ def write_report(out_dir: str, name: str, rows: Sequence[Dict[str, Any]], table:
     write_text(f"# {title}\n\n{table}\n\n{stamp_line}\n\n{notes}\n", os.path.join(out_dir, f"{name}.md"))
     written = [f"{name}.csv", f"{name}.md"]
     if rows and plot is not None:
-        plot(os.path.join(out_dir, f"{name}.png"))
-        written.append(f"{name}.png")
+        if plotting_available():
+            plot(os.path.join(out_dir, f"{name}.png"))
+            written.append(f"{name}.png")
+        else:
+            print(NO_PLOT_NOTE)
     print(f"wrote {', '.join(os.path.join(out_dir, file) for file in written)}")

@@ -510,7 +510,8 @@ def markdown(results: Dict[str, List[Dict[str, Any]]], sources: Dict[str, str], 
                   "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
         lines += ["| " + " | ".join(summary_cells(r)) + " |" for r in key_rows(op, rows)]
         lines += ["", NOTES[op], f"Full table: {op}.md.", ""]
-    lines += ["![results](results.png)", ""]
+    if _common.plotting_available():
+        lines += ["![results](results.png)", ""]
     return "\n".join(lines)
 
 
@@ -757,8 +758,12 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "run_all.py") -> int:
     if results:
         _common.write_csv([row for rows in results.values() for row in rows], os.path.join(args.out, "results.csv"))
         _common.write_text(markdown(results, sources, stamp_line, args.mode), os.path.join(args.out, "results.md"))
-        plot_summary(results, stamp, args.mode, os.path.join(args.out, "results.png"))
-        written = ["results.csv", "results.md", "results.png"]
+        written = ["results.csv", "results.md"]
+        if _common.plotting_available():
+            plot_summary(results, stamp, args.mode, os.path.join(args.out, "results.png"))
+            written.append("results.png")
+        else:
+            print(_common.NO_PLOT_NOTE)
         print()
         print(text_table(results))
         for op, source in sources.items():

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .nearest import _num_sms, choose_splits
+from .nearest import choose_splits, num_sms
 
 #: default tile configs for H100 (sm_90): 128 x 128 x 64 bf16/fp16 tiles feed wgmma with 8 warps
 #: (two warpgroups); fp32 with exact products does not use tensor cores and gets smaller tiles that
@@ -175,7 +175,7 @@ def cross_entropy_forward_triton(
         return lse, torch.empty(0, dtype=torch.float32, device=hidden.device)
     ieee = hidden.dtype == torch.float32
     cfg = DEFAULT_CONFIGS["fp32" if ieee else "tensor_core"]
-    n_splits = choose_splits(n, k, cfg["BLOCK_N"], cfg["BLOCK_K"], _num_sms(hidden.device))
+    n_splits = choose_splits(n, k, cfg["BLOCK_N"], cfg["BLOCK_K"], num_sms(hidden.device))
     k_per_split = triton.cdiv(triton.cdiv(k, n_splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     n_splits = triton.cdiv(k, k_per_split)  # no empty split
 
@@ -196,11 +196,11 @@ def cross_entropy_forward_triton(
 
 def aot_specs() -> List[dict]:
     """Signatures the ahead-of-time compile report builds this kernel with, one per dtype."""
-    n, k, h, num_sms = 2916, 500_000, 3584, 132
+    n, k, h, h100_sms = 2916, 500_000, 3584, 132
     specs = []
     for dtype in ("bf16", "fp16", "fp32"):
         cfg = DEFAULT_CONFIGS["fp32" if dtype == "fp32" else "tensor_core"]
-        n_splits = choose_splits(n, k, cfg["BLOCK_N"], cfg["BLOCK_K"], num_sms)
+        n_splits = choose_splits(n, k, cfg["BLOCK_N"], cfg["BLOCK_K"], h100_sms)
         k_per_split = triton.cdiv(triton.cdiv(k, n_splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
         specs.append(
             dict(

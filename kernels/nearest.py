@@ -125,7 +125,8 @@ def _get_autotuned_kernel():
     return _autotuned_kernel
 
 
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (the split heuristics size waves by it)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: a couple of splits exercise the reduction path
@@ -213,7 +214,7 @@ def nearest_triton(
     # split is a whole number of tiles for every config.
     block_k_for_split = 256 if autotune else cfg["BLOCK_K"]
     block_n_for_split = 128 if autotune else cfg["BLOCK_N"]
-    n_splits = choose_splits(n, k, block_n_for_split, block_k_for_split, _num_sms(x.device))
+    n_splits = choose_splits(n, k, block_n_for_split, block_k_for_split, num_sms(x.device))
     k_per_split = triton.cdiv(triton.cdiv(k, n_splits), block_k_for_split) * block_k_for_split
     n_splits = triton.cdiv(k, k_per_split)
 

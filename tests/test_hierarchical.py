@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import unicode2_fast as u2
-from unicode2_fast import hierarchical
+from unicode2_fast import _certified, hierarchical
 from unicode2_fast.data import siglip_like
 from unicode2_fast.kernels import hierarchical as kernel
 
@@ -88,7 +88,7 @@ def test_exact_low_precision_and_float64_inputs(clustered):
 
 def test_exact_candidate_cap_falls_back(monkeypatch):
     # every codeword equidistant from the query: candidates overflow the cap, u2.nearest finishes
-    monkeypatch.setattr(hierarchical, "CANDIDATE_CAP", 8)
+    monkeypatch.setattr(_certified, "CANDIDATE_CAP", 8)
     codebook = torch.ones(500, 16)
     codebook[300] = 0.5
     index = u2.HierarchicalIndex(codebook, torch.ones(2, 16), (torch.arange(500) >= 250).long())
@@ -98,7 +98,7 @@ def test_exact_candidate_cap_falls_back(monkeypatch):
 
 def test_exact_query_chunks(clustered, clustered_index, monkeypatch):
     monkeypatch.setattr(hierarchical, "QUERY_CHUNK", 50)
-    monkeypatch.setattr(hierarchical, "RERANK_CHUNK", 7)
+    monkeypatch.setattr(_certified, "RERANK_CHUNK", 7)
     _assert_same_as_nearest(clustered_index, clustered.queries, clustered.codebook)
 
 

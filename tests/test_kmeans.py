@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import unicode2_fast as u2
-from unicode2_fast import kmeans
+from unicode2_fast import _features, _lloyd, kmeans
 from unicode2_fast.codebook import Codebook
 from unicode2_fast.data import siglip_like
 
@@ -66,9 +66,9 @@ def _mse(x, codebook):
 
 @pytest.fixture(params=["faiss", "lloyd"])
 def fine_trainer(request, monkeypatch):
-    """The per-cell k-means: faiss.Kmeans (the CPU default) or _lloyd (what CUDA runs)."""
+    """The per-cell k-means: faiss.Kmeans (the CPU default) or _lloyd.kmeans (what CUDA runs)."""
     if request.param == "lloyd":
-        monkeypatch.setattr(kmeans, "_train_cell", kmeans._lloyd)
+        monkeypatch.setattr(kmeans, "_train_cell", _lloyd.kmeans)
     return request.param
 
 
@@ -133,7 +133,7 @@ def test_same_seed_identical_other_seed_differs(clustered, reference):
 
 def test_npy_chunks_and_dtypes_give_the_tensor_result(clustered, reference, tmp_path, monkeypatch):
     # blocks of 300 rows and fine samples of ~3 cells per pass: many blocks, several gather passes
-    monkeypatch.setattr(kmeans, "BLOCK_BYTES", 300 * 16 * 4)
+    monkeypatch.setattr(_features, "BLOCK_BYTES", 300 * 16 * 4)
     expected = u2.build_codebook(clustered, 120, progress=False)
     _assert_same_codebook(expected, reference)  # the block size does not change the result
     path = tmp_path / "features.npy"
@@ -198,18 +198,18 @@ def test_allocation_errors():
 
 
 def test_empty_clusters_are_split(monkeypatch):
-    monkeypatch.setattr(kmeans, "_train_cell", kmeans._lloyd)
+    monkeypatch.setattr(kmeans, "_train_cell", _lloyd.kmeans)
     centres, _, x = _blobs()
     refills = []
-    refill = kmeans._refill
+    refill = _lloyd._refill
 
     def spy(centroids, bad, *args):
         refills.append(int(bad.sum()))
         return refill(centroids, bad, *args)
 
     # every centroid starts on the same point: all but one cluster are empty after the first pass
-    monkeypatch.setattr(kmeans, "_init_centroids", lambda x, k, generator: x[:1].repeat(k, 1))
-    monkeypatch.setattr(kmeans, "_refill", spy)
+    monkeypatch.setattr(_lloyd, "_init_centroids", lambda x, k, generator: x[:1].repeat(k, 1))
+    monkeypatch.setattr(_lloyd, "_refill", spy)
     cb = u2.build_codebook(x, 32, progress=False)
     assert refills and max(refills) >= 20
     assert torch.isfinite(cb.vectors).all() and torch.unique(cb.vectors, dim=0).shape[0] == 32
@@ -218,9 +218,9 @@ def test_empty_clusters_are_split(monkeypatch):
 
 
 def test_nan_and_inf_centroids_are_dropped_and_refilled(monkeypatch):
-    monkeypatch.setattr(kmeans, "_train_cell", kmeans._lloyd)
+    monkeypatch.setattr(kmeans, "_train_cell", _lloyd.kmeans)
     centres, _, x = _blobs()
-    update = kmeans._update_centroids
+    update = _lloyd._update_centroids
     poisoned = []
 
     def poison_first_update_per_k(x, ids, k):
@@ -233,7 +233,7 @@ def test_nan_and_inf_centroids_are_dropped_and_refilled(monkeypatch):
                 centroids[k // 2, 3] = float("inf")
         return centroids, counts
 
-    monkeypatch.setattr(kmeans, "_update_centroids", poison_first_update_per_k)
+    monkeypatch.setattr(_lloyd, "_update_centroids", poison_first_update_per_k)
     cb = u2.build_codebook(x, 32, progress=False)
     # k = 1: the only centroid is dropped (refilled from its former members); k = 10: three of ten
     assert poisoned[0] == 6 and 1 in poisoned and 10 in poisoned
@@ -241,67 +241,11 @@ def test_nan_and_inf_centroids_are_dropped_and_refilled(monkeypatch):
     assert float(u2.nearest(centres, cb)[1].max()) < 1.0
 
 
-def test_refill_takes_the_farthest_points_of_the_largest_cluster():
-    x = torch.tensor([[0.0, 0], [1, 0], [3, 0], [10, 0], [10, 1], [20, 0]])
-    ids = torch.tensor([0, 0, 0, 1, 1, 0])
-    centroids = torch.tensor([[5.0, 0], [10, 0.5], [float("nan"), 0], [0, 0]])
-    bad = torch.tensor([False, False, True, True])
-    counts = torch.tensor([4, 2, 0, 0])
-    used = torch.zeros(6, dtype=torch.bool)
-    out = kmeans._refill(centroids, bad, counts, x, ids, used)
-    # cluster 0 (4 members) is split first at its farthest member (20, 0); its weight halves to
-    # 2, tying with cluster 1, so the lower index (0) donates again: the member farthest from both
-    # its centroid and (20, 0) is (0, 0)
-    assert out[2].tolist() == [20.0, 0.0] and out[3].tolist() == [0.0, 0.0]
-    assert torch.equal(out[:2], centroids[:2])
-    assert used.tolist() == [True, False, False, False, False, True]
-
-
-class _FakeKmeans:
-    """Stands in for faiss.Kmeans: returns fixed centroids, one NaN and two equal."""
-
-    def __init__(self, d, k, **kwargs):
-        self.k = k
-
-    def train(self, x):
-        self.centroids = np.array([[0.0, 0], [5, 5], [np.nan, 1], [5, 5]], dtype=np.float32)[:self.k]
-        self.obj = [3.0, 2.0]
-
-
-def test_faiss_cells_are_compacted_like_lloyd(monkeypatch):
-    monkeypatch.setattr(faiss, "Kmeans", _FakeKmeans)
-    x = torch.tensor([[0.0, 0], [1, 0], [5, 5], [6, 5], [9, 9]])
-    centroids, mse = kmeans._faiss_kmeans(x, 4, 2, seed=0, label="cell")
-    assert mse == 2.0 / 5 and torch.isfinite(centroids).all()
-    assert torch.unique(centroids, dim=0).shape[0] == 4
-    assert centroids[:2].tolist() == [[0.0, 0.0], [5.0, 5.0]]
-    # the NaN row takes (9, 9), the farthest member of the largest cluster ([5, 5]: 3 members); its
-    # weight halves to 2, tying with [0, 0], so the duplicate takes [0, 0]'s farthest member (1, 0)
-    assert centroids[2:].tolist() == [[9.0, 9.0], [1.0, 0.0]]
-    with pytest.raises(ValueError, match="cell: only 2 distinct points among its 6 training rows for 4"):
-        kmeans._faiss_kmeans(torch.tensor([[0.0, 0], [5, 5], [-0.0, 0]]).repeat(2, 1), 4, 2, seed=0, label="cell")
-
-
-def test_distinct_row_count():
-    x = torch.randn(50, 7)
-    assert kmeans._distinct_row_count(x, 50) == 50
-    assert kmeans._distinct_row_count(torch.cat([x, x, -0.0 * x[:5] + x[:5]]), 10) >= 10
-    assert kmeans._distinct_row_count(torch.cat([x[:3], x[:3], torch.zeros(2, 7), -torch.zeros(1, 7)]), 10) == 4
-
-
-def test_lloyd_with_exactly_k_distinct_points_and_too_few():
-    x = torch.tensor([[0.0, 0], [1, 1], [2, 0]]).repeat(5, 1)
-    centroids, mse = kmeans._lloyd(x, 3, 5, seed=0, label="test")
-    assert sorted(map(tuple, centroids.tolist())) == [(0.0, 0.0), (1.0, 1.0), (2.0, 0.0)] and mse == 0.0
-    with pytest.raises(ValueError, match="test: only 3 distinct points among its 15 training rows for 4"):
-        kmeans._lloyd(x, 4, 5, seed=0, label="test")
-
-
 # checkpoints --------------------------------------------------------------------
 
 
 def test_resume_after_interruption_is_bitwise_identical(clustered, reference, tmp_path, monkeypatch):
-    lloyd, train_cell = kmeans._lloyd, kmeans._train_cell
+    lloyd, train_cell = _lloyd.kmeans, kmeans._train_cell
     trained = []
 
     def interrupt_at_the_third_cell(x, k, niter, seed, label, report=None):
@@ -313,7 +257,7 @@ def test_resume_after_interruption_is_bitwise_identical(clustered, reference, tm
     def spy(function):
         return lambda *args: trained.append(args[4]) or function(*args)
 
-    monkeypatch.setattr(kmeans, "_lloyd", spy(lloyd))
+    monkeypatch.setattr(_lloyd, "kmeans", spy(lloyd))
     monkeypatch.setattr(kmeans, "_train_cell", interrupt_at_the_third_cell)
     with pytest.raises(KeyboardInterrupt):
         u2.build_codebook(clustered, 120, progress=False, checkpoint_dir=tmp_path)
@@ -421,33 +365,3 @@ def test_bad_npy_files(tmp_path):
     (tmp_path / "text.npy").write_text("not numpy")
     with pytest.raises(ValueError, match="not a .npy array file"):
         u2.build_codebook(tmp_path / "text.npy", 2, progress=False)
-
-
-# command line ------------------------------------------------------------------
-
-
-def test_cli_writes_a_loadable_codebook(clustered, tmp_path, capsys):
-    np.save(tmp_path / "features.npy", clustered[:1000].numpy())
-    out = tmp_path / "cb.safetensors"
-    rc = kmeans.cli_main([str(tmp_path / "features.npy"), "--k", "30", "--n-coarse", "3", "--niter", "4",
-                          "--out", str(out), "--no-progress", "--checkpoint-dir", str(tmp_path / "ckpt")])
-    assert rc == 0
-    cb = Codebook.load(out)
-    assert (cb.k, cb.dim, cb.meta["n_coarse"], cb.meta["niter"], cb.meta["n_features"]) == (30, 16, 3, 4, 1000)
-    assert "wrote" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("args, message", [
-    (["{tmp}/missing.npy", "--k", "5", "--out", "{tmp}/cb.safetensors"], "features file not found"),
-    (["{tmp}/features.npy", "--out", "{tmp}/cb.safetensors"], "the following arguments are required: --k"),
-    (["{tmp}/features.npy", "--k", "five", "--out", "{tmp}/cb.safetensors"], "invalid int value"),
-    (["{tmp}/features.npy", "--k", "0", "--out", "{tmp}/cb.safetensors"], "k must be >= 1"),
-    (["{tmp}/features.npy", "--k", "5", "--out", "{tmp}/no/such/dir/cb.safetensors"],
-     "output directory does not exist"),
-])
-def test_cli_user_mistakes_print_one_line_and_return_2(tmp_path, capsys, args, message):
-    np.save(tmp_path / "features.npy", np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32))
-    rc = kmeans.cli_main([arg.format(tmp=tmp_path) for arg in args] + ["--no-progress"])
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert err.count("\n") == 1 and err.startswith("unicode2-fast build-codebook: error:") and message in err

@@ -1,5 +1,4 @@
 """u2.nearest on every backend against a float64 reference: odd shapes, dtypes, ties, bad input."""
-import importlib
 import os
 
 import numpy as np
@@ -7,7 +6,7 @@ import pytest
 import torch
 
 import unicode2_fast as u2
-from unicode2_fast import _nearest_cpu
+from unicode2_fast import _certified, _nearest_cpu
 from unicode2_fast.kernels import nearest as nearest_kernel
 
 from reference import assert_nearest_ok, objective64
@@ -67,7 +66,7 @@ def test_cpu_filter_exact_on_near_ties(filter_kind):
 
 def test_cpu_degenerate_codebook_falls_back_exactly(monkeypatch):
     # Every codeword equidistant: candidates exceed the cap and the streaming scan takes over.
-    monkeypatch.setattr(_nearest_cpu, "CANDIDATE_CAP", 16)
+    monkeypatch.setattr(_certified, "CANDIDATE_CAP", 16)
     c = torch.ones(3000, 32)
     c[2500] = 0.5
     x = torch.cat([torch.ones(2, 32), torch.full((1, 32), 0.5)])
@@ -79,7 +78,7 @@ def test_cpu_degenerate_codebook_falls_back_exactly(monkeypatch):
 def test_cpu_query_chunks_and_blocks(monkeypatch):
     monkeypatch.setattr(_nearest_cpu, "QUERY_CHUNK", 16)
     monkeypatch.setattr(_nearest_cpu, "CODE_BLOCK", 64)
-    monkeypatch.setattr(_nearest_cpu, "RERANK_CHUNK", 8)
+    monkeypatch.setattr(_certified, "RERANK_CHUNK", 8)
     x, c = _data(50, 1000, 40, seed=3)
     for kind in ["int8", "fp32", "fp64"]:
         ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", kind)
@@ -280,13 +279,13 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
 
 
 def test_non_contiguous_codebook_copy_is_cached():
-    search = importlib.import_module("unicode2_fast.nearest")  # the package attribute is the function
+    from unicode2_fast.codebook import codebook_matrix
 
     x, c = _data(5, 300, 32)
     ct = c.t().contiguous().t()
-    assert search._codebook_tensor(ct) is search._codebook_tensor(ct)
+    assert codebook_matrix(ct) is codebook_matrix(ct)
     ct.mul_(2.0)  # an in-place change of the caller's tensor makes a fresh copy
-    refreshed = search._codebook_tensor(ct)
+    refreshed = codebook_matrix(ct)
     assert torch.equal(refreshed, c * 2.0)
     ids, dists = u2.nearest(x, ct)
     assert_nearest_ok(ids, dists, x, c * 2.0, "l2", exact=True, rel_tol=2e-7)

@@ -17,3 +17,16 @@ def test_stage_outside_profiler_is_transparent():
     with profiling.stage("unit/plain"):
         value = torch.arange(3).sum().item()
     assert value == 3
+
+
+def test_profiling_is_a_leaf_module():
+    # every layer marks its stages with it, so it imports nothing of the package
+    import ast
+    import pathlib
+
+    tree = ast.parse(pathlib.Path(profiling.__file__).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and not (node.module or "").startswith("unicode2_fast"), ast.dump(node)
+        elif isinstance(node, ast.Import):
+            assert not any(alias.name.startswith("unicode2_fast") for alias in node.names), ast.dump(node)

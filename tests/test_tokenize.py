@@ -11,7 +11,8 @@ transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 
 import unicode2_fast as u2  # noqa: E402
-from unicode2_fast.models import SiglipTokenizer, cli_tokenize  # noqa: E402
+from unicode2_fast import cli  # noqa: E402
+from unicode2_fast.models import SiglipTokenizer  # noqa: E402
 
 HIDDEN, IMAGE_SIZE, PATCH, K = 32, 28, 14, 50
 N_PATCHES = (IMAGE_SIZE // PATCH) ** 2
@@ -119,7 +120,7 @@ def test_cli_writes_ids_and_names(assets, tokenizer, tmp_path, capsys):
     out = tmp_path / "ids.npy"
     argv = [str(assets["images_dir"]), "--siglip", str(assets["model_dir"]), "--codebook", str(assets["codebook"]),
             "--out", str(out), "--batch-size", "2"]
-    assert cli_tokenize(argv) == 0
+    assert cli.main(["tokenize", *argv]) == 0
     ids = np.load(out)
     assert ids.dtype == np.int64 and ids.shape == (len(assets["names"]), N_PATCHES)
     np.testing.assert_array_equal(ids, tokenizer.tokenize(_paths(assets)).numpy())
@@ -129,7 +130,7 @@ def test_cli_writes_ids_and_names(assets, tokenizer, tmp_path, capsys):
 
 
 def _cli_error(argv, capsys):
-    assert cli_tokenize(argv) == 2
+    assert cli.main(["tokenize", *argv]) == 2
     err = capsys.readouterr().err
     prefix = "unicode2-fast tokenize: error: "
     # one error line, no traceback (transformers' "Loading weights" bar may come before it)

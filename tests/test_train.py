@@ -12,7 +12,8 @@ tokenizers = pytest.importorskip("tokenizers")
 
 import unicode2_fast as u2  # noqa: E402
 from unicode2_fast.models.unified import UnifiedModel  # noqa: E402
-from unicode2_fast.train import TokenDataset, cli_train, train, warmup_cosine  # noqa: E402
+from unicode2_fast import cli  # noqa: E402
+from unicode2_fast.train import TokenDataset, train, warmup_cosine  # noqa: E402
 
 WORDS = ["a", "cat", "dog", "on", "the", "mat", "red", "blue", "big", "small", "sits", "runs"]
 CAPTIONS = [
@@ -165,10 +166,10 @@ def test_save_from_pretrained_round_trip(assets, tmp_path):
 
 
 def test_cli_train_end_to_end(assets, tmp_path, capsys):
-    out = tmp_path / "out"
-    rc = cli_train(["train", "--llm", assets["llm"], "--codebook", assets["codebook"], "--ids", assets["ids"],
-                    "--captions", assets["captions"], "--stage", "1", "--steps", "3", "--batch-size", "4",
-                    "--out", str(out), "--log-every", "0"])
+    out = tmp_path / "new" / "out"  # missing folders are created
+    rc = cli.main(["train", "--llm", assets["llm"], "--codebook", assets["codebook"], "--ids", assets["ids"],
+                   "--captions", assets["captions"], "--stage", "1", "--steps", "3", "--batch-size", "4",
+                   "--out", str(out), "--log-every", "0"])
     assert rc == 0
     assert {"config.json", "model.safetensors", "llm"} <= set(os.listdir(out))
     assert UnifiedModel.from_pretrained(out).codebook_size == 40
@@ -177,8 +178,8 @@ def test_cli_train_end_to_end(assets, tmp_path, capsys):
 def test_cli_train_row_count_mismatch(assets, tmp_path, capsys):
     short = tmp_path / "short.jsonl"
     short.write_text(json.dumps({"text": "a cat"}) + "\n")
-    rc = cli_train(["--llm", assets["llm"], "--codebook", assets["codebook"], "--ids", assets["ids"],
-                    "--captions", str(short), "--out", str(tmp_path / "o")])
+    rc = cli.main(["train", "--llm", assets["llm"], "--codebook", assets["codebook"], "--ids", assets["ids"],
+                   "--captions", str(short), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("unicode2-fast train: error:") and "12 rows" in err
@@ -188,14 +189,25 @@ def test_cli_train_row_count_mismatch(assets, tmp_path, capsys):
 def test_cli_train_codebook_too_small_and_missing_file(assets, tmp_path, capsys):
     big = tmp_path / "big.npy"
     np.save(big, np.full((12, 4), 40, dtype=np.int64))
-    rc = cli_train(["--llm", assets["llm"], "--codebook", assets["codebook"], "--ids", str(big),
-                    "--captions", assets["captions"], "--out", str(tmp_path / "o")])
+    rc = cli.main(["train", "--llm", assets["llm"], "--codebook", assets["codebook"], "--ids", str(big),
+                   "--captions", assets["captions"], "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "codebook too small" in err
-    rc = cli_train(["--llm", assets["llm"], "--codebook", str(tmp_path / "nope.safetensors"), "--ids", assets["ids"],
-                    "--captions", assets["captions"], "--out", str(tmp_path / "o")])
+    rc = cli.main(["train", "--llm", assets["llm"], "--codebook", str(tmp_path / "nope.safetensors"), "--ids", assets["ids"],
+                   "--captions", assets["captions"], "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and err.startswith("unicode2-fast train: error:")
+
+
+def test_cli_train_llm_folder_without_a_model_is_one_line(assets, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc = cli.main(["train", "--llm", str(empty), "--codebook", assets["codebook"], "--ids", assets["ids"],
+                   "--captions", assets["captions"], "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"unicode2-fast train: error: cannot load a tokenizer from {empty}")
+    assert not (tmp_path / "o").exists()
 
 
 def test_torchrun_two_ranks_fsdp2_on_cpu(assets, tmp_path):

@@ -99,3 +99,12 @@ def flatten_queries(x: torch.Tensor, dim: int, name: str = "x") -> Tuple[torch.T
         )
     lead = tuple(x.shape[:-1])
     return x.reshape(-1, dim), lead
+
+
+def check_no_zero_rows(t: torch.Tensor, name: str) -> None:
+    """Raise ValueError naming the first all-zero row of ``t: (R, d)`` (cosine is undefined for it)."""
+    zero = (t == 0).all(dim=1)
+    if bool(zero.any()):
+        raise ValueError(
+            f"{name} row {int(zero.nonzero()[0, 0])} is the zero vector: cosine similarity is undefined for it"
+        )

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
+from ._cache import per_tensor
+from ._certified import U32, U64, CandidateStore, fp64_slack, lowest_of_min, pair_objective
 from .profiling import stage
 
 #: codewords per block: the int32 + fp32 block matrices of a query chunk stay in L2/L3 cache
@@ -38,10 +39,6 @@ QUERY_CHUNK = 4096
 STAT_CHUNK = 16384
 #: candidates extracted per (query, block) at once; the rest are re-checked at the end
 BLOCK_CANDIDATES = 32
-#: candidates per query kept before the query falls back to a streaming exact scan
-CANDIDATE_CAP = 1024
-#: candidate pairs re-ranked at a time (each pair gathers a query and a codeword row)
-RERANK_CHUNK = 16384
 #: codebooks below this many elements (K x d) use the fp64 filter: its statistics are a plain
 #: copy and the scan is short; above, every call reads the int8 copy (8x less than fp64)
 SMALL_CODEBOOK_ELEMENTS = 1 << 20
@@ -52,8 +49,7 @@ MIN_INT8_DIM = 16
 #: int32 accumulation of 127 * 127 * d products stays exact below this dimension
 MAX_INT8_DIM = (2**31 - 1) // (127 * 127)
 
-_U32 = 2.0 ** -24
-_U64 = 2.0 ** -53
+_U32, _U64 = U32, U64
 
 
 def _int8_gemm_available() -> bool:
@@ -185,7 +181,6 @@ class _CodebookStats:
     """Per-codebook filter statistics, cached across calls (built once, then reused)."""
 
     def __init__(self, codebook: torch.Tensor, kind: str, metric: str):
-        self.version = codebook._version
         # l2: shift everything by the codebook mean (see _row_stats); fp32 so the shift itself is
         # a fixed, exactly known vector
         self.center = _column_mean(codebook).float() if metric == "l2" else None
@@ -210,19 +205,9 @@ def _column_mean(v: torch.Tensor) -> torch.Tensor:
     return total / max(1, v.shape[0])
 
 
-# codebook tensor -> {(kind, metric): _CodebookStats}; weak keys so a dropped codebook frees it
-_STATS_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
 def codebook_stats(codebook: torch.Tensor, kind: str, metric: str) -> _CodebookStats:
     """Cached filter statistics of ``codebook``; rebuilt if the tensor was modified in place."""
-    per_tensor = _STATS_CACHE.setdefault(codebook, {})
-    key = (kind, metric)
-    entry = per_tensor.get(key)
-    if entry is None or entry.version != codebook._version:
-        entry = _CodebookStats(codebook, kind, metric)
-        per_tensor[key] = entry
-    return entry
+    return per_tensor(codebook, ("cpu_filter", kind, metric), lambda c: _CodebookStats(c, kind, metric))
 
 
 def choose_filter(n: int, k: int, d: int) -> str:
@@ -275,39 +260,6 @@ def exact_scan(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> Tuple[to
     return best_idx, best
 
 
-def _pair_objective(x, codebook, rows, cols, metric: str, gamma: float, x_norm, c_norm, dtype=None):
-    """Objective of the (row, col) pairs from the original vectors, and a bound on its rounding.
-
-    l2: ``||x - c||^2``; ip: ``-<x, c>``; cos: ``-cos(x, c)``, computed in ``dtype`` (default: x's
-    dtype) in chunks of RERANK_CHUNK pairs. ``gamma`` is the relative rounding bound of a d-term
-    sum in that precision (0 for float64, whose rounding is far below any bound used here);
-    ``x_norm``/``c_norm`` are fp64 row-norm bounds for the ip error term.
-    Returns (objective, error bound), both float64.
-    """
-    dtype = dtype or x.dtype
-    out = torch.empty(rows.shape[0], dtype=dtype)
-    for start in range(0, rows.shape[0], RERANK_CHUNK):
-        xv = x.index_select(0, rows[start:start + RERANK_CHUNK]).to(dtype)
-        cv = codebook.index_select(0, cols[start:start + RERANK_CHUNK]).to(dtype)
-        if metric == "l2":
-            val = xv.sub_(cv).pow_(2).sum(dim=1)
-        elif metric == "ip":
-            val = torch.linalg.vecdot(xv, cv).neg_()
-        else:
-            val = torch.linalg.vecdot(xv, cv).div_(xv.norm(dim=1).mul_(cv.norm(dim=1))).neg_()
-        out[start:start + RERANK_CHUNK] = val
-    out = out.double()
-    if gamma == 0.0:
-        return out, torch.zeros_like(out)
-    if metric == "l2":
-        err = gamma * out.abs()  # the summed terms are the squares themselves
-    elif metric == "ip":
-        err = gamma * x_norm[rows] * c_norm[cols]
-    else:
-        err = torch.full_like(out, 4.0 * gamma)  # dot and both norms, each within gamma
-    return out, err
-
-
 def _pilot_sample(codebook: torch.Tensor, metric: str) -> torch.Tensor:
     """(S, d) float32 strided sample of the codebook (unit rows for cos) for the pilot bound.
 
@@ -345,14 +297,6 @@ def _pilot_upper_bound(x: torch.Tensor, pilot: torch.Tensor, metric: str) -> tor
         obj = -dot
         slack = gamma * x_norm * c_norm + (4.0 * gamma if metric == "cos" else 0.0)
     return (obj + slack).min(dim=1).values
-
-
-def _select_lowest(n: int, rows: torch.Tensor, cols: torch.Tensor, obj: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the minimum objective and, among exact ties, the lowest column."""
-    best = torch.full((n,), math.inf, dtype=torch.float64).scatter_reduce(0, rows, obj, reduce="amin")
-    tie = obj == best[rows]
-    best_idx = torch.full((n,), k, dtype=torch.int64).scatter_reduce(0, rows[tie], cols[tie], reduce="amin")
-    return best_idx, best
 
 
 def nearest_cpu(
@@ -409,29 +353,21 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
 
     with stage("nearest/pilot"):
         upper = _pilot_upper_bound(x, cstats.pilot, metric)  # bound on the true minimum (pair space)
-    cand_rows, cand_cols, cand_lower = [], [], []
+    store = CandidateStore(n, x.device)
+    overflow = store.overflow  # updated in place by store.admit
     deferred = []  # (rows, block, lower bound of the codewords not extracted)
-    counts = torch.zeros(n, dtype=torch.int64)
-    overflow = torch.zeros(n, dtype=torch.bool)
 
     def add(r, local_cols, b):
         """Record candidates (r, block b's local_cols) with their certified pair-space bounds."""
-        nonlocal overflow
-        counts.index_add_(0, r, torch.ones_like(r))
-        over = counts > CANDIDATE_CAP
-        if bool(over.any()):
-            overflow |= over
-            keep = ~overflow[r]
-            r, local_cols = r[keep], local_cols[keep]
+        keep = store.admit(r)
+        r, local_cols = r[keep], local_cols[keep]
         start = b * CODE_BLOCK
         # Exact-ish objective of the block's candidates right away: the block's codewords and the
         # query chunk are still in cache, and the tighter bound prunes the following blocks.
-        obj, err = _pair_objective(x_pair, codebook[start:start + CODE_BLOCK], r, local_cols, metric, pair_gamma,
-                                   qs.norm, cs.norm[start:start + CODE_BLOCK])
+        obj, err = pair_objective(x_pair, codebook[start:start + CODE_BLOCK], r, local_cols, metric, gamma=pair_gamma,
+                                  x_norm=qs.norm, c_norm=cs.norm[start:start + CODE_BLOCK])
         upper.scatter_reduce_(0, r, obj + err, reduce="amin")
-        cand_rows.append(r)
-        cand_cols.append(local_cols + start)
-        cand_lower.append(obj - err)
+        store.add(r, local_cols + start, obj - err)
 
     with stage("nearest/filter_scan"):
         for b, start in enumerate(range(0, k, CODE_BLOCK)):
@@ -449,8 +385,11 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
             magnitude = coef * qs.filt_norm * cstats.block_filt_max[b] + cstats.block_sq_max[b]
             width = coef * dot_err + 2.0 ** -19 * magnitude + cs.sq_rel_err * cstats.block_sq_max[b]
             blk_min = approx.min(dim=1).values.double()
-            upper = torch.minimum(upper, blk_min + width + offset)
-            thresh = upper - offset + width
+            # pair space = filter space + offset: each move between them rounds in fp64, by up to
+            # an ulp of the larger side, which can exceed the width when the queries lie far from
+            # the codebook (offset >> filter values); _fp64_slack keeps both sides bounds
+            upper = torch.minimum(upper, blk_min + width + offset + fp64_slack(blk_min, offset))
+            thresh = upper - offset + width + fp64_slack(upper, offset)
             thresh_f = (thresh + thresh.abs() * 2.0 ** -20).to(approx.dtype)
             rows = (blk_min <= thresh).logical_and_(~overflow).nonzero().squeeze(1)
             if rows.numel() == 0:
@@ -473,21 +412,15 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
         # Deferred (row, block) pairs whose unextracted codewords could still beat the final bound
         # are scanned in full.
         for many_rows, b, rest_lower in deferred:
-            need = many_rows[(rest_lower <= upper[many_rows] - offset[many_rows]) & ~overflow[many_rows]]
+            rest_upper = upper[many_rows] - offset[many_rows] + fp64_slack(upper[many_rows], offset[many_rows])
+            need = many_rows[(rest_lower <= rest_upper) & ~overflow[many_rows]]
             if need.numel():
                 size = min(k, (b + 1) * CODE_BLOCK) - b * CODE_BLOCK
                 add(need.repeat_interleave(size), torch.arange(size).repeat(need.numel()), b)
 
-        rows = torch.cat(cand_rows) if cand_rows else torch.empty(0, dtype=torch.int64)
-        cols = torch.cat(cand_cols) if cand_cols else torch.empty(0, dtype=torch.int64)
-        lower = torch.cat(cand_lower) if cand_lower else torch.empty(0, dtype=torch.float64)
-        keep = (lower <= upper[rows]) & ~overflow[rows]
-        rows, cols = rows[keep], cols[keep]
-        if two_stage:
-            obj, _ = _pair_objective(x, codebook, rows, cols, metric, 0.0, qs.norm, cs.norm, torch.float64)
-        else:
-            obj = lower[keep]
-    ids, best = _select_lowest(n, rows, cols, obj, k)
+        rows, cols, lower = store.surviving(upper)
+        obj = pair_objective(x, codebook, rows, cols, metric, torch.float64)[0] if two_stage else lower
+    ids, best = lowest_of_min(n, rows, cols, obj)
     if bool(overflow.any()):
         over_rows = overflow.nonzero().squeeze(1)
         ids[over_rows], best[over_rows] = exact_scan(x[over_rows], codebook, metric)

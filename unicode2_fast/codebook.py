@@ -15,6 +15,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from ._cache import per_tensor
 from ._checks import array_kind, check_finite, check_float, check_matrix, to_tensor
 from ._io import atomic_write
 
@@ -28,6 +29,34 @@ _META_PREFIX = "meta."
 _NORM_CHUNK_ELEMENTS = 1 << 24
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+def codebook_matrix(codebook: Any, name: str = "codebook") -> torch.Tensor:
+    """The validated (K, d) codeword matrix of a :class:`Codebook` or of a tensor / NumPy / CuPy array.
+
+    The one conversion every op uses. An array is checked to be 2-D, floating point, non-empty
+    (K >= 1, d >= 1) and finite; the finiteness scan (576M elements at K = 500K) and, for a
+    non-contiguous array, the contiguous copy are cached per tensor version, so repeated calls
+    with the same codebook cost nothing. A Codebook was validated when it was made.
+
+    Returns:
+        a contiguous (K, d) tensor (the caller's own tensor when it is contiguous).
+
+    Raises:
+        TypeError: not an array, or not floating point. ValueError: not 2-D, empty, NaN / Inf.
+    """
+    if isinstance(codebook, Codebook):
+        return codebook.vectors
+    tensor = to_tensor(codebook, name)
+    check_matrix(tensor, name)
+    check_float(tensor, name)
+    if tensor.shape[0] == 0 or tensor.shape[1] == 0:
+        raise ValueError(f"empty codebook: {name} has shape {tuple(tensor.shape)}, need K >= 1 codewords and d >= 1")
+    if not tensor.is_contiguous():
+        # cached on the caller's tensor, so statistics keyed by tensor identity are built once
+        tensor = per_tensor(tensor, ("contiguous",), lambda c: c.contiguous())
+    per_tensor(tensor, ("finite",), lambda c: check_finite(c, name))
+    return tensor
 
 
 def _is_array(value: Any) -> bool:
@@ -109,13 +138,7 @@ class Codebook:
     """
 
     def __init__(self, vectors: Any, meta: Optional[Dict[str, Any]] = None) -> None:
-        vectors = to_tensor(vectors, "vectors")
-        check_matrix(vectors, "vectors")
-        check_float(vectors, "vectors")
-        if vectors.shape[0] == 0 or vectors.shape[1] == 0:
-            raise ValueError(f"empty codebook: vectors has shape {tuple(vectors.shape)}, need K >= 1 and d >= 1")
-        check_finite(vectors, "vectors")
-        self._vectors = vectors.contiguous()  # (K, d)
+        self._vectors = codebook_matrix(vectors, "vectors")  # (K, d)
         self._meta = _normalize_meta(meta)
         self._sq_norms_cache: Dict[torch.dtype, torch.Tensor] = {}
 

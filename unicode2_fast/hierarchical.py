@@ -35,12 +35,13 @@ import safetensors
 import safetensors.torch
 import torch
 
+from . import _dispatch, _lloyd
+from ._certified import GROW64, U32, CandidateStore, lowest_of_min, pair_objective
 from ._checks import array_kind, check_finite, check_float, check_matrix, flatten_queries, from_tensor, to_tensor
 from ._io import atomic_write
-from .codebook import Codebook
+from .codebook import Codebook, codebook_matrix
 from .profiling import stage
-from . import _dispatch
-from .nearest import _codebook_tensor, _kernel_layout, nearest
+from .nearest import nearest
 
 FORMAT = "unicode2_fast.hierarchical_index"
 VERSION = "1"
@@ -51,7 +52,7 @@ BACKENDS = _dispatch.backends("hierarchical")
 DEFAULT_NPROBE = 8
 #: k-means trains on at most this many codewords per coarse centroid (a seeded subsample, as FAISS)
 MAX_POINTS_PER_CENTROID = 256
-#: rows converted to float64 at a time for codeword statistics and k-means sums
+#: rows converted to float64 at a time for codeword statistics
 STAT_CHUNK = 16384
 #: queries per chunk: bounds the (chunk, n_coarse) coarse tables and the per-cell gathers
 QUERY_CHUNK = 4096
@@ -61,15 +62,7 @@ ROUND_CELLS = (1, 1, 2)
 #: of the codewords is finished by ``u2.nearest`` (int8 flat scan) instead of fp32 cell scans
 FALLBACK_AFTER_ROUNDS = 2
 FALLBACK_FRACTION = 0.25
-#: exact mode: candidates per query before the query falls back (degenerate, equidistant codebooks)
-CANDIDATE_CAP = 1024
-#: (query, codeword) pairs re-ranked in float64 at a time
-RERANK_CHUNK = 16384
 
-_U32 = 2.0 ** -24
-#: relative margin on fp64 quantities (norms, square roots, sums of d terms): far above their
-#: rounding (d * 2^-53 < 1e-12 for d < 10^4), far below anything that changes a decision
-_GROW64 = 1e-10
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -109,7 +102,7 @@ class HierarchicalIndex:
 
     def __init__(self, codebook: Any, coarse_centroids: Any, coarse_ids: Any, *, metric: str = "l2") -> None:
         _check_metric(metric)
-        vectors = _codebook_tensor(codebook)
+        vectors = codebook_matrix(codebook)
         k, d = vectors.shape
         centroids = to_tensor(coarse_centroids, "coarse_centroids")
         check_matrix(centroids, "coarse_centroids")
@@ -166,8 +159,8 @@ class HierarchicalIndex:
         centroids64 = centroids.double()
         centroid_sq64 = centroids64.pow(2).sum(dim=1)
         self._centroid_sq = centroid_sq64.float()
-        self._centroid_norm = centroid_sq64.sqrt() * (1 + _GROW64)
-        self._centroid_sq_bound = centroid_sq64 * (1 + _GROW64)
+        self._centroid_norm = centroid_sq64.sqrt() * (1 + GROW64)
+        self._centroid_sq_bound = centroid_sq64 * (1 + GROW64)
         codes_sq64 = torch.empty(k, dtype=torch.float64, device=device)
         to_centroid = torch.empty(k, dtype=torch.float64, device=device)
         for start in range(0, k, STAT_CHUNK):
@@ -179,7 +172,7 @@ class HierarchicalIndex:
 
         def cell_max(values: torch.Tensor) -> torch.Tensor:
             out = torch.zeros(n_coarse, dtype=torch.float64, device=device)
-            return out.scatter_reduce(0, self._cell_of_pos, values, reduce="amax") * (1 + _GROW64)
+            return out.scatter_reduce(0, self._cell_of_pos, values, reduce="amax") * (1 + GROW64)
 
         self._cell_sq_max = cell_max(codes_sq64)
         self._cell_norm_max = cell_max(codes_sq64.sqrt())
@@ -218,7 +211,7 @@ class HierarchicalIndex:
             ValueError: n_coarse outside [1, K], negative niter, bad codebook.
         """
         _check_metric(metric)
-        vectors = _codebook_tensor(codebook)
+        vectors = codebook_matrix(codebook)
         k = vectors.shape[0]
         n_coarse = _check_int(n_coarse, "n_coarse", 1, k, f" (it cannot exceed the number of codewords K={k})")
         niter = _check_int(niter, "niter", 0)
@@ -390,7 +383,7 @@ class HierarchicalIndex:
             pos = self._reduce_probes(part_val, part_pos)
             ids[start:start + QUERY_CHUNK] = self._perm[pos]
             rows = torch.arange(pos.shape[0], device=x.device)
-            dists[start:start + QUERY_CHUNK] = _pair_sq_dist(chunk, self._codes, rows, pos).float()
+            dists[start:start + QUERY_CHUNK] = pair_objective(chunk, self._codes, rows, pos, "l2", torch.float64)[0].float()
         return ids, dists
 
     def _coarse_scores(self, x32: torch.Tensor) -> torch.Tensor:
@@ -451,8 +444,8 @@ class HierarchicalIndex:
                 common = torch.float32
         codes = self._kernel_codes.get(common)
         if codes is None:
-            codes = self._kernel_codes[common] = _kernel_layout(self._codes, common)
-        return kernel.probe_scan_triton(_kernel_layout(x, common), codes, self._codes_sq, self._cell_offsets, probes)
+            codes = self._kernel_codes[common] = _dispatch.kernel_layout(self._codes, common)
+        return kernel.probe_scan_triton(_dispatch.kernel_layout(x, common), codes, self._codes_sq, self._cell_offsets, probes)
 
     def _reduce_probes(self, part_val: torch.Tensor, part_pos: torch.Tensor) -> torch.Tensor:
         """(N,) sorted position of the best probe's codeword; equal values go to the lowest original id."""
@@ -482,32 +475,36 @@ class HierarchicalIndex:
         device = x.device
         x32 = x.float()
         x_sq = x.double().pow(2).sum(dim=1)  # ||x||^2: the fp32 filter leaves it out, bounds add it back
-        x_norm = x_sq.sqrt() * (1 + _GROW64)
+        x_norm = x_sq.sqrt() * (1 + GROW64)
         # |fl(<x32, c32>) - <x, c>| <= gamma ||x|| ||c||: d-term fp32 sum plus rounding x or c to fp32
-        gamma = 1.01 * (d + 4) * _U32
+        gamma = 1.01 * (d + 4) * U32
 
         with stage("hierarchical/exact_bounds"):
             scores = self._coarse_scores(x32)  # (n, n_coarse)
             coarse = scores.double() + x_sq.unsqueeze(1)  # ~ ||x - m||^2
             cross = x_norm.unsqueeze(1) * self._centroid_norm.unsqueeze(0)
             coarse_err = 2.0 * gamma * cross + 2.0 ** -21 * (x_sq.unsqueeze(1) + self._centroid_sq_bound + 2.0 * cross)
-            centroid_dist = (coarse - coarse_err).clamp_min_(0.0).sqrt_().mul_(1 - _GROW64)
-            lower = (centroid_dist - self._radius.unsqueeze(0)).clamp_min_(0.0).pow_(2).mul_(1 - _GROW64)
+            centroid_dist = (coarse - coarse_err).clamp_min_(0.0).sqrt_().mul_(1 - GROW64)
+            lower = (centroid_dist - self._radius.unsqueeze(0)).clamp_min_(0.0).pow_(2).mul_(1 - GROW64)
             # cells in increasing coarse distance (lower cell first on ties); empty cells are never scanned
             order = torch.sort(scores, dim=1, stable=True).indices
             lower = lower.gather(1, order)
             size = self._cell_size[order]
             done = size == 0
 
-        state = _ExactState(n, device)
+        upper = torch.full((n,), math.inf, dtype=torch.float64, device=device)  # >= the true minimum
+        store = CandidateStore(n, device)
+        # queries finished by the flat search: too many near-equal codewords (the store's cap) or
+        # too much of the codebook left unpruned
+        fallback = store.overflow
         k = self.ntotal
         for round_index in range(self.n_coarse + len(ROUND_CELLS)):
-            alive = ~done & (lower <= state.upper.unsqueeze(1)) & ~state.fallback.unsqueeze(1)
+            alive = ~done & (lower <= upper.unsqueeze(1)) & ~fallback.unsqueeze(1)
             done |= ~alive  # upper only decreases: a pruned cell stays pruned
             if round_index >= FALLBACK_AFTER_ROUNDS:
                 remaining = torch.where(alive, size, 0).sum(dim=1)
-                state.fallback |= remaining > FALLBACK_FRACTION * k
-                alive &= ~state.fallback.unsqueeze(1)
+                fallback |= remaining > FALLBACK_FRACTION * k
+                alive &= ~fallback.unsqueeze(1)
             per_query = (ROUND_CELLS[round_index] if round_index < len(ROUND_CELLS)
                          else min(self.n_coarse, ROUND_CELLS[-1] << (round_index - len(ROUND_CELLS) + 1)))
             pick = alive & (alive.cumsum(dim=1) <= per_query)
@@ -516,22 +513,20 @@ class HierarchicalIndex:
                 break
             done |= pick
             with stage("hierarchical/exact_scan"):
-                self._exact_scan(x32, x_sq, x_norm, gamma, rows, order[rows, ranks], state)
+                self._exact_scan(x32, x_sq, x_norm, gamma, rows, order[rows, ranks], upper, store)
 
         with stage("hierarchical/rerank"):
-            cand_rows, cand_pos, cand_lower = state.candidates()
-            keep = (cand_lower <= state.upper[cand_rows]) & ~state.fallback[cand_rows]
-            cand_rows, cand_pos = cand_rows[keep], cand_pos[keep]
-            dist64 = _pair_sq_dist(x, self._codes, cand_rows, cand_pos)
-            ids, best = _lowest_id_of_min(n, cand_rows, self._perm[cand_pos], dist64)
+            cand_rows, cand_pos, _ = store.surviving(upper)
+            dist64, _ = pair_objective(x, self._codes, cand_rows, cand_pos, "l2", torch.float64)
+            ids, best = lowest_of_min(n, cand_rows, self._perm[cand_pos], dist64)
             dists = best.float()
-        if bool(state.fallback.any()):
+        if bool(fallback.any()):
             with stage("hierarchical/fallback"):
-                rows = state.fallback.nonzero().squeeze(1)
+                rows = fallback.nonzero().squeeze(1)
                 ids[rows], dists[rows] = nearest(x[rows], self._original_codebook())
         return ids, dists
 
-    def _exact_scan(self, x32, x_sq, x_norm, gamma, rows, cells, state: "_ExactState") -> None:
+    def _exact_scan(self, x32, x_sq, x_norm, gamma, rows, cells, upper: torch.Tensor, store: CandidateStore) -> None:
         """Scan the (query, cell) pairs grouped by cell; tighten upper bounds, record candidates.
 
         For a query q and a codeword c the filter value f = fl(||c||^2 - 2 <x32, c32>) lies within
@@ -552,13 +547,16 @@ class HierarchicalIndex:
             scores = torch.addmm(self._codes_sq[start:stop], x32.index_select(0, queries), codes32[start:stop].t(),
                                  alpha=-2.0)
             row_min = scores.min(dim=1).values.double()
-            upper = torch.minimum(state.upper[queries], row_min + width[lo:hi] + pair_x_sq[lo:hi])
-            state.upper[queries] = upper
-            threshold = upper - pair_x_sq[lo:hi] + width[lo:hi]  # f above this: true distance above upper
+            # (width's 2^-21 ||x||^2 term also covers the fp64 rounding of moving between filter
+            # and pair space, unlike the flat path's, which needs _certified.fp64_slack)
+            cell_upper = torch.minimum(upper[queries], row_min + width[lo:hi] + pair_x_sq[lo:hi])
+            upper[queries] = cell_upper
+            threshold = cell_upper - pair_x_sq[lo:hi] + width[lo:hi]  # f above this: true distance above upper
             threshold_f32 = (threshold + threshold.abs() * 2.0 ** -20).float()
             hit_row, hit_col = (scores <= threshold_f32.unsqueeze(1)).nonzero(as_tuple=True)
             lower = scores[hit_row, hit_col].double() - width[lo:hi][hit_row] + pair_x_sq[lo:hi][hit_row]
-            state.add(queries[hit_row], hit_col + start, lower)
+            keep = store.admit(queries[hit_row])
+            store.add(queries[hit_row][keep], (hit_col + start)[keep], lower[keep])
 
     def _original_codebook(self) -> torch.Tensor:
         """The codewords in original order (kept from the build, or un-permuted once after a load)."""
@@ -644,33 +642,6 @@ class HierarchicalIndex:
         return index
 
 
-class _ExactState:
-    """Per-query state of an exact search chunk: upper bounds, candidates, fallback flags."""
-
-    def __init__(self, n: int, device: torch.device):
-        self.upper = torch.full((n,), math.inf, dtype=torch.float64, device=device)  # >= the true minimum
-        self.fallback = torch.zeros(n, dtype=torch.bool, device=device)
-        self._count = torch.zeros(n, dtype=torch.int64, device=device)
-        self._rows: List[torch.Tensor] = []
-        self._pos: List[torch.Tensor] = []
-        self._lower: List[torch.Tensor] = []
-
-    def add(self, rows: torch.Tensor, pos: torch.Tensor, lower: torch.Tensor) -> None:
-        """Record candidates (query row, sorted codeword position, lower bound of its distance)."""
-        self._count.index_add_(0, rows, torch.ones_like(rows))
-        self.fallback |= self._count > CANDIDATE_CAP  # too many near-equal codewords: flat scan instead
-        self._rows.append(rows)
-        self._pos.append(pos)
-        self._lower.append(lower)
-
-    def candidates(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        device = self.upper.device
-        if not self._rows:
-            empty = torch.empty(0, dtype=torch.int64, device=device)
-            return empty, empty, torch.empty(0, dtype=torch.float64, device=device)
-        return torch.cat(self._rows), torch.cat(self._pos), torch.cat(self._lower)
-
-
 def _offsets(sizes: torch.Tensor) -> torch.Tensor:
     """(n + 1,) int64 exclusive prefix sum of (n,) sizes."""
     offsets = torch.zeros(sizes.shape[0] + 1, dtype=torch.int64, device=sizes.device)
@@ -678,36 +649,10 @@ def _offsets(sizes: torch.Tensor) -> torch.Tensor:
     return offsets
 
 
-def _pair_sq_dist(x: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """float64 ``||x[rows] - codes[pos]||^2`` from the original vectors, RERANK_CHUNK pairs at a time.
-
-    The same arithmetic as u2.nearest's CPU re-ranking (difference, square, row sum in float64),
-    so equal pairs get bit-identical distances and ties resolve identically.
-    """
-    out = torch.empty(rows.shape[0], dtype=torch.float64, device=x.device)
-    for start in range(0, rows.shape[0], RERANK_CHUNK):
-        xv = x.index_select(0, rows[start:start + RERANK_CHUNK]).double()
-        cv = codes.index_select(0, pos[start:start + RERANK_CHUNK]).double()
-        out[start:start + RERANK_CHUNK] = xv.sub_(cv).pow_(2).sum(dim=1)
-    return out
-
-
-def _lowest_id_of_min(n: int, rows: torch.Tensor, ids: torch.Tensor,
-                      dist: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the minimum distance and, among exact ties, the lowest id (rows with no pair: inf, -1)."""
-    best = torch.full((n,), math.inf, dtype=torch.float64, device=dist.device)
-    best = best.scatter_reduce(0, rows, dist, reduce="amin")
-    tie = dist == best[rows]
-    sentinel = torch.iinfo(torch.int64).max
-    best_id = torch.full((n,), sentinel, dtype=torch.int64, device=dist.device).scatter_reduce(
-        0, rows[tie], ids[tie], reduce="amin")
-    return best_id.masked_fill_(best_id == sentinel, -1), best
-
-
 def _kmeans(vectors: torch.Tensor, n_coarse: int, niter: int, seed: int, max_points_per_centroid: int) -> torch.Tensor:
-    """(n_coarse, d) float32 centroids by Lloyd's algorithm over a seeded subsample of ``vectors: (K, d)``."""
+    """(n_coarse, d) float32 centroids by the shared Lloyd loop over a seeded subsample of ``vectors: (K, d)``."""
     generator = torch.Generator().manual_seed(seed)
-    k, d = vectors.shape
+    k = vectors.shape[0]
     device = vectors.device
     n_train = min(k, n_coarse * max_points_per_centroid)
     if n_train < k:
@@ -716,38 +661,8 @@ def _kmeans(vectors: torch.Tensor, n_coarse: int, niter: int, seed: int, max_poi
     else:
         train = vectors
     init = torch.randperm(n_train, generator=generator)[:n_coarse].to(device)
-    centroids = train.index_select(0, init).float()
-    for _ in range(niter):
-        assign, _ = nearest(train, centroids)
-        sums = torch.zeros((n_coarse, d), dtype=torch.float64, device=device)
-        for start in range(0, n_train, STAT_CHUNK):
-            sums.index_add_(0, assign[start:start + STAT_CHUNK], train[start:start + STAT_CHUNK].double())
-        counts = torch.bincount(assign, minlength=n_coarse)
-        sums /= counts.clamp_min(1).unsqueeze(1).double()
-        _split_empty(sums, counts)
-        centroids = sums.float()
-    return centroids
-
-
-def _split_empty(centroids: torch.Tensor, counts: torch.Tensor) -> None:
-    """Give each empty cluster half of the currently largest one (in place, deterministic).
-
-    The two halves are the old centroid moved by +delta and -delta along an alternating +-pattern,
-    so the next assignment splits that cluster between them.
-    """
-    empty = (counts == 0).nonzero().squeeze(1).tolist()
-    if not empty:
-        return
-    counts = counts.clone()
-    pattern = torch.ones(centroids.shape[1], dtype=torch.float64, device=centroids.device)
-    pattern[1::2] = -1.0
-    for j in empty:
-        big = int(counts.argmax())
-        delta = 2.0 ** -10 * pattern * (centroids[big].abs() + 2.0 ** -10)
-        centroids[j] = centroids[big] + delta
-        centroids[big] -= delta
-        counts[j] = counts[big] // 2
-        counts[big] -= counts[j]
+    # split_halves, not the default refill: a codebook may hold fewer distinct codewords than cells
+    return _lloyd.lloyd(train, train.index_select(0, init).float(), niter, repair=_lloyd.split_halves).centroids
 
 
 def _validate_stored(codes: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, centroids: torch.Tensor) -> None:

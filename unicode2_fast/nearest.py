@@ -16,59 +16,30 @@ ties go to the lowest code index.
 """
 from __future__ import annotations
 
-import os
+import math
 from typing import Any, Tuple, Union
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _dispatch, _nearest_cpu
+from ._cache import per_tensor
 from ._checks import (
     array_kind,
     check_finite,
     check_float,
-    check_matrix,
+    check_no_zero_rows,
     flatten_queries,
     from_tensor,
     to_tensor,
 )
-from .codebook import Codebook
+from .codebook import Codebook, codebook_matrix
 from .profiling import stage
 
 METRICS = ("l2", "ip", "cos")
+#: inputs whose largest magnitude is outside 2^-SAFE_EXPONENT .. 2^SAFE_EXPONENT are first scaled
+#: by a power of two (see _rescale_exponent)
+SAFE_EXPONENT = 20
 BACKENDS = _dispatch.backends("nearest")
-
-# Codebook statistics for the Triton kernel (||c||^2 or 1/||c||) and FAISS flat indexes, built
-# once per codebook tensor and metric: codebook -> {(what, metric): (tensor version, object)}.
-_PER_CODEBOOK: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _per_codebook(codebook: torch.Tensor, key: tuple, build):
-    """``build(codebook)`` cached per codebook tensor, rebuilt after an in-place change."""
-    entries = _PER_CODEBOOK.setdefault(codebook, {})
-    cached = entries.get(key)
-    if cached is None or cached[0] != codebook._version:
-        cached = (codebook._version, build(codebook))
-        entries[key] = cached
-    return cached[1]
-
-
-def _codebook_tensor(codebook: Any) -> torch.Tensor:
-    if isinstance(codebook, Codebook):
-        return codebook.vectors
-    tensor = to_tensor(codebook, "codebook")
-    check_matrix(tensor, "codebook")
-    check_float(tensor, "codebook")
-    if tensor.shape[0] == 0:
-        raise ValueError("empty codebook: it has K = 0 codewords")
-    if not tensor.is_contiguous():
-        # the contiguous copy is cached on the caller's tensor, so the per-codebook statistics
-        # (keyed by tensor identity) are built once, not on every call
-        tensor = _per_codebook(tensor, ("contiguous",), lambda c: c.contiguous())
-    # checked once per tensor version, not on every call (K x d = 576M elements at K = 500K)
-    _per_codebook(tensor, ("finite",), lambda c: check_finite(c, "codebook"))
-    return tensor
-
 
 def nearest(
     x: Any,
@@ -105,15 +76,23 @@ def _nearest(x: Any, codebook: Any, metric: str, backend: str) -> Tuple[Any, Any
     kind = array_kind(x)
     xt = to_tensor(x, "x")
     check_float(xt, "x")
-    cb = _codebook_tensor(codebook)
+    cb = codebook_matrix(codebook)
     if xt.device != cb.device:
         raise ValueError(f"x is on {xt.device} but the codebook is on {cb.device}; move one of them")
     x2d, lead = flatten_queries(xt, cb.shape[1])
     check_finite(x2d, "x")
     resolved = _dispatch.resolve("nearest", backend, xt.device, (xt.dtype, cb.dtype))
     if metric == "cos":
-        _check_no_zero_rows(x2d, "x")
-        _check_no_zero_rows(cb, "codebook")
+        check_no_zero_rows(x2d, "x")
+        check_no_zero_rows(cb, "codebook")
+
+    if metric == "cos":
+        # cosine ignores each row's scale: bring every row's magnitude into range on its own
+        x2d = _rows_rescaled(x2d)
+        cb = per_tensor(cb, ("rows_rescaled",), _rows_rescaled)
+    exponent = _rescale_exponent(x2d, cb)
+    if exponent:
+        x2d, cb = _rescaled(x2d, cb, exponent)
 
     with stage(f"nearest/{resolved}"):
         if resolved == "triton":
@@ -124,48 +103,92 @@ def _nearest(x: Any, codebook: Any, metric: str, backend: str) -> Tuple[Any, Any
             ids, dists = _nearest_cpu.nearest_cpu(x2d, cb, metric)
         else:
             ids, dists = _nearest_torch_gpu(x2d, cb, metric)
+    if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < cb.shape[0]):
+        # a backend bug must never reach the caller as an out-of-range read of C2
+        raise RuntimeError(f"internal error: backend {resolved!r} returned an id outside [0, {cb.shape[0]})")
+    if exponent:
+        dists = _unscaled_dists(dists, exponent, metric)
     return from_tensor(ids.reshape(lead), kind), from_tensor(dists.reshape(lead), kind)
 
 
-def _check_no_zero_rows(t: torch.Tensor, name: str) -> None:
-    zero = (t == 0).all(dim=1)
-    if bool(zero.any()):
+def _rescale_exponent(x: torch.Tensor, codebook: torch.Tensor) -> int:
+    """``e`` such that x / 2^e and codebook / 2^e have their largest magnitude in [0.5, 1), or 0
+    when the inputs already lie within 2^-SAFE_EXPONENT .. 2^SAFE_EXPONENT.
+
+    Every backend computes in fp32 at some stage (filters, GEMMs, FAISS), where squares of very
+    large entries overflow and of very small ones underflow, and the rounding bounds of the exact
+    CPU path assume neither. The nearest codeword does not change when both sides are scaled by
+    the same positive factor, and a power of two scales exactly.
+    """
+    # x: (N, d), codebook: (K, d)
+    largest = max(_absmax(x), per_tensor(codebook, ("absmax",), _absmax))
+    if largest == 0.0:
+        return 0
+    exponent = math.frexp(largest)[1]
+    return exponent if abs(exponent) > SAFE_EXPONENT else 0
+
+
+def _absmax(t: torch.Tensor) -> float:
+    if t.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(t)
+    return max(abs(float(lo)), abs(float(hi)))
+
+
+def _rescaled(x: torch.Tensor, codebook: torch.Tensor, exponent: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x / 2^exponent and codebook / 2^exponent, exactly (float64 inputs stay float64, others are
+    scaled in float32, whose range holds every fp16 / bf16 / fp32 value scaled this way)."""
+    dtype = _dispatch.torch_dtype(x, codebook)
+    x = torch.ldexp(x.to(dtype), torch.tensor(-exponent, dtype=torch.int32))
+    # one scaled copy per codebook, replaced when another exponent is needed
+    codebook = per_tensor(codebook, ("rescaled",),
+                          lambda c: torch.ldexp(c.to(dtype), torch.tensor(-exponent, dtype=torch.int32)),
+                          stamp=(exponent, dtype))
+    return x, codebook
+
+
+def _rows_rescaled(t: torch.Tensor) -> torch.Tensor:
+    """``t: (R, d)`` with each row scaled by a power of two into [0.5, 1) absmax where a row's
+    largest magnitude lies outside 2^-SAFE_EXPONENT .. 2^SAFE_EXPONENT (else ``t`` itself)."""
+    if t.numel() == 0:
+        return t
+    _, exponents = torch.frexp(t.abs().amax(dim=1))
+    if int(exponents.abs().max()) <= SAFE_EXPONENT:
+        return t
+    t = t.to(_dispatch.torch_dtype(t))
+    return torch.ldexp(t, -exponents.to(torch.int32).unsqueeze(1))
+
+
+def _unscaled_dists(dists: torch.Tensor, exponent: int, metric: str) -> torch.Tensor:
+    """The distances of the original inputs from those of the rescaled ones.
+
+    Raises:
+        ValueError: a distance exceeds the float32 range that dists are returned in.
+    """
+    if metric == "cos":
+        return dists
+    # both sides were scaled by 2^-exponent: squared distances and inner products by 2^-2*exponent
+    scaled = torch.ldexp(dists.double(), torch.tensor(2 * exponent, dtype=torch.int32))
+    if scaled.numel() and float(scaled.abs().max()) > torch.finfo(torch.float32).max:
+        what = "squared L2 distances" if metric == "l2" else "inner products"
         raise ValueError(
-            f"{name} row {int(zero.nonzero()[0, 0])} is the zero vector: cosine similarity is undefined for it"
+            f"{what} exceed the float32 range of dists ({torch.finfo(torch.float32).max:.3g}): the largest is "
+            f"{float(scaled.abs().max()):.3g}; scale x and the codebook down (their entries reach 2^{exponent})"
         )
+    return scaled.float()
 
 
 def _nearest_triton(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> Tuple[torch.Tensor, torch.Tensor]:
     from .kernels import nearest as kernel  # imported on first use: importing the package compiles nothing
 
     common = _dispatch.kernel_dtype(x.dtype, codebook.dtype)
-    if not _has_kernel_layout(codebook, common):
+    if not _dispatch.has_kernel_layout(codebook, common):
         # cached: only a converted copy, never the codebook itself (a cache value that holds its
         # own key would keep the codebook alive forever)
-        codebook = _per_codebook(codebook, ("triton_layout", common), lambda c: _kernel_layout(c, common))
-    x = _kernel_layout(x, common)
-    cstat = _per_codebook(codebook, ("triton", metric), lambda c: kernel.codebook_stat(c, metric))
+        codebook = per_tensor(codebook, ("triton_layout", common), lambda c: _dispatch.kernel_layout(c, common))
+    x = _dispatch.kernel_layout(x, common)
+    cstat = per_tensor(codebook, ("triton", metric), lambda c: kernel.codebook_stat(c, metric))
     return kernel.nearest_triton(x, codebook, metric, cstat=cstat)
-
-
-def _has_kernel_layout(t: torch.Tensor, dtype: torch.dtype) -> bool:
-    return t.dtype == dtype and t.stride(1) == 1 and t.shape[1] % 16 == 0 and t.stride(0) % 16 == 0
-
-
-def _kernel_layout(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` as the kernel reads it fastest: ``dtype``, unit column stride, rows a multiple of 16
-    elements long (zero-padded: zero columns change no distance).
-
-    With a row length that is not a multiple of 16 the compiler cannot prove the loads aligned,
-    loads element by element and spills registers (seen in the sm_90 compile report at d = 1153).
-    """
-    # t: (R, d)
-    if _has_kernel_layout(t, dtype):
-        return t
-    d = t.shape[1]
-    padded = torch.zeros((t.shape[0], -(-d // 16) * 16), dtype=dtype, device=t.device)
-    padded[:, :d] = t
-    return padded
 
 
 def _nearest_torch_gpu(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +233,7 @@ def _nearest_faiss(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> Tupl
     if metric == "cos":
         xs = xs.copy()
         faiss.normalize_L2(xs)
-    index = _per_codebook(codebook, ("faiss", metric), lambda c: _faiss_flat_index(c, metric))
+    index = per_tensor(codebook, ("faiss", metric), lambda c: _faiss_flat_index(c, metric))
     if xs.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float32)
     dist, ids = index.search(xs, 1)

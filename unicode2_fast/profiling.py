@@ -5,6 +5,9 @@
 timeline; it is always a ``torch.profiler.record_function`` range, which the torch profiler's
 Chrome trace shows on CPU and GPU alike. Without a profiler attached both are near no-ops
 (record_function checks a flag; NVTX without a collector is a few nanoseconds).
+
+A leaf module: it imports nothing of the package, so every layer can mark its stages. The
+``unicode2-fast profile`` command (``unicode2_fast.cli.profile``) writes a trace of one op.
 """
 from __future__ import annotations
 
@@ -36,36 +39,3 @@ def stage(name: str) -> Iterator[None]:
             stack.enter_context(_nvtx.annotate(name, color=NVTX_COLOR, domain=NVTX_DOMAIN))
         stack.enter_context(torch.profiler.record_function(name))
         yield
-
-
-def profile_nearest(out_dir: str, k: int = 50_000, n: int = 729, d: int = 1152, device: str = "cpu",
-                    dtype: torch.dtype = torch.float32, repeats: int = 2) -> str:
-    """Chrome trace of ``u2.nearest`` on synthetic SigLIP-like data; returns the trace path.
-
-    One warm-up call (codebook statistics / kernel compile) runs outside the trace, then
-    ``repeats`` traced calls. Open the JSON in chrome://tracing or https://ui.perfetto.dev.
-    """
-    import os
-
-    from ._io import atomic_write
-    from .data import siglip_like
-    from .nearest import nearest
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
-    data = siglip_like(k, n, d)
-    x = data.queries.to(device=device, dtype=dtype)
-    codebook = data.codebook.to(device=device, dtype=dtype)
-    nearest(x, codebook)
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
-        for _ in range(repeats):
-            nearest(x, codebook)
-        if device == "cuda":
-            torch.cuda.synchronize()
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"trace_nearest_{device}_k{k}_n{n}.json")
-    atomic_write(path, prof.export_chrome_trace)
-    return path

@@ -14,6 +14,7 @@ allocated, which is what makes large codebooks fail there (vector-quantize-pytor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -25,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_finite, check_float, check_matrix, flatten_queries, to_tensor
+from . import _lloyd
+from ._checks import check_finite, check_float, check_matrix, check_no_zero_rows, flatten_queries, to_tensor
 from ._io import atomic_write, atomic_write_text
 from .codebook import Codebook
 from .embedding import gathered_embedding
-from .nearest import METRICS, _check_no_zero_rows, nearest
+from .nearest import METRICS, nearest
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -507,7 +509,7 @@ class VectorQuantizer(nn.Module):
                     f"codebook has shape {tuple(init.shape)}, expected (codebook_size, dim) = {(codebook_size, dim)}"
                 )
         if metric == "cos":
-            _check_no_zero_rows(init, "codebook")
+            check_no_zero_rows(init, "codebook")
             init = F.normalize(init, dim=1)
 
         if self.learnable_codebook:
@@ -574,7 +576,7 @@ class VectorQuantizer(nn.Module):
         x_last = self._to_channel_last(x)  # (..., d)
         flat, lead = _check_features(x_last, self.dim, self.codebook.device, "x")  # (N, d)
         if self.metric == "cos":
-            _check_no_zero_rows(flat.detach(), "x")
+            check_no_zero_rows(flat.detach(), "x")
             flat = F.normalize(flat, dim=1)
 
         if self.training and self.kmeans_init and not bool(self.initted):
@@ -641,28 +643,18 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _kmeans_init(self, x: torch.Tensor) -> None:
-        # x: (N, d) float32 (unit rows with "cos"). Lloyd iterations with u2.nearest assignment;
-        # a centroid no vector chose keeps its previous value.
+        # x: (N, d) float32 (unit rows with "cos"). The shared Lloyd loop with u2.nearest in this
+        # layer's metric. keep_previous, not the default refill: a batch may hold fewer distinct
+        # vectors than codes, and a code no vector chose keeps its sampled value.
         if x.shape[0] == 0:
             return
-        k = self.codebook_size
-        centroids = self._sample_rows(x, k).clone()  # (K, d)
-        ones = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
-        for _ in range(self.kmeans_iters):
-            ids, _ = nearest(x, centroids, self.metric)
-            counts = torch.zeros(k, dtype=torch.float32, device=x.device).index_add_(0, ids, ones)  # (K,)
-            sums = torch.zeros_like(centroids).index_add_(0, ids, x)
-            means = sums / counts.clamp_min(1.0).unsqueeze(1)
-            keep = counts == 0
-            if self.metric == "cos":
-                norms = torch.linalg.vector_norm(means, dim=1, keepdim=True)
-                keep |= norms.squeeze(1) == 0
-                means = means / norms.clamp_min(torch.finfo(means.dtype).tiny)
-            centroids = torch.where(keep.unsqueeze(1), centroids, means)
-        self.codebook.copy_(centroids)
+        result = _lloyd.lloyd(x, self._sample_rows(x, self.codebook_size), self.kmeans_iters,
+                              assign=functools.partial(nearest, metric=self.metric),
+                              repair=_lloyd.keep_previous, spherical=self.metric == "cos")
+        self.codebook.copy_(result.centroids)
         if self.ema_decay is not None:
             # a code no batch vector chose gets weight 1, like a freshly initialised code
-            self.cluster_size.copy_(counts.clamp_min(1.0))
-            self.embed_avg.copy_(centroids * self.cluster_size.unsqueeze(1))
+            self.cluster_size.copy_(result.counts.clamp_min(1))
+            self.embed_avg.copy_(result.centroids * self.cluster_size.unsqueeze(1))
         self.initted.fill_(True)
 

@@ -11,13 +11,13 @@ world size > 1, each decoder layer of the LLM (and then the LLM) is sharded with
 (``torch.distributed.fsdp.fully_shard``); the projector and C2 stay replicated and their
 gradients are averaged across ranks (C2's sparse gradient by gathering the touched rows); each
 rank reads its own slice of every shuffled epoch. The CPU tests run it with two gloo ranks.
+The ``unicode2-fast train`` command (``unicode2_fast.cli.train``) joins torchrun's process group.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import sys
 import types
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -160,23 +160,6 @@ def _world() -> Tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _init_distributed_from_env() -> str:
-    """Join the process group torchrun describes (WORLD_SIZE > 1) and return this rank's device.
-
-    NCCL with one GPU per rank (LOCAL_RANK) on CUDA machines, gloo on the CPU; a plain run (no
-    torchrun) stays single-process.
-    """
-    import torch.distributed as dist
-
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return f"cuda:{local_rank}" if cuda else "cpu"
 
 
 def _shard_llm(llm: torch.nn.Module) -> None:
@@ -337,86 +320,3 @@ def train(
         else:
             model.save_pretrained(out_dir)
     return losses
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------------
-
-
-def cli_train(argv: Optional[Sequence[str]] = None) -> int:
-    """``unicode2-fast train --llm PATH --codebook FILE --ids ids.npy --captions captions.jsonl
-    --stage 1 --steps 100 --batch-size 8 --out DIR [--lr LR] [--seed S]``.
-
-    Returns:
-        0 on success; 2 after a user mistake (missing file, ids/captions row-count mismatch,
-        codebook smaller than the largest id, bad arguments), reported as one line on stderr.
-    """
-    from .cli import OneLineErrorParser, UserError
-    from .codebook import Codebook
-
-    prog = "unicode2-fast train"
-    parser = OneLineErrorParser(
-        prog=prog,
-        description="Understanding training (L_UND): visual ids -> C2 -> projector -> Qwen2 LLM. "
-                    "Stage 1 trains the projector, stage 2 everything. Multi-GPU: run under torchrun.",
-        epilog=f"example: {prog} --llm Qwen2.5-7B --codebook codebook.safetensors --ids ids.npy "
-               "--captions captions.jsonl --stage 1 --steps 100 --batch-size 8 --out run1",
-    )
-    parser.add_argument("--llm", required=True, help="Qwen2 model directory (with its tokenizer), or a "
-                                                     "directory written by a previous train run")
-    parser.add_argument("--codebook", required=True, help="codebook .safetensors (initialises C2)")
-    parser.add_argument("--ids", required=True, help="(N, P) .npy from `unicode2-fast tokenize`")
-    parser.add_argument("--captions", required=True, help='JSON lines, one {"text": ...} per row of ids')
-    parser.add_argument("--stage", type=int, choices=[1, 2], default=1)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--out", required=True, help="output directory (save_pretrained)")
-    parser.add_argument("--lr", type=float, default=None, help="peak lr (default 1e-3 stage 1, 1e-5 stage 2)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=10)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:  # accept the whole command line too
-        argv = argv[1:]
-    try:
-        args = parser.parse_args(argv)
-        if args.steps < 1 or args.batch_size < 1:
-            raise UserError("--steps and --batch-size must be >= 1")
-        if args.lr is not None and not args.lr > 0:
-            raise UserError(f"--lr must be > 0, got {args.lr}")
-        if not os.path.isdir(args.llm):
-            raise UserError(f"LLM directory not found: {args.llm}")
-        if not os.path.isfile(args.codebook):
-            raise UserError(f"codebook not found: {args.codebook}")
-        ids = read_ids(args.ids)
-        captions = read_captions(args.captions)
-        if len(captions) != ids.shape[0]:
-            raise UserError(f"{args.ids} has {ids.shape[0]} rows but {args.captions} has {len(captions)} "
-                            "captions: they must pair one to one")
-        codebook = Codebook.load(args.codebook)
-        if ids.size and int(ids.max()) >= codebook.k:
-            raise UserError(f"codebook too small: it has {codebook.k} codewords but {args.ids} holds id "
-                            f"{int(ids.max())}")
-        from transformers import AutoTokenizer
-
-        from .models.unified import UnifiedModel
-
-        llm_dir = args.llm
-        tokenizer_dir = os.path.join(llm_dir, "llm") if os.path.isdir(os.path.join(llm_dir, "llm")) else llm_dir
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        dataset = TokenDataset(ids, captions, tokenizer)
-        device = _init_distributed_from_env()
-        model = UnifiedModel.from_pretrained(llm_dir, codebook, device=device)
-        if model.codebook_size <= int(ids.max(initial=0)):
-            raise UserError(f"the model's C2 has {model.codebook_size} rows but {args.ids} holds id {int(ids.max())}")
-    except SystemExit as exit_:  # --help
-        return int(exit_.code or 0)
-    except (UserError, FileNotFoundError, IsADirectoryError, PermissionError, ValueError, OSError) as error:
-        print(f"{prog}: error: {error}".replace("\n", " "), file=sys.stderr)
-        return 2
-    train(model, dataset, stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-          seed=args.seed, log_every=args.log_every, out_dir=args.out)
-    if _world()[0] == 0:
-        tokenizer.save_pretrained(os.path.join(args.out, "llm"))
-        print(f"saved {args.out}")
-    return 0

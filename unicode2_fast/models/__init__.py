@@ -3,6 +3,6 @@
 Importing this package imports neither transformers nor PIL: they load on the first call that
 needs them.
 """
-from .siglip_tokenizer import SiglipTokenizer, cli_tokenize
+from .siglip_tokenizer import SiglipTokenizer
 
-__all__ = ["SiglipTokenizer", "cli_tokenize"]
+__all__ = ["SiglipTokenizer"]

@@ -6,15 +6,11 @@ The vision tower is ``transformers.SiglipVisionModel`` as is (no CLS token: ever
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Sequence, Union
 
-import numpy as np
 import torch
 
-from .._io import atomic_write, atomic_write_text
 from ..codebook import Codebook
 from ..nearest import METRICS, nearest
 
@@ -204,67 +200,3 @@ def list_images(folder: PathLike) -> List[str]:
         name for name in os.listdir(folder)
         if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, name))
     )
-
-
-def cli_tokenize(argv: Optional[Sequence[str]] = None) -> int:
-    """``unicode2-fast tokenize IMAGES_DIR --siglip PATH --codebook FILE --out ids.npy [...]``.
-
-    Writes ``ids.npy``, (N_images, P) int64, and next to it ``ids.json``, the image file names in
-    row order; each atomically.
-
-    Returns:
-        0 on success; 2 after a user mistake (missing folder, model or codebook, no images, codebook
-        dim mismatch, unreadable image), reported as one line on stderr.
-    """
-    from ..cli import OneLineErrorParser, UserError
-
-    prog = "unicode2-fast tokenize"
-    parser = OneLineErrorParser(
-        prog=prog,
-        description="Visual token ids of every image in a folder: SigLIP patch features, then the "
-                    "nearest codeword of each patch.",
-        epilog=f"example: {prog} images/ --siglip siglip-so400m-patch14-384 --codebook codebook.safetensors "
-               "--out ids.npy",
-    )
-    parser.add_argument("images_dir", help="folder of .jpg/.jpeg/.png/.webp/.bmp images (read in name order)")
-    parser.add_argument("--siglip", required=True, help="SigLIP model directory (with preprocessor_config.json)")
-    parser.add_argument("--codebook", required=True, help="codebook .safetensors")
-    parser.add_argument("--out", required=True, help="output .npy of (N_images, P) int64 ids; names go to .json")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--metric", choices=list(METRICS), default="l2", help="search metric (default l2)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["tokenize"]:  # accept the whole command line too
-        argv = argv[1:]
-    try:
-        args = parser.parse_args(argv)
-        if args.batch_size < 1:
-            raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-        if not os.path.isdir(args.images_dir):
-            raise UserError(f"image folder not found: {args.images_dir}")
-        names = list_images(args.images_dir)
-        if not names:
-            raise UserError(f"no images (.jpg/.jpeg/.png/.webp/.bmp) in {args.images_dir}")
-        out_dir = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(out_dir):
-            raise UserError(f"output directory does not exist: {out_dir}")
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available")
-        tokenizer = SiglipTokenizer.from_pretrained(args.siglip, args.codebook, device=args.device, metric=args.metric)
-        paths = [os.path.join(args.images_dir, name) for name in names]
-        ids = tokenizer.tokenize(paths, batch_size=args.batch_size).cpu().numpy()  # (N, P)
-    except SystemExit as exit_:  # --help
-        return int(exit_.code or 0)
-    except (UserError, FileNotFoundError, IsADirectoryError, PermissionError, ValueError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
-
-    def write_ids(tmp_path: str) -> None:
-        with open(tmp_path, "wb") as file:  # a file object: np.save(path) would append ".npy"
-            np.save(file, ids)
-
-    names_path = os.path.splitext(args.out)[0] + ".json"
-    atomic_write(args.out, write_ids)
-    atomic_write_text(names_path, json.dumps(names, indent=1))
-    print(f"wrote {args.out}: {ids.shape[0]} images x {ids.shape[1]} tokens, names in {names_path}")
-    return 0

@@ -1,0 +1,116 @@
+"""u2.nearest at extreme magnitudes: every backend and metric gives the float64 argmin (ids always
+in [0, K)) or, where a distance does not fit the float32 dists, a clear error -- never id K,
+inf distances or FAISS's -1."""
+import math
+
+import pytest
+import torch
+
+import unicode2_fast as u2
+
+from reference import assert_nearest_ok, objective64
+
+FP32_MAGNITUDES = [1e-30, 1e-20, 1e-10, 1.0, 1e10, 1e20, 1e30]
+FP64_MAGNITUDES = [1e-300, 1e-150, 1e-30, 1.0, 1e30, 1e150, 1e300]
+FP32_MAX = torch.finfo(torch.float32).max
+
+
+def _reference(x, c, metric):
+    """(x', c', power): both scaled exactly by one power of two into range, and the power of two
+    that turns their float64 objective into the original one."""
+    largest = max(x.abs().max().item(), c.abs().max().item())
+    exponent = math.frexp(largest)[1]
+    xs = torch.ldexp(x.double(), torch.tensor(-exponent))
+    cs = torch.ldexp(c.double(), torch.tensor(-exponent))
+    return xs, cs, 0 if metric == "cos" else 2 * exponent
+
+
+def _unscale(values, power):
+    return torch.ldexp(values.double(), torch.tensor(power))
+
+
+def _check(x, c, metric, backend, exact):
+    xs, cs, power = _reference(x, c, metric)
+    true_min = _unscale(objective64(xs, cs, metric).min(dim=1).values.abs().max(), power).item()
+    if true_min > FP32_MAX:
+        with pytest.raises(ValueError, match="float32 range of dists"):
+            u2.nearest(x, c, metric=metric, backend=backend)
+        return
+    ids, dists = u2.nearest(x, c, metric=metric, backend=backend)
+    _assert_matches(ids, dists, xs, cs, power, metric, exact)
+
+
+def _assert_matches(ids, dists, xs, cs, power, metric, exact):
+    """ids: the float64 argmin of the scaled inputs (near-ties allowed unless exact); dists: the
+    float32 rounding of the chosen codes' true distances (0 where those underflow float32)."""
+    assert bool(((ids >= 0) & (ids < cs.shape[0])).all())
+    assert bool(torch.isfinite(dists).all())
+    chosen = objective64(xs, cs, metric).gather(1, ids.reshape(-1, 1)).squeeze(1)
+    assert_nearest_ok(ids, chosen, xs, cs, metric, exact=exact, rel_tol=0.0 if exact else 2e-5)
+    expected = _unscale(chosen, power).float()
+    # absolute slack: rounding of the distances' terms (2^power scale), or float32 underflow
+    atol = max(torch.finfo(torch.float32).tiny, _unscale(torch.tensor(2e-5), power).item())
+    assert torch.allclose(dists.double(), expected.double(), rtol=2e-5, atol=atol), (dists[:4], expected[:4])
+
+
+def _data(n, k, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+@pytest.mark.parametrize("magnitude", FP32_MAGNITUDES)
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_fp32_magnitudes(backend, magnitude, metric):
+    x, c = _data(23, 300, 24, 0)
+    _check(x * magnitude, c * magnitude, metric, backend, exact=backend == "torch")
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+@pytest.mark.parametrize("magnitude", FP64_MAGNITUDES)
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_fp64_magnitudes(backend, magnitude, metric):
+    x, c = _data(23, 300, 24, 1)
+    _check(x.double() * magnitude, c.double() * magnitude, metric, backend, exact=backend == "torch")
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+@pytest.mark.parametrize("magnitude", [1e-30, 1.0, 1e30])
+def test_triton_magnitudes(magnitude, metric, monkeypatch):
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, c = _data(9, 70, 32, 2)
+    x, c = (x * magnitude).to(device), (c * magnitude).to(device)
+    xs, cs, power = _reference(x.cpu(), c.cpu(), metric)
+    true_min = _unscale(objective64(xs, cs, metric).min(dim=1).values.abs().max(), power).item()
+    if true_min > FP32_MAX:
+        with pytest.raises(ValueError, match="float32 range of dists"):
+            u2.nearest(x, c, metric=metric, backend="triton")
+        return
+    ids, dists = u2.nearest(x, c, metric=metric, backend="triton")
+    _assert_matches(ids.cpu(), dists.cpu(), xs, cs, power, metric, exact=False)
+
+
+@pytest.mark.parametrize("x_scale, c_scale", [(1e12, 1.0), (1.0, 1e12), (1e-12, 1.0), (1e20, 1e-20)])
+@pytest.mark.parametrize("filter_kind", ["int8", "fp32", "fp64"])
+def test_queries_far_from_the_codebook(x_scale, c_scale, filter_kind, monkeypatch):
+    # the landed code returned id K for 50 of 200 rows of randn * 1e12 against randn (K = 5000):
+    # pair-space bounds lost to fp64 rounding when ||x||^2 dwarfs the codebook's spread
+    from unicode2_fast import _nearest_cpu
+
+    monkeypatch.setattr(_nearest_cpu, "choose_filter", lambda n, k, d: filter_kind)
+    x, c = _data(200, 5000, 128, 3)
+    _check(x * x_scale, c * c_scale, "l2", "torch", exact=True)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cos"])
+def test_issue_examples(metric):
+    x = torch.tensor([[1e12, 0.0]])
+    c = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    ids, dists = u2.nearest(x, c)
+    assert ids.tolist() == [1] and dists.item() == pytest.approx(1e24, rel=1e-6)
+    tiny = torch.tensor([[1e-30, 0.0], [0.0, 1e-30]])
+    assert u2.nearest(torch.tensor([[1e-30, 0.0]]), tiny, metric=metric)[0].tolist() == [0]
+    assert u2.nearest(torch.tensor([[1e-30, 2e-30]]), torch.eye(2), metric="cos")[0].tolist() == [1]
+
