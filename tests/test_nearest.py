@@ -289,3 +289,70 @@ def test_non_contiguous_codebook_copy_is_cached():
     assert torch.equal(refreshed, c * 2.0)
     ids, dists = u2.nearest(x, ct)
     assert_nearest_ok(ids, dists, x, c * 2.0, "l2", exact=True, rel_tol=2e-7)
+
+
+# data nobody tuned for: the flat path, duplicates, and a filter that stops pruning -------------
+
+def _real_or_adversarial(name):
+    from unicode2_fast import data
+
+    if name == "photos":
+        pytest.importorskip("skimage")
+        patches = data.photo_patches(1200 + 600, patch=4, seed=0)  # d = 48: flat regions, overlaps
+        return patches[:1200], patches[1200:]
+    if name == "clustered":
+        d = data.clustered_codebook(3000, 300, 96, n_families=6, n_cells=40)
+        return d.codebook, d.queries
+    d = data.near_duplicates(2000, 400, 32)
+    return d.codebook, d.queries
+
+
+@pytest.mark.parametrize("name", ["photos", "clustered", "duplicates"])
+@pytest.mark.parametrize("kind", ["flat", "int8", "fp32", "fp64"])
+def test_exact_on_real_and_adversarial_data(name, kind):
+    c, x = _real_or_adversarial(name)
+    if kind == "int8" and c.shape[1] < _nearest_cpu.MIN_INT8_DIM:
+        pytest.skip("int8 filter needs d >= 16")
+    ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", kind)
+    assert_nearest_ok(ids, dists, x, c, "l2", exact=True, rel_tol=2e-7)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+def test_flat_path_scans_each_duplicate_once_and_keeps_the_lowest_id(metric, monkeypatch):
+    c, x = _real_or_adversarial("duplicates")
+    scanned = []
+    real_knn = __import__("faiss").knn
+
+    def knn(xq, xb, k, **kwargs):
+        scanned.append(xb.shape[0])
+        return real_knn(xq, xb, k, **kwargs)
+
+    monkeypatch.setattr("faiss.knn", knn)
+    ids, dists = _nearest_cpu.nearest_cpu(x, c, metric, "flat")
+    assert_nearest_ok(ids, dists, x, c, metric, exact=True, rel_tol=2e-7)
+    assert scanned and max(scanned) == torch.unique(c, dim=0).shape[0] < c.shape[0]
+
+
+def test_filter_that_stops_pruning_hands_the_chunk_to_the_flat_path(monkeypatch):
+    # tight clusters: masses of codewords within the int8 error bound of every query; the scan gives up
+    # after PRUNE_CHECK_BLOCKS blocks instead of re-checking most of the codebook
+    c, x = _real_or_adversarial("clustered")
+    monkeypatch.setattr(_nearest_cpu, "CODE_BLOCK", 128)
+    blocks = []
+    real_gemm = _nearest_cpu._filter_gemm
+    monkeypatch.setattr(_nearest_cpu, "_filter_gemm", lambda *a: blocks.append(1) or real_gemm(*a))
+    flat_rows = []
+    real_flat = _nearest_cpu._flat_search
+    monkeypatch.setattr(_nearest_cpu, "_flat_search", lambda xq, *a: flat_rows.append(xq.shape[0]) or real_flat(xq, *a))
+    ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", "int8")
+    assert_nearest_ok(ids, dists, x, c, "l2", exact=True, rel_tol=2e-7)
+    assert flat_rows == [x.shape[0]]
+    assert len(blocks) == _nearest_cpu.PRUNE_CHECK_BLOCKS < -(-c.shape[0] // 128)
+
+
+def test_filter_choice_follows_the_measured_int8_rate(monkeypatch):
+    monkeypatch.setattr(_nearest_cpu, "int8_speedup", lambda: 0.05)  # an AVX2-only CPU
+    assert _nearest_cpu.choose_filter(729, 500_000, 1152) == "flat"
+    monkeypatch.setattr(_nearest_cpu, "int8_speedup", lambda: 3.5)  # AVX-512 VNNI
+    assert _nearest_cpu.choose_filter(729, 500_000, 1152) == "int8"
+    assert _nearest_cpu.choose_filter(729, 100, 64) == "fp64"

@@ -32,6 +32,7 @@ from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 
+from ._faiss import faiss_threads
 from .nearest import nearest
 
 #: On the CPU, Lloyd assignments against fewer centroids than this use u2.nearest's FAISS backend.
@@ -88,18 +89,6 @@ class LloydResult(NamedTuple):
 # assignment and update
 
 
-@contextlib.contextmanager
-def _faiss_threads(n_threads: int) -> Iterator[None]:
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n_threads)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
-
-
 def fast_assign(x: torch.Tensor, centroids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The codebook build's assignment: ``u2.nearest``, with its FAISS backend on the CPU below
     FAISS_ASSIGN_MAX_K centroids (one FAISS thread below SMALL_ASSIGN_MACS multiply-adds).
@@ -112,7 +101,7 @@ def fast_assign(x: torch.Tensor, centroids: torch.Tensor) -> Tuple[torch.Tensor,
         return nearest(x, centroids)
     if x.shape[0] * centroids.shape[0] * x.shape[1] >= SMALL_ASSIGN_MACS:
         return nearest(x, centroids, backend="faiss")
-    with _faiss_threads(1):
+    with faiss_threads(1):
         return nearest(x, centroids, backend="faiss")
 
 
@@ -432,7 +421,7 @@ def faiss_kmeans(x: torch.Tensor, k: int, niter: int, seed: int, label: str,
             raise _TooFewDistinct(n_distinct)
     km = faiss.Kmeans(d, k, niter=niter, seed=seed % (2 ** 31 - 1), max_points_per_centroid=n,
                       min_points_per_centroid=1, verbose=False)
-    with _faiss_threads(1) if n * k * d < SMALL_ASSIGN_MACS else contextlib.nullcontext():
+    with faiss_threads(1) if n * k * d < SMALL_ASSIGN_MACS else contextlib.nullcontext():
         km.train(x.contiguous().numpy())
     centroids = torch.from_numpy(km.centroids).clone()
     for iteration, objective in enumerate(km.obj):

@@ -22,13 +22,16 @@ codewords) is resolved by a streaming float64 scan instead.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
 from ._cache import per_tensor
-from ._certified import U32, U64, CandidateStore, fp64_slack, lowest_of_min, pair_objective
+from ._certified import GROW64, U32, U64, CandidateStore, fp64_slack, lowest_of_min, pair_objective
+from ._certified import sum_rounding as _certified_sum_rounding
+from ._faiss import faiss_threads
 from .profiling import stage
 
 #: codewords per block: the int32 + fp32 block matrices of a query chunk stay in L2/L3 cache
@@ -44,6 +47,19 @@ BLOCK_CANDIDATES = 32
 SMALL_CODEBOOK_ELEMENTS = 1 << 20
 #: codewords in the strided sample that gives each query an initial upper bound
 PILOT_SIZE = 2048
+#: the int8 filter is used only where int8 GEMM measures at least this many times the fp32 rate
+MIN_INT8_SPEEDUP = 2.0
+#: a filter scan that keeps more than this many candidates per query and scanned block (flat image
+#: regions, near-duplicates, tight clusters) is not pruning: the chunk is finished by the flat path
+PRUNE_LIMIT = 8
+#: blocks a chunk scans before it may give up on the filter
+PRUNE_CHECK_BLOCKS = 2
+#: the flat path's top-k from FAISS per query: all, then the queries it could not certify
+FLAT_TOPK = (256, 2048)
+#: near pairs per query above which they are first measured directly in fp32 (see _near_pairs)
+DIRECT_REFINE_PAIRS = 4
+#: queries whose (kk, d) candidate rows are gathered at a time there
+DIRECT_REFINE_ROWS = 32
 #: torch's CPU int8 GEMM returns wrong results for d = 1 (seen in torch 2.13); int8 only from here
 MIN_INT8_DIM = 16
 #: int32 accumulation of 127 * 127 * d products stays exact below this dimension
@@ -210,13 +226,49 @@ def codebook_stats(codebook: torch.Tensor, kind: str, metric: str) -> _CodebookS
     return per_tensor(codebook, ("cpu_filter", kind, metric), lambda c: _CodebookStats(c, kind, metric))
 
 
+_INT8_SPEEDUP: Optional[float] = None
+
+
+def int8_speedup() -> float:
+    """How many times faster this machine's int8 GEMM (``torch._int_mm``) runs than its fp32 GEMM,
+    measured once per process on a small problem (a few ms where int8 is fast).
+
+    AVX-512 VNNI CPUs run int8 at ~3.5x the fp32 rate; an AVX2-only CPU measured ~0.02x (torch
+    falls back to a reference loop), where the int8 filter would be 30x slower than FAISS.
+    """
+    global _INT8_SPEEDUP
+    if _INT8_SPEEDUP is None:
+        if not int8_gemm_available():
+            _INT8_SPEEDUP = 0.0
+        else:
+            a8, b8 = torch.ones((128, 512), dtype=torch.int8), torch.ones((1024, 512), dtype=torch.int8)
+            a32, b32 = a8.float(), b8.float()
+            _INT8_SPEEDUP = _best_time(lambda: a32 @ b32.t()) / _best_time(lambda: torch._int_mm(a8, b8.t()))
+    return _INT8_SPEEDUP
+
+
+def _best_time(fn, repeats: int = 3) -> float:
+    fn()  # warm-up: first-call dispatch and allocation
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return max(best, 1e-9)
+
+
 def choose_filter(n: int, k: int, d: int) -> str:
-    """The filter precision for an (N, K, d) search on this machine."""
+    """How to search an (N, K, d) problem on this machine.
+
+    "fp64": small codebooks (the fp64 filter's statistics are a plain copy, the scan is short);
+    "int8": the certified int8 filter, where int8 GEMM is fast enough to pay for its
+    approximation; "flat": FAISS's fp32 flat scan, certified (see _flat_chunk) -- FAISS's speed.
+    """
     if k * d < SMALL_CODEBOOK_ELEMENTS:
         return "fp64"
-    if MIN_INT8_DIM <= d <= MAX_INT8_DIM and int8_gemm_available():
+    if MIN_INT8_DIM <= d <= MAX_INT8_DIM and int8_speedup() >= MIN_INT8_SPEEDUP:
         return "int8"
-    return "fp32"
+    return "flat"
 
 
 def _filter_gemm(qx: torch.Tensor, qc: torch.Tensor, kind: str) -> torch.Tensor:
@@ -316,15 +368,19 @@ def nearest_cpu(
     if n == 0:
         return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float32)
     kind = filter_kind or choose_filter(n, k, d)
-    with stage("nearest/codebook_stats"):
-        cstats = codebook_stats(codebook, kind, metric)
+    cstats = None
+    if kind != "flat":
+        with stage("nearest/codebook_stats"):
+            cstats = codebook_stats(codebook, kind, metric)
     ids = torch.empty(n, dtype=torch.int64)
     obj = torch.empty(n, dtype=torch.float64)
     for start in range(0, n, QUERY_CHUNK):
         chunk = x[start:start + QUERY_CHUNK]
-        ids[start:start + QUERY_CHUNK], obj[start:start + QUERY_CHUNK] = _search_chunk(
-            chunk, codebook, cstats, metric, kind
-        )
+        result = None if kind == "flat" else _search_chunk(chunk, codebook, cstats, metric, kind)
+        if result is None:  # the flat path, or a filter scan that stopped pruning
+            with stage("nearest/flat"):
+                result = _flat_search(chunk, codebook, metric)
+        ids[start:start + QUERY_CHUNK], obj[start:start + QUERY_CHUNK] = result
     if metric == "l2":
         dists = obj
     elif metric == "ip":
@@ -332,6 +388,165 @@ def nearest_cpu(
     else:
         dists = 1.0 + obj
     return ids, dists.float()
+
+
+class _FlatCodebook:
+    """The codebook as FAISS's flat scan reads it: fp32 rows, shifted by their mean (l2: the
+    rounding bound scales with the row norms, as in _row_stats) or unit (cos), and the largest row
+    norm for the error bound. ``vectors`` is None when the codebook itself is that (ip, fp32):
+    the cache must not hold its own key."""
+
+    def __init__(self, codebook: torch.Tensor, metric: str):
+        self.center = _column_mean(codebook) if metric == "l2" else None  # fp64
+        # exact duplicate codewords (flat image regions sample the same patch many times) would
+        # all tie and overflow any top-k: FAISS scans one copy, ids map back to the lowest index
+        self.ids = _first_of_duplicates(codebook)  # (K',) original id of each scanned row, or None
+        rows = codebook if self.ids is None else codebook.index_select(0, self.ids)
+        if metric == "ip" and self.ids is None and codebook.dtype == torch.float32 and codebook.is_contiguous():
+            self.vectors = None
+        else:
+            self.vectors = torch.cat([self.transform(rows[start:start + STAT_CHUNK], metric)
+                                      for start in range(0, rows.shape[0], STAT_CHUNK)])
+        rows = codebook if self.vectors is None else self.vectors
+        # (K',) fp64 norms of the scanned rows, rounded up: they enter the error bounds
+        self.norms = torch.cat([rows[start:start + STAT_CHUNK].double().norm(dim=1)
+                                for start in range(0, rows.shape[0], STAT_CHUNK)]) * (1.0 + GROW64)
+        self.norm_max = float(self.norms.max())
+
+    def transform(self, v: torch.Tensor, metric: str) -> torch.Tensor:
+        """(R, d) rows as FAISS sees them: each element one fp32 rounding of the exact value."""
+        v64 = v.double()
+        if metric == "l2":
+            v64 = v64 - self.center
+        elif metric == "cos":
+            v64 = v64 / v64.norm(dim=1, keepdim=True)
+        return v64.float().contiguous()
+
+
+def _first_of_duplicates(codebook: torch.Tensor) -> Optional[torch.Tensor]:
+    """Sorted original ids of the first occurrence of every distinct row of ``codebook: (K, d)``,
+    or None when all rows are distinct. Rows are grouped by a 64-bit hash of their bits, and a
+    group is merged only where the rows are bitwise equal to its first row (no hash is trusted)."""
+    k, d = codebook.shape
+    generator = torch.Generator().manual_seed(0x5EED)
+    weights = torch.randint(-(2 ** 62), 2 ** 62, (d,), dtype=torch.int64, generator=generator)
+    bits = torch.float32 if codebook.dtype != torch.float64 else torch.float64
+    ints = torch.int32 if bits == torch.float32 else torch.int64
+    keys = torch.empty(k, dtype=torch.int64)
+    for start in range(0, k, STAT_CHUNK):
+        block = codebook[start:start + STAT_CHUNK].to(bits).contiguous().view(ints).long()
+        keys[start:start + STAT_CHUNK] = (block * weights).sum(dim=1)  # wraps: a hash, not a sum
+    order = torch.argsort(keys, stable=True)
+    sorted_keys = keys[order]
+    first_in_group = torch.ones(k, dtype=torch.bool)
+    first_in_group[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    if bool(first_in_group.all()):
+        return None
+    group_start = torch.cummax(torch.where(first_in_group, torch.arange(k), 0), dim=0).values
+    representative = order[group_start]  # stable sort: the lowest original id of its hash group
+    candidates = (~first_in_group).nonzero().squeeze(1)
+    same = torch.zeros(k, dtype=torch.bool)
+    for start in range(0, candidates.numel(), STAT_CHUNK):
+        pos = candidates[start:start + STAT_CHUNK]
+        same[pos] = (codebook.index_select(0, order[pos]) == codebook.index_select(0, representative[pos])).all(dim=1)
+    keep = torch.ones(k, dtype=torch.bool)
+    keep[order[same]] = False
+    return keep.nonzero().squeeze(1)
+
+
+def _near_pairs(x: torch.Tensor, codebook: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, near: torch.Tensor,
+                metric: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The (row, codeword) pairs of ``near: (R, kk)`` that the float64 re-rank must settle.
+
+    Tight clusters leave hundreds of codewords within the GEMM's error bound of a query (its
+    bound scales with the norms, not with the distances). For fp32 (and narrower) inputs, l2 and
+    many such pairs, the distances are first computed directly in fp32, sum((x - c)^2), whose
+    rounding is relative to the distance itself: only the pairs within that much smaller bound of
+    the best go on to float64, instead of gathering every pair in float64.
+    """
+    # rows: (R,) query rows, cols: (R, kk) codeword ids, near: (R, kk) bool
+    hit_row, hit_col = near.nonzero(as_tuple=True)
+    direct = metric == "l2" and x.dtype != torch.float64 and codebook.dtype != torch.float64
+    if not direct or hit_row.numel() <= DIRECT_REFINE_PAIRS * rows.numel():
+        return rows[hit_row], cols[hit_row, hit_col]
+    g = 1.01 * (x.shape[1] + 4) * U32  # relative rounding of a d-term fp32 sum of squared differences
+    keep = torch.zeros_like(near)
+    for start in range(0, rows.numel(), DIRECT_REFINE_ROWS):
+        stop = start + DIRECT_REFINE_ROWS
+        xr = x.index_select(0, rows[start:stop]).float().unsqueeze(1)  # (r, 1, d)
+        cr = codebook.index_select(0, cols[start:stop].reshape(-1)).float().view(xr.shape[0], -1, x.shape[1])
+        dist = (cr - xr).pow_(2).sum(dim=2).double()  # (r, kk)
+        dist = torch.where(near[start:stop], dist, torch.inf)
+        best = dist.min(dim=1, keepdim=True).values
+        keep[start:stop] = dist * (1.0 - g) <= best * (1.0 + g)
+    hit_row, hit_col = keep.nonzero(as_tuple=True)
+    return rows[hit_row], cols[hit_row, hit_col]
+
+
+def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact nearest codewords by FAISS's flat fp32 scan (its BLAS speed, data-independent),
+    certified: ids (n,) and float64 objective (n,).
+
+    FAISS returns each query's top-k by fp32 distance. Every fp32 distance is within a rigorous
+    bound w(x, c) of the exact one (fp32 rounding of the inputs, of the GEMM and of the norms), so
+    min over the k of (fp32 + w) bounds the exact minimum from above; a query whose k-th distance
+    minus the widest bound still exceeds that has its exact nearest codeword -- and every exact
+    tie of it -- among the k: all others are provably farther. Of the k, those whose lower bound
+    reaches the upper one are re-ranked in float64 from the original vectors (lowest index on
+    ties). Queries that do not certify are retried with a larger k, and finally by the streaming
+    float64 scan (masses of distinct, equidistant codewords). Exact duplicate codewords are
+    scanned once (see _FlatCodebook).
+    """
+    import faiss
+
+    n, d = x.shape
+    flat = per_tensor(codebook, ("flat", metric), lambda c: _FlatCodebook(c, metric))
+    k = codebook.shape[0] if flat.ids is None else flat.ids.shape[0]  # rows FAISS scans
+    base = (codebook if flat.vectors is None else flat.vectors).numpy()
+    queries = flat.transform(x, metric)
+    # FAISS's fp32 objective of a pair is within w(x, c) of the exact one: the fp32 rounding of the
+    # (shifted) inputs, of the GEMM's d-term sums and of the norms' sums, and the final additions
+    gamma = _certified_sum_rounding(d + 8, U32) * (1.0 + GROW64)
+    x_norm = queries.double().norm(dim=1) * (1.0 + GROW64)
+
+    def width(x_norms: torch.Tensor, c_norms: torch.Tensor) -> torch.Tensor:
+        if metric == "l2":
+            return gamma * (x_norms + c_norms).pow(2)
+        if metric == "ip":
+            return gamma * x_norms * c_norms
+        return torch.full(torch.broadcast_shapes(x_norms.shape, c_norms.shape), 3.0 * gamma, dtype=torch.float64)
+
+    ids = torch.full((n,), -1, dtype=torch.int64)
+    best = torch.full((n,), math.inf, dtype=torch.float64)
+    todo = torch.arange(n)
+    faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    with faiss_threads(torch.get_num_threads()):
+        for topk in FLAT_TOPK:
+            if todo.numel() == 0:
+                break
+            kk = min(topk, k)
+            dist, pos = faiss.knn(queries[todo].numpy(), base, kk, metric=faiss_metric)
+            fl = torch.from_numpy(dist).double()
+            fl = fl if metric == "l2" else -fl  # our objective: smaller is nearer
+            pos = torch.from_numpy(pos)
+            w = width(x_norm[todo].unsqueeze(1), flat.norms[pos])  # (t, kk) per-pair error bounds
+            upper = (fl + w).min(dim=1, keepdim=True).values  # >= the exact minimum
+            # every codeword FAISS did not return is at fl >= fl[:, -1], within the widest bound
+            w_any = width(x_norm[todo], torch.tensor(flat.norm_max, dtype=torch.float64))
+            certified = (fl[:, -1] - w_any > upper.squeeze(1)) if kk < k else torch.ones(todo.shape[0], dtype=torch.bool)
+            rows = todo[certified]
+            if rows.numel():
+                # only codewords whose lower bound reaches the upper bound can be the exact nearest
+                near = (fl - w)[certified] <= upper[certified]
+                cols = pos[certified] if flat.ids is None else flat.ids[pos[certified]]
+                pair_rows, pair_cols = _near_pairs(x, codebook, rows, cols, near, metric)
+                obj, _ = pair_objective(x, codebook, pair_rows, pair_cols, metric, torch.float64)
+                row_ids, row_best = lowest_of_min(n, pair_rows, pair_cols, obj)
+                ids[rows], best[rows] = row_ids[rows], row_best[rows]
+            todo = todo[~certified]
+    if todo.numel():  # more than FLAT_TOPK[-1] distinct codewords within the bound: equidistant masses
+        ids[todo], best[todo] = exact_scan(x[todo], codebook, metric)
+    return ids, best
 
 
 def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
@@ -356,6 +571,7 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
     store = CandidateStore(n, x.device)
     overflow = store.overflow  # updated in place by store.admit
     deferred = []  # (rows, block, lower bound of the codewords not extracted)
+    kept = 0  # candidate pairs extracted, plus BLOCK_CANDIDATES per deferred (row, block)
 
     def add(r, local_cols, b):
         """Record candidates (r, block b's local_cols) with their certified pair-space bounds."""
@@ -405,8 +621,14 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
                 mask[many] = torch.zeros_like(mask[many]).scatter_(1, small_cols, True)
                 many_rows = rows[many]
                 deferred.append((many_rows, b, smallest[:, -1].double() - width[many_rows]))
+                kept += BLOCK_CANDIDATES * many_rows.numel()
             hit = mask.nonzero()
+            kept += hit.shape[0]
             add(rows[hit[:, 0]], hit[:, 1], b)
+            if b + 1 >= PRUNE_CHECK_BLOCKS and kept > PRUNE_LIMIT * n * (b + 1):
+                # the filter keeps too much of the codebook (many codewords within its error bound
+                # of the queries): re-checking the survivors would cost more than FAISS's flat scan
+                return None
 
     with stage("nearest/rerank"):
         # Deferred (row, block) pairs whose unextracted codewords could still beat the final bound
@@ -423,5 +645,7 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
     ids, best = lowest_of_min(n, rows, cols, obj)
     if bool(overflow.any()):
         over_rows = overflow.nonzero().squeeze(1)
-        ids[over_rows], best[over_rows] = exact_scan(x[over_rows], codebook, metric)
+        # fp64 filter rows overflowing are equidistant to float64 precision: stream them exactly
+        over = exact_scan if kind == "fp64" else _flat_search
+        ids[over_rows], best[over_rows] = over(x[over_rows], codebook, metric)
     return ids, best
