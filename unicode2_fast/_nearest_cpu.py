@@ -42,9 +42,9 @@ QUERY_CHUNK = 4096
 STAT_CHUNK = 16384
 #: candidates extracted per (query, block) at once; the rest are re-checked at the end
 BLOCK_CANDIDATES = 32
-#: codebooks below this many elements (K x d) use the fp64 filter: its statistics are a plain
-#: copy and the scan is short; above, every call reads the int8 copy (8x less than fp64)
-SMALL_CODEBOOK_ELEMENTS = 1 << 20
+#: codebooks below this many elements (K x d) use the fp64 filter: a plain copy, a short scan;
+#: above, the fp64 GEMM (half the fp32 rate) loses to the int8 filter or FAISS's fp32 flat scan
+SMALL_CODEBOOK_ELEMENTS = 1 << 16
 #: codewords in the strided sample that gives each query an initial upper bound
 PILOT_SIZE = 2048
 #: the int8 filter is used only where int8 GEMM measures at least this many times the fp32 rate
