@@ -1,0 +1,97 @@
+"""Exact search on data nobody tuned for: u2.nearest vs faiss.IndexFlatL2 on real photographs
+(the pictures scikit-image ships), tight clusters, near-duplicates, Gaussian and synthetic data.
+
+Each case: both on the same threads, each warmed first, ``--repeats`` timed runs; prints a
+Markdown table (min / median seconds, the FAISS-over-u2 ratio of medians, id agreement with
+FAISS; u2's ids are the exact float64 argmin) and writes OUT/nearest_data.md.
+
+    python -m unicode2_fast.bench.bench_nearest_data            # about 2 minutes on 2 cores
+    python -m unicode2_fast.bench.bench_nearest_data --repeats 5 --out bench_out
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+import unicode2_fast as u2
+from unicode2_fast.bench import _common
+from unicode2_fast.data import clustered_codebook, near_duplicates, photo_patches, siglip_like
+
+HEADER = ("| data | K | d | N | u2 min / median s | FAISS flat min / median s | u2 / FAISS (median) | ids = FAISS |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def _times(fn: Callable[[], object], repeats: int) -> Tuple[float, float]:
+    fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return min(runs), statistics.median(runs)
+
+
+def cases() -> List[Tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, codebook (K, d), queries (N, d)) of every case."""
+    import faiss
+
+    out = []
+    p = photo_patches(8000 + 4096, 8, seed=0)
+    out.append(("photos 8x8x3, codebook = 4,096 sampled patches", p[:4096], p[4096:]))
+    p = photo_patches(8000 + 16384, 8, seed=1)
+    out.append(("photos 8x8x3, 16,384 sampled patches", p[:16384], p[16384:]))
+    p = photo_patches(8000 + 16384, 16, gray=True, seed=2)
+    out.append(("photos 16x16 grey, 16,384 sampled patches", p[:16384], p[16384:]))
+    kmeans = faiss.Kmeans(192, 4096, niter=10, seed=0, verbose=False)
+    kmeans.train(photo_patches(60000, 8, seed=3).numpy())
+    out.append(("photos 8x8x3, codebook = faiss.Kmeans(4,096)", torch.from_numpy(kmeans.centroids),
+                photo_patches(8000, 8, seed=4)))
+    d = clustered_codebook(50000, 2916, 1152)
+    out.append(("clustered two-level (450 cells, 40 families)", d.codebook, d.queries))
+    d = near_duplicates(20000, 4000, 256)
+    out.append(("near-duplicates + exact ties", d.codebook, d.queries))
+    g = torch.Generator().manual_seed(0)
+    out.append(("gaussian", torch.randn(50000, 1152, generator=g), torch.randn(729, 1152, generator=g)))
+    d = siglip_like(50000, 729, 1152)
+    out.append(("synthetic SigLIP-like", d.codebook, d.queries))
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method and case")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for every method")
+    parser.add_argument("--out", default="bench_out", help="output directory")
+    args = parser.parse_args(argv)
+    import faiss
+
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    lines = [HEADER]
+    print(HEADER, flush=True)
+    for name, codebook, queries in cases():
+        index = faiss.IndexFlatL2(codebook.shape[1])
+        index.add(codebook.numpy())
+        f_min, f_med = _times(lambda: index.search(queries.numpy(), 1), args.repeats)
+        u_min, u_med = _times(lambda: u2.nearest(queries, codebook), args.repeats)
+        ids, _ = u2.nearest(queries, codebook)
+        agree = float((ids == torch.from_numpy(index.search(queries.numpy(), 1)[1][:, 0])).double().mean())
+        line = (f"| {name} | {codebook.shape[0]:,} | {codebook.shape[1]} | {queries.shape[0]:,} | "
+                f"{u_min:.3f} / {u_med:.3f} | {f_min:.3f} / {f_med:.3f} | {f_med / u_med:.2f}x | {agree:.4f} |")
+        lines.append(line)
+        print(line, flush=True)
+    stamp = _common.stamp_text(_common.machine_stamp())
+    os.makedirs(args.out, exist_ok=True)
+    _common.write_text("# exact search on real and adversarial data\n\n" + "\n".join(lines) + f"\n\n{stamp}\n",
+                       os.path.join(args.out, "nearest_data.md"))
+    print(stamp)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
