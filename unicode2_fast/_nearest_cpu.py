@@ -54,8 +54,12 @@ MIN_INT8_SPEEDUP = 2.0
 PRUNE_LIMIT = 8
 #: blocks a chunk scans before it may give up on the filter
 PRUNE_CHECK_BLOCKS = 2
-#: the flat path's top-k from FAISS per query: all, then the queries it could not certify
-FLAT_TOPK = (256, 2048)
+#: the flat path's top-k rounds: a small one where a pilot of the chunk certifies with it, then a
+#: large one, then a larger one for the queries still uncertified (see _flat_search)
+FLAT_TOPK = (8, 256, 2048)
+#: queries of each chunk that try the small round first, and the share of them that may fail it
+FLAT_PILOT_ROWS = 128
+FLAT_PILOT_FAIL = 0.25
 #: near pairs per query above which they are first measured directly in fp32 (see _near_pairs)
 DIRECT_REFINE_PAIRS = 4
 #: queries whose (kk, d) candidate rows are gathered at a time there
@@ -469,13 +473,16 @@ def _near_pairs(x: torch.Tensor, codebook: torch.Tensor, rows: torch.Tensor, col
     direct = metric == "l2" and x.dtype != torch.float64 and codebook.dtype != torch.float64
     if not direct or hit_row.numel() <= DIRECT_REFINE_PAIRS * rows.numel():
         return rows[hit_row], cols[hit_row, hit_col]
-    g = 1.01 * (x.shape[1] + 4) * U32  # relative rounding of a d-term fp32 sum of squared differences
+    # relative rounding of a d-term fp32 sum of squared differences, plus cdist's square root and
+    # our squaring of it
+    g = 1.01 * (x.shape[1] + 8) * U32
     keep = torch.zeros_like(near)
     for start in range(0, rows.numel(), DIRECT_REFINE_ROWS):
         stop = start + DIRECT_REFINE_ROWS
         xr = x.index_select(0, rows[start:stop]).float().unsqueeze(1)  # (r, 1, d)
         cr = codebook.index_select(0, cols[start:stop].reshape(-1)).float().view(xr.shape[0], -1, x.shape[1])
-        dist = (cr - xr).pow_(2).sum(dim=2).double()  # (r, kk)
+        # direct differences (no norm expansion, so no cancellation), without temporaries
+        dist = torch.cdist(xr, cr, compute_mode="donot_use_mm_for_euclid_dist").squeeze(1).double().pow_(2)
         dist = torch.where(near[start:stop], dist, torch.inf)
         best = dist.min(dim=1, keepdim=True).values
         keep[start:stop] = dist * (1.0 - g) <= best * (1.0 + g)
@@ -518,32 +525,47 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> Tuple[
 
     ids = torch.full((n,), -1, dtype=torch.int64)
     best = torch.full((n,), math.inf, dtype=torch.float64)
-    todo = torch.arange(n)
     faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+    def settle(todo: torch.Tensor, topk: int) -> torch.Tensor:
+        """One FAISS top-k round over the queries ``todo``: settle those it certifies, return the rest."""
+        if todo.numel() == 0:
+            return todo
+        kk = min(topk, k)
+        dist, pos = faiss.knn(queries[todo].numpy(), base, kk, metric=faiss_metric)
+        fl = torch.from_numpy(dist).double()
+        fl = fl if metric == "l2" else -fl  # our objective: smaller is nearer
+        pos = torch.from_numpy(pos)
+        w = width(x_norm[todo].unsqueeze(1), flat.norms[pos])  # (t, kk) per-pair error bounds
+        upper = (fl + w).min(dim=1, keepdim=True).values  # >= the exact minimum
+        # every codeword FAISS did not return is at fl >= fl[:, -1], within the widest bound
+        w_any = width(x_norm[todo], torch.tensor(flat.norm_max, dtype=torch.float64))
+        certified = (fl[:, -1] - w_any > upper.squeeze(1)) if kk < k else torch.ones(todo.shape[0], dtype=torch.bool)
+        rows = todo[certified]
+        if rows.numel():
+            # only codewords whose lower bound reaches the upper bound can be the exact nearest
+            near = (fl - w)[certified] <= upper[certified]
+            cols = pos[certified] if flat.ids is None else flat.ids[pos[certified]]
+            pair_rows, pair_cols = _near_pairs(x, codebook, rows, cols, near, metric)
+            obj, _ = pair_objective(x, codebook, pair_rows, pair_cols, metric, torch.float64)
+            row_ids, row_best = lowest_of_min(n, pair_rows, pair_cols, obj)
+            ids[rows], best[rows] = row_ids[rows], row_best[rows]
+        return todo[~certified]
+
+    small, large, largest = FLAT_TOPK
     with faiss_threads(torch.get_num_threads()):
-        for topk in FLAT_TOPK:
-            if todo.numel() == 0:
-                break
-            kk = min(topk, k)
-            dist, pos = faiss.knn(queries[todo].numpy(), base, kk, metric=faiss_metric)
-            fl = torch.from_numpy(dist).double()
-            fl = fl if metric == "l2" else -fl  # our objective: smaller is nearer
-            pos = torch.from_numpy(pos)
-            w = width(x_norm[todo].unsqueeze(1), flat.norms[pos])  # (t, kk) per-pair error bounds
-            upper = (fl + w).min(dim=1, keepdim=True).values  # >= the exact minimum
-            # every codeword FAISS did not return is at fl >= fl[:, -1], within the widest bound
-            w_any = width(x_norm[todo], torch.tensor(flat.norm_max, dtype=torch.float64))
-            certified = (fl[:, -1] - w_any > upper.squeeze(1)) if kk < k else torch.ones(todo.shape[0], dtype=torch.bool)
-            rows = todo[certified]
-            if rows.numel():
-                # only codewords whose lower bound reaches the upper bound can be the exact nearest
-                near = (fl - w)[certified] <= upper[certified]
-                cols = pos[certified] if flat.ids is None else flat.ids[pos[certified]]
-                pair_rows, pair_cols = _near_pairs(x, codebook, rows, cols, near, metric)
-                obj, _ = pair_objective(x, codebook, pair_rows, pair_cols, metric, torch.float64)
-                row_ids, row_best = lowest_of_min(n, pair_rows, pair_cols, obj)
-                ids[rows], best[rows] = row_ids[rows], row_best[rows]
-            todo = todo[~certified]
+        # A large top-k costs FAISS up to 3x a small one (its heaps; seen at K = 4096), a second
+        # round costs another scan of the rows that failed: a strided pilot of the chunk decides
+        # whether the small round is worth trying (tight clusters fail it almost everywhere).
+        is_pilot = torch.zeros(n, dtype=torch.bool)
+        is_pilot[::max(1, n // FLAT_PILOT_ROWS)] = True
+        pilot = is_pilot.nonzero().squeeze(1)
+        failed = settle(pilot, small)
+        rest = (~is_pilot).nonzero().squeeze(1)
+        if failed.numel() <= FLAT_PILOT_FAIL * pilot.numel():
+            rest = settle(rest, small)
+        todo = settle(torch.cat([failed, rest]), large)
+        todo = settle(todo, largest)
     if todo.numel():  # more than FLAT_TOPK[-1] distinct codewords within the bound: equidistant masses
         ids[todo], best[todo] = exact_scan(x[todo], codebook, metric)
     return ids, best
