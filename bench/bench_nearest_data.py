@@ -36,28 +36,34 @@ def _times(fn: Callable[[], object], repeats: int) -> Tuple[float, float]:
     return min(runs), statistics.median(runs)
 
 
-def cases() -> List[Tuple[str, torch.Tensor, torch.Tensor]]:
-    """(name, codebook (K, d), queries (N, d)) of every case."""
+def cases(scale: float = 1.0) -> List[Tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, codebook (K, d), queries (N, d)) of every case; ``scale`` shrinks K and N (smoke tests)."""
     import faiss
 
+    def size(count: int) -> int:
+        return max(8, int(count * scale))
+
     out = []
-    p = photo_patches(8000 + 4096, 8, seed=0)
-    out.append(("photos 8x8x3, codebook = 4,096 sampled patches", p[:4096], p[4096:]))
-    p = photo_patches(8000 + 16384, 8, seed=1)
-    out.append(("photos 8x8x3, 16,384 sampled patches", p[:16384], p[16384:]))
-    p = photo_patches(8000 + 16384, 16, gray=True, seed=2)
-    out.append(("photos 16x16 grey, 16,384 sampled patches", p[:16384], p[16384:]))
-    kmeans = faiss.Kmeans(192, 4096, niter=10, seed=0, verbose=False)
-    kmeans.train(photo_patches(60000, 8, seed=3).numpy())
-    out.append(("photos 8x8x3, codebook = faiss.Kmeans(4,096)", torch.from_numpy(kmeans.centroids),
-                photo_patches(8000, 8, seed=4)))
-    d = clustered_codebook(50000, 2916, 1152)
+    k, n = size(4096), size(8000)
+    p = photo_patches(n + k, 8, seed=0)
+    out.append((f"photos 8x8x3, codebook = {k:,} sampled patches", p[:k], p[k:]))
+    k = size(16384)
+    p = photo_patches(n + k, 8, seed=1)
+    out.append((f"photos 8x8x3, {k:,} sampled patches", p[:k], p[k:]))
+    p = photo_patches(n + k, 16, gray=True, seed=2)
+    out.append((f"photos 16x16 grey, {k:,} sampled patches", p[:k], p[k:]))
+    k = size(4096)
+    kmeans = faiss.Kmeans(192, k, niter=10, seed=0, verbose=False)
+    kmeans.train(photo_patches(max(int(60000 * scale), 40 * k), 8, seed=3).numpy())
+    out.append((f"photos 8x8x3, codebook = faiss.Kmeans({k:,})", torch.from_numpy(kmeans.centroids),
+                photo_patches(n, 8, seed=4)))
+    d = clustered_codebook(size(50000), size(2916), 1152)
     out.append(("clustered two-level (450 cells, 40 families)", d.codebook, d.queries))
-    d = near_duplicates(20000, 4000, 256)
+    d = near_duplicates(size(20000), size(4000), 256)
     out.append(("near-duplicates + exact ties", d.codebook, d.queries))
     g = torch.Generator().manual_seed(0)
-    out.append(("gaussian", torch.randn(50000, 1152, generator=g), torch.randn(729, 1152, generator=g)))
-    d = siglip_like(50000, 729, 1152)
+    out.append(("gaussian", torch.randn(size(50000), 1152, generator=g), torch.randn(size(729), 1152, generator=g)))
+    d = siglip_like(size(50000), size(729), 1152)
     out.append(("synthetic SigLIP-like", d.codebook, d.queries))
     return out
 
@@ -67,19 +73,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method and case")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for every method")
     parser.add_argument("--out", default="bench_out", help="output directory")
+    parser.add_argument("--tiny", action="store_true", help="K and N x 0.02, 1 repeat: smoke test")
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.repeats = 1
     import faiss
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     lines = [HEADER]
     print(HEADER, flush=True)
-    for name, codebook, queries in cases():
+    for name, codebook, queries in cases(0.02 if args.tiny else 1.0):
         index = faiss.IndexFlatL2(codebook.shape[1])
         index.add(codebook.numpy())
         f_min, f_med = _times(lambda: index.search(queries.numpy(), 1), args.repeats)
         u_min, u_med = _times(lambda: u2.nearest(queries, codebook), args.repeats)
         ids, _ = u2.nearest(queries, codebook)
+        assert bool(((ids >= 0) & (ids < codebook.shape[0])).all()), name
         agree = float((ids == torch.from_numpy(index.search(queries.numpy(), 1)[1][:, 0])).double().mean())
         line = (f"| {name} | {codebook.shape[0]:,} | {codebook.shape[1]} | {queries.shape[0]:,} | "
                 f"{u_min:.3f} / {u_med:.3f} | {f_min:.3f} / {f_med:.3f} | {f_med / u_med:.2f}x | {agree:.4f} |")
