@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 import unicode2_fast as u2
 from unicode2_fast.data import SyntheticCodebookData
+from unicode2_fast._errors import UserError
 from unicode2_fast.bench import _common
 
 OPS = ("nearest", "hierarchical", "embedding", "cross_entropy", "kmeans")
@@ -89,10 +90,6 @@ COLUMNS = ("op", "method", "setting", "shape", "K", "N", "d", "dtype", "device",
            "build_s", "data", "details", "threads", "torch", "faiss", "triton", "numpy", "python", "date")
 SUMMARY_COLUMNS = ("method", "setting", "shape", "median s", "throughput", "GFLOP/s", "recall@1", "× baseline",
                    "peak extra MiB")
-
-
-class UserError(Exception):
-    """A mistake in the options or the user's files: one line on stderr, exit status 2."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,24 +1,13 @@
-"""The one user-error type of the command line and the argument parser that raises it."""
+"""Argument types of the command line; its one user-error type and the parser that raises it live in
+``unicode2_fast._errors`` (the benchmarks, below the CLI, raise the same type)."""
 from __future__ import annotations
 
 import argparse
-from typing import Callable, NoReturn
+from typing import Callable
 
+from .._errors import OneLineErrorParser, UserError
 
-class UserError(Exception):
-    """A mistake in the command line or in its inputs.
-
-    :func:`unicode2_fast.cli.main` reports it as one line, ``unicode2-fast <command>: error: ...``,
-    on stderr and exits with status 2. Anything else that goes wrong keeps its traceback.
-    """
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors raise :class:`UserError` instead of printing the usage and
-    exiting: every command's argparse mistakes then read like its other errors, one line."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UserError(message)
+__all__ = ["OneLineErrorParser", "UserError", "int_at_least", "positive_float"]
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
