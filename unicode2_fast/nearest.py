@@ -2,13 +2,14 @@
 
 Backends:
     "triton"  fused distance + argmin kernel (kernels/nearest.py) on CUDA tensors;
-    "torch"   on CPU, the certified int8 filter + float64 re-ranking of ``_nearest_cpu`` (exact);
-              on CUDA, blocked cuBLAS matmul + argmin;
-    "faiss"   IndexFlatL2 / IndexFlatIP, results converted to our (ids, dists) meaning;
-    "auto"    Triton for CUDA tensors, "torch" for CPU tensors: on an AVX-512 VNNI CPU it measured
-              1.6-13x faster than FAISS IndexFlatL2 from K = 5,000 (N >= 64) and K = 50,000
-              (N >= 1) up to K = 500,000 at d = 1152; FAISS only wins below ~1 ms (K = 5,000, N <= 8),
-              where exactness is worth more than the fraction of a millisecond.
+    "torch"   on CPU, the exact search of ``_nearest_cpu`` (a certified int8 filter where int8
+              GEMM is fast, else a certified FAISS flat scan; float64 re-ranking of near ties);
+              on CUDA, blocked cuBLAS matmul + argmin (float64 inputs: in float64);
+    "faiss"   IndexFlatL2 / IndexFlatIP, results converted to our (ids, dists) meaning (fp32:
+              FAISS's own answer, which may differ from the exact one on near-ties);
+    "auto"    Triton for fp32 / fp16 / bf16 CUDA tensors, "torch" otherwise (_dispatch.resolve).
+              Measured speeds, worst case included, are in the README (real photographs, tight
+              clusters, near-duplicates): the CPU path is not yet faster than FAISS on all data.
 
 Every backend returns the same meaning: ``dists`` is the squared L2 distance ("l2"), minus the
 inner product ("ip") or one minus the cosine similarity ("cos"), so smaller is always nearer, and
