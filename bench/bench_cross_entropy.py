@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence

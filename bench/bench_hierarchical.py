@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field

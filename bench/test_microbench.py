@@ -14,7 +14,6 @@ garbage.
 from __future__ import annotations
 
 import itertools
-import os
 from types import SimpleNamespace
 from typing import Callable, Tuple
 

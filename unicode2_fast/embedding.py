@@ -16,7 +16,6 @@ Both sum duplicates in fp32 (float64 tables in float64) and round once to the ta
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Tuple
 
 import torch

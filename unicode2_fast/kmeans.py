@@ -45,7 +45,6 @@ uninterrupted build.
 from __future__ import annotations
 
 import heapq
-import os
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
