@@ -63,6 +63,8 @@ PRUNE_CHECK_BLOCKS = 2
 #: the flat path's top-k rounds: a small one where a pilot of the chunk certifies with it, then a
 #: large one, then a larger one for the queries still uncertified (see _flat_search)
 FLAT_TOPK = (8, 256, 2048)
+#: queries per call of the flat path (its (queries, k) tables: 16384 x 2048 x 16 bytes at most)
+FLAT_QUERY_CHUNK = 16384
 #: queries of each chunk that try the small round first, and the share of them that may fail it
 FLAT_PILOT_ROWS = 128
 FLAT_PILOT_FAIL = 0.25
@@ -384,13 +386,16 @@ def nearest_cpu(
             cstats = codebook_stats(codebook, kind, metric)
     ids = torch.empty(n, dtype=torch.int64)
     obj = torch.empty(n, dtype=torch.float64)
-    for start in range(0, n, QUERY_CHUNK):
-        chunk = x[start:start + QUERY_CHUNK]
+    # the flat path takes larger chunks: FAISS blocks its own work, and its retry rounds on the
+    # few uncertified queries of a chunk run inefficiently below ~500 queries per call
+    chunk_rows = FLAT_QUERY_CHUNK if kind == "flat" else QUERY_CHUNK
+    for start in range(0, n, chunk_rows):
+        chunk = x[start:start + chunk_rows]
         result = None if kind == "flat" else _search_chunk(chunk, codebook, cstats, metric, kind)
         if result is None:  # the flat path, or a filter scan that stopped pruning
             with stage("nearest/flat"):
                 result = _flat_search(chunk, codebook, metric)
-        ids[start:start + QUERY_CHUNK], obj[start:start + QUERY_CHUNK] = result
+        ids[start:start + chunk_rows], obj[start:start + chunk_rows] = result
     if metric == "l2":
         dists = obj
     elif metric == "ip":
