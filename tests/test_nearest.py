@@ -356,3 +356,18 @@ def test_filter_choice_follows_the_measured_int8_rate(monkeypatch):
     monkeypatch.setattr(_nearest_cpu, "int8_speedup", lambda: 3.5)  # AVX-512 VNNI
     assert _nearest_cpu.choose_filter(729, 500_000, 1152) == "int8"
     assert _nearest_cpu.choose_filter(729, 100, 64) == "fp64"
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+def test_a_searched_codebook_is_freed_with_its_caches(metric):
+    # per-codebook caches must hold copies, never the codebook itself (that would keep it alive)
+    import gc
+    import weakref
+
+    codebook = torch.randn(3000, 32)
+    ref = weakref.ref(codebook)
+    for backend in ("torch", "faiss"):
+        u2.nearest(torch.randn(5, 32), codebook, metric=metric, backend=backend)
+    del codebook
+    gc.collect()
+    assert ref() is None

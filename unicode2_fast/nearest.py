@@ -90,7 +90,9 @@ def _nearest(x: Any, codebook: Any, metric: str, backend: str) -> Tuple[Any, Any
     if metric == "cos":
         # cosine ignores each row's scale: bring every row's magnitude into range on its own
         x2d = _rows_rescaled(x2d)
-        cb = per_tensor(cb, ("rows_rescaled",), _rows_rescaled)
+        # cached only as a copy (or None): a cached codebook itself would keep its key alive
+        rescaled = per_tensor(cb, ("rows_rescaled",), lambda c: r if (r := _rows_rescaled(c)) is not c else None)
+        cb = cb if rescaled is None else rescaled
     exponent = _rescale_exponent(x2d, cb)
     if exponent:
         x2d, cb = _rescaled(x2d, cb, exponent)
