@@ -35,8 +35,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._cache import per_tensor
-from ._certified import GROW64, U32, U64, CandidateStore, fp64_slack, lowest_of_min, pair_objective
-from ._certified import sum_rounding as _certified_sum_rounding
+from ._certified import GROW64, U32, U64, CandidateStore, fp64_slack, lowest_of_min, pair_objective, sum_rounding
 from ._faiss import faiss_threads
 from .profiling import stage
 
@@ -77,7 +76,6 @@ MIN_INT8_DIM = 16
 #: int32 accumulation of 127 * 127 * d products stays exact below this dimension
 MAX_INT8_DIM = (2**31 - 1) // (127 * 127)
 
-_U32, _U64 = U32, U64
 
 
 def _int8_gemm_available() -> bool:
@@ -145,14 +143,14 @@ def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool, center: Option
     # fp32 arithmetic (fp16/bf16/fp32 inputs are exact in fp32); every quantity that feeds the
     # error bound is inflated by the rounding of its own fp32 computation so it stays a bound.
     d = v.shape[1]
-    gamma = 1.01 * (d + 4) * _U32  # relative rounding of a d-term fp32 sum
+    gamma = sum_rounding(d, U32)  # relative rounding of a d-term fp32 sum
     grow = 1.0 + 2.0 * gamma
     v32 = v.float()
     if center is not None:
         v32 = v32 - center.float()  # each element within one rounding of the exact difference
     norm = torch.linalg.vector_norm(v32, dim=1)
     # distance of the rows below from the exact transformed rows
-    off_unit = 1.01 * _U32 * norm if center is not None else torch.zeros_like(norm)
+    off_unit = 1.01 * U32 * norm if center is not None else torch.zeros_like(norm)
     if normalize:
         v32 = v32 / norm.unsqueeze(1)
         norm = torch.linalg.vector_norm(v32, dim=1)
@@ -167,11 +165,11 @@ def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool, center: Option
         q = torch.round(v32 / scale.unsqueeze(1)).clamp_(-127, 127)
         residual = v32 - q * scale.unsqueeze(1)  # each element within 2 fp32 roundings of exact
         res_norm = (torch.linalg.vector_norm(residual, dim=1).double() * grow
-                    + 2.0 * _U32 * norm.double() * grow + off_unit.double())
+                    + 2.0 * U32 * norm.double() * grow + off_unit.double())
         filt = q.to(torch.int8)
     filt_norm = torch.linalg.vector_norm(filt.float(), dim=1).double() * scale.double() * grow
     sq = torch.linalg.vecdot(v32, v32) if not normalize else None
-    return _RowStats(filt, scale, res_norm, filt_norm, norm.double() * grow + off_unit.double(), sq, gamma + 3.0 * _U32)
+    return _RowStats(filt, scale, res_norm, filt_norm, norm.double() * grow + off_unit.double(), sq, gamma + 3.0 * U32)
 
 
 def _row_stats_chunk_fp64(v: torch.Tensor, kind: str, normalize: bool, center: Optional[torch.Tensor]) -> _RowStats:
@@ -202,7 +200,7 @@ def _row_stats_chunk_fp64(v: torch.Tensor, kind: str, normalize: bool, center: O
         res_norm = res_norm + (filt.double().norm(dim=1) * (scale.double() - absmax / 127.0).abs())
     filt_norm = filt.double().norm(dim=1) * scale.double()
     sq = (v64 * v64).sum(dim=1).float() if not normalize else None
-    return _RowStats(filt, scale, res_norm * grow, filt_norm * grow, norm * grow, sq, 2.0 * _U32)
+    return _RowStats(filt, scale, res_norm * grow, filt_norm * grow, norm * grow, sq, 2.0 * U32)
 
 
 class _CodebookStats:
@@ -294,7 +292,7 @@ def _gemm_rounding(kind: str, d: int) -> float:
     """Relative bound on the filter GEMM's own rounding, times ||x|| ||c||."""
     if kind == "int8":
         return 0.0  # integer products and sums are exact (127^2 * d < 2^31 up to MAX_INT8_DIM)
-    unit = _U32 if kind == "fp32" else _U64
+    unit = U32 if kind == "fp32" else U64
     return 1.01 * (d + 2) * unit
 
 
@@ -353,7 +351,7 @@ def _pilot_upper_bound(x: torch.Tensor, pilot: torch.Tensor, metric: str) -> tor
     x_norm = x32.double().norm(dim=1, keepdim=True)
     c_norm = pilot.double().norm(dim=1)
     # fp32 rounding of d-term sums, of the inputs (fp64 queries) and of the unit rows (cos)
-    gamma = 2.0 * (x.shape[1] + 8) * _U32
+    gamma = 2.0 * (x.shape[1] + 8) * U32
     if metric == "l2":
         obj = x_norm.pow(2) + c_norm.pow(2) - 2.0 * dot
         slack = gamma * (x_norm + c_norm).pow(2)
@@ -486,7 +484,7 @@ def _near_pairs(x: torch.Tensor, codebook: torch.Tensor, rows: torch.Tensor, col
         return rows[hit_row], cols[hit_row, hit_col]
     # relative rounding of a d-term fp32 sum of squared differences, plus cdist's square root and
     # our squaring of it
-    g = 1.01 * (x.shape[1] + 8) * U32
+    g = sum_rounding(x.shape[1] + 4, U32)
     keep = torch.zeros_like(near)
     for start in range(0, rows.numel(), DIRECT_REFINE_ROWS):
         stop = start + DIRECT_REFINE_ROWS
@@ -524,7 +522,7 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> Tuple[
     queries = flat.transform(x, metric)
     # FAISS's fp32 objective of a pair is within w(x, c) of the exact one: the fp32 rounding of the
     # (shifted) inputs, of the GEMM's d-term sums and of the norms' sums, and the final additions
-    gamma = _certified_sum_rounding(d + 8, U32) * (1.0 + GROW64)
+    gamma = sum_rounding(d + 8, U32) * (1.0 + GROW64)
     x_norm = queries.double().norm(dim=1) * (1.0 + GROW64)
 
     def width(x_norms: torch.Tensor, c_norms: torch.Tensor) -> torch.Tensor:
@@ -597,7 +595,7 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
               else torch.zeros(n, dtype=torch.float64))
     two_stage = x.dtype != torch.float64 and codebook.dtype != torch.float64
     x_pair = x.float() if two_stage else x.double()
-    pair_gamma = 1.01 * (d + 4) * _U32 if two_stage else 0.0
+    pair_gamma = sum_rounding(d, U32) if two_stage else 0.0
 
     with stage("nearest/pilot"):
         upper = _pilot_upper_bound(x, cstats.pilot, metric)  # bound on the true minimum (pair space)

@@ -36,7 +36,7 @@ import safetensors.torch
 import torch
 
 from . import _dispatch, _lloyd
-from ._certified import GROW64, U32, CandidateStore, lowest_of_min, pair_objective
+from ._certified import GROW64, U32, CandidateStore, lowest_of_min, pair_objective, sum_rounding
 from ._checks import array_kind, check_finite, check_float, check_matrix, flatten_queries, from_tensor, to_tensor
 from ._io import atomic_write
 from .codebook import Codebook, codebook_matrix
@@ -477,7 +477,7 @@ class HierarchicalIndex:
         x_sq = x.double().pow(2).sum(dim=1)  # ||x||^2: the fp32 filter leaves it out, bounds add it back
         x_norm = x_sq.sqrt() * (1 + GROW64)
         # |fl(<x32, c32>) - <x, c>| <= gamma ||x|| ||c||: d-term fp32 sum plus rounding x or c to fp32
-        gamma = 1.01 * (d + 4) * U32
+        gamma = sum_rounding(d, U32)
 
         with stage("hierarchical/exact_bounds"):
             scores = self._coarse_scores(x32)  # (n, n_coarse)
