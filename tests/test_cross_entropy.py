@@ -533,3 +533,39 @@ def test_info_nce_bad_types_and_values():
     b[2, 1] = float("nan")
     with pytest.raises(ValueError, match="b contains non-finite"):
         u2.info_nce(torch.randn(4, 3), b)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_second_backward_through_a_retained_graph(reduction):
+    # the fused CPU training path saved unit gradients and no lse: a second backward crashed
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(12, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 40, (12,), generator=g)
+    loss = u2.large_vocab_cross_entropy(hidden, weight, targets, reduction=reduction, backend="torch")
+    loss = loss.sum() if reduction == "none" else loss
+    loss.backward(retain_graph=True)
+    loss.backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(h64 @ w64.T, targets, reduction=reduction)
+    (2 * (ref.sum() if reduction == "none" else ref)).backward()
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_fp16_loss_beyond_fp16_range_raises_instead_of_inf():
+    g = torch.Generator().manual_seed(4)
+    hidden = (torch.randn(4, 16, generator=g) * 120).half()
+    weight = (torch.randn(50, 16, generator=g) * 120).half()
+    targets = torch.randint(0, 50, (4,), generator=g)
+    ref = torch.nn.functional.cross_entropy(hidden.double() @ weight.double().T, targets)
+    assert 65504 < float(ref) < float("inf")  # finite, but no fp16 holds it
+    with pytest.raises(ValueError, match="exceeds the torch.float16 range"):
+        u2.large_vocab_cross_entropy(hidden, weight, targets)
+    with pytest.raises(ValueError, match="float16 range"):
+        u2.large_vocab_cross_entropy(hidden, weight, targets, reduction="none")
+    # within range the fp16 result is the rounded fp32 one
+    small = u2.large_vocab_cross_entropy(hidden / 256, weight / 256, targets)
+    assert small.dtype == torch.float16 and bool(torch.isfinite(small))
+    ref_small = torch.nn.functional.cross_entropy((hidden / 256).double() @ (weight / 256).double().T, targets)
+    assert abs(float(small) - float(ref_small)) <= 1e-2 * max(1.0, float(ref_small))

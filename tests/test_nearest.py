@@ -371,3 +371,95 @@ def test_a_searched_codebook_is_freed_with_its_caches(metric):
     del codebook
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "faiss"])
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+def test_inputs_that_require_grad_are_searched_detached(backend, metric):
+    # the faiss backend raised "Can't call numpy() on Tensor that requires grad"
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(30, 16, generator=g, requires_grad=True)
+    codebook = torch.nn.Parameter(torch.randn(200, 16, generator=g))
+    ids, dists = u2.nearest(x, codebook, metric=metric, backend=backend)
+    assert not dists.requires_grad and not ids.requires_grad
+    x64, c64 = x.detach().double(), codebook.detach().double()
+    if metric == "l2":
+        obj = torch.cdist(x64, c64).pow(2)
+    elif metric == "ip":
+        obj = -(x64 @ c64.T)
+    else:
+        obj = 1 - torch.nn.functional.normalize(x64, dim=1) @ torch.nn.functional.normalize(c64, dim=1).T
+    assert torch.equal(ids, obj.argmin(dim=1))
+    assert x.grad is None and codebook.grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cached_fp32_copy_of_the_codebook_is_announced_once(monkeypatch, dtype):
+    # a bf16 codebook searched with fp32 queries silently kept an fp32 copy twice its size
+    monkeypatch.setattr(_nearest_cpu, "COPY_WARN_BYTES", 1 << 16)
+    g = torch.Generator().manual_seed(6)
+    codebook = torch.randn(2000, 32, generator=g).to(dtype)
+    x = torch.randn(50, 32, generator=g)
+    with pytest.warns(UserWarning, match=r"keeps a float32 copy of this \(2000, 32\) torch\.(bfloat16|float32) codebook"):
+        ids, _ = _nearest_cpu._flat_search(x, codebook, "l2")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # cached: the second search says nothing
+        again, _ = _nearest_cpu._flat_search(x, codebook, "l2")
+    assert torch.equal(ids, again)
+    assert torch.equal(ids, torch.cdist(x.double(), codebook.double()).argmin(dim=1))
+
+
+def _reduced_precision_settings():
+    """(set, read) of the user's reduced-precision fp32 matmul switches on this torch."""
+    mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if mkldnn is not None and hasattr(mkldnn, "fp32_precision"):
+        def apply():
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+            mkldnn.fp32_precision = "bf16"
+
+        def read():
+            return torch.backends.cuda.matmul.fp32_precision, mkldnn.fp32_precision
+        return apply, read, ("tf32", "bf16")
+
+    def apply_legacy():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("medium")
+
+    def read_legacy():
+        return torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    return apply_legacy, read_legacy, (True, "medium")
+
+
+def test_certified_search_runs_ieee_fp32_whatever_the_user_set(monkeypatch):
+    # the certified GEMMs assume fp32 rounding: TF32 / bf16 matmuls must be off inside the call,
+    # and the user's choice back afterwards
+    from unicode2_fast import _certified
+
+    apply, read, expected = _reduced_precision_settings()
+    seen = []
+    real = _nearest_cpu.nearest_cpu
+
+    def spy(*args, **kwargs):
+        seen.append(read())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_nearest_cpu, "nearest_cpu", spy)
+    before = read()
+    try:
+        apply()
+        g = torch.Generator().manual_seed(7)
+        codebook, x = torch.randn(3000, 64, generator=g), torch.randn(40, 64, generator=g)
+        ids, _ = u2.nearest(x, codebook)
+        assert read() == expected  # restored
+        with _certified.ieee_fp32_matmul():
+            inside = read()
+    finally:
+        if isinstance(before[0], str):
+            torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = before
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = before[0]
+            torch.set_float32_matmul_precision(before[1])
+    assert seen and all(s == inside for s in seen)
+    assert inside != expected and all(v in ("ieee", False, "highest") for v in inside)
+    assert torch.equal(ids, torch.cdist(x.double(), codebook.double()).argmin(dim=1))

@@ -8,8 +8,9 @@ and, among exact ties, the lowest codeword id. Queries with more than CANDIDATE_
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -23,6 +24,38 @@ GROW64 = 1e-10
 CANDIDATE_CAP = 1024
 #: candidate pairs re-ranked at a time (each pair gathers a query and a codeword row)
 RERANK_CHUNK = 16384
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul() -> Iterator[None]:
+    """fp32 matrix products in IEEE fp32 inside the block, whatever the user set.
+
+    The error bounds here assume fp32 rounding; TF32 on CUDA (``allow_tf32``,
+    ``set_float32_matmul_precision("high")``) and bf16 on oneDNN CPUs
+    (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``) round far more coarsely. The
+    user's settings are restored on exit.
+    """
+    saved = []
+    # torch >= 2.9: one fp32_precision per backend ("none" inherits the global one)
+    for backend in (getattr(torch.backends.cuda, "matmul", None), getattr(torch.backends, "cudnn", None),
+                    getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)):
+        if backend is not None and hasattr(backend, "fp32_precision"):
+            saved.append((backend, "fp32_precision", backend.fp32_precision))
+    if not saved:  # torch < 2.9: the legacy switches
+        saved.append((torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32))
+        saved.append((torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32))
+        precision = torch.get_float32_matmul_precision()
+    try:
+        for backend, name, _ in saved:
+            setattr(backend, name, "ieee" if name == "fp32_precision" else False)
+        if saved[0][1] == "allow_tf32":
+            torch.set_float32_matmul_precision("highest")
+        yield
+    finally:
+        for backend, name, value in saved:
+            setattr(backend, name, value)
+        if saved[0][1] == "allow_tf32":
+            torch.set_float32_matmul_precision(precision)
 
 
 def sum_rounding(d: int, unit: float) -> float:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -68,6 +69,8 @@ FLAT_QUERY_CHUNK = 16384
 FLAT_PILOT_ROWS = 128
 FLAT_PILOT_FAIL = 0.25
 #: near pairs per query above which they are first measured directly in fp32 (see _near_pairs)
+# a cached fp32 copy of at least this many bytes is announced once (a warning names its size)
+COPY_WARN_BYTES = 256 << 20
 DIRECT_REFINE_PAIRS = 4
 #: queries whose (kk, d) candidate rows are gathered at a time there
 DIRECT_REFINE_ROWS = 32
@@ -420,6 +423,7 @@ class _FlatCodebook:
         else:
             self.vectors = torch.cat([self.transform(rows[start:start + STAT_CHUNK], metric)
                                       for start in range(0, rows.shape[0], STAT_CHUNK)])
+            _announce_copy(codebook, self.vectors, metric)
         rows = codebook if self.vectors is None else self.vectors
         # (K',) fp64 norms of the scanned rows, rounded up: they enter the error bounds
         self.norms = torch.cat([rows[start:start + STAT_CHUNK].double().norm(dim=1)
@@ -434,6 +438,19 @@ class _FlatCodebook:
         elif metric == "cos":
             v64 = v64 / v64.norm(dim=1, keepdim=True)
         return v64.float().contiguous()
+
+
+def _announce_copy(codebook: torch.Tensor, copy: torch.Tensor, metric: str) -> None:
+    """Say once per codebook and metric (the copy is cached) what the exact search keeps."""
+    size = copy.numel() * copy.element_size()
+    if size < COPY_WARN_BYTES:
+        return
+    what = {"l2": "shifted by the row mean", "ip": "deduplicated", "cos": "rows normalised"}[metric]
+    warnings.warn(
+        f"u2.nearest keeps a float32 copy of this {tuple(codebook.shape)} {codebook.dtype} codebook ({what}; "
+        f"{size / 2 ** 30:.2f} GiB beside the codebook's {codebook.numel() * codebook.element_size() / 2 ** 30:.2f} GiB) "
+        f"for its exact CPU search with metric {metric!r}, until the codebook is freed or changed in place",
+        UserWarning, stacklevel=2)
 
 
 def _first_of_duplicates(codebook: torch.Tensor) -> Optional[torch.Tensor]:
@@ -518,7 +535,7 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> Tuple[
     n, d = x.shape
     flat = per_tensor(codebook, ("flat", metric), lambda c: _FlatCodebook(c, metric))
     k = codebook.shape[0] if flat.ids is None else flat.ids.shape[0]  # rows FAISS scans
-    base = (codebook if flat.vectors is None else flat.vectors).numpy()
+    base = (codebook if flat.vectors is None else flat.vectors).detach().numpy()
     queries = flat.transform(x, metric)
     # FAISS's fp32 objective of a pair is within w(x, c) of the exact one: the fp32 rounding of the
     # (shifted) inputs, of the GEMM's d-term sums and of the norms' sums, and the final additions

@@ -283,7 +283,10 @@ class _RowCrossEntropy(torch.autograd.Function):
                     grad_bias.mul_(scale) if need_bias else None,
                     None, None, None,
                 )
-            with torch.autocast(hidden.device.type, enabled=False):  # per-row weights: recompute
+        if lse is None:
+            # the fused forward saved unit gradients instead of lse, and they are spent: per-row
+            # upstream weights, or a second backward through a retained graph. Recompute lse.
+            with torch.autocast(hidden.device.type, enabled=False):
                 lse = lse_and_target_torch(hidden, weight, targets, bias)[0]
         with torch.autocast(hidden.device.type, enabled=False):
             grads = cross_entropy_backward_torch(
@@ -357,7 +360,8 @@ def large_vocab_cross_entropy(
         TypeError: non-tensor inputs, non-float hidden/weight/bias, non-integer targets.
         ValueError: shape or dimension mismatch, empty vocabulary, tensors on different devices,
             NaN/Inf in an input, a target outside [0, K) that is not ``ignore_index``, an unknown
-            reduction or backend, or a backend the device cannot run.
+            reduction or backend, a backend the device cannot run, or a loss beyond the range of
+            the result dtype (fp16: 65504).
     """
     # hidden: (..., h), classifier_weight: (K, h), targets: (...), bias: (K,)
     if reduction not in REDUCTIONS:
@@ -425,13 +429,32 @@ def large_vocab_cross_entropy(
     out_dtype = torch.promote_types(hidden.dtype, classifier_weight.dtype)
     if reduction == "none":
         if all_valid:
-            return row_losses.to(out_dtype).reshape(targets.shape)
+            return _in_range(row_losses, out_dtype).reshape(targets.shape)
         full = row_losses.new_zeros(targets_1d.shape[0]).index_put((valid_rows,), row_losses)
-        return full.to(out_dtype).reshape(targets.shape)
+        return _in_range(full, out_dtype).reshape(targets.shape)
     total = row_losses.sum()
     if reduction == "mean":
         total = total / n_valid  # 0 / 0 = NaN when every row is ignored, as in F.cross_entropy
-    return total.to(out_dtype)
+    return _in_range(total, out_dtype)
+
+
+def _in_range(loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``loss`` (computed in fp32 or float64) cast to ``dtype``.
+
+    Raises:
+        ValueError: a finite loss beyond the range of ``dtype`` (fp16 tops out at 65504), which
+            the cast would turn into inf.
+    """
+    if loss.dtype == dtype or not loss.is_floating_point():
+        return loss
+    limit = torch.finfo(dtype).max
+    finite = loss.detach()[torch.isfinite(loss.detach())]
+    if finite.numel() and float(finite.abs().max()) > limit:
+        raise ValueError(
+            f"the cross-entropy loss {float(finite.abs().max()):.6g} exceeds the {dtype} range ({limit:.6g}): "
+            f"pass float32 hidden states or classifier_weight to get it in float32"
+        )
+    return loss.to(dtype)
 
 
 def info_nce(

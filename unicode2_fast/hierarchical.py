@@ -36,7 +36,7 @@ import safetensors.torch
 import torch
 
 from . import _dispatch, _lloyd
-from ._certified import GROW64, U32, CandidateStore, lowest_of_min, pair_objective, sum_rounding
+from ._certified import GROW64, U32, CandidateStore, ieee_fp32_matmul, lowest_of_min, pair_objective, sum_rounding
 from ._checks import array_kind, check_finite, check_float, check_matrix, flatten_queries, from_tensor, to_tensor
 from ._io import atomic_write
 from .codebook import Codebook, codebook_matrix
@@ -357,7 +357,7 @@ class HierarchicalIndex:
             if exact:
                 if backend == "triton":
                     raise ValueError("exact=True runs the grouped torch scan; use backend='auto' or 'torch'")
-                with stage("hierarchical/exact"):
+                with stage("hierarchical/exact"), ieee_fp32_matmul():  # the bounds assume fp32 rounding
                     ids, dists = self._search_exact(x2d)
             else:
                 nprobe = min(DEFAULT_NPROBE, self.n_coarse) if nprobe is None else nprobe

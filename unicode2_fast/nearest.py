@@ -24,6 +24,7 @@ import torch
 
 from . import _dispatch, _nearest_cpu
 from ._cache import per_tensor
+from ._certified import ieee_fp32_matmul
 from ._checks import (
     array_kind,
     check_finite,
@@ -60,7 +61,9 @@ def nearest(
     Returns:
         ``(ids, dists)``: ids int64 and dists float32, both of shape x.shape[:-1], as the array kind
         of ``x``. dists is the squared L2 distance, ``-<x, c>`` or ``1 - cos(x, c)``. Ties go to the
-        lowest code index.
+        lowest code index. Neither carries a gradient (inputs that require grad are searched
+        detached on every backend); a differentiable distance is computed from the gathered
+        codewords, as the quantizers do.
 
     Raises:
         TypeError: a non-float dtype, or an unsupported array type.
@@ -75,11 +78,21 @@ def _nearest(x: Any, codebook: Any, metric: str, backend: str) -> Tuple[Any, Any
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
     kind = array_kind(x)
-    xt = to_tensor(x, "x")
+    # a search has no gradient (like torch.argmin or FAISS): detached, no backend records a graph
+    xt = to_tensor(x, "x").detach()
     check_float(xt, "x")
-    cb = codebook_matrix(codebook)
+    cb = codebook_matrix(codebook)  # not detached: the per-codebook caches key on this very tensor
     if xt.device != cb.device:
         raise ValueError(f"x is on {xt.device} but the codebook is on {cb.device}; move one of them")
+    # no_grad: a codebook that requires grad (a Parameter) records nothing either; IEEE fp32: the
+    # exact path's error bounds assume fp32 rounding, not TF32 / bf16 (whatever the user set)
+    with torch.no_grad(), ieee_fp32_matmul():
+        ids, dists, lead = _search(xt, cb, metric, backend)
+    return from_tensor(ids.reshape(lead), kind), from_tensor(dists.reshape(lead), kind)
+
+
+def _search(xt: torch.Tensor, cb: torch.Tensor, metric: str, backend: str):
+    """Validated, detached inputs to (ids, dists, leading shape) of ``nearest``."""
     x2d, lead = flatten_queries(xt, cb.shape[1])
     check_finite(x2d, "x")
     resolved = _dispatch.resolve("nearest", backend, xt.device, (xt.dtype, cb.dtype))
@@ -111,7 +124,7 @@ def _nearest(x: Any, codebook: Any, metric: str, backend: str) -> Tuple[Any, Any
         raise RuntimeError(f"internal error: backend {resolved!r} returned an id outside [0, {cb.shape[0]})")
     if exponent:
         dists = _unscaled_dists(dists, exponent, metric)
-    return from_tensor(ids.reshape(lead), kind), from_tensor(dists.reshape(lead), kind)
+    return ids, dists, lead
 
 
 def _rescale_exponent(x: torch.Tensor, codebook: torch.Tensor) -> int:
@@ -252,7 +265,7 @@ def _nearest_faiss(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> Tupl
 def _faiss_flat_index(codebook: torch.Tensor, metric: str):
     import faiss
 
-    cs = codebook.float().contiguous().numpy()
+    cs = codebook.detach().float().contiguous().numpy()
     if metric == "cos":
         cs = cs.copy()
         faiss.normalize_L2(cs)
