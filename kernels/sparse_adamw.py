@@ -137,6 +137,12 @@ def sparse_adamw_triton(
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     n_rows = row_ids.shape[0]
+    if n_rows:
+        # the kernel's loads and stores are masked only against d: an id outside [0, K) would
+        # write beyond the parameter (on a GPU, into whatever lies there)
+        low, high = (int(v) for v in torch.aminmax(row_ids))
+        if low < 0 or high >= k:
+            raise ValueError(f"row_ids must lie in [0, {k}) (the parameter's rows), got ids from {low} to {high}")
     if n_rows == 0 or d == 0:
         return
 

@@ -348,3 +348,27 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     u2.gathered_embedding(torch.tensor([1]), weight).sum().backward()
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         u2.SparseRowAdamW([weight], backend="triton").step()
+
+
+@pytest.mark.parametrize("bad", [-1, 13, 1 << 40])
+@pytest.mark.parametrize("backend", _backends())
+def test_row_ids_outside_the_parameter_raise_before_any_change(backend, bad):
+    # the Triton path did not bounds-check row ids: an id of K wrote beyond the parameter
+    weight = torch.nn.Parameter(torch.randn(13, 7))
+    before = weight.detach().clone()
+    opt = u2.SparseRowAdamW([weight], lr=0.1, backend=backend)
+    weight.grad = torch.sparse_coo_tensor(torch.tensor([[2, bad]]), torch.randn(2, 7), (13, 7),
+                                          check_invariants=False)
+    with pytest.raises(ValueError, match=r"row ids must lie in \[0, 13\)"):
+        opt.step()
+    assert torch.equal(weight.detach(), before)
+    assert "row_step" not in opt.state[weight] and "exp_avg" not in opt.state[weight]
+
+
+@needs_triton
+def test_triton_kernel_checks_row_ids():
+    param, grads = torch.randn(10, 4), torch.randn(2, 4)
+    moments = [torch.zeros(10, 4), torch.zeros(10, 4)]
+    with pytest.raises(ValueError, match=r"row_ids must lie in \[0, 10\)"):
+        kernel.sparse_adamw_triton(param, torch.tensor([3, 10]), grads, *moments, torch.ones(10, dtype=torch.int64),
+                                   lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)

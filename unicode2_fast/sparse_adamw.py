@@ -118,6 +118,17 @@ class SparseRowAdamW(torch.optim.Optimizer):
             )
         if grad.shape != param.shape:
             raise ValueError(f"sparse gradient shape {tuple(grad.shape)} != parameter shape {tuple(param.shape)}")
+        # checked before coalescing (torch's coalesce corrupts the heap on a negative id) and
+        # before any state changes, on every backend: the Triton kernel would write beyond the
+        # parameter, index_add_ raise a bare IndexError (a device-side assert on CUDA)
+        raw_ids = grad._indices()[0]
+        if raw_ids.numel():
+            low, high = (int(v) for v in torch.aminmax(raw_ids))
+            if low < 0 or high >= param.shape[0]:
+                raise ValueError(
+                    f"the sparse gradient of a parameter with {param.shape[0]} rows holds row ids from {low} to "
+                    f"{high}; row ids must lie in [0, {param.shape[0]})"
+                )
         # autograd drops the coalesced flag when it stores a sparse grad, and accumulating two
         # backward passes concatenates their entries: coalescing sums duplicates, sorts the ids
         grad = grad.coalesce()
