@@ -365,3 +365,66 @@ def test_bad_npy_files(tmp_path):
     (tmp_path / "text.npy").write_text("not numpy")
     with pytest.raises(ValueError, match="not a .npy array file"):
         u2.build_codebook(tmp_path / "text.npy", 2, progress=False)
+
+
+def test_resume_refuses_features_changed_in_the_middle(tmp_path):
+    # the fingerprint covered only the shape and the first and last 8 rows: rows changed in the
+    # middle of a .npy file brought the old codebook back
+    g = torch.Generator().manual_seed(11)
+    features = torch.randn(20000, 8, generator=g)
+    path = tmp_path / "features.npy"
+    np.save(path, features.numpy())
+    u2.build_codebook(str(path), 40, niter=2, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    changed = features.clone()
+    changed[5000:15000] += 0.5
+    np.save(path, changed.numpy())
+    with pytest.raises(ValueError, match="features: other data"):
+        u2.build_codebook(str(path), 40, niter=2, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    # the same rows as an iterable of other chunks fingerprint like the array
+    chunks = [changed[i:i + 3001] for i in range(0, 20000, 3001)]
+    fresh = u2.build_codebook(str(path), 40, niter=2, progress=False, checkpoint_dir=tmp_path / "ckpt2")
+    again = u2.build_codebook(chunks, 40, niter=2, progress=False, checkpoint_dir=tmp_path / "ckpt2")
+    assert torch.equal(fresh.vectors, again.vectors)
+
+
+def _checkpointed_build(features, directory):
+    # n_coarse=5 on these rows: cells of 4, 3, 7, 12 and 4 codewords (two of one size, others not)
+    return u2.build_codebook(features, 30, niter=2, n_coarse=5, progress=False, checkpoint_dir=directory)
+
+
+@pytest.mark.parametrize("damage", ["other cell, other size", "other cell, same size", "random bytes",
+                                    "coarse over assign", "assign ids out of range"])
+def test_resume_validates_each_checkpoint(clustered, tmp_path, damage):
+    features = clustered[:1500]
+    reference = _checkpointed_build(features, tmp_path)
+    cells = sorted(tmp_path.glob("fine_cell_*.pt"))
+    sizes = {p: torch.load(p, weights_only=True)["centroids"].shape[0] for p in cells}
+    if damage.startswith("other cell"):
+        same = damage.endswith("same size")
+        pairs = [(a, b) for a in cells for b in cells if a != b and (sizes[a] == sizes[b]) == same]
+        assert pairs, "the build should have cells of equal and of different sizes"
+        source, target = pairs[0]
+        target.write_bytes(source.read_bytes())
+        match = "holds the state of step 'fine_cell_"
+    elif damage == "random bytes":
+        cells[0].write_bytes(os.urandom(4096))
+        match = r"unreadable checkpoint \([^\n]*\); delete it"
+    elif damage == "coarse over assign":
+        (tmp_path / "assign.pt").write_bytes((tmp_path / "coarse.pt").read_bytes())
+        match = "holds the state of step 'coarse', not 'assign'"
+    else:
+        state = torch.load(tmp_path / "assign.pt", weights_only=True)
+        state["coarse_ids"][0] = 7
+        torch.save(state, tmp_path / "assign.pt")
+        match = "damaged checkpoint"
+    with pytest.raises(ValueError, match=match) as info:
+        _checkpointed_build(features, tmp_path)
+    assert "\n" not in str(info.value)
+    # deleting the damaged file redoes that step and gives the same codebook
+    for path in list(tmp_path.glob("*.pt")):
+        try:
+            _checkpointed_build(features, tmp_path)
+            break
+        except ValueError as exc:
+            os.remove(str(exc).split(":")[0])
+    torch.testing.assert_close(_checkpointed_build(features, tmp_path).vectors, reference.vectors, rtol=0, atol=0)

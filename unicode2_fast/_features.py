@@ -6,7 +6,8 @@ a re-iterable of (m, d) chunks -- and serves it in a fixed grid of row blocks of
 random choice of a build comes from a bijective hash of (seed, stream, row index): the coarse
 sample (the rows with the smallest keys), the per-cell fine samples (:func:`plan_fine_samples`,
 gathered by :func:`gather_cells`) and the seeds of the initialisations (:func:`derive_seed`).
-A source's fingerprint (shape plus first and last rows) ties checkpoints to their data.
+A source's fingerprint (sha256 of the shape and of every row, streamed over the block grid, so an
+array and an iterable of the same rows agree) ties checkpoints to their data.
 """
 from __future__ import annotations
 
@@ -24,8 +25,6 @@ from ._checks import check_finite, check_float, check_matrix, to_tensor
 BLOCK_BYTES = 64 << 20
 #: row keys are hashed this many at a time when sampling an array by index
 _KEY_CHUNK_ROWS = 1 << 22
-#: rows at the start and at the end of the features hashed into the data fingerprint
-_FINGERPRINT_ROWS = 8
 
 # hash streams: independent keys / seeds for each random choice of a build
 _STREAM_COARSE_SAMPLE, _STREAM_FINE_SAMPLE, STREAM_COARSE_INIT, STREAM_CELL_INIT = 1, 2, 3, 4
@@ -135,12 +134,20 @@ def _block_rows(dim: int) -> int:
     return max(1, BLOCK_BYTES // (4 * max(1, dim)))
 
 
-def _fingerprint(n_rows: int, dim: int, head: torch.Tensor, tail: torch.Tensor) -> str:
-    """sha256 of the shape and of the first and last rows (as fp32)."""
-    digest = hashlib.sha256(f"{n_rows}x{dim}".encode())
-    for rows in (head, tail):
-        digest.update(rows.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
+class _Fingerprint:
+    """sha256 of the shape and of every row as fp32, fed block by block in row order (about
+    1.3 GB/s here: a small fraction of a build's own passes over the data)."""
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+
+    def add(self, block: torch.Tensor) -> None:
+        self._digest.update(block.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+
+    def hexdigest(self, n_rows: int, dim: int) -> str:
+        digest = self._digest.copy()
+        digest.update(f"|{n_rows}x{dim}".encode())
+        return digest.hexdigest()
 
 
 def _check_rows_finite(block: torch.Tensor, describe_row: Callable[[int], str]) -> None:
@@ -163,9 +170,17 @@ class _ArraySource:
         self.device = device
         self.n_rows, self.dim = int(data.shape[0]), int(data.shape[1])
         self.validate_blocks = validate_blocks
-        n_edge = min(self.n_rows, _FINGERPRINT_ROWS)
-        self.fingerprint = _fingerprint(self.n_rows, self.dim, self._rows(0, n_edge),
-                                        self._rows(self.n_rows - n_edge, self.n_rows))
+        self._fingerprint: Optional[str] = None
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the shape and every row: read on first use (only checkpointed builds need it)."""
+        if self._fingerprint is None:
+            digest = _Fingerprint()
+            for _, block in self.blocks():
+                digest.add(block)
+            self._fingerprint = digest.hexdigest(self.n_rows, self.dim)
+        return self._fingerprint
 
     def _rows(self, start: int, stop: int) -> torch.Tensor:
         part = self.data[start:stop]
@@ -210,23 +225,19 @@ class _IterableSource:
         self.dim: Optional[int] = None
         self.n_rows = 0
         sampler: Optional[_BottomKeys] = None
-        head: List[torch.Tensor] = []
-        tail: Optional[torch.Tensor] = None
+        digest = _Fingerprint()
         with tqdm(desc="scan features", unit=" rows", disable=not progress, leave=False) as bar:
             for start, block in self._blocks(validate=True):
                 if sampler is None:
                     sampler = _BottomKeys(sample_capacity, self.dim, self.device)
                 keys = _row_keys(start, start + block.shape[0], seed, _STREAM_COARSE_SAMPLE)
                 sampler.add(keys, torch.arange(start, start + block.shape[0]), block)
-                if sum(h.shape[0] for h in head) < _FINGERPRINT_ROWS:
-                    head.append(block[:_FINGERPRINT_ROWS])
-                last = block[-_FINGERPRINT_ROWS:]
-                tail = last if tail is None else torch.cat([tail, last])[-_FINGERPRINT_ROWS:]
+                digest.add(block)
                 self.n_rows = start + block.shape[0]
                 bar.update(block.shape[0])
         if sampler is None:
             raise ValueError("features yielded no rows: need at least k rows in (m, d) chunks")
-        self.fingerprint = _fingerprint(self.n_rows, self.dim, torch.cat(head)[:_FINGERPRINT_ROWS], tail)
+        self.fingerprint = digest.hexdigest(self.n_rows, self.dim)
         self._sample = sampler.result()[1]
 
     def _chunks(self) -> Iterator[torch.Tensor]:

@@ -230,10 +230,12 @@ def build_codebook(
         raise ValueError(f"features has shape ({n_rows}, {dim}): need at least k={k} rows and d >= 1")
     if k > n_rows:
         raise ValueError(f"k={k} exceeds the number of feature rows ({n_rows})")
-    run = {"k": k, "n_coarse": n_coarse, "niter": niter, "seed": seed,
-           "max_points_per_centroid": max_points_per_centroid, "n_features": n_rows, "dim": dim,
-           "fingerprint": source.fingerprint}
-    checkpoints = Checkpoints(checkpoint_dir, run) if checkpoint_dir is not None else None
+    checkpoints = None
+    if checkpoint_dir is not None:  # the fingerprint reads all of an array's rows: only here
+        run = {"k": k, "n_coarse": n_coarse, "niter": niter, "seed": seed,
+               "max_points_per_centroid": max_points_per_centroid, "n_features": n_rows, "dim": dim,
+               "fingerprint": source.fingerprint}
+        checkpoints = Checkpoints(checkpoint_dir, run)
 
     with stage("build_codebook/coarse"):
         coarse_centroids = _coarse_stage(source, checkpoints, n_coarse, niter, seed, max_points_per_centroid, progress)
@@ -246,7 +248,8 @@ def build_codebook(
     vectors = torch.empty((k, dim), dtype=torch.float32, device=source.device)
     todo = []
     for cell in k_cell.nonzero().squeeze(1).tolist():
-        state = checkpoints.load(f"fine_cell_{cell}") if checkpoints else None
+        state = checkpoints.load(f"fine_cell_{cell}", {"centroids": ((int(k_cell[cell]), dim), torch.float32)}) \
+            if checkpoints else None
         if state is None:
             todo.append(cell)
         else:
@@ -272,7 +275,8 @@ def build_codebook(
 def _coarse_stage(source, checkpoints: Optional[Checkpoints], n_coarse: int, niter: int, seed: int,
                   max_points_per_centroid: int, progress: bool) -> torch.Tensor:
     """(n_coarse, d) fp32 coarse centroids, trained on the coarse sample or loaded."""
-    state = checkpoints.load("coarse") if checkpoints else None
+    state = checkpoints.load("coarse", {"coarse_centroids": ((n_coarse, source.dim), torch.float32)}) \
+        if checkpoints else None
     if state is not None:
         return state["coarse_centroids"].to(source.device)
     sample = source.coarse_sample(min(source.n_rows, max_points_per_centroid * n_coarse), seed)
@@ -292,10 +296,16 @@ def _coarse_stage(source, checkpoints: Optional[Checkpoints], n_coarse: int, nit
 def _assignment_pass(source, checkpoints: Optional[Checkpoints], coarse_centroids: torch.Tensor,
                      progress: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Coarse cell of every feature row (M,) int32 and the cell sizes (n_coarse,) int64."""
-    state = checkpoints.load("assign") if checkpoints else None
-    if state is not None:
-        return state["coarse_ids"], state["cell_sizes"]
     n_coarse = coarse_centroids.shape[0]
+    state = checkpoints.load("assign", {"coarse_ids": ((source.n_rows,), torch.int32),
+                                        "cell_sizes": ((n_coarse,), torch.int64)}) if checkpoints else None
+    if state is not None:
+        ids = state["coarse_ids"]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n_coarse
+                            or not torch.equal(torch.bincount(ids.long(), minlength=n_coarse), state["cell_sizes"])):
+            raise ValueError(f"{checkpoints.path('assign')}: damaged checkpoint (its cell ids lie outside "
+                             f"[0, {n_coarse}) or disagree with its cell sizes); delete it to redo that step")
+        return state["coarse_ids"], state["cell_sizes"]
     coarse_ids = torch.empty(source.n_rows, dtype=torch.int32)
     squared_error = 0.0
     with tqdm(total=source.n_rows, desc="assign to coarse cells", unit=" rows", disable=not progress) as bar:
