@@ -321,8 +321,6 @@ def test_bad_features(clustered, tmp_path):
         u2.build_codebook(torch.ones(100, 4, dtype=torch.int32), 2, progress=False)
     with pytest.raises(ValueError, match="chunk 1 has dim 15 but the chunks before it have dim 16"):
         u2.build_codebook([x[:100], x[100:, :15]], 2, progress=False)
-    with pytest.raises(TypeError, match="one-shot iterator"):
-        u2.build_codebook(iter([x]), 2, progress=False)
     with pytest.raises(TypeError, match="features must be an"):
         u2.build_codebook(42, 2, progress=False)
     with pytest.raises(ValueError, match="yielded no rows"):
@@ -428,3 +426,81 @@ def test_resume_validates_each_checkpoint(clustered, tmp_path, damage):
         except ValueError as exc:
             os.remove(str(exc).split(":")[0])
     torch.testing.assert_close(_checkpointed_build(features, tmp_path).vectors, reference.vectors, rtol=0, atol=0)
+
+
+# one-pass iterators -------------------------------------------------------------
+
+
+def test_generator_equals_the_array_build(clustered, reference, tmp_path, monkeypatch):
+    # a generator straight out of an encoder is spilled once and memory-mapped
+    monkeypatch.setattr(_features.tempfile, "tempdir", str(tmp_path))
+    pulled = []
+
+    def encoder():
+        for start in range(0, clustered.shape[0], 333):
+            pulled.append(start)
+            yield clustered[start:start + 333].double().numpy()  # any float dtype, any array kind
+
+    built = u2.build_codebook(encoder(), 120, progress=False)
+    _assert_same_codebook(built, reference)
+    assert len(pulled) == len(range(0, clustered.shape[0], 333))  # one pass
+    assert list(tmp_path.iterdir()) == []  # the spill file and its folder are gone
+
+
+def test_generator_with_checkpoint_dir_spills_there_and_resumes(clustered, reference, tmp_path):
+    chunks = lambda: (clustered[i:i + 1000] for i in range(0, clustered.shape[0], 1000))  # noqa: E731
+    _assert_same_codebook(u2.build_codebook(chunks(), 120, progress=False, checkpoint_dir=tmp_path), reference)
+    assert not [p for p in os.listdir(tmp_path) if "spill" in p]
+    _assert_same_codebook(u2.build_codebook(chunks(), 120, progress=False, checkpoint_dir=tmp_path), reference)
+
+
+def test_generator_bad_chunk_leaves_no_spill_file(clustered, tmp_path):
+    def chunks():
+        yield clustered[:100]
+        bad = clustered[100:200].clone()
+        bad[7, 3] = float("nan")
+        yield bad
+    with pytest.raises(ValueError, match=r"row 107 \(row 7 of chunk 1\)"):
+        u2.build_codebook(chunks(), 4, progress=False, checkpoint_dir=tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("how", ["free space", "write error"])
+def test_generator_on_a_full_disk(clustered, tmp_path, monkeypatch, how):
+    chunks = (clustered[i:i + 500] for i in range(0, 2000, 500))
+    bytes_per_chunk = 500 * clustered.shape[1] * 4
+    if how == "free space":
+        real = _features.shutil.disk_usage
+        def disk_usage(path):  # room for one and a half chunks
+            used = sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
+            return real(path)._replace(free=max(0, bytes_per_chunk * 3 // 2 - used))
+        monkeypatch.setattr(_features.shutil, "disk_usage", disk_usage)
+    else:
+        import builtins
+        import errno
+        real_open = builtins.open
+
+        class Full:
+            def __init__(self, f):
+                self.f, self.n = f, 0
+
+            def write(self, data):
+                self.n += 1
+                if self.n == 2:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return self.f.write(data)
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return self.f.__exit__(*exc)
+
+        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: Full(real_open(p, *a, **k))
+                            if str(p).endswith(".f32") else real_open(p, *a, **k))
+    with pytest.raises(OSError, match=f"no space in {tmp_path} .* at least {2 * bytes_per_chunk:,} bytes"):
+        u2.build_codebook(chunks, 8, progress=False, checkpoint_dir=tmp_path)
+    assert os.listdir(tmp_path) == []

@@ -11,8 +11,12 @@ array and an iterable of the same rows agree) ties checkpoints to their data.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
+import tempfile
+import uuid
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -182,6 +186,9 @@ class _ArraySource:
             self._fingerprint = digest.hexdigest(self.n_rows, self.dim)
         return self._fingerprint
 
+    def close(self) -> None:
+        """Nothing to release (see _SpilledSource)."""
+
     def _rows(self, start: int, stop: int) -> torch.Tensor:
         part = self.data[start:stop]
         if isinstance(part, np.ndarray):
@@ -291,10 +298,15 @@ class _IterableSource:
     def coarse_sample(self, size: int, seed: int) -> torch.Tensor:
         return self._sample[:size]
 
+    def close(self) -> None:
+        """Nothing to release (see _SpilledSource)."""
+
 
 def open_features(features: Any, device: Optional[torch.device], sample_capacity: int, seed: int,
-                  progress: bool) -> Union[_ArraySource, _IterableSource]:
-    """The source for ``features`` (see ``u2.build_codebook``), with its kind and dtype checked."""
+                  progress: bool, spill_dir: Optional[str] = None) -> Union[_ArraySource, _IterableSource]:
+    """The source for ``features`` (see ``u2.build_codebook``), with its kind and dtype checked.
+    A one-pass iterator is spilled to ``spill_dir`` (a temporary folder when None): call the
+    source's ``close()`` when done (every source has one)."""
     if isinstance(features, (str, os.PathLike)):
         path = os.fspath(features)
         if not os.path.exists(path):
@@ -329,11 +341,98 @@ def open_features(features: Any, device: Optional[torch.device], sample_capacity
             f"got {type(features).__name__}"
         ) from None
     if one_shot:
-        raise TypeError(
-            "features is a one-shot iterator, but the build reads the features several times: pass a list "
-            "of chunks or a callable that returns a fresh iterator"
-        )
+        return spill(features, spill_dir, torch.device(device) if device else None, progress)
     return _IterableSource(features, torch.device(device) if device else None, sample_capacity, seed, progress)
+
+
+class _SpilledSource(_ArraySource):
+    """The rows of a one-pass iterator, written once to a raw fp32 file and memory-mapped; the
+    file (and the folder, when it made one) is removed by :meth:`close`."""
+
+    def __init__(self, data: np.memmap, device: torch.device, path: str, folder: Optional[str]):
+        super().__init__(data, device, validate_blocks=False)
+        self._path, self._folder = path, folder
+
+    def close(self) -> None:
+        self.data = None
+        for remove in (lambda: os.remove(self._path), lambda: self._folder and os.rmdir(self._folder)):
+            try:
+                remove()
+            except OSError:
+                pass
+
+
+def _no_space(folder: str, written: int, needed: int, free: Optional[int] = None) -> OSError:
+    where = f"{free:,} bytes free there" if free is not None else "the disk filled up"
+    return OSError(
+        errno.ENOSPC,
+        f"no space in {folder} to spill the features of a one-pass iterator: it needs at least {needed:,} bytes "
+        f"(the rows read so far, as fp32) and {where} after {written:,} bytes; free space there, pass "
+        f"checkpoint_dir on a larger disk, or pass a list of chunks / a callable that returns a fresh iterator",
+    )
+
+
+def spill(chunks: Iterator[Any], directory: Optional[str], device: Optional[torch.device],
+          progress: bool) -> _SpilledSource:
+    """Write the (m, d) chunks of a one-pass iterator once to a raw fp32 file in ``directory``
+    (a new temporary folder when None) and serve it memory-mapped, so the build can read it as
+    often as an array. Every chunk is validated as it arrives; a failure (a bad chunk, a full
+    disk, an interruption) removes the partial file before the error propagates."""
+    folder = None
+    if directory is None:
+        folder = directory = tempfile.mkdtemp(prefix="u2-features-")
+    else:
+        os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f".features-spill-{uuid.uuid4().hex}.f32")
+    dim: Optional[int] = None
+    n_rows = written = 0
+    try:
+        with open(path, "wb") as out, tqdm(desc=f"spill features to {directory}", unit=" rows",
+                                          disable=not progress, leave=False) as bar:
+            for index, chunk in enumerate(chunks):
+                name = f"features chunk {index}"
+                chunk = to_tensor(chunk, name)
+                check_matrix(chunk, name)
+                check_float(chunk, name)
+                if dim is None:
+                    dim = int(chunk.shape[1])
+                    device = device or chunk.device
+                elif chunk.shape[1] != dim:
+                    raise ValueError(f"{name} has dim {chunk.shape[1]} but the chunks before it have dim {dim}")
+                first = n_rows
+                _check_rows_finite(chunk, lambda bad: f"{first + bad} (row {bad} of chunk {index})")
+                data = chunk.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+                free = shutil.disk_usage(directory).free
+                if free < len(data):
+                    raise _no_space(directory, written, written + len(data), free)
+                try:
+                    out.write(data)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise _no_space(directory, written, written + len(data)) from None
+                    raise
+                written += len(data)
+                n_rows += chunk.shape[0]
+                bar.update(chunk.shape[0])
+            try:
+                out.flush()
+                os.fsync(out.fileno())
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise _no_space(directory, written, written) from None
+                raise
+        if dim is None:
+            raise ValueError("features yielded no rows: need at least k rows in (m, d) chunks")
+        data = np.memmap(path, dtype=np.float32, mode="r", shape=(n_rows, dim)) if n_rows else \
+            np.empty((0, dim), np.float32)
+    except BaseException:
+        for remove in (lambda: os.remove(path), lambda: folder and os.rmdir(folder)):
+            try:
+                remove()
+            except OSError:
+                pass
+        raise
+    return _SpilledSource(data, device, path, folder)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ uninterrupted build.
 """
 from __future__ import annotations
 
+import os
 import heapq
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -189,9 +190,12 @@ def build_codebook(
 
     Args:
         features: the (M, d) training features: a torch tensor / NumPy / CuPy array, a path to a
-            .npy file (memory-mapped, read in blocks, never loaded whole), or a re-iterable of
+            .npy file (memory-mapped, read in blocks, never loaded whole), a re-iterable of
             (m, d) chunks (a list, or a callable returning a fresh iterator; read several times,
-            it must yield the same rows each time). Any float dtype; trained in fp32.
+            it must yield the same rows each time), or a one-pass iterator of chunks (a
+            generator straight out of an encoder: written once, as fp32, to a file in
+            checkpoint_dir or a temporary folder, memory-mapped, and removed after the build;
+            the result equals the array build of the same rows). Any float dtype; trained in fp32.
         k: number of codewords, 1 <= k <= M.
         n_coarse: number of coarse cells, 1 <= n_coarse <= k (default round(sqrt(k))).
         niter: Lloyd iterations of every k-means (coarse and per cell).
@@ -210,7 +214,9 @@ def build_codebook(
 
     Raises:
         FileNotFoundError: a .npy path that does not exist.
-        TypeError: non-float features, a one-shot iterator, non-integer parameters.
+        TypeError: non-float features, non-integer parameters.
+        OSError: no room to spill a one-pass iterator (the message names the folder and the
+            bytes needed; no partial file is left).
         ValueError: features not 2-D, chunks of different dims, NaN / Inf rows (the row is named),
             k > M, n_coarse > k, k < 1, fewer than k distinct points, a checkpoint_dir from a
             build with other parameters or data.
@@ -224,7 +230,17 @@ def build_codebook(
     max_points_per_centroid = _check_count("max_points_per_centroid", max_points_per_centroid, 1)
     fine_batch_bytes = _check_count("fine_batch_bytes", fine_batch_bytes, 1)
 
-    source = open_features(features, device, max_points_per_centroid * n_coarse, seed, progress)
+    source = open_features(features, device, max_points_per_centroid * n_coarse, seed, progress,
+                           spill_dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir))
+    try:
+        return _build(source, k, n_coarse, niter, seed, max_points_per_centroid, progress, checkpoint_dir,
+                      fine_batch_bytes)
+    finally:
+        source.close()  # a spilled one-pass iterator's file goes
+
+
+def _build(source, k: int, n_coarse: int, niter: int, seed: int, max_points_per_centroid: int, progress: bool,
+           checkpoint_dir: Optional[str], fine_batch_bytes: int) -> Codebook:
     n_rows, dim = source.n_rows, source.dim
     if n_rows == 0 or dim == 0:
         raise ValueError(f"features has shape ({n_rows}, {dim}): need at least k={k} rows and d >= 1")
