@@ -1,7 +1,8 @@
 """Benchmark codebook construction: u2.build_codebook (two-stage k-means) vs faiss.Kmeans (one stage).
 
 Comparison mode (default). On SigLIP-like synthetic features (d = 1152; a training set and a
-held-out set drawn from the same two-level cluster structure) both methods build k codewords from
+held-out set drawn from the same two-level cluster structure) and on overlapping 8x8x3 patches of
+the photographs scikit-image ships (d = 192; ``--data`` picks either) both methods build k codewords from
 the same training rows, with the same niter, seed, max_points_per_centroid (FAISS subsamples to
 max_points_per_centroid * k rows, u2 to that many per centroid in each stage) and thread count:
 
@@ -51,7 +52,7 @@ import torch
 
 import unicode2_fast as u2
 from unicode2_fast import kmeans
-from unicode2_fast.data import siglip_like
+from unicode2_fast.data import photo_patches, siglip_like
 from unicode2_fast.bench import _common
 
 METHODS = ("u2", "faiss", "u2_cuda", "faiss_gpu")
@@ -60,8 +61,10 @@ GIB = 1024 ** 3
 #: the paper's build, the target of the --scaled extrapolation
 PAPER = {"m": 150_000_000, "k": 500_000, "n_coarse": 1000, "d": 1152}
 
-TABLE_COLUMNS = ("method", "k", "n_train", "d", "build s", "held-out MSE", "MSE / FAISS", "utilisation",
-                 "GMAC", "peak extra MiB")
+TABLE_COLUMNS = ("data", "method", "k", "n_train", "d", "build s", "FAISS / method speed", "held-out MSE",
+                 "MSE / FAISS", "utilisation", "GMAC", "peak extra MiB")
+#: --data choices: SigLIP-like synthetic features, 8x8x3 patches of the photographs scikit-image ships
+DATA = ("synthetic", "photos")
 SCALED_COLUMNS = ("M", "k", "n_coarse", "d", "build s", "stream s", "net s", "passes", "peak RSS GiB",
                   "model GiB", "paper: est. h", "paper: est. GiB")
 
@@ -100,7 +103,8 @@ def build_memory_bytes(m: int, k: int, n_coarse: int, d: int, max_ppc: int, fine
 
 def run_u2(train: torch.Tensor, args: argparse.Namespace):
     return u2.build_codebook(train, args.k, niter=args.niter, seed=args.seed,
-                             max_points_per_centroid=args.max_points_per_centroid, progress=False).vectors
+                             max_points_per_centroid=args.max_points_per_centroid, progress=False,
+                             allocation=args.allocation).vectors
 
 
 def run_faiss(train: torch.Tensor, args: argparse.Namespace, gpu: bool = False):
@@ -118,11 +122,23 @@ def _faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def compare_rows(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[str, Any]]:
+def _features(kind: str, args: argparse.Namespace) -> torch.Tensor:
+    """(n_train + n_test, d) rows of one data source, in a seeded random order."""
+    if kind == "photos":
+        # overlapping 8x8x3 patches (d = 192) of real photographs: flat regions, textures, edges
+        data = photo_patches(args.n_train + args.n_test, 8, seed=args.seed)
+    else:
+        # twice as many true fine clusters as codewords: the codebook cannot simply land on them
+        data = siglip_like(2 * args.k, args.n_train + args.n_test, args.d, seed=args.seed).queries
+    order = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(args.seed))
+    return data[order]
+
+
+def compare_rows(args: argparse.Namespace, stamp: Dict[str, Any], kind: str = "synthetic") -> List[Dict[str, Any]]:
     n_coarse = default_n_coarse(args.k)
-    # twice as many true fine clusters as codewords: the codebook cannot simply land on them
-    data = siglip_like(2 * args.k, args.n_train + args.n_test, args.d, seed=args.seed).queries
+    data = _features(kind, args)
     train, held_out = data[:args.n_train].contiguous(), data[args.n_train:].contiguous()
+    d = data.shape[1]
     del data
     runners: Dict[str, Callable[[], torch.Tensor]] = {
         "u2": lambda: run_u2(train, args),
@@ -131,8 +147,8 @@ def compare_rows(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[s
         "faiss_gpu": lambda: run_faiss(train, args, gpu=True),
     }
     macs = {
-        "u2": two_stage_macs(args.n_train, args.k, n_coarse, args.d, args.niter, args.max_points_per_centroid),
-        "faiss": one_stage_macs(args.n_train, args.k, args.d, args.niter, args.max_points_per_centroid),
+        "u2": two_stage_macs(args.n_train, args.k, n_coarse, d, args.niter, args.max_points_per_centroid),
+        "faiss": one_stage_macs(args.n_train, args.k, d, args.niter, args.max_points_per_centroid),
     }
     results: Dict[str, Dict[str, Any]] = {}
     for name in args.methods:
@@ -154,12 +170,13 @@ def compare_rows(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[s
     for name, r in results.items():
         on_gpu = name.endswith(("cuda", "gpu"))
         rows.append({
+            "data": kind,
             "method": name,
             "k": args.k,
             "n_coarse": n_coarse if name.startswith("u2") else None,
             "n_train": args.n_train,
             "n_test": args.n_test,
-            "d": args.d,
+            "d": d,
             "niter": args.niter,
             "max_points_per_centroid": args.max_points_per_centroid,
             **r,
@@ -182,7 +199,8 @@ def compare_table(rows: Sequence[Dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for r in rows:
         lines.append("| " + " | ".join([
-            r["method"], f"{r['k']:,}", f"{r['n_train']:,}", str(r["d"]), f"{r['build_s']:.3g}",
+            r["data"], r["method"], f"{r['k']:,}", f"{r['n_train']:,}", str(r["d"]), f"{r['build_s']:.3g}",
+            _common.fmt(r["speedup_vs_faiss"], ".2f", "x"),
             f"{r['heldout_mse']:.5g}", _common.fmt(r["mse_ratio_vs_faiss"], ".4f"), f"{r['utilisation']:.4f}",
             f"{r['gmac']:.4g}", _common.fmt(r["peak_extra_mib"], ".1f"),
         ]) + " |")
@@ -230,7 +248,8 @@ def scaled_rows(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[st
         start = time.perf_counter()
         cb = u2.build_codebook(stream, args.k, niter=args.niter, seed=args.seed,
                                max_points_per_centroid=args.max_points_per_centroid,
-                               fine_batch_bytes=args.fine_batch_bytes, progress=not args.no_progress)
+                               fine_batch_bytes=args.fine_batch_bytes, progress=not args.no_progress,
+                               allocation=args.allocation)
         build_s = time.perf_counter() - start
     net_s = max(1e-9, build_s - stream.passes * stream_pass_s)
     measured_macs = two_stage_macs(args.m, args.k, n_coarse, args.d, args.niter, args.max_points_per_centroid)
@@ -316,6 +335,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="comparison-mode methods (GPU ones run only where CUDA / faiss GPU is available)")
     parser.add_argument("--seed", type=int, default=0, help="data and k-means seed")
+    parser.add_argument("--data", nargs="+", choices=DATA, default=list(DATA),
+                        help="comparison data: synthetic SigLIP-like features and/or photo patches (scikit-image)")
+    parser.add_argument("--allocation", choices=kmeans.ALLOCATIONS, default="auto",
+                        help="u2.build_codebook's allocation of codewords to cells")
     parser.add_argument("--out", default="bench_out", help="output directory")
     parser.add_argument("--scaled", action="store_true", help="stream M features into a k = 50,000 build")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars in --scaled")
@@ -371,7 +394,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif "faiss_gpu" in args.methods and not _faiss_has_gpu():
             print("faiss_gpu skipped: this faiss build has no GPU support")
             args.methods.remove("faiss_gpu")
-        rows = compare_rows(args, stamp)
+        rows = [row for kind in args.data for row in compare_rows(args, stamp, kind)]
         table = compare_table(rows)
         notes = (f"Same training rows ({args.n_train:,}), niter = {args.niter}, seed = {args.seed}, "
                  f"max_points_per_centroid = {args.max_points_per_centroid} and {args.threads} threads for every "
@@ -379,7 +402,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  "(u2.nearest, exact). Utilisation: fraction of codewords the held-out rows use. GMAC: the "
                  "Lloyd iterations' multiply-adds by the cost model in bench_kmeans.py's docstring.")
         name = "kmeans"
-        title = f"codebook build (d = {args.d}, SigLIP-like synthetic features)"
+        title = ("codebook build: " + ", ".join({"synthetic": f"SigLIP-like synthetic features (d = {args.d})",
+                                                  "photos": "8x8x3 patches of real photographs (d = 192)"}[kind]
+                                                 for kind in args.data))
     print(table)
     print()
     print(notes)

@@ -22,7 +22,13 @@ def _rows(path):
 
 def test_tiny_comparison_writes_one_row_per_cpu_method(bench, tmp_path):
     assert _run(bench, ["--tiny", "--out", str(tmp_path), "--methods", "u2", "faiss"]) == 0
-    rows = {r["method"]: r for r in _rows(tmp_path / "kmeans.csv")}
+    all_rows = _rows(tmp_path / "kmeans.csv")
+    assert sorted((r["data"], r["method"]) for r in all_rows) == [
+        ("photos", "faiss"), ("photos", "u2"), ("synthetic", "faiss"), ("synthetic", "u2")]
+    photos = {r["method"]: r for r in all_rows if r["data"] == "photos"}
+    assert all(r["d"] == "192" for r in photos.values())  # 8x8x3 patches of real photographs
+    assert float(photos["u2"]["mse_ratio_vs_faiss"]) < 1.2
+    rows = {r["method"]: r for r in all_rows if r["data"] == "synthetic"}
     assert sorted(rows) == ["faiss", "u2"]
     for column in ("k", "n_coarse", "n_train", "n_test", "d", "niter", "build_s", "heldout_mse", "utilisation",
                    "gmac", "mse_ratio_vs_faiss", "speedup_vs_faiss", "peak_extra_mib", "device", "threads",
@@ -38,11 +44,12 @@ def test_tiny_comparison_writes_one_row_per_cpu_method(bench, tmp_path):
     assert float(rows["u2"]["mse_ratio_vs_faiss"]) < 1.1
     # the two-stage cost model: far fewer multiply-adds than one stage at the same k
     assert float(rows["u2"]["gmac"]) < float(rows["faiss"]["gmac"])
-    assert "| u2 |" in (tmp_path / "kmeans.md").read_text()
+    markdown = (tmp_path / "kmeans.md").read_text()
+    assert "| photos | u2 |" in markdown and "| synthetic | u2 |" in markdown
 
 
 def test_tiny_scaled_streams_and_extrapolates(bench, tmp_path, capsys):
-    assert _run(bench, ["--tiny", "--scaled", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert _run(bench, ["--tiny", "--scaled", "--no-progress", "--allocation", "size", "--out", str(tmp_path)]) == 0
     (row,) = _rows(tmp_path / "kmeans_scaled.csv")
     assert (row["m"], row["k"], row["d"]) == ("20000", "500", "64")
     assert int(row["passes"]) == 3  # scan + assignment + one fine batch

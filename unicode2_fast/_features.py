@@ -31,7 +31,7 @@ BLOCK_BYTES = 64 << 20
 _KEY_CHUNK_ROWS = 1 << 22
 
 # hash streams: independent keys / seeds for each random choice of a build
-_STREAM_COARSE_SAMPLE, _STREAM_FINE_SAMPLE, STREAM_COARSE_INIT, STREAM_CELL_INIT = 1, 2, 3, 4
+_STREAM_COARSE_SAMPLE, _STREAM_FINE_SAMPLE, STREAM_COARSE_INIT, STREAM_CELL_INIT, _STREAM_HOLDOUT = 1, 2, 3, 4, 5
 _MASK64 = (1 << 64) - 1
 
 
@@ -433,6 +433,30 @@ def spill(chunks: Iterator[Any], directory: Optional[str], device: Optional[torc
                 pass
         raise
     return _SpilledSource(data, device, path, folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# held-out rows
+
+
+def holdout_rows(n_rows: int, size: int, seed: int) -> torch.Tensor:
+    """(size,) int64 ascending: the rows with the smallest hold-out keys (kept out of the fine
+    training to compare codeword allocations on rows none of them was trained on)."""
+    selector = _BottomKeys(size)
+    for start in range(0, n_rows, _KEY_CHUNK_ROWS):
+        stop = min(n_rows, start + _KEY_CHUNK_ROWS)
+        selector.add(_row_keys(start, stop, seed, _STREAM_HOLDOUT), torch.arange(start, stop))
+    return selector.result()[0]
+
+
+def gather_rows(source, rows: torch.Tensor) -> torch.Tensor:
+    """(len(rows), d) fp32 on the source's device: the given ascending rows, in one pass."""
+    out = torch.empty((rows.shape[0], source.dim), dtype=torch.float32, device=source.device)
+    for start, block in source.blocks():
+        lo, hi = torch.searchsorted(rows, torch.tensor([start, start + block.shape[0]])).tolist()
+        if hi > lo:
+            out[lo:hi] = block[(rows[lo:hi] - start).to(block.device)]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
