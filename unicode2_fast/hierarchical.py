@@ -51,7 +51,7 @@ BACKENDS = _dispatch.backends("hierarchical")
 #: cells probed when ``search`` is called without ``nprobe`` (fewer if the index has fewer cells)
 DEFAULT_NPROBE = 8
 #: k-means trains on at most this many codewords per coarse centroid (a seeded subsample, as FAISS)
-MAX_POINTS_PER_CENTROID = 256
+MAX_POINTS_PER_CENTROID = 64
 #: rows converted to float64 at a time for codeword statistics
 STAT_CHUNK = 16384
 #: queries per chunk: bounds the (chunk, n_coarse) coarse tables and the per-cell gathers
@@ -195,10 +195,21 @@ class HierarchicalIndex:
         """Partition a codebook with k-means and index it.
 
         Lloyd's algorithm over a seeded subsample of at most ``max_points_per_centroid * n_coarse``
-        codewords, initialised with ``n_coarse`` distinct sampled codewords; assignments use the
-        exact ``u2.nearest``, sums are float64 and an empty cluster takes half of the largest one
-        (split along a fixed +-pattern), so the same inputs and seed give the same index on any
-        machine. Every codeword then goes to the cell of its nearest centroid (``u2.nearest``).
+        codewords (as faiss.Kmeans), initialised with ``n_coarse`` distinct sampled codewords;
+        sums are float64 and an empty cluster takes half of the largest one (split along a fixed
+        +-pattern). Assignments -- in the iterations and of every codeword to its cell at the end
+        -- are the codebook build's (FAISS's fp32 flat search on the CPU below
+        ``_lloyd.FAISS_ASSIGN_MAX_K`` centroids, as faiss.Kmeans + IndexIVFFlat.add; else
+        ``u2.nearest``): the same inputs and seed give the same index on one machine and thread
+        count, and a codeword near a cell boundary may land in either cell on another BLAS.
+        Exact search is exact for any cells; approximate search's recall is FAISS IVF's.
+        Measured (this 2-core machine, K = 100,000, d = 1152, 320 cells, 2 threads): exact
+        assignments took 83 s where faiss.Kmeans(niter=20, max_points_per_centroid=256) +
+        IndexIVFFlat.add took 12.3 s. With these assignments and the default
+        max_points_per_centroid = 64 the build takes 0.55x FAISS's time on a clustered codebook
+        and 0.74x on the SigLIP-like one; recall@1 at nprobe = 1 is 0.993 (FAISS 0.981) and
+        0.964 (FAISS 0.990), at nprobe = 8 it is 1.0 for both (256 points per centroid: 1.19x
+        and 1.88x FAISS's time, recall@1 0.985 / 0.973).
 
         Args:
             codebook: (K, d) codewords or a :class:`Codebook`.
@@ -220,7 +231,7 @@ class HierarchicalIndex:
         with stage("hierarchical/kmeans"):
             centroids = _kmeans(vectors, n_coarse, niter, seed, max_points_per_centroid)
         with stage("hierarchical/assign"):
-            coarse_ids, _ = nearest(vectors, centroids)
+            coarse_ids, _ = _lloyd.fast_assign(vectors.float(), centroids)
         return cls(vectors, centroids, coarse_ids, metric=metric)
 
     @classmethod
@@ -686,7 +697,8 @@ def _kmeans(vectors: torch.Tensor, n_coarse: int, niter: int, seed: int, max_poi
         train = vectors
     init = torch.randperm(n_train, generator=generator)[:n_coarse].to(device)
     # split_halves, not the default refill: a codebook may hold fewer distinct codewords than cells
-    return _lloyd.lloyd(train, train.index_select(0, init).float(), niter, repair=_lloyd.split_halves).centroids
+    return _lloyd.lloyd(train, train.index_select(0, init).float(), niter, assign=_lloyd.fast_assign,
+                        repair=_lloyd.split_halves).centroids
 
 
 def _validate_stored(codes: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, centroids: torch.Tensor) -> None:
