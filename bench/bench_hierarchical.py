@@ -1,6 +1,7 @@
 """Benchmark hierarchical search: u2.HierarchicalIndex vs FAISS IndexIVFFlat on the same cells, and exact search.
 
-SigLIP-like synthetic data (two-level clusters, d = 1152, fp32): a codebook of K codewords and
+SigLIP-like synthetic data (two-level clusters, d = 1152, fp32; ``--data clustered``: the tight,
+close-family stress codebook of ``u2.data.clustered_codebook``): a codebook of K codewords and
 N = 2916 held-out queries (four images of 729 patches; drawn around codewords with noise, none of
 them a codeword). One index is built per run (``HierarchicalIndex.build``: k-means into n_coarse
 cells, build time reported) and FAISS's IVF index is given exactly the same partition: an
@@ -11,6 +12,8 @@ method runs with the same thread count, in the same run:
 approximate (one row per nprobe in 1, 2, 4, 8, 16, 32, 64, at most n_coarse)
     u2_hier               ``index.search(x, nprobe)``: grouped per-cell BLAS scan (CPU)
     faiss_ivf             ``IndexIVFFlat.search(x, 1)`` with ``nprobe``
+    faiss_ivf_own         FAISS's own build (faiss.Kmeans + IndexIVFFlat.add, the build time u2's
+                          is compared with) and its search
     u2_hier_triton_bf16   the grouped Triton kernel on bf16 CUDA tensors (only where CUDA is available)
     u2_hier_triton_fp32   the same in fp32
 exact
@@ -42,11 +45,11 @@ import torch
 from tqdm import tqdm
 
 import unicode2_fast as u2
-from unicode2_fast.data import siglip_like
+from unicode2_fast.data import clustered_codebook, siglip_like
 from unicode2_fast.bench import _common
 
 NPROBES = (1, 2, 4, 8, 16, 32, 64)
-APPROX_METHODS = ("u2_hier", "faiss_ivf", "u2_hier_triton_bf16", "u2_hier_triton_fp32")
+APPROX_METHODS = ("u2_hier", "faiss_ivf", "faiss_ivf_own", "u2_hier_triton_bf16", "u2_hier_triton_fp32")
 EXACT_METHODS = ("u2_exact", "u2_flat", "faiss_flat")
 GPU_METHODS = ("u2_hier_triton_bf16", "u2_hier_triton_fp32")
 ALL_METHODS = APPROX_METHODS + EXACT_METHODS
@@ -81,7 +84,10 @@ def codes_per_query(index: "u2.HierarchicalIndex", queries: torch.Tensor, nprobe
 def run(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[str, Any]]:
     import faiss
 
-    data = siglip_like(args.k, args.n, args.d, seed=args.seed)
+    if args.data == "clustered":
+        data = clustered_codebook(args.k, args.n, args.d, seed=args.seed)
+    else:
+        data = siglip_like(args.k, args.n, args.d, seed=args.seed)
     codebook, queries = data.codebook, data.queries
     del data
     k, n, d = args.k, args.n, args.d
@@ -143,6 +149,27 @@ def run(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[str, Any]]
             record("faiss_ivf", nprobe, times, torch.from_numpy(ids[:, 0]), build_s,
                    "same cells as u2; build_s = add_preassigned only")
         del ivf, quantizer
+    if "faiss_ivf_own" in methods:
+        # FAISS's own build of the same size: faiss.Kmeans (its default 256 points per centroid)
+        # + IndexIVFFlat.add, the figure u2's build time is measured against
+        progress.set_postfix_str("faiss_ivf_own build")
+        start = time.perf_counter()
+        kmeans = faiss.Kmeans(d, index.n_coarse, niter=args.niter, seed=args.seed, verbose=False)
+        kmeans.train(codebook.numpy())
+        quantizer = faiss.IndexFlatL2(d)
+        quantizer.add(kmeans.centroids)
+        ivf = faiss.IndexIVFFlat(quantizer, d, index.n_coarse)
+        ivf.is_trained = True
+        ivf.add(codebook.numpy())
+        build_s = time.perf_counter() - start
+        xs = queries.numpy()
+        for nprobe in nprobes:
+            progress.set_postfix_str(f"faiss_ivf_own nprobe={nprobe}")
+            ivf.nprobe = nprobe
+            times, (_, ids) = _time(lambda: ivf.search(xs, 1), args.repeats, args.warmup, False)
+            record("faiss_ivf_own", nprobe, times, torch.from_numpy(ids[:, 0]), build_s,
+                   "FAISS's own cells; build_s = faiss.Kmeans + IndexIVFFlat.add")
+        del ivf, quantizer, kmeans
     for method in (m for m in methods if m in GPU_METHODS):
         dtype = torch.bfloat16 if method.endswith("bf16") else torch.float32
         gpu_index = u2.HierarchicalIndex(codebook.to("cuda", dtype), index.coarse_centroids.cuda(),
@@ -170,13 +197,14 @@ def run(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[str, Any]]
         rows.append({
             "method": method,
             "nprobe": nprobe,
-            "K": k, "N": n, "d": d, "n_coarse": index.n_coarse,
+            "data": args.data, "K": k, "N": n, "d": d, "n_coarse": index.n_coarse,
             "dtype": "bfloat16" if method.endswith("bf16") else "float32",
             "recall_at_1": float((r["ids"] == exact_ids).double().mean()),
             **q,
             "repeats": len(r["times"]),
             "queries_per_s": n / q["median_s"],
-            "codes_per_query": scanned[nprobe] if nprobe is not None else (None if method == "u2_exact" else k),
+            "codes_per_query": (None if method in ("u2_exact", "faiss_ivf_own") else k) if nprobe is None
+            or method == "faiss_ivf_own" else scanned[nprobe],
             "ratio_vs_faiss_ivf": ivf_median / q["median_s"] if ivf_median else None,
             "ratio_vs_u2_flat": flat_median / q["median_s"] if flat_median else None,
             "build_s": r["build_s"],
@@ -259,6 +287,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="subset of methods (u2_flat always runs: it is the recall reference)")
     parser.add_argument("--out", default="bench_out", help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="synthetic data and k-means seed")
+    parser.add_argument("--data", choices=("synthetic", "clustered"), default="synthetic",
+                        help="SigLIP-like codebook, or the clustered two-level stress codebook (tight cells in "
+                             "close families, decaying spectrum)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="K=50000, n_coarse=100")
     size.add_argument("--tiny", action="store_true", help="K=2000, d=64, N=37, n_coarse=16, repeats 1: smoke test")

@@ -19,8 +19,12 @@ def test_tiny_run_writes_every_method_and_nprobe(tiny_run):
     assert rc == 0
     rows = _rows(out)
     cpu_rows = [r for r in rows if not r["method"].startswith("u2_hier_triton")]
-    for method in ("u2_hier", "faiss_ivf"):
+    for method in ("u2_hier", "faiss_ivf", "faiss_ivf_own"):
         assert [int(r["nprobe"]) for r in cpu_rows if r["method"] == method] == NPROBES
+    # FAISS's own build (faiss.Kmeans + IndexIVFFlat.add) is timed beside u2's
+    own = [r for r in cpu_rows if r["method"] == "faiss_ivf_own"]
+    assert all(float(r["build_s"]) > 0 and r["codes_per_query"] == "" for r in own)
+    assert all(r["data"] == "synthetic" for r in cpu_rows)
     assert {r["method"] for r in cpu_rows if not r["nprobe"]} == {"u2_exact", "u2_flat", "faiss_flat"}
     for column in ("recall_at_1", "median_s", "p10_s", "p90_s", "queries_per_s", "codes_per_query",
                    "ratio_vs_faiss_ivf", "ratio_vs_u2_flat", "build_s", "n_coarse", "device", "threads",
@@ -64,3 +68,12 @@ def test_size_presets(bench):
     assert bench.parse_args(["--quick"]).k == 50_000
     with pytest.raises(SystemExit):
         bench.parse_args(["--k", "10", "--n-coarse", "11"])
+
+
+def test_tiny_clustered_data(bench, tmp_path):
+    assert bench.main(["--tiny", "--data", "clustered", "--out", str(tmp_path),
+                       "--methods", "u2_hier", "u2_exact", "u2_flat", "faiss_ivf_own"]) == 0
+    rows = _rows(tmp_path)
+    assert {r["data"] for r in rows} == {"clustered"}
+    exact = {r["method"]: float(r["recall_at_1"]) for r in rows if not r["nprobe"]}
+    assert exact == {"u2_exact": 1.0, "u2_flat": 1.0}
