@@ -36,7 +36,7 @@ import safetensors.torch
 import torch
 
 from . import _dispatch, _lloyd
-from ._certified import GROW64, U32, CandidateStore, ieee_fp32_matmul, lowest_of_min, pair_objective, sum_rounding
+from ._certified import GROW64, U32, U64, CandidateStore, ieee_fp32_matmul, lowest_of_min, pair_objective, sum_rounding
 from ._checks import array_kind, check_finite, check_float, check_matrix, flatten_queries, from_tensor, to_tensor
 from ._io import atomic_write
 from .codebook import Codebook, codebook_matrix
@@ -516,9 +516,13 @@ class HierarchicalIndex:
 
         with stage("hierarchical/exact_bounds"):
             scores = self._coarse_scores(x32)  # (n, n_coarse)
-            coarse = scores.double() + x_sq.unsqueeze(1)  # ~ ||x - m||^2
+            # ||x - m||^2 in float64 (an fp32 expansion cancels on tight cells far from the
+            # origin, and its loose bound would prune nothing there)
+            centroids64 = self._coarse_centroids.double()
+            coarse = torch.addmm(self._centroid_sq_bound / (1 + GROW64) + x_sq.unsqueeze(1), x.double(),
+                                 centroids64.t(), alpha=-2.0)
             cross = x_norm.unsqueeze(1) * self._centroid_norm.unsqueeze(0)
-            coarse_err = 2.0 * gamma * cross + 2.0 ** -21 * (x_sq.unsqueeze(1) + self._centroid_sq_bound + 2.0 * cross)
+            coarse_err = sum_rounding(d + 4, U64) * (x_sq.unsqueeze(1) + self._centroid_sq_bound + 2.0 * cross)
             centroid_dist = (coarse - coarse_err).clamp_min_(0.0).sqrt_().mul_(1 - GROW64)
             lower = (centroid_dist - self._radius.unsqueeze(0)).clamp_min_(0.0).pow_(2).mul_(1 - GROW64)
             # cells in increasing coarse distance (lower cell first on ties); empty cells are never scanned
@@ -548,7 +552,7 @@ class HierarchicalIndex:
                 break
             done |= pick
             with stage("hierarchical/exact_scan"):
-                self._exact_scan(x32, x_sq, x_norm, gamma, rows, order[rows, ranks], upper, store)
+                self._exact_scan(x, gamma, rows, order[rows, ranks], upper, store)
 
         with stage("hierarchical/rerank"):
             cand_rows, cand_pos, _ = store.surviving(upper)
@@ -561,35 +565,40 @@ class HierarchicalIndex:
                 ids[rows], dists[rows] = nearest(x[rows], self._original_codebook())
         return ids, dists
 
-    def _exact_scan(self, x32, x_sq, x_norm, gamma, rows, cells, upper: torch.Tensor, store: CandidateStore) -> None:
+    def _exact_scan(self, x, gamma, rows, cells, upper: torch.Tensor, store: CandidateStore) -> None:
         """Scan the (query, cell) pairs grouped by cell; tighten upper bounds, record candidates.
 
-        For a query q and a codeword c the filter value f = fl(||c||^2 - 2 <x32, c32>) lies within
-        ``width`` of the true ``||c||^2 - 2 <x, c>`` (the fp32 GEMM, the rounded ||c||^2 and the
-        final additions, with a 2x margin), so ``f + width + ||x||^2`` bounds ||x - c||^2 from above
-        and ``f - width + ||x||^2`` from below.
+        In residual form, relative to the cell's centroid m: x' = x - m in float64 (then fp32),
+        c' = c - m (the fp32 residuals of ``_residuals32``). The filter value
+        f = fl(||c'||^2 - 2 <x', c'>) lies within ``width`` of the true ``||c - m||^2 - 2 <x - m, c - m>``
+        (the fp32 GEMM of rounded residuals, the rounded ||c'||^2 and the final additions, with a
+        2x margin), so ``f + width + ||x - m||^2`` bounds ||x - c||^2 from above and
+        ``f - width + ||x - m||^2`` from below. The width scales with the residual norms -- the
+        cell's radius, not the codewords' distance from the origin -- so tight cells far from the
+        origin keep few candidates.
         """
-        codes32 = self._codes_fp32()
+        residuals, res_sq = self._residuals32()
+        centroids64 = self._coarse_centroids.double()
         order, groups = self._cell_groups(cells)
         rows, cells = rows[order], cells[order]
-        # per pair, computed once for the round: the filter's error bound and ||x||^2
-        cross = x_norm[rows] * self._cell_norm_max[cells]
-        pair_x_sq = x_sq[rows]
-        width = 2.0 * gamma * cross + 2.0 ** -21 * (self._cell_sq_max[cells] + 2.0 * cross + pair_x_sq)
         for cell, lo, hi in groups:
             start, stop = self._offsets_list[cell], self._offsets_list[cell + 1]
             queries = rows[lo:hi]  # distinct: a (query, cell) pair is scanned once
-            scores = torch.addmm(self._codes_sq[start:stop], x32.index_select(0, queries), codes32[start:stop].t(),
-                                 alpha=-2.0)
+            xr64 = x.index_select(0, queries).double() - centroids64[cell]
+            pair_x_sq = xr64.pow(2).sum(dim=1)  # ||x - m||^2
+            radius = float(self._radius[cell])
+            cross = pair_x_sq.sqrt() * (1 + GROW64) * radius
+            width = 2.0 * gamma * cross + 2.0 ** -21 * (radius * radius + 2.0 * cross + pair_x_sq)
+            scores = torch.addmm(res_sq[start:stop], xr64.float(), residuals[start:stop].t(), alpha=-2.0)
             row_min = scores.min(dim=1).values.double()
-            # (width's 2^-21 ||x||^2 term also covers the fp64 rounding of moving between filter
+            # (width's 2^-21 ||x - m||^2 term also covers the fp64 rounding of moving between filter
             # and pair space, unlike the flat path's, which needs _certified.fp64_slack)
-            cell_upper = torch.minimum(upper[queries], row_min + width[lo:hi] + pair_x_sq[lo:hi])
+            cell_upper = torch.minimum(upper[queries], row_min + width + pair_x_sq)
             upper[queries] = cell_upper
-            threshold = cell_upper - pair_x_sq[lo:hi] + width[lo:hi]  # f above this: true distance above upper
+            threshold = cell_upper - pair_x_sq + width  # f above this: true distance above upper
             threshold_f32 = (threshold + threshold.abs() * 2.0 ** -20).float()
             hit_row, hit_col = (scores <= threshold_f32.unsqueeze(1)).nonzero(as_tuple=True)
-            lower = scores[hit_row, hit_col].double() - width[lo:hi][hit_row] + pair_x_sq[lo:hi][hit_row]
+            lower = scores[hit_row, hit_col].double() - width[hit_row] + pair_x_sq[hit_row]
             keep = store.admit(queries[hit_row])
             store.add(queries[hit_row][keep], (hit_col + start)[keep], lower[keep])
 
