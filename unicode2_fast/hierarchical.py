@@ -163,11 +163,20 @@ class HierarchicalIndex:
         self._centroid_sq_bound = centroid_sq64 * (1 + GROW64)
         codes_sq64 = torch.empty(k, dtype=torch.float64, device=device)
         to_centroid = torch.empty(k, dtype=torch.float64, device=device)
+        offsets = self._offsets_list
         for start in range(0, k, STAT_CHUNK):
-            c64 = self._codes[start:start + STAT_CHUNK].double()
-            codes_sq64[start:start + STAT_CHUNK] = c64.pow(2).sum(dim=1)
-            c64 -= centroids64.index_select(0, self._cell_of_pos[start:start + STAT_CHUNK])
-            to_centroid[start:start + STAT_CHUNK] = c64.pow(2).sum(dim=1).sqrt()
+            stop = min(k, start + STAT_CHUNK)
+            c64 = self._codes[start:stop].double()
+            codes_sq64[start:stop] = torch.linalg.vector_norm(c64, dim=1).pow_(2)
+            # rows are sorted by cell: subtract each overlapping cell's centroid from its slice
+            # (no (rows, d) gather of centroids)
+            first = int(self._cell_of_pos[start])
+            last = int(self._cell_of_pos[stop - 1])
+            for cell in range(first, last + 1):
+                lo, hi = max(offsets[cell], start) - start, min(offsets[cell + 1], stop) - start
+                if hi > lo:
+                    c64[lo:hi] -= centroids64[cell]
+            to_centroid[start:stop] = torch.linalg.vector_norm(c64, dim=1)
         self._codes_sq = codes_sq64.float()
 
         def cell_max(values: torch.Tensor) -> torch.Tensor:
@@ -420,11 +429,13 @@ class HierarchicalIndex:
             res = torch.empty(self._codes.shape, dtype=torch.float32, device=self.device)
             res_sq = torch.empty(self._codes.shape[0], dtype=torch.float32, device=self.device)
             centroids64 = self._coarse_centroids.double()
-            for start in range(0, res.shape[0], STAT_CHUNK):
-                r64 = self._codes[start:start + STAT_CHUNK].double()
-                r64 -= centroids64.index_select(0, self._cell_of_pos[start:start + STAT_CHUNK])
-                res[start:start + STAT_CHUNK] = r64
-                res_sq[start:start + STAT_CHUNK] = r64.pow(2).sum(dim=1)
+            offsets = self._offsets_list
+            for cell in range(self.n_coarse):
+                for start in range(offsets[cell], offsets[cell + 1], STAT_CHUNK):
+                    stop = min(offsets[cell + 1], start + STAT_CHUNK)
+                    r64 = self._codes[start:stop].double() - centroids64[cell]
+                    res[start:stop] = r64
+                    res_sq[start:stop] = torch.linalg.vector_norm(r64, dim=1).pow_(2)
             self._residuals = (res, res_sq)
         return self._residuals
 
