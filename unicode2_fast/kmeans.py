@@ -70,6 +70,11 @@ HOLDOUT_FRACTION = 20
 HOLDOUT_ROWS = 16384
 #: allocation "auto" picks "distortion" only where its pilot held-out MSE is this much lower
 AUTO_MARGIN = 0.01
+#: the pilot trains each cell on max_points_per_centroid / PILOT_POINTS_DIVISOR rows per centroid
+#: (at least PILOT_MIN_POINTS) for niter / PILOT_NITER_DIVISOR iterations
+PILOT_POINTS_DIVISOR = 16
+PILOT_MIN_POINTS = 16
+PILOT_NITER_DIVISOR = 2
 ALLOCATIONS = ("auto", "size", "distortion")
 
 
@@ -221,8 +226,8 @@ def build_codebook(
         allocation: how the k codewords are split over the coarse cells. "size": in proportion
             to the cells' row counts. "distortion": to size * (the cell's mean squared distance
             to its coarse centroid)^DISTORTION_POWER, more codewords where the data spread more.
-            "auto" (default): a pilot fine stage of both (a quarter of the rows per centroid,
-            1/HOLDOUT_FRACTION of the rows, at most HOLDOUT_ROWS, held out) picks the one with
+            "auto" (default): a pilot fine stage of both (1/16 of the rows per centroid, half the
+            iterations; 1/HOLDOUT_FRACTION of the rows, at most HOLDOUT_ROWS, held out) picks the one with
             the lower held-out MSE (exact nearest codeword; "distortion" must be AUTO_MARGIN
             lower), which is then trained
             as that allocation alone would be: the result equals the build with the winner.
@@ -390,8 +395,8 @@ def _choose_allocation(source, checkpoints: Optional[Checkpoints], coarse_ids: t
                        cell_sse: torch.Tensor, k: int, n_holdout: int, dim: int, niter: int, seed: int,
                        max_points_per_centroid: int, fine_batch_bytes: int,
                        progress: bool) -> Tuple[str, Dict[str, float]]:
-    """Allocation "auto": a pilot fine stage of both allocations (a quarter of the training rows
-    per centroid, the held-out rows left out), scored by the exact held-out MSE; "distortion"
+    """Allocation "auto": a pilot fine stage of both allocations (PILOT_* fewer training rows per
+    centroid and iterations, the held-out rows left out), scored by the exact held-out MSE; "distortion"
     wins only by more than AUTO_MARGIN. Returns the winner and the held-out MSE of each."""
     n_coarse = cell_sizes.shape[0]
     held = holdout_rows(source.n_rows, n_holdout, seed)
@@ -400,8 +405,10 @@ def _choose_allocation(source, checkpoints: Optional[Checkpoints], coarse_ids: t
     train_sizes = torch.bincount(train_ids.long(), minlength=n_coarse + 1)[:n_coarse]
     allocations = {name: _allocation(name, train_sizes, cell_sse, cell_sizes, k) for name in ("size", "distortion")}
     trained: Dict[Tuple[int, int], torch.Tensor] = {}
-    _fine_stage(source, checkpoints, allocations, train_ids, train_sizes, trained, dim, niter, seed,
-                max(1, max_points_per_centroid // 4), fine_batch_bytes, progress, name="pilot_cell")
+    _fine_stage(source, checkpoints, allocations, train_ids, train_sizes, trained, dim,
+                max(1, niter // PILOT_NITER_DIVISOR), seed,
+                min(max_points_per_centroid, max(PILOT_MIN_POINTS, max_points_per_centroid // PILOT_POINTS_DIVISOR)),
+                fine_batch_bytes, progress, name="pilot_cell")
     rows = gather_rows(source, held)
     mse = {name: float(nearest(rows, _assemble(k_cell, trained, k, dim, source.device))[1].double().mean())
            for name, k_cell in allocations.items()}
