@@ -455,8 +455,9 @@ def _fine_stage(source, checkpoints: Optional[Checkpoints], allocations: Dict[st
         # one sample plan per take vector: a cell trained at two counts draws two sample sizes
         # (the smaller one the prefix of the larger, by key), so group the work by count rank
         rounds: List[List[Tuple[int, int]]] = []
-        for cell, n_codes in todo:
-            rank = sum(1 for other in todo if other[0] == cell and other[1] < n_codes)
+        rank_in_cell: Dict[int, int] = {}
+        for cell, n_codes in todo:  # sorted: a cell's counts come in ascending order
+            rank = rank_in_cell[cell] = rank_in_cell.get(cell, -1) + 1
             while len(rounds) <= rank:
                 rounds.append([])
             rounds[rank].append((cell, n_codes))
