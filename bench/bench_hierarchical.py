@@ -110,6 +110,15 @@ def run(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[str, Any]]
         results[(method, nprobe)] = dict(times=times, ids=ids.cpu().reshape(-1).long(), build_s=build_s, note=note)
         progress.update()
 
+    def sweep_ivf(method: str, ivf, build_s: float, note: str) -> None:
+        """Time a FAISS IVF index at every nprobe of the sweep."""
+        xs = queries.numpy()
+        for nprobe in nprobes:
+            progress.set_postfix_str(f"{method} nprobe={nprobe}")
+            ivf.nprobe = nprobe
+            times, (_, ids) = _time(lambda: ivf.search(xs, 1), args.repeats, args.warmup, False)
+            record(method, nprobe, times, torch.from_numpy(ids[:, 0]), build_s, note)
+
     # the exact reference first: recall is measured against it
     progress.set_postfix_str("u2_flat")
     flat_codebook = codebook.view_as(codebook)  # own cache entry: the first call pays u2's statistics build
@@ -141,13 +150,7 @@ def run(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[str, Any]]
         start = time.perf_counter()
         ivf, quantizer = _faiss_ivf(index, codebook)
         build_s = time.perf_counter() - start
-        xs = queries.numpy()
-        for nprobe in nprobes:
-            progress.set_postfix_str(f"faiss_ivf nprobe={nprobe}")
-            ivf.nprobe = nprobe
-            times, (_, ids) = _time(lambda: ivf.search(xs, 1), args.repeats, args.warmup, False)
-            record("faiss_ivf", nprobe, times, torch.from_numpy(ids[:, 0]), build_s,
-                   "same cells as u2; build_s = add_preassigned only")
+        sweep_ivf("faiss_ivf", ivf, build_s, "same cells as u2; build_s = add_preassigned only")
         del ivf, quantizer
     if "faiss_ivf_own" in methods:
         # FAISS's own build of the same size: faiss.Kmeans (its default 256 points per centroid)
@@ -162,13 +165,7 @@ def run(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[str, Any]]
         ivf.is_trained = True
         ivf.add(codebook.numpy())
         build_s = time.perf_counter() - start
-        xs = queries.numpy()
-        for nprobe in nprobes:
-            progress.set_postfix_str(f"faiss_ivf_own nprobe={nprobe}")
-            ivf.nprobe = nprobe
-            times, (_, ids) = _time(lambda: ivf.search(xs, 1), args.repeats, args.warmup, False)
-            record("faiss_ivf_own", nprobe, times, torch.from_numpy(ids[:, 0]), build_s,
-                   "FAISS's own cells; build_s = faiss.Kmeans + IndexIVFFlat.add")
+        sweep_ivf("faiss_ivf_own", ivf, build_s, "FAISS's own cells; build_s = faiss.Kmeans + IndexIVFFlat.add")
         del ivf, quantizer, kmeans
     for method in (m for m in methods if m in GPU_METHODS):
         dtype = torch.bfloat16 if method.endswith("bf16") else torch.float32

@@ -355,11 +355,16 @@ class _SpilledSource(_ArraySource):
 
     def close(self) -> None:
         self.data = None
-        for remove in (lambda: os.remove(self._path), lambda: self._folder and os.rmdir(self._folder)):
-            try:
-                remove()
-            except OSError:
-                pass
+        _remove_spill(self._path, self._folder)
+
+
+def _remove_spill(path: str, folder: Optional[str]) -> None:
+    """Delete a spill file and the temporary folder made for it (None: a caller's folder, kept)."""
+    for remove in (lambda: os.remove(path), lambda: folder and os.rmdir(folder)):
+        try:
+            remove()
+        except OSError:
+            pass
 
 
 def _no_space(folder: str, written: int, needed: int, free: Optional[int] = None) -> OSError:
@@ -426,11 +431,7 @@ def spill(chunks: Iterator[Any], directory: Optional[str], device: Optional[torc
         data = np.memmap(path, dtype=np.float32, mode="r", shape=(n_rows, dim)) if n_rows else \
             np.empty((0, dim), np.float32)
     except BaseException:
-        for remove in (lambda: os.remove(path), lambda: folder and os.rmdir(folder)):
-            try:
-                remove()
-            except OSError:
-                pass
+        _remove_spill(path, folder)
         raise
     return _SpilledSource(data, device, path, folder)
 

@@ -163,20 +163,9 @@ class HierarchicalIndex:
         self._centroid_sq_bound = centroid_sq64 * (1 + GROW64)
         codes_sq64 = torch.empty(k, dtype=torch.float64, device=device)
         to_centroid = torch.empty(k, dtype=torch.float64, device=device)
-        offsets = self._offsets_list
-        for start in range(0, k, STAT_CHUNK):
-            stop = min(k, start + STAT_CHUNK)
-            c64 = self._codes[start:stop].double()
+        for start, stop, c64, r64 in self._cell_chunks():
             codes_sq64[start:stop] = torch.linalg.vector_norm(c64, dim=1).pow_(2)
-            # rows are sorted by cell: subtract each overlapping cell's centroid from its slice
-            # (no (rows, d) gather of centroids)
-            first = int(self._cell_of_pos[start])
-            last = int(self._cell_of_pos[stop - 1])
-            for cell in range(first, last + 1):
-                lo, hi = max(offsets[cell], start) - start, min(offsets[cell + 1], stop) - start
-                if hi > lo:
-                    c64[lo:hi] -= centroids64[cell]
-            to_centroid[start:stop] = torch.linalg.vector_norm(c64, dim=1)
+            to_centroid[start:stop] = torch.linalg.vector_norm(r64, dim=1)
         self._codes_sq = codes_sq64.float()
 
         def cell_max(values: torch.Tensor) -> torch.Tensor:
@@ -423,20 +412,26 @@ class HierarchicalIndex:
             self._codes32 = self._codes if self._codes.dtype == torch.float32 else self._codes.float()
         return self._codes32
 
+    def _cell_chunks(self):
+        """(start, stop, c64, r64) over the sorted codewords, at most STAT_CHUNK rows of one cell at a
+        time: the rows in float64 and minus their cell's centroid (no (rows, d) gather of centroids)."""
+        centroids64 = self._coarse_centroids.double()
+        offsets = self._offsets_list
+        for cell in range(self.n_coarse):
+            for start in range(offsets[cell], offsets[cell + 1], STAT_CHUNK):
+                stop = min(offsets[cell + 1], start + STAT_CHUNK)
+                c64 = self._codes[start:stop].double()
+                yield start, stop, c64, c64 - centroids64[cell]
+
     def _residuals32(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(K, d) fp32 codewords minus their cell's centroid (from float64) and (K,) fp32 squared
         norms of those: the torch scan's operands, built on first use."""
         if self._residuals is None:
             res = torch.empty(self._codes.shape, dtype=torch.float32, device=self.device)
             res_sq = torch.empty(self._codes.shape[0], dtype=torch.float32, device=self.device)
-            centroids64 = self._coarse_centroids.double()
-            offsets = self._offsets_list
-            for cell in range(self.n_coarse):
-                for start in range(offsets[cell], offsets[cell + 1], STAT_CHUNK):
-                    stop = min(offsets[cell + 1], start + STAT_CHUNK)
-                    r64 = self._codes[start:stop].double() - centroids64[cell]
-                    res[start:stop] = r64
-                    res_sq[start:stop] = torch.linalg.vector_norm(r64, dim=1).pow_(2)
+            for start, stop, _, r64 in self._cell_chunks():
+                res[start:stop] = r64
+                res_sq[start:stop] = torch.linalg.vector_norm(r64, dim=1).pow_(2)
             self._residuals = (res, res_sq)
         return self._residuals
 

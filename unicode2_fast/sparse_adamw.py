@@ -234,25 +234,22 @@ def _row_adamw_torch(
 
     The element-wise operations are ``_dense_adamw``'s on the gathered rows, with the bias
     corrections computed per row in float64 from ``row_step`` (which already counts this step).
-    ``workspace``: optional (5, >= U, d) scratch in the moments' dtype for the gathered rows and
-    temporaries (same results, no per-step allocation).
+    ``workspace``: (5, >= U, d) scratch in the moments' dtype for the gathered rows and
+    temporaries, reused across steps (allocated here when None).
     """
     # param, exp_avg, exp_avg_sq: (K, d); row_ids: (U,); grad_rows: (U, d); row_step: (K,)
     work_dtype = exp_avg.dtype
     u = row_ids.shape[0]
-    scratch = [None] * 5 if workspace is None else [workspace[i, :u] for i in range(5)]
+    if workspace is None:
+        workspace = torch.empty((5, u, exp_avg.shape[1]), dtype=work_dtype, device=exp_avg.device)
+    scratch = [workspace[i, :u] for i in range(5)]
     if param.dtype == work_dtype:
-        rows = torch.index_select(param, 0, row_ids, out=scratch[0]) if scratch[0] is not None \
-            else param.index_select(0, row_ids)
+        rows = torch.index_select(param, 0, row_ids, out=scratch[0])
     else:
         rows = param.index_select(0, row_ids).to(work_dtype)
     grad = grad_rows.to(work_dtype)
-    if scratch[1] is not None:
-        exp_avg_rows = torch.index_select(exp_avg, 0, row_ids, out=scratch[1])
-        exp_avg_sq_rows = torch.index_select(exp_avg_sq, 0, row_ids, out=scratch[2])
-    else:
-        exp_avg_rows = exp_avg.index_select(0, row_ids)
-        exp_avg_sq_rows = exp_avg_sq.index_select(0, row_ids)
+    exp_avg_rows = torch.index_select(exp_avg, 0, row_ids, out=scratch[1])
+    exp_avg_sq_rows = torch.index_select(exp_avg_sq, 0, row_ids, out=scratch[2])
     if weight_decay != 0:
         rows.mul_(1 - lr * weight_decay)
     exp_avg_rows.lerp_(grad, 1 - beta1)
@@ -260,12 +257,8 @@ def _row_adamw_torch(
     steps = row_step.index_select(0, row_ids).to(torch.float64)
     neg_step_size = (-lr / (1 - beta1 ** steps)).to(work_dtype).unsqueeze(1)
     bias_correction2_sqrt = (1 - beta2 ** steps).sqrt().to(work_dtype).unsqueeze(1)
-    if scratch[3] is not None:
-        denom = torch.sqrt(exp_avg_sq_rows, out=scratch[3]).div_(bias_correction2_sqrt).add_(eps)
-        update = torch.mul(exp_avg_rows, neg_step_size, out=scratch[4]).div_(denom)
-    else:
-        denom = (exp_avg_sq_rows.sqrt() / bias_correction2_sqrt).add_(eps)
-        update = (exp_avg_rows * neg_step_size) / denom
+    denom = torch.sqrt(exp_avg_sq_rows, out=scratch[3]).div_(bias_correction2_sqrt).add_(eps)
+    update = torch.mul(exp_avg_rows, neg_step_size, out=scratch[4]).div_(denom)
     # addcdiv's (value * m) / denom, with a per-row value
     rows.add_(update)
     param.index_copy_(0, row_ids, rows.to(param.dtype))
