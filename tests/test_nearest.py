@@ -463,3 +463,36 @@ def test_certified_search_runs_ieee_fp32_whatever_the_user_set(monkeypatch):
     assert seen and all(s == inside for s in seen)
     assert inside != expected and all(v in ("ieee", False, "highest") for v in inside)
     assert torch.equal(ids, torch.cdist(x.double(), codebook.double()).argmin(dim=1))
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+def test_flat_path_settles_what_its_top_k_cannot_by_one_threshold_scan(metric, monkeypatch):
+    # tight clusters: FAISS's top-8 certifies almost no query; each query is searched by FAISS at
+    # most once (a second FAISS round on a few hundred queries ran at a fraction of FAISS's speed),
+    # the rest settle in the threshold scan, block by block, and the result is the float64 argmin
+    c, x = _real_or_adversarial("clustered")
+    monkeypatch.setattr(_nearest_cpu, "THRESHOLD_BLOCK", 256)
+    monkeypatch.setattr(_nearest_cpu, "THRESHOLD_ROWS", 64)
+    searched = []
+    real_knn = __import__("faiss").knn
+    monkeypatch.setattr("faiss.knn", lambda xq, xb, k, **kw: searched.append(xq.shape[0]) or real_knn(xq, xb, k, **kw))
+    fp64_rows = []
+    real_scan = _nearest_cpu.exact_scan
+    monkeypatch.setattr(_nearest_cpu, "exact_scan", lambda xq, *a: fp64_rows.append(xq.shape[0]) or real_scan(xq, *a))
+    ids, dists = _nearest_cpu.nearest_cpu(x, c, metric, "flat")
+    assert_nearest_ok(ids, dists, x, c, metric, exact=True, rel_tol=2e-7)
+    assert sum(searched) <= x.shape[0] and not fp64_rows
+
+
+def test_flat_path_hands_masses_of_equidistant_codewords_to_the_float64_scan(monkeypatch):
+    # more than THRESHOLD_CAP candidates for a query: it is finished by the streaming float64
+    # scan, only it, and exactly
+    c, x = _real_or_adversarial("clustered")
+    monkeypatch.setattr(_nearest_cpu, "FLAT_K", 1)  # certifies nothing: every query is thresholded
+    monkeypatch.setattr(_nearest_cpu, "THRESHOLD_CAP", 1)
+    fp64_rows = []
+    real_scan = _nearest_cpu.exact_scan
+    monkeypatch.setattr(_nearest_cpu, "exact_scan", lambda xq, *a: fp64_rows.append(xq.shape[0]) or real_scan(xq, *a))
+    ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", "flat")
+    assert_nearest_ok(ids, dists, x, c, "l2", exact=True, rel_tol=2e-7)
+    assert fp64_rows and 0 < sum(fp64_rows) < x.shape[0]

@@ -60,12 +60,18 @@ MIN_INT8_SPEEDUP = 2.0
 PRUNE_LIMIT = 8
 #: blocks a chunk scans before it may give up on the filter
 PRUNE_CHECK_BLOCKS = 2
-#: the flat path's top-k rounds: a small one where a pilot of the chunk certifies with it, then a
-#: large one, then a larger one for the queries still uncertified (see _flat_search)
-FLAT_TOPK = (8, 256, 2048)
-#: queries per call of the flat path (its (queries, k) tables: 16384 x 2048 x 16 bytes at most)
+#: the flat path's FAISS top-k: it certifies most queries of real photographs (93-96%), and a
+#: larger k costs FAISS more than the threshold scan of the rest (see _flat_search)
+FLAT_K = 8
+#: the threshold scan of the flat path: queries and codewords per fp32 block (32 MB), and the
+#: candidates per query past which it hands the query to the streaming float64 scan
+THRESHOLD_ROWS = 1024
+THRESHOLD_BLOCK = 8192
+THRESHOLD_CAP = 2048
+#: queries per call of the flat path (FAISS's speed needs thousands per call)
 FLAT_QUERY_CHUNK = 16384
-#: queries of each chunk that try the small round first, and the share of them that may fail it
+#: strided queries of each chunk that the threshold scan settles first, and the share of them
+#: that may keep FLAT_K or more candidates for the rest to try FAISS's top-k round
 FLAT_PILOT_ROWS = 128
 FLAT_PILOT_FAIL = 0.25
 #: near pairs per query above which they are first measured directly in fp32 (see _near_pairs)
@@ -387,8 +393,8 @@ def nearest_cpu(
             cstats = codebook_stats(codebook, kind, metric)
     ids = torch.empty(n, dtype=torch.int64)
     obj = torch.empty(n, dtype=torch.float64)
-    # the flat path takes larger chunks: FAISS blocks its own work, and its retry rounds on the
-    # few uncertified queries of a chunk run inefficiently below ~500 queries per call
+    # the flat path takes larger chunks: FAISS blocks its own work and runs below its speed on
+    # calls of a few hundred queries
     chunk_rows = FLAT_QUERY_CHUNK if kind == "flat" else QUERY_CHUNK
     for start in range(0, n, chunk_rows):
         chunk = x[start:start + chunk_rows]
@@ -429,6 +435,18 @@ class _FlatCodebook:
         self.norms = torch.cat([rows[start:start + STAT_CHUNK].double().norm(dim=1)
                                 for start in range(0, rows.shape[0], STAT_CHUNK)]) * (1.0 + GROW64)
         self.norm_max = float(self.norms.max())
+        self._sq: Optional[torch.Tensor] = None
+
+    def scanned(self, codebook: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The (K', d) fp32 rows FAISS scans and their (K',) fp32 squared norms (computed once)."""
+        rows = codebook if self.vectors is None else self.vectors
+        if self._sq is None:
+            self._sq = torch.cat([torch.linalg.vecdot(block, block) for block in rows.split(STAT_CHUNK)])
+        return rows, self._sq
+
+    def block_norm_max(self, start: int, stop: int) -> torch.Tensor:
+        """The largest (fp64, rounded up) norm of the scanned rows [start, stop)."""
+        return self.norms[start:stop].max()
 
     def transform(self, v: torch.Tensor, metric: str) -> torch.Tensor:
         """(R, d) rows as FAISS sees them: each element one fp32 rounding of the exact value."""
@@ -526,9 +544,11 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> Tuple[
     minus the widest bound still exceeds that has its exact nearest codeword -- and every exact
     tie of it -- among the k: all others are provably farther. Of the k, those whose lower bound
     reaches the upper one are re-ranked in float64 from the original vectors (lowest index on
-    ties). Queries that do not certify are retried with a larger k, and finally by the streaming
-    float64 scan (masses of distinct, equidistant codewords). Exact duplicate codewords are
-    scanned once (see _FlatCodebook).
+    ties). Queries that do not certify (more than k codewords within the bound) go to a threshold
+    scan in torch that keeps every codeword whose lower bound reaches the query's running upper
+    bound, and the few with more than THRESHOLD_CAP of those to the streaming float64 scan (masses
+    of distinct, equidistant codewords). Exact duplicate codewords are scanned once (see
+    _FlatCodebook).
     """
     import faiss
 
@@ -551,48 +571,112 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> Tuple[
 
     ids = torch.full((n,), -1, dtype=torch.int64)
     best = torch.full((n,), math.inf, dtype=torch.float64)
+    bound = torch.full((n,), math.inf, dtype=torch.float64)  # upper bound on each exact minimum
     faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
 
-    def settle(todo: torch.Tensor, topk: int) -> torch.Tensor:
-        """One FAISS top-k round over the queries ``todo``: settle those it certifies, return the rest."""
+    def finish(rows: torch.Tensor, cols: torch.Tensor, near: torch.Tensor) -> None:
+        """Re-rank the near pairs of ``rows`` (cols: (r, kk) original ids) in float64."""
+        pair_rows, pair_cols = _near_pairs(x, codebook, rows, cols, near, metric)
+        obj, _ = pair_objective(x, codebook, pair_rows, pair_cols, metric, torch.float64)
+        row_ids, row_best = lowest_of_min(n, pair_rows, pair_cols, obj)
+        ids[rows], best[rows] = row_ids[rows], row_best[rows]
+
+    def settle(todo: torch.Tensor) -> torch.Tensor:
+        """FAISS's top-FLAT_K over the queries ``todo``: settle those it certifies, return the rest
+        (their upper bounds recorded in ``bound``)."""
         if todo.numel() == 0:
             return todo
-        kk = min(topk, k)
+        kk = min(FLAT_K, k)
         dist, pos = faiss.knn(queries[todo].numpy(), base, kk, metric=faiss_metric)
         fl = torch.from_numpy(dist).double()
         fl = fl if metric == "l2" else -fl  # our objective: smaller is nearer
         pos = torch.from_numpy(pos)
         w = width(x_norm[todo].unsqueeze(1), flat.norms[pos])  # (t, kk) per-pair error bounds
         upper = (fl + w).min(dim=1, keepdim=True).values  # >= the exact minimum
+        bound[todo] = upper.squeeze(1)
         # every codeword FAISS did not return is at fl >= fl[:, -1], within the widest bound
         w_any = width(x_norm[todo], torch.tensor(flat.norm_max, dtype=torch.float64))
         certified = (fl[:, -1] - w_any > upper.squeeze(1)) if kk < k else torch.ones(todo.shape[0], dtype=torch.bool)
-        rows = todo[certified]
-        if rows.numel():
+        if bool(certified.any()):
             # only codewords whose lower bound reaches the upper bound can be the exact nearest
             near = (fl - w)[certified] <= upper[certified]
             cols = pos[certified] if flat.ids is None else flat.ids[pos[certified]]
-            pair_rows, pair_cols = _near_pairs(x, codebook, rows, cols, near, metric)
-            obj, _ = pair_objective(x, codebook, pair_rows, pair_cols, metric, torch.float64)
-            row_ids, row_best = lowest_of_min(n, pair_rows, pair_cols, obj)
-            ids[rows], best[rows] = row_ids[rows], row_best[rows]
+            finish(todo[certified], cols, near)
         return todo[~certified]
 
-    small, large, largest = FLAT_TOPK
+    def threshold(todo: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Settle the queries ``todo`` by one fp32 scan in torch that keeps, block by block, every
+        codeword whose lower bound reaches the query's running upper bound (its exact nearest and
+        every tie of it among them). Returns the queries with more than THRESHOLD_CAP such
+        codewords (masses of distinct, equidistant ones) and the number each of ``todo`` kept."""
+        vectors, sq = flat.scanned(codebook)
+        coef = 2.0 if metric == "l2" else 1.0
+        masses = []
+        kept = torch.zeros(todo.numel(), dtype=torch.int64)
+        for start in range(0, todo.numel(), THRESHOLD_ROWS):
+            rows = todo[start:start + THRESHOLD_ROWS]
+            q = queries[rows]
+            xn = x_norm[rows]
+            q_sq = q.double().pow(2).sum(dim=1) if metric == "l2" else torch.zeros(rows.numel(), dtype=torch.float64)
+            upper = bound[rows].clone()
+            hit_rows, hit_cols, hit_vals = [], [], []
+            count = torch.zeros(rows.numel(), dtype=torch.int64)
+            for b0 in range(0, k, THRESHOLD_BLOCK):
+                b1 = min(k, b0 + THRESHOLD_BLOCK)
+                # fp32 objective less ||q||^2 (l2: ||c||^2 - 2 <q, c>; ip / cos: -<q, c>), FAISS's own
+                # evaluation order, so the same width bounds it
+                part = (torch.addmm(sq[b0:b1], q, vectors[b0:b1].t(), alpha=-coef) if metric == "l2"
+                        else torch.mm(q, vectors[b0:b1].t()).neg_())
+                w_blk = width(xn, flat.block_norm_max(b0, b1))
+                blk_min = part.min(dim=1).values.double()
+                upper = torch.minimum(upper, blk_min + q_sq + w_blk + fp64_slack(blk_min, q_sq))
+                thresh = upper - q_sq + w_blk + fp64_slack(upper, q_sq)
+                thresh_f = (thresh + thresh.abs() * 2.0 ** -20).float()
+                hit = (part <= thresh_f.unsqueeze(1)).nonzero()
+                count += torch.bincount(hit[:, 0], minlength=rows.numel())
+                keep = count[hit[:, 0]] <= THRESHOLD_CAP  # past the cap: the query goes to the fp64 scan
+                hit = hit[keep]
+                hit_rows.append(hit[:, 0])
+                hit_cols.append(hit[:, 1] + b0)
+                hit_vals.append(part[hit[:, 0], hit[:, 1]].double())
+            r, c, v = torch.cat(hit_rows), torch.cat(hit_cols), torch.cat(hit_vals)
+            lower = v + q_sq[r] - width(xn[r], flat.norms[c]) - fp64_slack(v, q_sq[r])
+            over = count > THRESHOLD_CAP
+            keep = (lower <= upper[r]) & ~over[r]
+            r, c = r[keep], c[keep]
+            masses.append(rows[over])
+            kept[start:start + THRESHOLD_ROWS] = torch.bincount(r, minlength=rows.numel()).masked_fill_(over, THRESHOLD_CAP)
+            if r.numel() == 0:
+                continue
+            # the kept pairs as (rows, kk) tables for the re-rank: position of each pair in its row
+            order = torch.argsort(r, stable=True)  # hits come block by block: group them by row
+            r, c = r[order], c[order]
+            per_row = torch.bincount(r, minlength=rows.numel())
+            slot = torch.arange(r.numel()) - (torch.cumsum(per_row, 0) - per_row)[r]
+            has = per_row > 0
+            local = torch.zeros((rows.numel(), int(per_row.max())), dtype=torch.int64)
+            near = torch.zeros_like(local, dtype=torch.bool)
+            local[r, slot] = c
+            near[r, slot] = True
+            cols = local if flat.ids is None else flat.ids[local]
+            finish(rows[has], cols[has], near[has])
+        return (torch.cat(masses) if masses else todo[:0]), kept
+
     with faiss_threads(torch.get_num_threads()):
-        # A large top-k costs FAISS up to 3x a small one (its heaps; seen at K = 4096), a second
-        # round costs another scan of the rows that failed: a strided pilot of the chunk decides
-        # whether the small round is worth trying (tight clusters fail it almost everywhere).
+        # FAISS runs far below its speed on calls of a few hundred queries (400 of 8000 queries
+        # cost 27% of the whole at K = 16384; 128 cost 7%), so neither the strided pilot of the
+        # chunk nor the queries its top-k round does not certify go back to FAISS: the threshold
+        # scan settles them. The pilot decides whether the top-k round is worth trying at all
+        # (tight clusters keep more than FLAT_K candidates almost everywhere).
         is_pilot = torch.zeros(n, dtype=torch.bool)
         is_pilot[::max(1, n // FLAT_PILOT_ROWS)] = True
-        pilot = is_pilot.nonzero().squeeze(1)
-        failed = settle(pilot, small)
+        masses, kept = threshold(is_pilot.nonzero().squeeze(1))
         rest = (~is_pilot).nonzero().squeeze(1)
-        if failed.numel() <= FLAT_PILOT_FAIL * pilot.numel():
-            rest = settle(rest, small)
-        todo = settle(torch.cat([failed, rest]), large)
-        todo = settle(todo, largest)
-    if todo.numel():  # more than FLAT_TOPK[-1] distinct codewords within the bound: equidistant masses
+        if int((kept >= FLAT_K).sum()) <= FLAT_PILOT_FAIL * kept.numel():
+            rest = settle(rest)
+        more, _ = threshold(rest)
+        todo = torch.cat([masses, more])
+    if todo.numel():  # more than THRESHOLD_CAP distinct codewords within the bound: equidistant masses
         ids[todo], best[todo] = exact_scan(x[todo], codebook, metric)
     return ids, best
 
