@@ -496,3 +496,72 @@ def test_flat_path_hands_masses_of_equidistant_codewords_to_the_float64_scan(mon
     ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", "flat")
     assert_nearest_ok(ids, dists, x, c, "l2", exact=True, rel_tol=2e-7)
     assert fp64_rows and 0 < sum(fp64_rows) < x.shape[0]
+
+
+def _tight_clusters():
+    """Cells 1000x tighter than data.clustered_codebook's: every codeword of a query's cell lies
+    within the fp32 flat scan's error bound (its top-8 certifies almost nothing)."""
+    from unicode2_fast import data
+
+    d = data.clustered_codebook(4000, 600, 128, n_families=6, n_cells=40)
+    own = d.coarse_centroids[d.coarse_ids]
+    near = torch.cdist(d.queries, d.coarse_centroids).argmin(dim=1)
+    return (own + (d.codebook - own) * 1e-3,
+            d.coarse_centroids[near] + (d.queries - d.coarse_centroids[near]) * 1e-3)
+
+
+def _route_small_codebooks_to_cells(monkeypatch):
+    monkeypatch.setattr(_nearest_cpu, "CELLS_MIN_K", 1000)
+    calls = []
+    real = _nearest_cpu._cells.exact_search
+    monkeypatch.setattr(_nearest_cpu._cells, "exact_search", lambda cells, xq, *a: calls.append(xq.shape[0]) or real(cells, xq, *a))
+    return calls
+
+
+def test_clustered_codebook_goes_to_the_cell_scan_and_stays_exact(monkeypatch):
+    # tight clusters fail the flat path's pilot; a partition of the codebook is built once and the
+    # cell scan settles the rest of the chunk: the threshold scan sees only the pilot rows
+    c, x = _tight_clusters()
+    calls = _route_small_codebooks_to_cells(monkeypatch)
+    ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", "flat")
+    assert_nearest_ok(ids, dists, x, c, "l2", exact=True, rel_tol=2e-7)
+    pilot = -(-x.shape[0] // max(1, x.shape[0] // _nearest_cpu.FLAT_PILOT_ROWS))
+    assert sum(calls) == x.shape[0] - pilot
+    cells = _cache_entry(c)
+    assert cells is not None and cells.n_cells == round(c.shape[0] ** 0.5)
+    # cached: a second call reuses the partition, with any number of queries
+    ids2, _ = _nearest_cpu.nearest_cpu(x[:300], c, "l2", "flat")
+    assert torch.equal(ids2, ids[:300]) and _cache_entry(c) is cells
+
+
+def _cache_entry(codebook):
+    from unicode2_fast import _cache
+    return _cache.cached(codebook, ("cells",))
+
+
+def test_cell_scan_hands_unpruned_queries_to_the_flat_path(monkeypatch):
+    c, x = _tight_clusters()
+    calls = _route_small_codebooks_to_cells(monkeypatch)
+    monkeypatch.setattr(_nearest_cpu, "CELLS_FALLBACK_FRACTION", 0.0)  # every query left is "unpruned"
+    flat_rows = []
+    real_flat = _nearest_cpu._flat_search
+    monkeypatch.setattr(_nearest_cpu, "_flat_search",
+                        lambda xq, *a, **kw: flat_rows.append((xq.shape[0], kw.get("cells_ok", True))) or real_flat(xq, *a, **kw))
+    ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", "flat")
+    assert_nearest_ok(ids, dists, x, c, "l2", exact=True, rel_tol=2e-7)
+    # (queries whose cells all pruned within the first rounds are settled before the check)
+    assert calls and flat_rows[0] == (x.shape[0], True) and 0 < sum(n for n, ok in flat_rows if not ok) <= sum(calls)
+
+
+def test_cell_partition_cache_does_not_keep_the_codebook_alive(monkeypatch):
+    import gc
+    import weakref
+
+    c, x = _tight_clusters()
+    _route_small_codebooks_to_cells(monkeypatch)
+    _nearest_cpu.nearest_cpu(x, c, "l2", "flat")
+    assert _cache_entry(c) is not None
+    ref = weakref.ref(c)
+    del c
+    gc.collect()
+    assert ref() is None

@@ -29,3 +29,9 @@ def per_tensor(tensor: torch.Tensor, key: Hashable, build: Callable[[torch.Tenso
         cached = ((tensor._version, stamp), build(tensor))
         entries[key] = cached
     return cached[1]
+
+
+def cached(tensor: torch.Tensor, key: Hashable, stamp: Hashable = None) -> Any:
+    """The current value of (tensor, key) if one was built (and the tensor not changed since), else None."""
+    entry = _ENTRIES.get(tensor, {}).get(key)
+    return entry[1] if entry is not None and entry[0] == (tensor._version, stamp) else None

@@ -20,7 +20,10 @@ at ~0.05x fp32) and a chunk whose filter keeps too many candidates (flat image r
 near-duplicates, tight clusters: codewords within the filter's error bound) stops scanning. Both
 go to ``_flat_search``: FAISS's fp32 flat scan, whose top-k is certified with rigorous fp32
 bounds (exact duplicates scanned once) before the near ties are re-ranked in float64 -- FAISS's
-speed plus the cost of those ties.
+speed plus the cost of those ties. Where a strided pilot of the queries shows the top-k would not
+certify (tight clusters: whole cells within the fp32 bound), an l2 codebook is partitioned once
+into about sqrt(K) cells and searched by the exact cell scan of ``_cells`` (residual form,
+triangle-inequality pruning; 3.9x FAISS flat on the clustered benchmark case).
 Never holds N x K: queries are processed in chunks and codewords in blocks, and per-query candidate
 lists are capped; a query that exceeds the cap goes to the flat search, and one with masses of
 distinct, equidistant codewords to a streaming float64 scan.
@@ -35,7 +38,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._cache import per_tensor
+from . import _cells
+from ._cache import cached, per_tensor
 from ._certified import GROW64, U32, U64, CandidateStore, fp64_slack, lowest_of_min, pair_objective, sum_rounding
 from ._faiss import faiss_threads
 from .profiling import stage
@@ -74,9 +78,23 @@ FLAT_QUERY_CHUNK = 16384
 #: that may keep FLAT_K or more candidates for the rest to try FAISS's top-k round
 FLAT_PILOT_ROWS = 128
 FLAT_PILOT_FAIL = 0.25
-#: near pairs per query above which they are first measured directly in fp32 (see _near_pairs)
-# a cached fp32 copy of at least this many bytes is announced once (a warning names its size)
+#: l2 codebooks of at least this many codewords whose pilot fails the top-k round (tight clusters)
+#: are searched by the exact cell scan of ``_cells`` over a partition built once per codebook
+CELLS_MIN_K = 8192
+#: ... when the chunk has at least this many queries per cell, or the partition is already built
+CELLS_MIN_QUERIES_PER_CELL = 2
+#: the partition: about sqrt(K) cells from a strided sample, CELLS_NITER Lloyd steps over at most
+#: CELLS_TRAIN_PER_CELL codewords per cell, then every codeword assigned (FAISS's fp32 flat search;
+#: any partition keeps the search exact, a good one prunes more)
+CELLS_NITER = 4
+CELLS_TRAIN_PER_CELL = 64
+#: a query whose unpruned cells still hold more than this share of the codebook goes to the threshold scan
+CELLS_FALLBACK_FRACTION = 0.25
+#: queries per call of the cell scan (its (queries, cells) float64 tables)
+CELLS_QUERY_CHUNK = 4096
+#: a cached fp32 copy of at least this many bytes is announced once (a warning names its size)
 COPY_WARN_BYTES = 256 << 20
+#: near pairs per query above which they are first measured directly in fp32 (see _near_pairs)
 DIRECT_REFINE_PAIRS = 4
 #: queries whose (kk, d) candidate rows are gathered at a time there
 DIRECT_REFINE_ROWS = 32
@@ -429,7 +447,8 @@ class _FlatCodebook:
         else:
             self.vectors = torch.cat([self.transform(rows[start:start + STAT_CHUNK], metric)
                                       for start in range(0, rows.shape[0], STAT_CHUNK)])
-            _announce_copy(codebook, self.vectors, metric)
+            _announce_copy(codebook, self.vectors, {"l2": "shifted by the row mean", "ip": "deduplicated",
+                                                    "cos": "rows normalised"}[metric] + f", metric {metric!r}")
         rows = codebook if self.vectors is None else self.vectors
         # (K',) fp64 norms of the scanned rows, rounded up: they enter the error bounds
         self.norms = torch.cat([rows[start:start + STAT_CHUNK].double().norm(dim=1)
@@ -458,16 +477,15 @@ class _FlatCodebook:
         return v64.float().contiguous()
 
 
-def _announce_copy(codebook: torch.Tensor, copy: torch.Tensor, metric: str) -> None:
-    """Say once per codebook and metric (the copy is cached) what the exact search keeps."""
+def _announce_copy(codebook: torch.Tensor, copy: torch.Tensor, what: str) -> None:
+    """Say once per cached copy of a codebook what the exact search keeps, when it is large."""
     size = copy.numel() * copy.element_size()
     if size < COPY_WARN_BYTES:
         return
-    what = {"l2": "shifted by the row mean", "ip": "deduplicated", "cos": "rows normalised"}[metric]
     warnings.warn(
         f"u2.nearest keeps a float32 copy of this {tuple(codebook.shape)} {codebook.dtype} codebook ({what}; "
         f"{size / 2 ** 30:.2f} GiB beside the codebook's {codebook.numel() * codebook.element_size() / 2 ** 30:.2f} GiB) "
-        f"for its exact CPU search with metric {metric!r}, until the codebook is freed or changed in place",
+        f"for its exact CPU search, until the codebook is freed or changed in place",
         UserWarning, stacklevel=2)
 
 
@@ -534,7 +552,7 @@ def _near_pairs(x: torch.Tensor, codebook: torch.Tensor, rows: torch.Tensor, col
     return rows[hit_row], cols[hit_row, hit_col]
 
 
-def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact nearest codewords by FAISS's flat fp32 scan (its BLAS speed, data-independent),
     certified: ids (n,) and float64 objective (n,).
 
@@ -674,11 +692,65 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> Tuple[
         rest = (~is_pilot).nonzero().squeeze(1)
         if int((kept >= FLAT_K).sum()) <= FLAT_PILOT_FAIL * kept.numel():
             rest = settle(rest)
+        elif cells_ok and _use_cells(codebook, metric, rest.numel()):
+            # tight clusters: the threshold scan keeps masses of candidates, the cells prune
+            cells = per_tensor(codebook, ("cells",), _codebook_cells)
+            for start in range(0, rest.numel(), CELLS_QUERY_CHUNK):
+                rows = rest[start:start + CELLS_QUERY_CHUNK]
+                ids[rows], best[rows] = _cells.exact_search(
+                    cells, x[rows], codebook, False, lambda xr: _flat_search(xr, codebook, metric, cells_ok=False),
+                    CELLS_FALLBACK_FRACTION)
+            rest = rest[:0]
         more, _ = threshold(rest)
         todo = torch.cat([masses, more])
     if todo.numel():  # more than THRESHOLD_CAP distinct codewords within the bound: equidistant masses
         ids[todo], best[todo] = exact_scan(x[todo], codebook, metric)
     return ids, best
+
+
+def _cell_count(k: int) -> int:
+    return max(1, min(k, round(math.sqrt(k))))
+
+
+def _use_cells(codebook: torch.Tensor, metric: str, n: int) -> bool:
+    """Whether the queries of a chunk that failed the flat path's pilot go to the cell scan."""
+    k = codebook.shape[0]
+    if metric != "l2" or k < CELLS_MIN_K:
+        return False
+    return cached(codebook, ("cells",)) is not None or n >= CELLS_MIN_QUERIES_PER_CELL * _cell_count(k)
+
+
+def _codebook_cells(codebook: torch.Tensor) -> _cells.Cells:
+    """A partition of ``codebook: (K, d)`` into about sqrt(K) cells for the exact cell scan."""
+    import faiss
+
+    k, d = codebook.shape
+    n_cells = _cell_count(k)
+
+    def rows32(index: torch.Tensor) -> torch.Tensor:
+        return codebook.index_select(0, index).float().contiguous()
+
+    def assign(v32: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(faiss.knn(v32.numpy(), centres.numpy(), 1)[1][:, 0]).long()
+
+    with stage("nearest/cells_build"), faiss_threads(torch.get_num_threads()):
+        centres = rows32(torch.linspace(0, k - 1, n_cells).long())
+        train = torch.linspace(0, k - 1, min(k, n_cells * CELLS_TRAIN_PER_CELL)).long().unique()
+        train32 = rows32(train)
+        for _ in range(CELLS_NITER):
+            cell = assign(train32, centres)
+            sums = torch.zeros((n_cells, d), dtype=torch.float64).index_add_(0, cell, train32.double())
+            counts = torch.bincount(cell, minlength=n_cells)
+            filled = counts > 0
+            centres[filled] = (sums[filled] / counts[filled].unsqueeze(1)).float()
+        cell = torch.empty(k, dtype=torch.int64)
+        for start in range(0, k, STAT_CHUNK):
+            cell[start:start + STAT_CHUNK] = assign(rows32(torch.arange(start, min(k, start + STAT_CHUNK))), centres)
+        perm = torch.sort(cell, stable=True).indices  # stable: a cell keeps its codewords' original order
+        result = _cells.Cells(lambda a, b: codebook.index_select(0, perm[a:b]), perm,
+                              _cells.offsets(torch.bincount(cell, minlength=n_cells)), centres, eager=True)
+    _announce_copy(codebook, result.residuals()[0], "minus its cell centres, for tightly clustered codebooks")
+    return result
 
 
 def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):

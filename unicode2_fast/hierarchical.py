@@ -22,21 +22,22 @@ codebook, so exact mode is never much slower than the flat scan. As in ``_neares
 GEMM distances are only a filter: every bound carries a rigorous margin for fp32 rounding, every
 codeword that could be the nearest given those margins is kept as a candidate, and the candidates
 are re-ranked with float64 distances from the original vectors, ties to the lowest original id --
-the result equals ``u2.nearest(x, codebook)`` on the CPU.
+the result equals ``u2.nearest(x, codebook)`` on the CPU. The engine is ``_cells``, which
+u2.nearest's CPU path also runs, over a partition of its own, for tightly clustered codebooks.
 """
 from __future__ import annotations
 
 import math
 import numbers
 import os
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import safetensors
 import safetensors.torch
 import torch
 
-from . import _dispatch, _lloyd
-from ._certified import GROW64, U32, U64, CandidateStore, ieee_fp32_matmul, lowest_of_min, pair_objective, sum_rounding
+from . import _cells, _dispatch, _lloyd
+from ._certified import ieee_fp32_matmul, pair_objective
 from ._checks import array_kind, check_finite, check_float, check_matrix, flatten_queries, from_tensor, to_tensor
 from ._io import atomic_write
 from .codebook import Codebook, codebook_matrix
@@ -52,15 +53,10 @@ BACKENDS = _dispatch.backends("hierarchical")
 DEFAULT_NPROBE = 8
 #: k-means trains on at most this many codewords per coarse centroid (a seeded subsample, as FAISS)
 MAX_POINTS_PER_CENTROID = 256
-#: rows converted to float64 at a time for codeword statistics
-STAT_CHUNK = 16384
 #: queries per chunk: bounds the (chunk, n_coarse) coarse tables and the per-cell gathers
 QUERY_CHUNK = 4096
-#: exact mode: cells each unfinished query scans in round r (the last entry doubles afterwards)
-ROUND_CELLS = (1, 1, 2)
-#: exact mode: from this round on, a query whose unpruned cells hold more than FALLBACK_FRACTION
-#: of the codewords is finished by ``u2.nearest`` (int8 flat scan) instead of fp32 cell scans
-FALLBACK_AFTER_ROUNDS = 2
+#: exact mode (``_cells``): a query whose unpruned cells hold more than FALLBACK_FRACTION of the
+#: codewords after a few rounds is finished by ``u2.nearest`` instead of fp32 cell scans
 FALLBACK_FRACTION = 0.25
 
 
@@ -129,7 +125,7 @@ class HierarchicalIndex:
         identity = bool(torch.equal(perm, torch.arange(k, device=perm.device)))
         codes = vectors if identity else vectors.index_select(0, perm)
         sizes = torch.bincount(cells, minlength=n_coarse)
-        self._setup(codes, perm, _offsets(sizes), centroids.float(), metric, vectors)
+        self._setup(codes, perm, _cells.offsets(sizes), centroids.float(), metric, vectors)
 
     # ------------------------------------------------------------------------------------------
     # construction
@@ -141,42 +137,26 @@ class HierarchicalIndex:
         codes: (K, d) sorted by cell; perm: (K,) sorted position -> original id; cell_offsets:
         (n_coarse + 1,); centroids: (n_coarse, d) fp32; codebook: the original-order tensor or None.
         """
-        device = codes.device
-        k = codes.shape[0]
-        n_coarse = centroids.shape[0]
         self._metric = metric
         self._codes = codes.contiguous()
         # the statistics below describe these values: a later in-place change is refused at search
         self._versions = [(t, t._version) for t in (self._codes, codebook) if t is not None]
         self._perm = perm
         self._cell_offsets = cell_offsets
-        self._offsets_list: List[int] = cell_offsets.tolist()
-        self._coarse_centroids = centroids.contiguous()
         self._codebook = codebook
-        self._cell_size = cell_offsets[1:] - cell_offsets[:-1]
-        self._cell_of_pos = torch.repeat_interleave(torch.arange(n_coarse, device=device), self._cell_size)
-
-        centroids64 = centroids.double()
-        centroid_sq64 = centroids64.pow(2).sum(dim=1)
-        self._centroid_sq = centroid_sq64.float()
-        self._centroid_norm = centroid_sq64.sqrt() * (1 + GROW64)
-        self._centroid_sq_bound = centroid_sq64 * (1 + GROW64)
-        codes_sq64 = torch.empty(k, dtype=torch.float64, device=device)
-        to_centroid = torch.empty(k, dtype=torch.float64, device=device)
-        for start, stop, c64, r64 in self._cell_chunks():
-            codes_sq64[start:stop] = torch.linalg.vector_norm(c64, dim=1).pow_(2)
-            to_centroid[start:stop] = torch.linalg.vector_norm(r64, dim=1)
+        stored = self._codes
+        self._cells = _cells.Cells(lambda start, stop: stored[start:stop], perm, cell_offsets, centroids.float())
+        self._offsets_list = self._cells.offsets_list
+        self._coarse_centroids = self._cells.centroids
+        self._cell_size = self._cells.cell_size
+        self._cell_of_pos = self._cells.cell_of_pos
+        self._centroid_sq = self._cells.centroid_sq
+        codes_sq64 = self._cells.codes_sq64
         self._codes_sq = codes_sq64.float()
-
-        def cell_max(values: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros(n_coarse, dtype=torch.float64, device=device)
-            return out.scatter_reduce(0, self._cell_of_pos, values, reduce="amax") * (1 + GROW64)
-
-        self._cell_sq_max = cell_max(codes_sq64)
-        self._cell_norm_max = cell_max(codes_sq64.sqrt())
-        self._radius = cell_max(to_centroid)  # (n_coarse,) rounded up: a certified cell radius
+        self._cell_sq_max = self._cells.cell_max(codes_sq64)
+        self._cell_norm_max = self._cells.cell_max(codes_sq64.sqrt())
+        self._radius = self._cells.radius  # (n_coarse,) rounded up: a certified cell radius
         self._codes32: Optional[torch.Tensor] = None
-        self._residuals: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._kernel_codes: Dict[torch.dtype, torch.Tensor] = {}
 
     @classmethod
@@ -397,52 +377,15 @@ class HierarchicalIndex:
             dists[start:start + QUERY_CHUNK] = pair_objective(chunk, self._codes, rows, pos, "l2", torch.float64)[0].float()
         return ids, dists
 
-    def _coarse_scores(self, x32: torch.Tensor) -> torch.Tensor:
-        """(N, n_coarse) fp32 ``||m||^2 - 2 <x, m>``; +inf for empty cells, so they rank last."""
-        scores = torch.addmm(self._centroid_sq, x32, self._coarse_centroids.t(), alpha=-2.0)
-        return scores.masked_fill_((self._cell_size == 0).unsqueeze(0), math.inf)
-
     def _probe(self, x32: torch.Tensor, nprobe: int) -> torch.Tensor:
         """(N, nprobe) int64 nearest cells of each query; equal scores rank the lower cell first."""
-        scores = self._coarse_scores(x32)
+        scores = self._cells.coarse_scores(x32)
         return torch.sort(scores, dim=1, stable=True).indices[:, :nprobe].contiguous()
 
     def _codes_fp32(self) -> torch.Tensor:
         if self._codes32 is None:
             self._codes32 = self._codes if self._codes.dtype == torch.float32 else self._codes.float()
         return self._codes32
-
-    def _cell_chunks(self):
-        """(start, stop, c64, r64) over the sorted codewords, at most STAT_CHUNK rows of one cell at a
-        time: the rows in float64 and minus their cell's centroid (no (rows, d) gather of centroids)."""
-        centroids64 = self._coarse_centroids.double()
-        offsets = self._offsets_list
-        for cell in range(self.n_coarse):
-            for start in range(offsets[cell], offsets[cell + 1], STAT_CHUNK):
-                stop = min(offsets[cell + 1], start + STAT_CHUNK)
-                c64 = self._codes[start:stop].double()
-                yield start, stop, c64, c64 - centroids64[cell]
-
-    def _residuals32(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(K, d) fp32 codewords minus their cell's centroid (from float64) and (K,) fp32 squared
-        norms of those: the torch scan's operands, built on first use."""
-        if self._residuals is None:
-            res = torch.empty(self._codes.shape, dtype=torch.float32, device=self.device)
-            res_sq = torch.empty(self._codes.shape[0], dtype=torch.float32, device=self.device)
-            for start, stop, _, r64 in self._cell_chunks():
-                res[start:stop] = r64
-                res_sq[start:stop] = torch.linalg.vector_norm(r64, dim=1).pow_(2)
-            self._residuals = (res, res_sq)
-        return self._residuals
-
-    def _cell_groups(self, cells: torch.Tensor) -> Tuple[torch.Tensor, List[Tuple[int, int, int]]]:
-        """Group pairs by cell: ``order`` (P,) sorts the pairs by cell (stable: pair order kept within a
-        cell), and each (cell, lo, hi) says that ``order[lo:hi]`` are that cell's pairs."""
-        order = torch.sort(cells, stable=True).indices
-        counts = torch.bincount(cells, minlength=self.n_coarse)
-        present = counts.nonzero().squeeze(1)
-        bounds = _offsets(counts[present]).tolist()
-        return order, [(cell, bounds[i], bounds[i + 1]) for i, cell in enumerate(present.tolist())]
 
     def _scan_torch(self, x32: torch.Tensor, probes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Grouped scan with one GEMM per cell; same outputs as ``kernels.hierarchical.probe_scan_triton``."""
@@ -453,11 +396,11 @@ class HierarchicalIndex:
         # on a clustered codebook it returned a farther codeword of the right cell for 21-40% of
         # the queries; FAISS's IVF computes direct differences and had none.
         n, nprobe = probes.shape
-        residuals, res_sq = self._residuals32()
+        residuals, res_sq = self._cells.residuals()
         centroids64 = self._coarse_centroids.double()
         part_val = torch.full((n * nprobe,), math.inf, dtype=torch.float32, device=x32.device)
         part_pos = torch.zeros(n * nprobe, dtype=torch.int64, device=x32.device)
-        slot_order, groups = self._cell_groups(probes.reshape(-1))
+        slot_order, groups = self._cells.groups(probes.reshape(-1))
         query_order = torch.div(slot_order, nprobe, rounding_mode="floor")
         for cell, lo, hi in groups:
             start, stop = self._offsets_list[cell], self._offsets_list[cell + 1]
@@ -512,102 +455,10 @@ class HierarchicalIndex:
         return ids, dists
 
     def _exact_chunk(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        # x: (n, d) queries of one chunk
-        n, d = x.shape
-        device = x.device
-        x32 = x.float()
-        x_sq = x.double().pow(2).sum(dim=1)  # ||x||^2: the fp32 filter leaves it out, bounds add it back
-        x_norm = x_sq.sqrt() * (1 + GROW64)
-        # |fl(<x32, c32>) - <x, c>| <= gamma ||x|| ||c||: d-term fp32 sum plus rounding x or c to fp32
-        gamma = sum_rounding(d, U32)
-
-        with stage("hierarchical/exact_bounds"):
-            scores = self._coarse_scores(x32)  # (n, n_coarse)
-            # ||x - m||^2 in float64 (an fp32 expansion cancels on tight cells far from the
-            # origin, and its loose bound would prune nothing there)
-            centroids64 = self._coarse_centroids.double()
-            coarse = torch.addmm(self._centroid_sq_bound / (1 + GROW64) + x_sq.unsqueeze(1), x.double(),
-                                 centroids64.t(), alpha=-2.0)
-            cross = x_norm.unsqueeze(1) * self._centroid_norm.unsqueeze(0)
-            coarse_err = sum_rounding(d + 4, U64) * (x_sq.unsqueeze(1) + self._centroid_sq_bound + 2.0 * cross)
-            centroid_dist = (coarse - coarse_err).clamp_min_(0.0).sqrt_().mul_(1 - GROW64)
-            lower = (centroid_dist - self._radius.unsqueeze(0)).clamp_min_(0.0).pow_(2).mul_(1 - GROW64)
-            # cells in increasing coarse distance (lower cell first on ties); empty cells are never scanned
-            order = torch.sort(scores, dim=1, stable=True).indices
-            lower = lower.gather(1, order)
-            size = self._cell_size[order]
-            done = size == 0
-
-        upper = torch.full((n,), math.inf, dtype=torch.float64, device=device)  # >= the true minimum
-        store = CandidateStore(n, device)
-        # queries finished by the flat search: too many near-equal codewords (the store's cap) or
-        # too much of the codebook left unpruned
-        fallback = store.overflow
-        k = self.ntotal
-        for round_index in range(self.n_coarse + len(ROUND_CELLS)):
-            alive = ~done & (lower <= upper.unsqueeze(1)) & ~fallback.unsqueeze(1)
-            done |= ~alive  # upper only decreases: a pruned cell stays pruned
-            if round_index >= FALLBACK_AFTER_ROUNDS:
-                remaining = torch.where(alive, size, 0).sum(dim=1)
-                fallback |= remaining > FALLBACK_FRACTION * k
-                alive &= ~fallback.unsqueeze(1)
-            per_query = (ROUND_CELLS[round_index] if round_index < len(ROUND_CELLS)
-                         else min(self.n_coarse, ROUND_CELLS[-1] << (round_index - len(ROUND_CELLS) + 1)))
-            pick = alive & (alive.cumsum(dim=1) <= per_query)
-            rows, ranks = pick.nonzero(as_tuple=True)
-            if rows.numel() == 0:
-                break
-            done |= pick
-            with stage("hierarchical/exact_scan"):
-                self._exact_scan(x, gamma, rows, order[rows, ranks], upper, store)
-
-        with stage("hierarchical/rerank"):
-            cand_rows, cand_pos, _ = store.surviving(upper)
-            dist64, _ = pair_objective(x, self._codes, cand_rows, cand_pos, "l2", torch.float64)
-            ids, best = lowest_of_min(n, cand_rows, self._perm[cand_pos], dist64)
-            dists = best.float()
-        if bool(fallback.any()):
-            with stage("hierarchical/fallback"):
-                rows = fallback.nonzero().squeeze(1)
-                ids[rows], dists[rows] = nearest(x[rows], self._original_codebook())
-        return ids, dists
-
-    def _exact_scan(self, x, gamma, rows, cells, upper: torch.Tensor, store: CandidateStore) -> None:
-        """Scan the (query, cell) pairs grouped by cell; tighten upper bounds, record candidates.
-
-        In residual form, relative to the cell's centroid m: x' = x - m in float64 (then fp32),
-        c' = c - m (the fp32 residuals of ``_residuals32``). The filter value
-        f = fl(||c'||^2 - 2 <x', c'>) lies within ``width`` of the true ``||c - m||^2 - 2 <x - m, c - m>``
-        (the fp32 GEMM of rounded residuals, the rounded ||c'||^2 and the final additions, with a
-        2x margin), so ``f + width + ||x - m||^2`` bounds ||x - c||^2 from above and
-        ``f - width + ||x - m||^2`` from below. The width scales with the residual norms -- the
-        cell's radius, not the codewords' distance from the origin -- so tight cells far from the
-        origin keep few candidates.
-        """
-        residuals, res_sq = self._residuals32()
-        centroids64 = self._coarse_centroids.double()
-        order, groups = self._cell_groups(cells)
-        rows, cells = rows[order], cells[order]
-        for cell, lo, hi in groups:
-            start, stop = self._offsets_list[cell], self._offsets_list[cell + 1]
-            queries = rows[lo:hi]  # distinct: a (query, cell) pair is scanned once
-            xr64 = x.index_select(0, queries).double() - centroids64[cell]
-            pair_x_sq = xr64.pow(2).sum(dim=1)  # ||x - m||^2
-            radius = float(self._radius[cell])
-            cross = pair_x_sq.sqrt() * (1 + GROW64) * radius
-            width = 2.0 * gamma * cross + 2.0 ** -21 * (radius * radius + 2.0 * cross + pair_x_sq)
-            scores = torch.addmm(res_sq[start:stop], xr64.float(), residuals[start:stop].t(), alpha=-2.0)
-            row_min = scores.min(dim=1).values.double()
-            # (width's 2^-21 ||x - m||^2 term also covers the fp64 rounding of moving between filter
-            # and pair space, unlike the flat path's, which needs _certified.fp64_slack)
-            cell_upper = torch.minimum(upper[queries], row_min + width + pair_x_sq)
-            upper[queries] = cell_upper
-            threshold = cell_upper - pair_x_sq + width  # f above this: true distance above upper
-            threshold_f32 = (threshold + threshold.abs() * 2.0 ** -20).float()
-            hit_row, hit_col = (scores <= threshold_f32.unsqueeze(1)).nonzero(as_tuple=True)
-            lower = scores[hit_row, hit_col].double() - width[hit_row] + pair_x_sq[hit_row]
-            keep = store.admit(queries[hit_row])
-            store.add(queries[hit_row][keep], (hit_col + start)[keep], lower[keep])
+        # x: (n, d) queries of one chunk; the queries the cells do not settle go to u2.nearest
+        ids, best = _cells.exact_search(self._cells, x, self._codes, True,
+                                        lambda rows: nearest(rows, self._original_codebook()), FALLBACK_FRACTION)
+        return ids, best.float()
 
     def _original_codebook(self) -> torch.Tensor:
         """The codewords in original order (kept from the build, or un-permuted once after a load)."""
@@ -691,13 +542,6 @@ class HierarchicalIndex:
         device = torch.device(device) if device is not None else torch.device("cpu")
         index._setup(codes.to(device), perm.to(device), offsets.to(device), centroids.to(device), metric, None)
         return index
-
-
-def _offsets(sizes: torch.Tensor) -> torch.Tensor:
-    """(n + 1,) int64 exclusive prefix sum of (n,) sizes."""
-    offsets = torch.zeros(sizes.shape[0] + 1, dtype=torch.int64, device=sizes.device)
-    torch.cumsum(sizes, 0, out=offsets[1:])
-    return offsets
 
 
 def _kmeans(vectors: torch.Tensor, n_coarse: int, niter: int, seed: int, max_points_per_centroid: int) -> torch.Tensor:
