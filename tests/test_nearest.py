@@ -40,19 +40,45 @@ def _torch_same_precision_error(x, codebook, metric, ids):
 
 # --- the exact CPU path -----------------------------------------------------------------------
 
+def _need_fbgemm(kind):
+    if kind == "fbgemm" and _nearest_cpu.fbgemm_speedup() == 0:
+        pytest.skip("this torch build has no working fbgemm dynamic quantized linear")
+
+
+def test_fbgemm_blocks_give_exact_integer_dot_products():
+    # 7-bit activations q + 64 with the range-fixing row: fbgemm's scale is 1 and zero point 0, so
+    # its fp32 output is the exact integer product up to 2^24, and within dot_error beyond
+    _need_fbgemm("fbgemm")
+    g = torch.Generator().manual_seed(7)
+    for d in (16, 200, 1152):
+        qx = torch.randint(-63, 64, (33, d), generator=g, dtype=torch.int8)
+        qc = torch.randint(-127, 128, (300, d), generator=g, dtype=torch.int8)
+        qx[0], qx[1], qc[0], qc[1] = 63, -63, 127, -127  # the extremes: |<u, q_c>| up to 127^2 d
+        blocks = _nearest_cpu._FbgemmBlocks(qc)
+        got = blocks.dots(_nearest_cpu._FbgemmBlocks.activations(qx), 0, 0, 300).double()
+        want = qx.double() @ qc.double().t()
+        err = (got - want).abs().max().item()
+        assert err <= blocks.dot_error[0]
+        assert (blocks.dot_error[0] == 0) == (127 * 127 * d < 2 ** 24)
+        assert err == 0 or d == 1152
+
+
+
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("n,k,d", SHAPES)
-@pytest.mark.parametrize("filter_kind", ["fp64", "fp32", "int8"])
+@pytest.mark.parametrize("filter_kind", ["fp64", "fp32", "int8", "fbgemm"])
 def test_cpu_path_is_exact(n, k, d, metric, filter_kind):
-    if filter_kind == "int8" and d < _nearest_cpu.MIN_INT8_DIM:
+    if filter_kind in ("int8", "fbgemm") and d < _nearest_cpu.MIN_INT8_DIM:
         pytest.skip("int8 filter is used only from MIN_INT8_DIM")
+    _need_fbgemm(filter_kind)
     x, c = _data(n, k, d)
     ids, dists = _nearest_cpu.nearest_cpu(x, c, metric, filter_kind)
     assert_nearest_ok(ids, dists, x, c, metric, exact=True, rel_tol=2e-7)
 
 
-@pytest.mark.parametrize("filter_kind", ["fp32", "int8"])
+@pytest.mark.parametrize("filter_kind", ["fp32", "int8", "fbgemm"])
 def test_cpu_filter_exact_on_near_ties(filter_kind):
+    _need_fbgemm(filter_kind)
     # Hundreds of codewords within the int8 error bound of each other: the certified filter must
     # still return the float64 argmin, not just a near one.
     g = torch.Generator().manual_seed(1)
@@ -80,7 +106,7 @@ def test_cpu_query_chunks_and_blocks(monkeypatch):
     monkeypatch.setattr(_nearest_cpu, "CODE_BLOCK", 64)
     monkeypatch.setattr(_certified, "RERANK_CHUNK", 8)
     x, c = _data(50, 1000, 40, seed=3)
-    for kind in ["int8", "fp32", "fp64"]:
+    for kind in ["int8", "fp32", "fp64"] + (["fbgemm"] if _nearest_cpu.fbgemm_speedup() > 0 else []):
         ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", kind)
         assert_nearest_ok(ids, dists, x, c, "l2", exact=True, rel_tol=2e-7)
 
@@ -308,10 +334,11 @@ def _real_or_adversarial(name):
 
 
 @pytest.mark.parametrize("name", ["photos", "clustered", "duplicates"])
-@pytest.mark.parametrize("kind", ["flat", "int8", "fp32", "fp64"])
+@pytest.mark.parametrize("kind", ["flat", "int8", "fbgemm", "fp32", "fp64"])
 def test_exact_on_real_and_adversarial_data(name, kind):
+    _need_fbgemm(kind)
     c, x = _real_or_adversarial(name)
-    if kind == "int8" and c.shape[1] < _nearest_cpu.MIN_INT8_DIM:
+    if kind in ("int8", "fbgemm") and c.shape[1] < _nearest_cpu.MIN_INT8_DIM:
         pytest.skip("int8 filter needs d >= 16")
     ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", kind)
     assert_nearest_ok(ids, dists, x, c, "l2", exact=True, rel_tol=2e-7)
@@ -352,7 +379,11 @@ def test_filter_that_stops_pruning_hands_the_chunk_to_the_flat_path(monkeypatch)
 
 def test_filter_choice_follows_the_measured_int8_rate(monkeypatch):
     monkeypatch.setattr(_nearest_cpu, "int8_speedup", lambda: 0.05)  # an AVX2-only CPU
+    monkeypatch.setattr(_nearest_cpu, "fbgemm_speedup", lambda: 0.0)  # ... without fbgemm
     assert _nearest_cpu.choose_filter(729, 500_000, 1152) == "flat"
+    monkeypatch.setattr(_nearest_cpu, "fbgemm_speedup", lambda: 1.6)  # fbgemm's 7-bit AVX2 kernels
+    assert _nearest_cpu.choose_filter(729, 500_000, 1152) == "fbgemm"
+    assert _nearest_cpu.choose_filter(8000, 16384, 192) == "flat"  # too few products per row to pay
     monkeypatch.setattr(_nearest_cpu, "int8_speedup", lambda: 3.5)  # AVX-512 VNNI
     assert _nearest_cpu.choose_filter(729, 500_000, 1152) == "int8"
     assert _nearest_cpu.choose_filter(729, 100, 64) == "fp64"
@@ -529,9 +560,14 @@ def test_clustered_codebook_goes_to_the_cell_scan_and_stays_exact(monkeypatch):
     assert sum(calls) == x.shape[0] - pilot
     cells = _cache_entry(c)
     assert cells is not None and cells.n_cells == round(c.shape[0] ** 0.5)
-    # cached: a second call reuses the partition, with any number of queries
+    # cached: a second call reuses the partition, with any number of queries, and sends every
+    # query to it (no pilot); so does the automatic choice (no filter scan tried first)
     ids2, _ = _nearest_cpu.nearest_cpu(x[:300], c, "l2", "flat")
     assert torch.equal(ids2, ids[:300]) and _cache_entry(c) is cells
+    assert sum(calls) == x.shape[0] - pilot + 300
+    monkeypatch.setattr(_nearest_cpu, "choose_filter", lambda n, k, d: "fbgemm")
+    ids3, _ = _nearest_cpu.nearest_cpu(x[:50], c, "l2")
+    assert torch.equal(ids3, ids[:50]) and sum(calls) == x.shape[0] - pilot + 350
 
 
 def _cache_entry(codebook):

@@ -63,7 +63,7 @@ MIN_INT8_SPEEDUP = 2.0
 #: regions, near-duplicates, tight clusters) is not pruning: the chunk is finished by the flat path
 PRUNE_LIMIT = 8
 #: blocks a chunk scans before it may give up on the filter
-PRUNE_CHECK_BLOCKS = 2
+PRUNE_CHECK_BLOCKS = 1
 #: the flat path's FAISS top-k: it certifies most queries of real photographs (93-96%), and a
 #: larger k costs FAISS more than the threshold scan of the rest (see _flat_search)
 FLAT_K = 8
@@ -76,7 +76,7 @@ THRESHOLD_CAP = 2048
 FLAT_QUERY_CHUNK = 16384
 #: strided queries of each chunk that the threshold scan settles first, and the share of them
 #: that may keep FLAT_K or more candidates for the rest to try FAISS's top-k round
-FLAT_PILOT_ROWS = 128
+FLAT_PILOT_ROWS = 32
 FLAT_PILOT_FAIL = 0.25
 #: l2 codebooks of at least this many codewords whose pilot fails the top-k round (tight clusters)
 #: are searched by the exact cell scan of ``_cells`` over a partition built once per codebook
@@ -122,6 +122,103 @@ def int8_gemm_available() -> bool:
     if _INT8_OK is None:
         _INT8_OK = _int8_gemm_available()
     return _INT8_OK
+
+
+#: quantisation levels of each integer filter kind: int8 rows in [-127, 127]; "int7" (the queries
+#: of the fbgemm filter) in [-63, 63], so that q + 64 is a 7-bit activation (see _FbgemmBlocks)
+_LEVELS = {"int8": 127.0, "int7": 63.0}
+#: the fbgemm filter is used from this dimension up (below, its rate barely beats FAISS's fp32 scan)
+FBGEMM_MIN_DIM = 512
+#: ... where its measured rate is at least this many times torch's fp32 GEMM
+MIN_FBGEMM_SPEEDUP = 1.4
+
+
+class _FbgemmBlocks:
+    """The int8 codebook as fbgemm's packed weights, one per CODE_BLOCK, for the AVX2 int8 GEMM.
+
+    torch's ``_int_mm`` runs at ~2 GFLOP/s on AVX2-only CPUs, but fbgemm's dynamic quantized linear
+    (the op behind ``torch.ao.nn.quantized.dynamic.Linear``) runs at 160-200 here, 1.5x FAISS's fp32
+    scan. It takes fp32 activations and quantizes them itself to 7 bits (``reduce_range``: AVX2's
+    u8 x s8 pair sums saturate int16 beyond that). Fed integer values u = q + 64 in [1, 127] with
+    one extra row holding 0 and 127, its per-tensor range is exactly [0, 127]: scale 1, zero point
+    0, so it quantizes nothing away; the weights are the int8 codewords with scale 1. Its output
+    is then the exact int32 sum <u, q_c> converted to fp32, and <q, q_c> = <u, q_c> - 64 sum(q_c).
+    The conversion rounds only where |<u, q_c>| >= 2^24; ``dot_error`` bounds that per block.
+    ``fbgemm_works`` checks the whole identity once per process against exact integer products.
+    """
+
+    def __init__(self, filt: torch.Tensor):
+        # filt: (K, d) int8 codewords
+        self.packed = []
+        self.row_sum = torch.empty(filt.shape[0], dtype=torch.float32)
+        self.dot_error = []
+        for start in range(0, filt.shape[0], CODE_BLOCK):
+            block = filt[start:start + CODE_BLOCK]
+            self.packed.append(_prepack(block))
+            self.row_sum[start:start + CODE_BLOCK] = block.sum(dim=1, dtype=torch.int64).float()  # exact: < 2^24
+            largest = 127.0 * float(block.abs().sum(dim=1, dtype=torch.int64).max())  # bound on |<u, q_c>|
+            # fp32 conversion (half an ulp) and the subtraction of 64 sum(q_c), in integer units
+            self.dot_error.append(0.0 if largest < 2.0 ** 24 else 2.0 ** -23 * largest)
+
+    @staticmethod
+    def activations(qx: torch.Tensor) -> torch.Tensor:
+        """(n + 1, d) fp32 u = q + 64 of the (n, d) "int7" queries, and the range-fixing row."""
+        u = torch.empty((qx.shape[0] + 1, qx.shape[1]), dtype=torch.float32)
+        u[:-1] = qx
+        u[:-1] += 64.0
+        u[-1] = 0.0
+        u[-1, 0] = 127.0
+        return u
+
+    def dots(self, u: torch.Tensor, block: int, start: int, stop: int) -> torch.Tensor:
+        """(n, b) fp32 <q, q_c> of the queries against block ``block`` (rows start:stop)."""
+        out = torch.ops.quantized.linear_dynamic(u, self.packed[block], True)[:-1]
+        return out.sub_(64.0 * self.row_sum[start:stop])
+
+
+def _prepack(block: torch.Tensor):
+    import warnings as _w
+    with _w.catch_warnings():  # quantized tensor creation is deprecated in torch 2.13 (still works)
+        _w.simplefilter("ignore")
+        weight = torch._make_per_tensor_quantized_tensor(block.contiguous(), 1.0, 0)
+        return torch.ops.quantized.linear_prepack(weight, None)
+
+
+_FBGEMM_RATE: Optional[float] = None
+
+
+def fbgemm_speedup() -> float:
+    """fbgemm's int8 GEMM rate over torch's fp32 GEMM on this machine, measured once per process
+    (0 where the op is missing or fails the exactness check of ``_fbgemm_exact``)."""
+    global _FBGEMM_RATE
+    if _FBGEMM_RATE is None:
+        _FBGEMM_RATE = 0.0
+        try:
+            if _fbgemm_exact():
+                g = torch.Generator().manual_seed(1)
+                qc = torch.randint(-127, 128, (2048, 512), generator=g, dtype=torch.int8)
+                blocks = _FbgemmBlocks(qc)
+                u = _FbgemmBlocks.activations(torch.randint(-63, 64, (256, 512), generator=g, dtype=torch.int8))
+                a32, b32 = torch.randn(256, 512, generator=g), torch.randn(2048, 512, generator=g)
+                _FBGEMM_RATE = _best_time(lambda: a32 @ b32.t()) / _best_time(lambda: blocks.dots(u, 0, 0, 2048))
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _FBGEMM_RATE = 0.0
+    return _FBGEMM_RATE
+
+
+def _fbgemm_exact() -> bool:
+    """Whether _FbgemmBlocks gives exact integer dot products here (extreme values included)."""
+    g = torch.Generator().manual_seed(0)
+    for n, b, d in ((37, 300, 64), (5, 40, 1040)):
+        qx = torch.randint(-63, 64, (n, d), generator=g, dtype=torch.int8)
+        qc = torch.randint(-127, 128, (b, d), generator=g, dtype=torch.int8)
+        qx[0], qc[0], qc[1] = 63, 127, -127  # the largest sums
+        qx[1] = -63
+        blocks = _FbgemmBlocks(qc)
+        got = blocks.dots(_FbgemmBlocks.activations(qx), 0, 0, b)
+        if not torch.equal(got.double(), qx.double() @ qc.double().t()):
+            return False
+    return True
 
 
 @dataclass
@@ -187,9 +284,10 @@ def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool, center: Option
         scale = torch.ones_like(norm)
         res_norm = off_unit.double()
     else:
+        levels = _LEVELS[kind]
         absmax = v32.abs().amax(dim=1)
-        scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
-        q = torch.round(v32 / scale.unsqueeze(1)).clamp_(-127, 127)
+        scale = torch.where(absmax > 0, absmax / levels, torch.ones_like(absmax))
+        q = torch.round(v32 / scale.unsqueeze(1)).clamp_(-levels, levels)
         residual = v32 - q * scale.unsqueeze(1)  # each element within 2 fp32 roundings of exact
         res_norm = (torch.linalg.vector_norm(residual, dim=1).double() * grow
                     + 2.0 * U32 * norm.double() * grow + off_unit.double())
@@ -217,14 +315,15 @@ def _row_stats_chunk_fp64(v: torch.Tensor, kind: str, normalize: bool, center: O
         scale = torch.ones_like(norm)
         res_norm = (v64 - filt.double()).norm(dim=1)
     else:
+        levels = _LEVELS[kind]
         absmax = v64.abs().amax(dim=1)
-        scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
-        q = torch.round(v64 / scale.unsqueeze(1)).clamp_(-127, 127)
+        scale = torch.where(absmax > 0, absmax / levels, torch.ones_like(absmax))
+        q = torch.round(v64 / scale.unsqueeze(1)).clamp_(-levels, levels)
         res_norm = (v64 - q * scale.unsqueeze(1)).norm(dim=1)
         filt = q.to(torch.int8)
         scale = scale.float()
         # the filter rescales with the fp32 scale: fold its rounding into the residual
-        res_norm = res_norm + (filt.double().norm(dim=1) * (scale.double() - absmax / 127.0).abs())
+        res_norm = res_norm + (filt.double().norm(dim=1) * (scale.double() - absmax / levels).abs())
     filt_norm = filt.double().norm(dim=1) * scale.double()
     sq = (v64 * v64).sum(dim=1).float() if not normalize else None
     return _RowStats(filt, scale, res_norm * grow, filt_norm * grow, norm * grow, sq, 2.0 * U32)
@@ -237,10 +336,15 @@ class _CodebookStats:
         # l2: shift everything by the codebook mean (see _row_stats); fp32 so the shift itself is
         # a fixed, exactly known vector
         self.center = _column_mean(codebook).float() if metric == "l2" else None
-        self.stats = _row_stats(codebook, kind, metric == "cos", self.center)
+        self.stats = _row_stats(codebook, "int8" if kind == "fbgemm" else kind, metric == "cos", self.center)
         self.pilot = _pilot_sample(codebook, metric)
         # per-block maxima used in the error bound W
         n_blocks = math.ceil(codebook.shape[0] / CODE_BLOCK)
+        self.fbgemm = _FbgemmBlocks(self.stats.filt) if kind == "fbgemm" else None
+        if self.fbgemm is not None:
+            self.stats.filt = None  # packed: fbgemm holds its own copy
+            self.block_scale_max = [self.stats.scale[b * CODE_BLOCK:(b + 1) * CODE_BLOCK].max().item()
+                                    for b in range(n_blocks)]
         self.block_res_max = [self.stats.res_norm[b * CODE_BLOCK:(b + 1) * CODE_BLOCK].max().item() for b in range(n_blocks)]
         self.block_filt_max = [self.stats.filt_norm[b * CODE_BLOCK:(b + 1) * CODE_BLOCK].max().item() for b in range(n_blocks)]
         self.block_norm_max = [self.stats.norm[b * CODE_BLOCK:(b + 1) * CODE_BLOCK].max().item() for b in range(n_blocks)]
@@ -305,11 +409,14 @@ def choose_filter(n: int, k: int, d: int) -> str:
         return "fp64"
     if MIN_INT8_DIM <= d <= MAX_INT8_DIM and int8_speedup() >= MIN_INT8_SPEEDUP:
         return "int8"
+    if FBGEMM_MIN_DIM <= d <= MAX_INT8_DIM and fbgemm_speedup() >= MIN_FBGEMM_SPEEDUP:
+        return "fbgemm"
     return "flat"
 
 
-def _filter_gemm(qx: torch.Tensor, qc: torch.Tensor, kind: str) -> torch.Tensor:
-    # qx: (n, d), qc: (b, d) -> (n, b) filter dot products (exact int32 for int8)
+def _filter_gemm(qx: torch.Tensor, qc, kind: str) -> torch.Tensor:
+    # qx: (n, d), qc: (b, d) -> (n, b) filter dot products (exact int32 for int8; for fbgemm, qx is
+    # _FbgemmBlocks.activations(...) and qc a block number, see _FbgemmBlocks.dots)
     if kind == "int8":
         return torch._int_mm(qx, qc.t())
     return qx @ qc.t()
@@ -317,8 +424,9 @@ def _filter_gemm(qx: torch.Tensor, qc: torch.Tensor, kind: str) -> torch.Tensor:
 
 def _gemm_rounding(kind: str, d: int) -> float:
     """Relative bound on the filter GEMM's own rounding, times ||x|| ||c||."""
-    if kind == "int8":
-        return 0.0  # integer products and sums are exact (127^2 * d < 2^31 up to MAX_INT8_DIM)
+    if kind in ("int8", "fbgemm"):
+        return 0.0  # integer products and sums are exact (127^2 * d < 2^31 up to MAX_INT8_DIM;
+        # fbgemm's fp32 output rounding is bounded per block by _FbgemmBlocks.dot_error)
     unit = U32 if kind == "fp32" else U64
     return 1.01 * (d + 2) * unit
 
@@ -374,18 +482,21 @@ def _pilot_upper_bound(x: torch.Tensor, pilot: torch.Tensor, metric: str) -> tor
     x32 = x.float()
     if metric == "cos":
         x32 = x32 / x32.norm(dim=1, keepdim=True)
-    dot = (x32 @ pilot.t()).double()
-    x_norm = x32.double().norm(dim=1, keepdim=True)
-    c_norm = pilot.double().norm(dim=1)
-    # fp32 rounding of d-term sums, of the inputs (fp64 queries) and of the unit rows (cos)
+    # the objective in fp32 (less ||x||^2 for l2), its minimum and where: any one sampled codeword
+    # plus its own rounding slack bounds the true minimum from above
+    if metric == "l2":
+        c_sq = torch.linalg.vecdot(pilot, pilot)
+        val, arg = torch.addmm(c_sq, x32, pilot.t(), alpha=-2.0).min(dim=1)
+    else:
+        val, arg = torch.mm(x32, pilot.t()).neg_().min(dim=1)
+    x_norm = x32.double().norm(dim=1)
+    c_norm = pilot.double().norm(dim=1)[arg]
+    # fp32 rounding of d-term sums and of the few additions, of the inputs (fp64 queries) and of
+    # the unit rows (cos)
     gamma = 2.0 * (x.shape[1] + 8) * U32
     if metric == "l2":
-        obj = x_norm.pow(2) + c_norm.pow(2) - 2.0 * dot
-        slack = gamma * (x_norm + c_norm).pow(2)
-    else:
-        obj = -dot
-        slack = gamma * x_norm * c_norm + (4.0 * gamma if metric == "cos" else 0.0)
-    return (obj + slack).min(dim=1).values
+        return val.double() + x_norm.pow(2) + gamma * (x_norm + c_norm).pow(2)
+    return val.double() + gamma * x_norm * c_norm + (4.0 * gamma if metric == "cos" else 0.0)
 
 
 def nearest_cpu(
@@ -395,7 +506,8 @@ def nearest_cpu(
 
     Args:
         x: (N, d) float queries (finite). codebook: (K, d) float codewords (finite, K >= 1).
-        metric: "l2", "ip" or "cos". filter_kind: "int8" | "fp32" | "fp64"; None picks by shape.
+        metric: "l2", "ip" or "cos". filter_kind: "int8" | "fbgemm" | "fp32" | "fp64" | "flat";
+            None picks by shape and measured GEMM rates (choose_filter).
 
     Returns:
         ids (N,) int64 and dists (N,) float32: squared L2, -<x, c>, or 1 - cos(x, c).
@@ -405,6 +517,8 @@ def nearest_cpu(
     if n == 0:
         return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float32)
     kind = filter_kind or choose_filter(n, k, d)
+    if filter_kind is None and kind in ("int8", "fbgemm") and _cells_built(codebook, metric):
+        kind = "flat"  # an earlier search found this codebook tightly clustered: its cells settle the queries
     cstats = None
     if kind != "flat":
         with stage("nearest/codebook_stats"):
@@ -687,10 +801,11 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
         # scan settles them. The pilot decides whether the top-k round is worth trying at all
         # (tight clusters keep more than FLAT_K candidates almost everywhere).
         is_pilot = torch.zeros(n, dtype=torch.bool)
-        is_pilot[::max(1, n // FLAT_PILOT_ROWS)] = True
+        if not (cells_ok and _cells_built(codebook, metric)):  # else the cells take every query
+            is_pilot[::max(1, n // FLAT_PILOT_ROWS)] = True
         masses, kept = threshold(is_pilot.nonzero().squeeze(1))
         rest = (~is_pilot).nonzero().squeeze(1)
-        if int((kept >= FLAT_K).sum()) <= FLAT_PILOT_FAIL * kept.numel():
+        if kept.numel() and int((kept >= FLAT_K).sum()) <= FLAT_PILOT_FAIL * kept.numel():
             rest = settle(rest)
         elif cells_ok and _use_cells(codebook, metric, rest.numel()):
             # tight clusters: the threshold scan keeps masses of candidates, the cells prune
@@ -712,12 +827,17 @@ def _cell_count(k: int) -> int:
     return max(1, min(k, round(math.sqrt(k))))
 
 
+def _cells_built(codebook: torch.Tensor, metric: str) -> bool:
+    """Whether an earlier search partitioned this codebook (it found it tightly clustered)."""
+    return metric == "l2" and cached(codebook, ("cells",)) is not None
+
+
 def _use_cells(codebook: torch.Tensor, metric: str, n: int) -> bool:
     """Whether the queries of a chunk that failed the flat path's pilot go to the cell scan."""
     k = codebook.shape[0]
     if metric != "l2" or k < CELLS_MIN_K:
         return False
-    return cached(codebook, ("cells",)) is not None or n >= CELLS_MIN_QUERIES_PER_CELL * _cell_count(k)
+    return _cells_built(codebook, metric) or n >= CELLS_MIN_QUERIES_PER_CELL * _cell_count(k)
 
 
 def _codebook_cells(codebook: torch.Tensor) -> _cells.Cells:
@@ -757,11 +877,12 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
     # x: (n, d) queries; returns ids (n,), float64 objective (n,)
     n, d = x.shape
     k = codebook.shape[0]
-    qs = _row_stats(x, kind, metric == "cos", cstats.center)
+    qs = _row_stats(x, "int7" if kind == "fbgemm" else kind, metric == "cos", cstats.center)
     cs = cstats.stats
+    u = _FbgemmBlocks.activations(qs.filt) if kind == "fbgemm" else None
     coef = 2.0 if metric == "l2" else 1.0  # filter objective: ||c||^2 - 2<x,c>  or  -<x,c>
     gemm_round = _gemm_rounding(kind, d)
-    neg_scale = (-coef * qs.scale.double()).to(torch.float32 if kind == "int8" else cs.filt.dtype)
+    neg_scale = (-coef * qs.scale.double()).to(torch.float32 if kind in ("int8", "fbgemm") else cs.filt.dtype)
     # The candidates' exact objectives live in the "pair" space (||x-c||^2 for l2); the filter's
     # omits ||x||^2. pair = filter + offset.
     offset = ((x.double() - cstats.center.double()).pow(2).sum(dim=1) if metric == "l2"
@@ -792,7 +913,10 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
     with stage("nearest/filter_scan"):
         for b, start in enumerate(range(0, k, CODE_BLOCK)):
             stop = min(k, start + CODE_BLOCK)
-            approx = _filter_gemm(qs.filt, cs.filt[start:stop], kind)
+            if kind == "fbgemm":
+                approx = cstats.fbgemm.dots(u, b, start, stop).mul_(cs.scale[start:stop])
+            else:
+                approx = _filter_gemm(qs.filt, cs.filt[start:stop], kind)
             if kind == "int8":
                 approx = approx.float().mul_(cs.scale[start:stop])
             approx.mul_(neg_scale.unsqueeze(1))
@@ -801,6 +925,8 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
             # width: |true filter objective - approx| <= width for every codeword of this block
             dot_err = qs.filt_norm * cstats.block_res_max[b] + qs.res_norm * cstats.block_norm_max[b]
             dot_err = dot_err + gemm_round * qs.filt_norm * cstats.block_filt_max[b]
+            if kind == "fbgemm" and cstats.fbgemm.dot_error[b]:
+                dot_err = dot_err + cstats.fbgemm.dot_error[b] * qs.scale.double() * cstats.block_scale_max[b]
             # fp32 evaluation of the approximate objective: a few roundings of terms of this size
             magnitude = coef * qs.filt_norm * cstats.block_filt_max[b] + cstats.block_sq_max[b]
             width = coef * dot_err + 2.0 ** -19 * magnitude + cs.sq_rel_err * cstats.block_sq_max[b]
@@ -828,11 +954,12 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
                 kept += BLOCK_CANDIDATES * many_rows.numel()
             hit = mask.nonzero()
             kept += hit.shape[0]
-            add(rows[hit[:, 0]], hit[:, 1], b)
             if b + 1 >= PRUNE_CHECK_BLOCKS and kept > PRUNE_LIMIT * n * (b + 1):
                 # the filter keeps too much of the codebook (many codewords within its error bound
                 # of the queries): re-checking the survivors would cost more than FAISS's flat scan
+                # (checked before this block's candidates are measured: they would be wasted)
                 return None
+            add(rows[hit[:, 0]], hit[:, 1], b)
 
     with stage("nearest/rerank"):
         # Deferred (row, block) pairs whose unextracted codewords could still beat the final bound
