@@ -550,24 +550,24 @@ def _route_small_codebooks_to_cells(monkeypatch):
 
 
 def test_clustered_codebook_goes_to_the_cell_scan_and_stays_exact(monkeypatch):
-    # tight clusters fail the flat path's pilot; a partition of the codebook is built once and the
-    # cell scan settles the rest of the chunk: the threshold scan sees only the pilot rows
+    # tight clusters fail the flat path's top-k round almost everywhere; a partition of the
+    # codebook is built once and the cell scan settles those queries
     c, x = _tight_clusters()
     calls = _route_small_codebooks_to_cells(monkeypatch)
     ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", "flat")
     assert_nearest_ok(ids, dists, x, c, "l2", exact=True, rel_tol=2e-7)
-    pilot = -(-x.shape[0] // max(1, x.shape[0] // _nearest_cpu.FLAT_PILOT_ROWS))
-    assert sum(calls) == x.shape[0] - pilot
+    first = sum(calls)
+    assert _nearest_cpu.FLAT_FAIL_SHARE * x.shape[0] < first <= x.shape[0]
     cells = _cache_entry(c)
     assert cells is not None and cells.n_cells == round(c.shape[0] ** 0.5)
     # cached: a second call reuses the partition, with any number of queries, and sends every
-    # query to it (no pilot); so does the automatic choice (no filter scan tried first)
+    # query to it (no FAISS round first); so does the automatic choice (no filter scan tried first)
     ids2, _ = _nearest_cpu.nearest_cpu(x[:300], c, "l2", "flat")
     assert torch.equal(ids2, ids[:300]) and _cache_entry(c) is cells
-    assert sum(calls) == x.shape[0] - pilot + 300
+    assert sum(calls) == first + 300
     monkeypatch.setattr(_nearest_cpu, "choose_filter", lambda n, k, d: "fbgemm")
     ids3, _ = _nearest_cpu.nearest_cpu(x[:50], c, "l2")
-    assert torch.equal(ids3, ids[:50]) and sum(calls) == x.shape[0] - pilot + 350
+    assert torch.equal(ids3, ids[:50]) and sum(calls) == first + 350
 
 
 def _cache_entry(codebook):

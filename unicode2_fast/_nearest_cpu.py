@@ -74,10 +74,8 @@ THRESHOLD_BLOCK = 8192
 THRESHOLD_CAP = 2048
 #: queries per call of the flat path (FAISS's speed needs thousands per call)
 FLAT_QUERY_CHUNK = 16384
-#: strided queries of each chunk that the threshold scan settles first, and the share of them
-#: that may keep FLAT_K or more candidates for the rest to try FAISS's top-k round
-FLAT_PILOT_ROWS = 32
-FLAT_PILOT_FAIL = 0.25
+#: share of a chunk's queries that must fail the top-k round for its failures to go to the cell scan
+FLAT_FAIL_SHARE = 0.25
 #: l2 codebooks of at least this many codewords whose pilot fails the top-k round (tight clusters)
 #: are searched by the exact cell scan of ``_cells`` over a partition built once per codebook
 CELLS_MIN_K = 8192
@@ -736,15 +734,14 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
             finish(todo[certified], cols, near)
         return todo[~certified]
 
-    def threshold(todo: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def threshold(todo: torch.Tensor) -> torch.Tensor:
         """Settle the queries ``todo`` by one fp32 scan in torch that keeps, block by block, every
         codeword whose lower bound reaches the query's running upper bound (its exact nearest and
         every tie of it among them). Returns the queries with more than THRESHOLD_CAP such
-        codewords (masses of distinct, equidistant ones) and the number each of ``todo`` kept."""
+        codewords (masses of distinct, equidistant ones)."""
         vectors, sq = flat.scanned(codebook)
         coef = 2.0 if metric == "l2" else 1.0
         masses = []
-        kept = torch.zeros(todo.numel(), dtype=torch.int64)
         for start in range(0, todo.numel(), THRESHOLD_ROWS):
             rows = todo[start:start + THRESHOLD_ROWS]
             q = queries[rows]
@@ -777,7 +774,6 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
             keep = (lower <= upper[r]) & ~over[r]
             r, c = r[keep], c[keep]
             masses.append(rows[over])
-            kept[start:start + THRESHOLD_ROWS] = torch.bincount(r, minlength=rows.numel()).masked_fill_(over, THRESHOLD_CAP)
             if r.numel() == 0:
                 continue
             # the kept pairs as (rows, kk) tables for the re-rank: position of each pair in its row
@@ -792,32 +788,30 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
             near[r, slot] = True
             cols = local if flat.ids is None else flat.ids[local]
             finish(rows[has], cols[has], near[has])
-        return (torch.cat(masses) if masses else todo[:0]), kept
+        return torch.cat(masses) if masses else todo[:0]
 
     with faiss_threads(torch.get_num_threads()):
-        # FAISS runs far below its speed on calls of a few hundred queries (400 of 8000 queries
-        # cost 27% of the whole at K = 16384; 128 cost 7%), so neither the strided pilot of the
-        # chunk nor the queries its top-k round does not certify go back to FAISS: the threshold
-        # scan settles them. The pilot decides whether the top-k round is worth trying at all
-        # (tight clusters keep more than FLAT_K candidates almost everywhere).
-        is_pilot = torch.zeros(n, dtype=torch.bool)
-        if not (cells_ok and _cells_built(codebook, metric)):  # else the cells take every query
-            is_pilot[::max(1, n // FLAT_PILOT_ROWS)] = True
-        masses, kept = threshold(is_pilot.nonzero().squeeze(1))
-        rest = (~is_pilot).nonzero().squeeze(1)
-        if kept.numel() and int((kept >= FLAT_K).sum()) <= FLAT_PILOT_FAIL * kept.numel():
-            rest = settle(rest)
-        elif cells_ok and _use_cells(codebook, metric, rest.numel()):
-            # tight clusters: the threshold scan keeps masses of candidates, the cells prune
+        # Tight clusters fail the top-k round almost everywhere: when more than FLAT_FAIL_SHARE of
+        # the chunk does, its failures go to the cell scan over a partition built once per
+        # codebook; a codebook already partitioned sends every query there directly. The other
+        # failures do not go back to FAISS, which runs far below its speed on a few hundred
+        # queries (400 of 8000 cost 27% of the whole at K = 16384): the threshold scan settles them.
+        every = torch.arange(n)
+        if cells_ok and _cells_built(codebook, metric):
+            to_cells, failed = every, every[:0]
+        else:
+            failed = settle(every)
+            many = failed.numel() > FLAT_FAIL_SHARE * n
+            to_cells = failed if many and cells_ok and _use_cells(codebook, metric, failed.numel()) else every[:0]
+            failed = failed if to_cells.numel() == 0 else every[:0]
+        if to_cells.numel():
             cells = per_tensor(codebook, ("cells",), _codebook_cells)
-            for start in range(0, rest.numel(), CELLS_QUERY_CHUNK):
-                rows = rest[start:start + CELLS_QUERY_CHUNK]
+            for start in range(0, to_cells.numel(), CELLS_QUERY_CHUNK):
+                rows = to_cells[start:start + CELLS_QUERY_CHUNK]
                 ids[rows], best[rows] = _cells.exact_search(
                     cells, x[rows], codebook, False, lambda xr: _flat_search(xr, codebook, metric, cells_ok=False),
                     CELLS_FALLBACK_FRACTION)
-            rest = rest[:0]
-        more, _ = threshold(rest)
-        todo = torch.cat([masses, more])
+        todo = threshold(failed)
     if todo.numel():  # more than THRESHOLD_CAP distinct codewords within the bound: equidistant masses
         ids[todo], best[todo] = exact_scan(x[todo], codebook, metric)
     return ids, best
