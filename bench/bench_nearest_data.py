@@ -3,10 +3,12 @@
 
 Each case: both on the same threads, each warmed first, ``--repeats`` timed runs; prints a
 Markdown table (min / median seconds, the FAISS-over-u2 ratio of medians, id agreement with
-FAISS; u2's ids are the exact float64 argmin) and writes OUT/nearest_data.md.
+FAISS; u2's ids are the exact float64 argmin) and writes OUT/nearest_data.md and OUT/nearest_data.csv
+(one row per case and method).
 
     python -m unicode2_fast.bench.bench_nearest_data            # about 2 minutes on 2 cores
     python -m unicode2_fast.bench.bench_nearest_data --repeats 5 --out bench_out
+    python -m unicode2_fast.bench.bench_nearest_data --scale 0.5   # the main job's --quick sizes
 """
 from __future__ import annotations
 
@@ -73,17 +75,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method and case")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for every method")
     parser.add_argument("--out", default="bench_out", help="output directory")
+    parser.add_argument("--scale", type=float, default=1.0, help="K and N times this (the main job's --quick: 0.5)")
     parser.add_argument("--tiny", action="store_true", help="K and N x 0.02, 1 repeat: smoke test")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.repeats = 1
+        args.repeats, args.scale = 1, 0.02
+    if not 0 < args.scale <= 1 or args.repeats < 1:
+        parser.error("--scale must lie in (0, 1] and --repeats be at least 1")
     import faiss
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     lines = [HEADER]
+    rows = []
+    stamp = _common.machine_stamp()
     print(HEADER, flush=True)
-    for name, codebook, queries in cases(0.02 if args.tiny else 1.0):
+    for name, codebook, queries in cases(args.scale):
         index = faiss.IndexFlatL2(codebook.shape[1])
         index.add(codebook.numpy())
         f_min, f_med = _times(lambda: index.search(queries.numpy(), 1), args.repeats)
@@ -95,11 +102,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"{u_min:.3f} / {u_med:.3f} | {f_min:.3f} / {f_med:.3f} | {f_med / u_med:.2f}x | {agree:.4f} |")
         lines.append(line)
         print(line, flush=True)
-    stamp = _common.stamp_text(_common.machine_stamp())
+        k, d, n = codebook.shape[0], codebook.shape[1], queries.shape[0]
+        for method, best, median in (("u2", u_min, u_med), ("faiss_flat", f_min, f_med)):
+            rows.append({"method": method, "case": name, "K": k, "N": n, "d": d, "dtype": "float32", "device": "cpu",
+                         "min_s": best, "median_s": median, "queries_per_s": n / median,
+                         "gflops": 2.0 * n * k * d / median / 1e9, "ratio_vs_faiss": f_med / median,
+                         "ids_agree_faiss": agree if method == "u2" else 1.0, "threads": args.threads,
+                         "date": stamp["date"]})
+    text = _common.stamp_text(stamp)
     os.makedirs(args.out, exist_ok=True)
-    _common.write_text("# exact search on real and adversarial data\n\n" + "\n".join(lines) + f"\n\n{stamp}\n",
+    _common.write_text("# exact search on real and adversarial data\n\n" + "\n".join(lines) + f"\n\n{text}\n",
                        os.path.join(args.out, "nearest_data.md"))
-    print(stamp)
+    _common.write_csv(rows, os.path.join(args.out, "nearest_data.csv"))
+    print(text)
     return 0
 
 

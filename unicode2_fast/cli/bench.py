@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
         NAME,
         parents=[options],
         add_help=False,  # the parent's -h / --help
-        help="every benchmark (nearest, hierarchical, embedding, cross_entropy, kmeans) vs FAISS and torch, "
+        help="every benchmark (nearest, nearest_data, hierarchical, embedding, cross_entropy, kmeans) vs FAISS and torch, "
              "with results.csv/.md/.png (options: bench --help)",
         description=options.description + "\nA missing --out folder is created.",
         epilog=options.epilog,
