@@ -336,19 +336,28 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, niter: int, *, assign: Assig
     k = centroids.shape[0]
     counts = torch.zeros(k, dtype=torch.int64, device=x.device)
     objective = torch.tensor(float("nan"), dtype=torch.float64)
+    previous: Optional[torch.Tensor] = None  # the last assignment, where its repair changed nothing
     for iteration in range(niter):
         ids, dists = assign(x, centroids)
         # kept as a tensor: converting it every iteration would wait for the GPU
         objective = dists.double().mean()
         if report is not None:
             report(iteration, float(objective))
+        # converged (a fixed point): the same assignment as the last one, whose means were taken
+        # unchanged as the centroids, gives the same means again, so every remaining iteration
+        # would repeat it; only the final repair is left (FAISS stops there too)
+        converged = previous is not None and torch.equal(ids, previous)
         means, counts = _update_centroids(x, ids, k)
         empty = counts == 0
         if spherical:
             norms = torch.linalg.vector_norm(means, dim=1, keepdim=True)
             empty |= norms.squeeze(1) == 0
             means = means / norms.clamp_min(torch.finfo(means.dtype).tiny)
-        centroids = repair(Update(x, ids, centroids, means, counts, empty, assign, final=iteration == niter - 1))
+        final = converged or iteration == niter - 1
+        centroids = repair(Update(x, ids, centroids, means, counts, empty, assign, final=final))
+        if final:
+            break
+        previous = ids if torch.equal(centroids, means.to(centroids.dtype)) else None
     return LloydResult(centroids, float(objective), counts)
 
 
