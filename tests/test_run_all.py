@@ -51,7 +51,6 @@ def test_tiny_run_writes_a_row_per_op_and_method(run_all, tiny_run):
     assert methods["nearest_data"] == {"u2", "faiss_flat"}
     settings = [r["setting"] for r in rows if r["op"] == "nearest_data" and r["method"] == "u2"]
     assert sum("photos" in c for c in settings) >= 3 and any("clustered" in c for c in settings)
-    assert all(float(r["recall"]) == 1.0 for r in rows if r["op"] == "nearest_data" and r["method"] == "u2")
     assert {"u2_hier", "faiss_ivf", "faiss_hnsw", "u2_flat"} <= methods["hierarchical"]
     assert methods["embedding"] == {"u2", "torch_dense", "torch_sparse"}
     assert methods["kmeans"] == {"u2", "faiss"}

@@ -2,8 +2,10 @@
 
 Backends:
     "triton"  fused distance + argmin kernel (kernels/nearest.py) on CUDA tensors;
-    "torch"   on CPU, the exact search of ``_nearest_cpu`` (a certified int8 filter where int8
-              GEMM is fast, else a certified FAISS flat scan; float64 re-ranking of near ties);
+    "torch"   on CPU, the exact search of ``_nearest_cpu`` (a certified int8 filter where an int8
+              GEMM is fast -- torch._int_mm on AVX-512 VNNI, fbgemm's 7-bit kernels on AVX2 --, else a
+              certified FAISS flat scan, and for tightly clustered l2 codebooks the cell scan of
+              ``_cells``; float64 re-ranking of near ties);
               on CUDA, blocked cuBLAS matmul + argmin (float64 inputs: in float64);
     "faiss"   IndexFlatL2 / IndexFlatIP, results converted to our (ids, dists) meaning (fp32:
               FAISS's own answer, which may differ from the exact one on near-ties);
