@@ -330,8 +330,8 @@ def test_bad_input_names_the_problem(clustered, clustered_index):
         u2.HierarchicalIndex.build(codebook, n_coarse=3001)
     with pytest.raises(ValueError, match="n_coarse must be in"):
         u2.HierarchicalIndex.build(codebook, n_coarse=0)
-    with pytest.raises(ValueError, match="supports metric 'l2'"):
-        u2.HierarchicalIndex.build(codebook, n_coarse=4, metric="ip")
+    with pytest.raises(ValueError, match="unknown metric 'hamming'"):
+        u2.HierarchicalIndex.build(codebook, n_coarse=4, metric="hamming")
     with pytest.raises(ValueError, match="dimension mismatch: x has last dimension 31"):
         clustered_index.search(torch.zeros(3, 31))
     with pytest.raises(ValueError, match="nprobe must be in \\[1, 48\\], got 0"):
@@ -388,3 +388,86 @@ def test_approximate_scan_has_no_cancellation_on_tight_clusters_far_from_the_ori
     for nprobe in (1, 4, 64):
         ids, _ = index.search(data.queries, nprobe=nprobe, backend="torch")
         assert torch.equal(ids, exact_ids), nprobe  # every query's exact neighbour lies in its nearest cell
+
+
+# --- metrics "ip" and "cos" ---------------------------------------------------------------------
+
+def _metric_data(name):
+    from unicode2_fast import data
+
+    if name == "clustered":
+        d = data.clustered_codebook(4000, 300, 96, n_families=6, n_cells=40)
+        return d.codebook, d.queries
+    if name == "siglip":
+        d = siglip_like(4000, 300, d=64, n_coarse=40, seed=2)
+        return d.codebook, d.queries
+    g = torch.Generator().manual_seed(8)
+    return torch.randn(3000, 48, generator=g), torch.randn(200, 48, generator=g)
+
+
+@pytest.mark.parametrize("name", ["clustered", "siglip", "gaussian"])
+@pytest.mark.parametrize("metric", ["ip", "cos"])
+def test_exact_mode_equals_nearest_for_ip_and_cos(name, metric, monkeypatch):
+    c, x = _metric_data(name)
+    index = u2.HierarchicalIndex.build(c, n_coarse=40, niter=8, metric=metric)
+    ids, dists = index.search(x, exact=True)
+    ref_ids, ref_dists = u2.nearest(x, c, metric=metric)
+    assert torch.equal(ids, ref_ids) and torch.equal(dists, ref_dists)
+    assert_nearest_ok(ids, dists, x, c, metric, exact=True, rel_tol=2e-7)
+    # every cell scanned to the end (no fallback, the bounds alone): still exact
+    monkeypatch.setattr(hierarchical, "FALLBACK_FRACTION", 2.0)
+    monkeypatch.setattr(hierarchical, "nearest", None)
+    again, _ = index.search(x, exact=True)
+    assert torch.equal(again, ref_ids)
+
+
+@pytest.mark.parametrize("metric", ["ip", "cos"])
+def test_ip_and_cos_cells_prune_on_clustered_data(metric, monkeypatch):
+    # the Cauchy-Schwarz bound -<x, m> - ||x|| r settles tight cells: far fewer codewords are
+    # scanned than the codebook holds, and no query needs the flat fallback
+    from unicode2_fast import _cells
+
+    c, x = _metric_data("clustered")
+    index = u2.HierarchicalIndex.build(c, n_coarse=40, niter=8, metric=metric)
+    scanned = []
+    for name, at in (("_scan_ip", 6), ("_scan_l2", 3)):  # cos scans as l2 on the unit sphere
+        real = getattr(_cells, name)  # ``at``: the position of the scanned (query, cell) pairs' cells
+        monkeypatch.setattr(_cells, name, lambda cells, *a, real=real, at=at: scanned.append(
+            int(cells.cell_size[a[at]].sum())) or real(cells, *a))
+    monkeypatch.setattr(hierarchical, "nearest", None)  # a fallback would fail loudly
+    ids, _ = index.search(x, exact=True)
+    assert torch.equal(ids, u2.nearest(x, c, metric=metric)[0])
+    assert 0 < sum(scanned) < 0.25 * x.shape[0] * c.shape[0]
+
+
+@pytest.mark.parametrize("metric", ["ip", "cos"])
+def test_ip_and_cos_approximate_search_scanning_every_cell_is_exact(metric, tmp_path):
+    c, x = _metric_data("siglip")
+    index = u2.HierarchicalIndex.build(c, n_coarse=40, niter=8, metric=metric)
+    ids, dists = index.search(x, nprobe=40)
+    ref_ids, ref_dists = u2.nearest(x, c, metric=metric)
+    assert (ids == ref_ids).float().mean() > 0.99  # fp32 scan: near ties may differ
+    assert torch.allclose(dists, ref_dists, rtol=1e-5, atol=1e-5)
+    few, _ = index.search(x, nprobe=4)
+    assert (few == ref_ids).float().mean() > 0.6
+    index.save(tmp_path / "index.safetensors")
+    loaded = u2.HierarchicalIndex.load(tmp_path / "index.safetensors")
+    assert loaded.metric == metric
+    assert torch.equal(loaded.search(x, exact=True)[0], ref_ids)
+
+
+def test_ip_and_cos_bad_input():
+    c, x = _metric_data("gaussian")
+    index = u2.HierarchicalIndex.build(c, n_coarse=10, niter=2, metric="cos")
+    with pytest.raises(ValueError, match="Triton kernel scans l2"):
+        index.search(x, nprobe=2, backend="triton")
+    zero = x.clone()
+    zero[3] = 0
+    with pytest.raises(ValueError, match="zero"):
+        index.search(zero, exact=True)
+    bad = c.clone()
+    bad[7] = 0
+    with pytest.raises(ValueError, match="zero"):
+        u2.HierarchicalIndex.build(bad, n_coarse=10, metric="cos")
+    with pytest.raises(ValueError, match="unknown metric"):
+        u2.HierarchicalIndex.build(c, n_coarse=10, metric="l1")

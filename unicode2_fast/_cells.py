@@ -88,6 +88,7 @@ class Cells:
                 self._residuals[0][start:stop] = r64
                 self._residuals[1][start:stop] = to_centroid[start:stop].pow(2)
         self.radius = self.cell_max(to_centroid)  # (n_cells,) rounded up: a certified cell radius
+        self.code_norm_max = self.cell_max(self.codes_sq64.sqrt())  # (n_cells,) largest ||c|| per cell
         if eager:
             self._rows = None
 
@@ -135,36 +136,53 @@ class Cells:
 
 
 def exact_search(cells: Cells, x: torch.Tensor, codes: torch.Tensor, codes_sorted: bool, fallback: Fallback,
-                 fallback_fraction: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Exact l2 nearest codeword of the queries ``x: (n, d)`` (one chunk: the caller bounds n).
+                 fallback_fraction: float, metric: str = "l2") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact nearest codeword of the queries ``x: (n, d)`` (one chunk: the caller bounds n).
 
     ``codes``: the codewords the float64 re-rank reads: in sorted order (``codes_sorted``) or the
-    original codebook. Returns ids (n,) int64 (original ids) and squared distances (n,) float64.
+    original codebook. ``metric``: "l2"; "ip" (the cells hold the codewords themselves) or "cos"
+    (the cells hold the unit-normalised codewords: ``rows`` of :class:`Cells` normalises them).
+    Returns ids (n,) int64 (original ids) and the objective (n,) float64: the squared distance,
+    ``-<x, c>`` or ``-cos(x, c)``; ``fallback`` returns u2.nearest's (ids, dists) for its metric.
     """
-    n, d = x.shape
-    device = x.device
-    x32 = x.float()
-    x_sq = x.double().pow(2).sum(dim=1)  # ||x||^2: the fp32 filter leaves it out, bounds add it back
-    x_norm = x_sq.sqrt() * (1 + GROW64)
-    # |fl(<x32, c32>) - <x, c>| <= gamma ||x|| ||c||: d-term fp32 sum plus rounding x or c to fp32
-    gamma = sum_rounding(d, U32)
-
+    n = x.shape[0]
     with stage("cells/bounds"):
-        scores = cells.coarse_scores(x32)  # (n, n_cells)
-        # ||x - m||^2 in float64 (an fp32 expansion cancels on tight cells far from the
-        # origin, and its loose bound would prune nothing there)
-        coarse = torch.addmm(cells.centroid_sq_bound / (1 + GROW64) + x_sq.unsqueeze(1), x.double(),
-                             cells.centroids.double().t(), alpha=-2.0)
-        cross = x_norm.unsqueeze(1) * cells.centroid_norm.unsqueeze(0)
-        coarse_err = sum_rounding(d + 4, U64) * (x_sq.unsqueeze(1) + cells.centroid_sq_bound + 2.0 * cross)
-        centroid_dist = (coarse - coarse_err).clamp_min_(0.0).sqrt_().mul_(1 - GROW64)
-        lower = (centroid_dist - cells.radius.unsqueeze(0)).clamp_min_(0.0).pow_(2).mul_(1 - GROW64)
-        # cells in increasing coarse distance (lower cell first on ties); empty cells are never scanned
-        order = torch.sort(scores, dim=1, stable=True).indices
-        lower = lower.gather(1, order)
-        size = cells.cell_size[order]
-        done = size == 0
+        if metric == "l2":
+            lower, order, scan = _plan_l2(cells, x)
+        elif metric == "ip":
+            lower, order, scan = _plan_ip(cells, x)
+        else:
+            # cos is l2 on the unit sphere: -cos(x, c) = ||x^ - c^||^2 / 2 - 1 (the triangle bound is
+            # quadratic in the distances; Cauchy-Schwarz on -<x^, c^> would be linear and prune
+            # nothing in tight cells). The extra slack covers the float64 normalisation and the
+            # re-rank's own evaluation of -cos, which may order codewords within it differently.
+            x64 = x.double()
+            lower, order, scan = _plan_l2(cells, x64 / x64.norm(dim=1, keepdim=True),
+                                          16.0 * sum_rounding(2 * x.shape[1] + 10, U64))
+    unsettled, store, upper = _rounds(cells, lower, order, scan, n, x.device, fallback_fraction)
+    with stage("cells/rerank"):
+        cand_rows, cand_pos, _ = store.surviving(upper)
+        cand_ids = cells.perm[cand_pos]
+        obj64, _ = pair_objective(x, codes, cand_rows, cand_pos if codes_sorted else cand_ids, metric, torch.float64)
+        ids, best = lowest_of_min(n, cand_rows, cand_ids, obj64)
+    if bool(unsettled.any()):
+        with stage("cells/fallback"):
+            rows = unsettled.nonzero().squeeze(1)
+            fb_ids, fb_dists = fallback(x[rows])
+            ids[rows] = fb_ids
+            best[rows] = fb_dists.double() - 1.0 if metric == "cos" else fb_dists.double()  # 1 - cos -> -cos
+    return ids, best
 
+
+def _rounds(cells: Cells, lower: torch.Tensor, order: torch.Tensor, scan: Callable, n: int, device,
+            fallback_fraction: float) -> Tuple[torch.Tensor, CandidateStore, torch.Tensor]:
+    """The round loop of every metric: each unfinished query scans its next unpruned cells.
+
+    lower: (n, n_cells) lower bound of each query's objective in each cell, in the scan order
+    ``order`` (n, n_cells). Returns the queries left to the fallback, the candidates and the
+    upper bounds."""
+    size = cells.cell_size[order]
+    done = size == 0
     upper = torch.full((n,), math.inf, dtype=torch.float64, device=device)  # >= the true minimum
     store = CandidateStore(n, device)
     # queries finished by the fallback: too many near-equal codewords (the store's cap) or too
@@ -186,22 +204,87 @@ def exact_search(cells: Cells, x: torch.Tensor, codes: torch.Tensor, codes_sorte
             break
         done |= pick
         with stage("cells/scan"):
-            _scan(cells, x, gamma, rows, order[rows, ranks], upper, store)
-
-    with stage("cells/rerank"):
-        cand_rows, cand_pos, _ = store.surviving(upper)
-        cand_ids = cells.perm[cand_pos]
-        dist64, _ = pair_objective(x, codes, cand_rows, cand_pos if codes_sorted else cand_ids, "l2", torch.float64)
-        ids, best = lowest_of_min(n, cand_rows, cand_ids, dist64)
-    if bool(unsettled.any()):
-        with stage("cells/fallback"):
-            rows = unsettled.nonzero().squeeze(1)
-            fb_ids, fb_dists = fallback(x[rows])
-            ids[rows], best[rows] = fb_ids, fb_dists.double()
-    return ids, best
+            scan(rows, order[rows, ranks], upper, store)
+    return unsettled, store, upper
 
 
-def _scan(cells: Cells, x, gamma, rows, pair_cells, upper: torch.Tensor, store: CandidateStore) -> None:
+def _plan_l2(cells: Cells, x: torch.Tensor, abs_slack: float = 0.0):
+    """(lower, order, scan) for l2: cells by increasing coarse distance, bound (||x - m|| - r)^2,
+    every bound widened by ``abs_slack`` more."""
+    d = x.shape[1]
+    x32 = x.float()
+    x_sq = x.double().pow(2).sum(dim=1)  # ||x||^2: the fp32 filter leaves it out, bounds add it back
+    x_norm = x_sq.sqrt() * (1 + GROW64)
+    # |fl(<x32, c32>) - <x, c>| <= gamma ||x|| ||c||: d-term fp32 sum plus rounding x or c to fp32
+    gamma = sum_rounding(d, U32)
+    scores = cells.coarse_scores(x32)  # (n, n_cells)
+    # ||x - m||^2 in float64 (an fp32 expansion cancels on tight cells far from the
+    # origin, and its loose bound would prune nothing there)
+    coarse = torch.addmm(cells.centroid_sq_bound / (1 + GROW64) + x_sq.unsqueeze(1), x.double(),
+                         cells.centroids.double().t(), alpha=-2.0)
+    cross = x_norm.unsqueeze(1) * cells.centroid_norm.unsqueeze(0)
+    coarse_err = sum_rounding(d + 4, U64) * (x_sq.unsqueeze(1) + cells.centroid_sq_bound + 2.0 * cross)
+    centroid_dist = (coarse - coarse_err).clamp_min_(0.0).sqrt_().mul_(1 - GROW64)
+    lower = (centroid_dist - cells.radius.unsqueeze(0)).clamp_min_(0.0).pow_(2).mul_(1 - GROW64) - abs_slack
+    # cells in increasing coarse distance (lower cell first on ties); empty cells are never scanned
+    order = torch.sort(scores, dim=1, stable=True).indices
+    return lower.gather(1, order), order, lambda rows, pair_cells, upper, store: _scan_l2(
+        cells, x, gamma, rows, pair_cells, upper, store, abs_slack)
+
+
+def _plan_ip(cells: Cells, x: torch.Tensor):
+    """(lower, order, scan) for ip.
+
+    Objective -<x, c>; for c in a cell with centre m and radius r, by Cauchy-Schwarz
+    -<x, c> = -<x, m> - <x, c - m> >= -<x, m> - ||x|| r. Cells are scanned by increasing bound.
+    """
+    d = x.shape[1]
+    x64 = x.double()
+    x_norm = x64.norm(dim=1) * (1 + GROW64)
+    base = -(x64 @ cells.centroids.double().t())  # (n, n_cells) -<x, m>
+    # float64 effects, per unit of ||x|| (||c|| + ||m||): -<x, m> itself, the rounding of c - m
+    # (relative to ||c|| + ||m||, not to the radius) and the re-rank's own evaluation of -<x, c>,
+    # which may order two codewords within it differently from the exact values
+    slack64 = 4.0 * sum_rounding(2 * d + 10, U64) * (cells.code_norm_max + cells.centroid_norm)
+    base_err = x_norm.unsqueeze(1) * slack64.unsqueeze(0)
+    lower = base - base_err - x_norm.unsqueeze(1) * cells.radius.unsqueeze(0)
+    lower = lower - lower.abs() * GROW64
+    lower = lower.masked_fill_((cells.cell_size == 0).unsqueeze(0), math.inf)
+    order = torch.sort(lower, dim=1, stable=True).indices
+    gamma = sum_rounding(d, U32)
+    return lower.gather(1, order), order, lambda rows, pair_cells, upper, store: _scan_ip(
+        cells, x64, x_norm, base, base_err, gamma, rows, pair_cells, upper, store)
+
+
+def _scan_ip(cells: Cells, x64, x_norm, base, base_err, gamma, rows, pair_cells, upper: torch.Tensor,
+             store: CandidateStore) -> None:
+    """Scan (query, cell) pairs for ip: f = fl(-<x, c - m>) over the fp32 residuals lies
+    within ``width`` of the true value (the GEMM of rounded operands, with a 2x margin; the
+    float64 -<x, m> and the float64 effects of _plan_ip within ``base_err``), so ``base + f +- width``
+    bound -<x, c>."""
+    residuals, _ = cells.residuals()
+    order, groups = cells.groups(pair_cells)
+    rows = rows[order]
+    for cell, lo, hi in groups:
+        start, stop = cells.offsets_list[cell], cells.offsets_list[cell + 1]
+        queries = rows[lo:hi]  # distinct: a (query, cell) pair is scanned once
+        radius = float(cells.radius[cell])
+        pair_base = base[queries, cell]
+        width = 2.0 * gamma * x_norm[queries] * radius + base_err[queries, cell] + 2.0 ** -40 * pair_base.abs()
+        scores = torch.mm(x64.index_select(0, queries).float(), residuals[start:stop].t()).neg_()
+        row_min = scores.min(dim=1).values.double()
+        cell_upper = torch.minimum(upper[queries], row_min + pair_base + width)
+        upper[queries] = cell_upper
+        threshold = cell_upper - pair_base + width  # f above this: the objective above upper
+        threshold_f32 = (threshold + threshold.abs() * 2.0 ** -20).float()
+        hit_row, hit_col = (scores <= threshold_f32.unsqueeze(1)).nonzero(as_tuple=True)
+        lower = scores[hit_row, hit_col].double() - width[hit_row] + pair_base[hit_row]
+        keep = store.admit(queries[hit_row])
+        store.add(queries[hit_row][keep], (hit_col + start)[keep], lower[keep])
+
+
+def _scan_l2(cells: Cells, x, gamma, rows, pair_cells, upper: torch.Tensor, store: CandidateStore,
+             abs_slack: float = 0.0) -> None:
     """Scan the (query, cell) pairs grouped by cell; tighten upper bounds, record candidates.
 
     In residual form, relative to the cell's centroid m: x' = x - m in float64 (then fp32),
@@ -224,7 +307,7 @@ def _scan(cells: Cells, x, gamma, rows, pair_cells, upper: torch.Tensor, store: 
         pair_x_sq = xr64.pow(2).sum(dim=1)  # ||x - m||^2
         radius = float(cells.radius[cell])
         cross = pair_x_sq.sqrt() * (1 + GROW64) * radius
-        width = 2.0 * gamma * cross + 2.0 ** -21 * (radius * radius + 2.0 * cross + pair_x_sq)
+        width = 2.0 * gamma * cross + 2.0 ** -21 * (radius * radius + 2.0 * cross + pair_x_sq) + abs_slack
         scores = torch.addmm(res_sq[start:stop], xr64.float(), residuals[start:stop].t(), alpha=-2.0)
         row_min = scores.min(dim=1).values.double()
         # (width's 2^-21 ||x - m||^2 term also covers the fp64 rounding of moving between filter

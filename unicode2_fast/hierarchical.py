@@ -11,6 +11,9 @@ cell are gathered and multiplied with that cell's block at once, so a codeword i
 cell visit, not once per query. CPU: one torch GEMM per cell (BLAS). GPU: one Triton launch over
 (cell, query tile) work items (``kernels/hierarchical.py``).
 
+Metrics: "l2", "ip" (cells bounded by Cauchy-Schwarz: -<x, c> >= -<x, m> - ||x|| r) and "cos" (l2 on
+the unit sphere: the cells hold the normalised codewords); ids and distances as u2.nearest's.
+
 Exact search (``search(x, exact=True)``): the same grouped scan, run in rounds. For l2 every
 codeword c of a cell with centroid m and radius r = max ||c - m|| satisfies, by the triangle
 inequality, ``||x - c||^2 >= (||x - m|| - r)^2`` (when ||x - m|| > r), so a cell whose bound exceeds
@@ -38,7 +41,8 @@ import torch
 
 from . import _cells, _dispatch, _lloyd
 from ._certified import ieee_fp32_matmul, pair_objective
-from ._checks import array_kind, check_finite, check_float, check_matrix, flatten_queries, from_tensor, to_tensor
+from ._checks import (array_kind, check_finite, check_float, check_matrix, check_no_zero_rows, flatten_queries,
+                      from_tensor, to_tensor)
 from ._io import atomic_write
 from .codebook import Codebook, codebook_matrix
 from .profiling import stage
@@ -46,7 +50,7 @@ from .nearest import nearest
 
 FORMAT = "unicode2_fast.hierarchical_index"
 VERSION = "1"
-METRICS = ("l2",)
+METRICS = ("l2", "ip", "cos")
 BACKENDS = _dispatch.backends("hierarchical")
 
 #: cells probed when ``search`` is called without ``nprobe`` (fewer if the index has fewer cells)
@@ -65,7 +69,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 def _check_metric(metric: str) -> None:
     if metric not in METRICS:
-        raise ValueError(f"HierarchicalIndex supports metric 'l2' (squared Euclidean) only, got {metric!r}")
+        raise ValueError(f"unknown metric {metric!r}; HierarchicalIndex supports {METRICS}")
 
 
 def _check_int(value: Any, name: str, low: int, high: Optional[int] = None, hint: str = "") -> int:
@@ -90,7 +94,8 @@ class HierarchicalIndex:
         coarse_centroids: (n_coarse, d) centroid of each cell.
         coarse_ids: (K,) integer cell of each codeword, in [0, n_coarse). Any assignment gives
             exact results in exact mode; the nearest-centroid one gives the best recall and pruning.
-        metric: "l2" (squared Euclidean distance).
+        metric: "l2" (squared Euclidean distance), "ip" (maximum inner product) or "cos" (cosine:
+            the cells hold the unit codewords, searched as l2 on the sphere), as in u2.nearest.
 
     Raises:
         TypeError / ValueError: wrong dtypes, shapes, devices, non-finite values, cell ids out of range.
@@ -99,6 +104,8 @@ class HierarchicalIndex:
     def __init__(self, codebook: Any, coarse_centroids: Any, coarse_ids: Any, *, metric: str = "l2") -> None:
         _check_metric(metric)
         vectors = codebook_matrix(codebook)
+        if metric == "cos":
+            check_no_zero_rows(vectors, "codebook")
         k, d = vectors.shape
         centroids = to_tensor(coarse_centroids, "coarse_centroids")
         check_matrix(centroids, "coarse_centroids")
@@ -145,7 +152,10 @@ class HierarchicalIndex:
         self._cell_offsets = cell_offsets
         self._codebook = codebook
         stored = self._codes
-        self._cells = _cells.Cells(lambda start, stop: stored[start:stop], perm, cell_offsets, centroids.float())
+        # cos: the cells hold the unit codewords (the re-rank reads the original ones)
+        rows = ((lambda start, stop: _unit64(stored[start:stop])) if metric == "cos"
+                else (lambda start, stop: stored[start:stop]))
+        self._cells = _cells.Cells(rows, perm, cell_offsets, centroids.float())
         self._offsets_list = self._cells.offsets_list
         self._coarse_centroids = self._cells.centroids
         self._cell_size = self._cells.cell_size
@@ -196,7 +206,7 @@ class HierarchicalIndex:
             n_coarse: number of cells, 1 <= n_coarse <= K.
             niter: Lloyd iterations (0: the sampled codewords are the centroids).
             seed: seed of the subsample and the initialisation.
-            metric: "l2".
+            metric: "l2", "ip" or "cos" (k-means on the unit codewords).
             max_points_per_centroid: training-subsample size per centroid.
 
         Raises:
@@ -208,10 +218,14 @@ class HierarchicalIndex:
         n_coarse = _check_int(n_coarse, "n_coarse", 1, k, f" (it cannot exceed the number of codewords K={k})")
         niter = _check_int(niter, "niter", 0)
         max_points_per_centroid = _check_int(max_points_per_centroid, "max_points_per_centroid", 1)
+        if metric == "cos":
+            check_no_zero_rows(vectors, "codebook")
+        # cos: cells of the unit codewords (k-means on the sphere's points); ip: of the codewords
+        space = _unit64(vectors).float() if metric == "cos" else vectors
         with stage("hierarchical/kmeans"):
-            centroids = _kmeans(vectors, n_coarse, niter, seed, max_points_per_centroid)
+            centroids = _kmeans(space, n_coarse, niter, seed, max_points_per_centroid)
         with stage("hierarchical/assign"):
-            coarse_ids, _ = _lloyd.fast_assign(vectors.float(), centroids)
+            coarse_ids, _ = _lloyd.fast_assign(space.float(), centroids)
         return cls(vectors, centroids, coarse_ids, metric=metric)
 
     @classmethod
@@ -322,8 +336,9 @@ class HierarchicalIndex:
                 runs the torch path on either device.
 
         Returns:
-            ``(ids, dists)``: int64 original codeword ids and float32 squared L2 distances (computed
-            in float64 from the original vectors), shape x.shape[:-1], as the array kind of ``x``.
+            ``(ids, dists)``: int64 original codeword ids and float32 distances in u2.nearest's
+            meaning for the index's metric (squared L2, ``-<x, c>`` or ``1 - cos``; computed in
+            float64 from the original vectors), shape x.shape[:-1], as the array kind of ``x``.
             Approximate mode returns the nearest codeword among the probed cells (lowest original
             id on equal fp32 distance).
 
@@ -345,7 +360,13 @@ class HierarchicalIndex:
             if nprobe is not None:
                 hint = f" (the index has n_coarse={self.n_coarse} cells)"
                 nprobe = _check_int(nprobe, "nprobe", 1, self.n_coarse, hint)
-            resolved = _dispatch.resolve("hierarchical", backend, self.device, (x2d.dtype, self.dtype))
+            if self._metric == "cos":
+                check_no_zero_rows(x2d, "x")
+            if self._metric != "l2" and backend == "triton":
+                raise ValueError(f"the grouped Triton kernel scans l2 cells; metric {self._metric!r} runs "
+                                 "backend='torch' (or 'auto')")
+            resolved = ("torch" if self._metric != "l2" else
+                        _dispatch.resolve("hierarchical", backend, self.device, (x2d.dtype, self.dtype)))
             if exact:
                 if backend == "triton":
                     raise ValueError("exact=True runs the grouped torch scan; use backend='auto' or 'torch'")
@@ -364,7 +385,7 @@ class HierarchicalIndex:
         dists = torch.empty(n, dtype=torch.float32, device=x.device)
         for start in range(0, n, QUERY_CHUNK):
             chunk = x[start:start + QUERY_CHUNK]
-            x32 = chunk.float()
+            x32 = _unit64(chunk).float() if self._metric == "cos" else chunk.float()
             with stage("hierarchical/probe"):
                 probes = self._probe(x32, nprobe)
             with stage("hierarchical/scan"):
@@ -375,13 +396,22 @@ class HierarchicalIndex:
             pos = self._reduce_probes(part_val, part_pos)
             ids[start:start + QUERY_CHUNK] = self._perm[pos]
             rows = torch.arange(pos.shape[0], device=x.device)
-            dists[start:start + QUERY_CHUNK] = pair_objective(chunk, self._codes, rows, pos, "l2", torch.float64)[0].float()
+            obj = pair_objective(chunk, self._codes, rows, pos, self._metric, torch.float64)[0]
+            dists[start:start + QUERY_CHUNK] = _dists(obj, self._metric)
         return ids, dists
 
     def _probe(self, x32: torch.Tensor, nprobe: int) -> torch.Tensor:
         """(N, nprobe) int64 nearest cells of each query; equal scores rank the lower cell first."""
-        scores = self._cells.coarse_scores(x32)
+        scores = self._coarse_scores(x32)
         return torch.sort(scores, dim=1, stable=True).indices[:, :nprobe].contiguous()
+
+    def _coarse_scores(self, x32: torch.Tensor) -> torch.Tensor:
+        """(N, n_coarse) fp32 cell ranking (smaller first): ``||m||^2 - 2 <x, m>`` for l2 and cos (x
+        unit for cos), ``-<x, m>`` for ip; +inf for empty cells."""
+        if self._metric != "ip":  # cos: l2 on the unit sphere
+            return self._cells.coarse_scores(x32)
+        scores = torch.mm(x32, self._coarse_centroids.t()).neg_()
+        return scores.masked_fill_((self._cell_size == 0).unsqueeze(0), math.inf)
 
     def _codes_fp32(self) -> torch.Tensor:
         if self._codes32 is None:
@@ -408,11 +438,16 @@ class HierarchicalIndex:
             if start == stop:
                 continue
             slots, queries = slot_order[lo:hi], query_order[lo:hi]
-            xr64 = x32.index_select(0, queries).double() - centroids64[cell]
-            xr = xr64.float()
-            scores = torch.addmm(res_sq[start:stop], xr, residuals[start:stop].t(), alpha=-2.0)
+            if self._metric != "ip":  # l2, and cos as l2 on the unit sphere
+                xr64 = x32.index_select(0, queries).double() - centroids64[cell]
+                scores = torch.addmm(res_sq[start:stop], xr64.float(), residuals[start:stop].t(), alpha=-2.0)
+                offset = xr64.pow(2).sum(dim=1)
+            else:  # -<x, c> = -<x, m> - <x, c - m>
+                xq = x32.index_select(0, queries)
+                scores = torch.mm(xq, residuals[start:stop].t()).neg_()
+                offset = -(xq.double() @ centroids64[cell])
             val, arg = scores.min(dim=1)  # first minimum: the lowest position, i.e. lowest id in the cell
-            val = val + xr64.pow(2).sum(dim=1).float()  # comparable across the probed cells
+            val = val + offset.float()  # comparable across the probed cells
             part_val[slots] = val
             part_pos[slots] = arg + start
         return part_val.view(n, nprobe), part_pos.view(n, nprobe)
@@ -457,9 +492,11 @@ class HierarchicalIndex:
 
     def _exact_chunk(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         # x: (n, d) queries of one chunk; the queries the cells do not settle go to u2.nearest
+        metric = self._metric
         ids, best = _cells.exact_search(self._cells, x, self._codes, True,
-                                        lambda rows: nearest(rows, self._original_codebook()), FALLBACK_FRACTION)
-        return ids, best.float()
+                                        lambda rows: nearest(rows, self._original_codebook(), metric=metric),
+                                        FALLBACK_FRACTION, metric)
+        return ids, _dists(best, metric)
 
     def _original_codebook(self) -> torch.Tensor:
         """The codewords in original order (kept from the build, or un-permuted once after a load)."""
@@ -543,6 +580,17 @@ class HierarchicalIndex:
         device = torch.device(device) if device is not None else torch.device("cpu")
         index._setup(codes.to(device), perm.to(device), offsets.to(device), centroids.to(device), metric, None)
         return index
+
+
+def _dists(objective: torch.Tensor, metric: str) -> torch.Tensor:
+    """u2.nearest's float32 distances from float64 objectives (-cos for cos: 1 - cos)."""
+    return (1.0 + objective if metric == "cos" else objective).float()
+
+
+def _unit64(rows: torch.Tensor) -> torch.Tensor:
+    """(R, d) float64 rows scaled to unit norm (the caller has refused zero rows)."""
+    r64 = rows.double()
+    return r64 / r64.norm(dim=1, keepdim=True)
 
 
 def _kmeans(vectors: torch.Tensor, n_coarse: int, niter: int, seed: int, max_points_per_centroid: int) -> torch.Tensor:
