@@ -62,22 +62,44 @@ def _time(fn: Callable[[], Any], repeats: int, warmup: int, cuda: bool):
     return _common.time_calls(fn, repeats, warmup, torch.cuda.synchronize if cuda else None)
 
 
+def _space(v: torch.Tensor, metric: str):
+    """The rows as FAISS searches them for ``metric``: unit rows for cos (inner product on the sphere)."""
+    v = v.float()
+    if metric == "cos":
+        v = torch.nn.functional.normalize(v, dim=1)
+    return v.contiguous().numpy()
+
+
+def _faiss_metric(metric: str):
+    import faiss
+
+    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+def _quantizer(d: int, metric: str):
+    """FAISS's coarse quantizer probing as the index does: l2 for l2 and cos (unit rows), ip for ip."""
+    import faiss
+
+    return faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
+
+
 def _faiss_ivf(index: "u2.HierarchicalIndex", codebook: torch.Tensor):
     """IndexIVFFlat over exactly the index's cells: its centroids quantize, its cell ids assign."""
     import faiss
     from faiss.contrib.ivf_tools import add_preassigned
 
-    quantizer = faiss.IndexFlatL2(index.dim)
+    quantizer = _quantizer(index.dim, index.metric)
     quantizer.add(index.coarse_centroids.float().contiguous().numpy())
-    ivf = faiss.IndexIVFFlat(quantizer, index.dim, index.n_coarse)
+    ivf = faiss.IndexIVFFlat(quantizer, index.dim, index.n_coarse, _faiss_metric(index.metric))
     ivf.is_trained = True
-    add_preassigned(ivf, codebook.float().contiguous().numpy(), index.coarse_ids.numpy())
+    add_preassigned(ivf, _space(codebook, index.metric), index.coarse_ids.numpy())
     return ivf, quantizer
 
 
 def codes_per_query(index: "u2.HierarchicalIndex", queries: torch.Tensor, nprobe: int) -> float:
     """Mean number of codewords in the nprobe cells each query probes."""
-    probes = index._probe(queries.float(), nprobe)
+    x = torch.nn.functional.normalize(queries.float(), dim=1) if index.metric == "cos" else queries.float()
+    probes = index._probe(x, nprobe)
     return float(index.cell_sizes[probes].sum(dim=1).double().mean())
 
 
@@ -92,14 +114,18 @@ def run(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[str, Any]]
     del data
     k, n, d = args.k, args.n, args.d
     cuda = torch.cuda.is_available()
-    methods = [m for m in args.methods if m not in GPU_METHODS or cuda]
+    # the grouped Triton kernel scans l2 cells only
+    methods = [m for m in args.methods if m not in GPU_METHODS or (cuda and args.metric == "l2")]
+    metric = args.metric
+    xs = _space(queries, metric)
     nprobes = [p for p in args.nprobe if p <= args.n_coarse]
     steps = sum(len(nprobes) if m in APPROX_METHODS else 1 for m in methods) + 1
     progress = tqdm(total=steps, desc="hierarchical", file=sys.stderr)
 
     progress.set_postfix_str("build index")
     start = time.perf_counter()
-    index = u2.HierarchicalIndex.build(codebook, n_coarse=args.n_coarse, niter=args.niter, seed=args.seed)
+    index = u2.HierarchicalIndex.build(codebook, n_coarse=args.n_coarse, niter=args.niter, seed=args.seed,
+                                       metric=metric)
     index_build_s = time.perf_counter() - start
     progress.update()
 
@@ -112,7 +138,6 @@ def run(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[str, Any]]
 
     def sweep_ivf(method: str, ivf, build_s: float, note: str) -> None:
         """Time a FAISS IVF index at every nprobe of the sweep."""
-        xs = queries.numpy()
         for nprobe in nprobes:
             progress.set_postfix_str(f"{method} nprobe={nprobe}")
             ivf.nprobe = nprobe
@@ -122,18 +147,19 @@ def run(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[str, Any]]
     # the exact reference first: recall is measured against it
     progress.set_postfix_str("u2_flat")
     flat_codebook = codebook.view_as(codebook)  # own cache entry: the first call pays u2's statistics build
-    first_s = _time(lambda: u2.nearest(queries, flat_codebook), 1, 0, False)[0][0]
-    times, (exact_ids, _) = _time(lambda: u2.nearest(queries, flat_codebook), args.repeats, args.warmup, False)
+    first_s = _time(lambda: u2.nearest(queries, flat_codebook, metric=metric), 1, 0, False)[0][0]
+    times, (exact_ids, _) = _time(lambda: u2.nearest(queries, flat_codebook, metric=metric), args.repeats,
+                                  args.warmup, False)
     if "u2_flat" in methods:
         record("u2_flat", None, times, exact_ids, max(0.0, first_s - _common.quantiles(times)["median_s"]),
                "build_s = first call - median")
     if "faiss_flat" in methods:
         progress.set_postfix_str("faiss_flat")
-        flat = faiss.IndexFlatL2(d)
+        flat = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
         start = time.perf_counter()
-        flat.add(codebook.numpy())
+        flat.add(_space(codebook, metric))
         build_s = time.perf_counter() - start
-        times, (_, ids) = _time(lambda: flat.search(queries.numpy(), 1), args.repeats, args.warmup, False)
+        times, (_, ids) = _time(lambda: flat.search(xs, 1), args.repeats, args.warmup, False)
         record("faiss_flat", None, times, torch.from_numpy(ids[:, 0]), build_s)
         del flat
     if "u2_exact" in methods:
@@ -158,12 +184,13 @@ def run(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[str, Any]]
         progress.set_postfix_str("faiss_ivf_own build")
         start = time.perf_counter()
         kmeans = faiss.Kmeans(d, index.n_coarse, niter=args.niter, seed=args.seed, verbose=False)
-        kmeans.train(codebook.numpy())
-        quantizer = faiss.IndexFlatL2(d)
+        base = _space(codebook, metric)
+        kmeans.train(base)
+        quantizer = _quantizer(d, metric)
         quantizer.add(kmeans.centroids)
-        ivf = faiss.IndexIVFFlat(quantizer, d, index.n_coarse)
+        ivf = faiss.IndexIVFFlat(quantizer, d, index.n_coarse, _faiss_metric(metric))
         ivf.is_trained = True
-        ivf.add(codebook.numpy())
+        ivf.add(base)
         build_s = time.perf_counter() - start
         sweep_ivf("faiss_ivf_own", ivf, build_s, "FAISS's own cells; build_s = faiss.Kmeans + IndexIVFFlat.add")
         del ivf, quantizer, kmeans
@@ -194,7 +221,7 @@ def run(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[str, Any]]
         rows.append({
             "method": method,
             "nprobe": nprobe,
-            "data": args.data, "K": k, "N": n, "d": d, "n_coarse": index.n_coarse,
+            "data": args.data, "metric": metric, "K": k, "N": n, "d": d, "n_coarse": index.n_coarse,
             "dtype": "bfloat16" if method.endswith("bf16") else "float32",
             "recall_at_1": float((r["ids"] == exact_ids).double().mean()),
             **q,
@@ -284,6 +311,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="subset of methods (u2_flat always runs: it is the recall reference)")
     parser.add_argument("--out", default="bench_out", help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="synthetic data and k-means seed")
+    parser.add_argument("--metric", choices=("l2", "ip", "cos"), default="l2",
+                        help="the index's metric (FAISS: IndexFlatIP / IVF with METRIC_INNER_PRODUCT for ip, "
+                             "the same on unit rows for cos); the Triton methods run for l2 only")
     parser.add_argument("--data", choices=("synthetic", "clustered"), default="synthetic",
                         help="SigLIP-like codebook, or the clustered two-level stress codebook (tight cells in "
                              "close families, decaying spectrum)")

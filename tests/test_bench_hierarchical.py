@@ -77,3 +77,19 @@ def test_tiny_clustered_data(bench, tmp_path):
     assert {r["data"] for r in rows} == {"clustered"}
     exact = {r["method"]: float(r["recall_at_1"]) for r in rows if not r["nprobe"]}
     assert exact == {"u2_exact": 1.0, "u2_flat": 1.0}
+
+
+@pytest.mark.parametrize("metric", ["ip", "cos"])
+def test_tiny_ip_and_cos(bench, tmp_path, metric):
+    # the index, u2.nearest and FAISS (IndexFlatIP, IVF with METRIC_INNER_PRODUCT; unit rows for
+    # cos) all search the same metric: the exact methods agree, and IVF on the same cells scanning
+    # every cell finds the exact ids too
+    assert bench.main(["--tiny", "--metric", metric, "--out", str(tmp_path), "--nprobe", "1", "16",
+                       "--methods", "u2_hier", "u2_exact", "u2_flat", "faiss_flat", "faiss_ivf"]) == 0
+    rows = _rows(tmp_path)
+    assert {r["metric"] for r in rows} == {metric}
+    recall = {(r["method"], r["nprobe"]): float(r["recall_at_1"]) for r in rows}
+    assert recall[("u2_exact", "")] == recall[("u2_flat", "")] == 1.0
+    assert recall[("faiss_flat", "")] >= 0.99
+    assert recall[("u2_hier", "16")] >= 0.99 and recall[("faiss_ivf", "16")] >= 0.99
+    assert recall[("u2_hier", "1")] == pytest.approx(recall[("faiss_ivf", "1")], abs=0.05)
