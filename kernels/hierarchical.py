@@ -44,18 +44,19 @@ DEFAULT_CONFIGS: Dict[str, Dict[str, int]] = {
 @triton.jit
 def _probe_scan_kernel(
     x_ptr,             # (N, D) queries
-    c_ptr,             # (K, D) codewords sorted by cell
-    c_sq_ptr,          # (K,) fp32 ||c||^2 in sorted order
+    c_ptr,             # (K, D) residual codewords c - m (m: their cell's centroid), sorted by cell
+    c_sq_ptr,          # (K,) fp32 ||c - m||^2 in sorted order
+    m_ptr,             # (n_coarse, D) fp32 cell centroids
     cell_offsets_ptr,  # (n_coarse + 1,) int64 first sorted position of each cell
     pair_query_ptr,    # (P,) int64 query of each (query, probe) pair, pairs grouped by cell
     pair_slot_ptr,     # (P,) int64 where the pair's result goes: query * nprobe + probe rank
     item_cell_ptr,     # (W,) int64 cell of each work item
     item_start_ptr,    # (W,) int64 first pair of the item
     item_stop_ptr,     # (W,) int64 one past its last pair
-    part_val_ptr,      # (N * nprobe,) fp32 ||c||^2 - 2 <x, c> of the pair's best codeword
+    part_val_ptr,      # (N * nprobe,) fp32 ||c - m||^2 - 2 <x - m, c - m> of the pair's best codeword
     part_pos_ptr,      # (N * nprobe,) int64 sorted position of that codeword
     D,
-    stride_xn, stride_xd, stride_ck, stride_cd,
+    stride_xn, stride_xd, stride_ck, stride_cd, stride_mc, stride_md,
     IEEE: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -75,6 +76,7 @@ def _probe_scan_kernel(
     best_val = tl.full((BLOCK_Q,), float("inf"), tl.float32)
     best_pos = tl.zeros((BLOCK_Q,), tl.int64)
     x_rows = x_ptr + query[:, None] * stride_xn
+    m_row = m_ptr + cell * stride_mc
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < k_end
@@ -85,11 +87,14 @@ def _probe_scan_kernel(
             mask_d = cur_d < D
             x_tile = tl.load(x_rows + cur_d[None, :] * stride_xd, mask=mask_p[:, None] & mask_d[None, :], other=0.0)
             c_tile = tl.load(c_rows + cur_d[None, :] * stride_cd, mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+            # residual form, x - m in fp32 before the dot's dtype: no cancellation on tight cells
+            m_tile = tl.load(m_row + cur_d * stride_md, mask=mask_d, other=0.0)
+            x_tile = (x_tile.to(tl.float32) - m_tile[None, :]).to(c_tile.dtype)
             if IEEE:
                 acc = tl.dot(x_tile, tl.trans(c_tile), acc, input_precision="ieee")
             else:
                 acc = tl.dot(x_tile, tl.trans(c_tile), acc)
-        # ||x||^2 is the same for every codeword of a query: the launcher's caller adds it once.
+        # ||x - m||^2 is the same for every codeword of a (query, cell) pair: the caller adds it.
         c_sq = tl.load(c_sq_ptr + offs_k, mask=mask_k, other=0.0)
         dist = tl.where(mask_k[None, :], c_sq[None, :] - 2.0 * acc, float("inf"))
         blk_val = tl.min(dist, axis=1)
@@ -149,19 +154,26 @@ def probe_scan_triton(
     codes_sq: torch.Tensor,
     cell_offsets: torch.Tensor,
     probes: torch.Tensor,
+    centroids: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Best codeword of every probed cell for every query, with the grouped Triton kernel.
 
+    Residual form, relative to each cell's centroid m: the plain expansion ||c||^2 - 2 <x, c>
+    cancels catastrophically for tight cells far from the origin (its rounding scales with
+    ||x|| ||c||, not with the cell radius), as the torch scan found on a clustered codebook.
+
     Args:
         x: (N, d) queries, fp32 / fp16 / bf16, any strides.
-        codes: (K, d) codewords sorted by cell, same dtype and device as ``x``.
-        codes_sq: (K,) fp32 ||c||^2 of ``codes``.
+        codes: (K, d) residual codewords c - m sorted by cell, same dtype and device as ``x``.
+        codes_sq: (K,) fp32 ||c - m||^2 of ``codes``.
         cell_offsets: (n_coarse + 1,) int64, non-decreasing, from 0 to K.
         probes: (N, nprobe) int64 cells to scan for each query.
+        centroids: (n_coarse, d) fp32 centroid m of each cell.
 
     Returns:
-        part_val (N, nprobe) fp32: min over the probed cell of ``||c||^2 - 2 <x, c>`` (inf for an
-        empty cell); part_pos (N, nprobe) int64: the sorted position of that codeword (lowest on ties).
+        part_val (N, nprobe) fp32: min over the probed cell of ``||c - m||^2 - 2 <x - m, c - m>``
+        (the caller adds ||x - m||^2; inf for an empty cell); part_pos (N, nprobe) int64: the
+        sorted position of that codeword (lowest on ties).
 
     Raises:
         ValueError / TypeError for shape, dtype or device problems.
@@ -177,7 +189,10 @@ def probe_scan_triton(
         raise ValueError(f"codes_sq must be ({codes.shape[0]},) float32, got {tuple(codes_sq.shape)} {codes_sq.dtype}")
     if cell_offsets.dim() != 1 or cell_offsets.dtype != torch.int64:
         raise ValueError(f"cell_offsets must be 1-D int64, got {tuple(cell_offsets.shape)} {cell_offsets.dtype}")
-    devices = {t.device for t in (x, codes, codes_sq, cell_offsets, probes)}
+    if centroids.shape != (cell_offsets.shape[0] - 1, x.shape[1]) or centroids.dtype != torch.float32:
+        raise ValueError(f"centroids must be ({cell_offsets.shape[0] - 1}, {x.shape[1]}) float32, got "
+                         f"{tuple(centroids.shape)} {centroids.dtype}")
+    devices = {t.device for t in (x, codes, codes_sq, cell_offsets, probes, centroids)}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     n, nprobe = probes.shape
@@ -190,9 +205,9 @@ def probe_scan_triton(
     pair_query, pair_slot, item_cell, item_start, item_stop = work_items(probes, cell_offsets, cfg["BLOCK_Q"])
     grid = (item_cell.shape[0],)
     _probe_scan_kernel[grid](
-        x, codes, codes_sq, cell_offsets, pair_query, pair_slot, item_cell, item_start, item_stop,
+        x, codes, codes_sq, centroids, cell_offsets, pair_query, pair_slot, item_cell, item_start, item_stop,
         part_val, part_pos, x.shape[1],
-        x.stride(0), x.stride(1), codes.stride(0), codes.stride(1),
+        x.stride(0), x.stride(1), codes.stride(0), codes.stride(1), centroids.stride(0), centroids.stride(1),
         IEEE=x.dtype == torch.float32,
         BLOCK_Q=cfg["BLOCK_Q"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -211,12 +226,14 @@ def aot_specs() -> List[dict]:
                 dtype=dtype,
                 fn=_probe_scan_kernel,
                 signature={
-                    "x_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "c_sq_ptr": "*fp32", "cell_offsets_ptr": "*i64",
+                    "x_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "c_sq_ptr": "*fp32", "m_ptr": "*fp32",
+                    "cell_offsets_ptr": "*i64",
                     "pair_query_ptr": "*i64", "pair_slot_ptr": "*i64",
                     "item_cell_ptr": "*i64", "item_start_ptr": "*i64", "item_stop_ptr": "*i64",
                     "part_val_ptr": "*fp32", "part_pos_ptr": "*i64",
                     "D": "i32",
                     "stride_xn": "i64", "stride_xd": "i64", "stride_ck": "i64", "stride_cd": "i64",
+                    "stride_mc": "i64", "stride_md": "i64",
                     "IEEE": "constexpr", "BLOCK_Q": "constexpr", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr",
                 },
                 constexprs=dict(
@@ -224,7 +241,8 @@ def aot_specs() -> List[dict]:
                 ),
                 # contiguous (N, 1152) queries and (K, 1152) codewords: unit strides become
                 # constants, the row strides and D get divisibility hints (vectorised loads)
-                runtime_values=dict(D=1152, stride_xn=1152, stride_xd=1, stride_ck=1152, stride_cd=1),
+                runtime_values=dict(D=1152, stride_xn=1152, stride_xd=1, stride_ck=1152, stride_cd=1,
+                                    stride_mc=1152, stride_md=1),
                 num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"],
                 expect_wgmma=dtype != "fp32",

@@ -464,9 +464,18 @@ class HierarchicalIndex:
             if common in (torch.float16, torch.bfloat16):
                 common = torch.float32
         codes = self._kernel_codes.get(common)
+        residuals, res_sq = self._cells.residuals()
         if codes is None:
-            codes = self._kernel_codes[common] = _dispatch.kernel_layout(self._codes, common)
-        return kernel.probe_scan_triton(_dispatch.kernel_layout(x, common), codes, self._codes_sq, self._cell_offsets, probes)
+            codes = self._kernel_codes[common] = _dispatch.kernel_layout(residuals, common)
+        part_val, part_pos = kernel.probe_scan_triton(
+            _dispatch.kernel_layout(x, common), codes, res_sq, self._cell_offsets, probes,
+            _dispatch.kernel_layout(self._coarse_centroids, torch.float32))  # padded columns as the rows
+        # + ||x - m||^2 of each (query, probed cell), so the probes compare; float64 (its expansion
+        # rounds far below the fp32 scores)
+        x64, m64 = x.double(), self._coarse_centroids.double()
+        to_cell = (x64.pow(2).sum(dim=1, keepdim=True) + m64.pow(2).sum(dim=1).unsqueeze(0)
+                   - 2.0 * (x64 @ m64.t())).clamp_min_(0.0)
+        return part_val + to_cell.gather(1, probes).float(), part_pos
 
     def _reduce_probes(self, part_val: torch.Tensor, part_pos: torch.Tensor) -> torch.Tensor:
         """(N,) sorted position of the best probe's codeword; equal values go to the lowest original id."""
