@@ -161,10 +161,6 @@ class HierarchicalIndex:
         self._cell_size = self._cells.cell_size
         self._cell_of_pos = self._cells.cell_of_pos
         self._centroid_sq = self._cells.centroid_sq
-        codes_sq64 = self._cells.codes_sq64
-        self._codes_sq = codes_sq64.float()
-        self._cell_sq_max = self._cells.cell_max(codes_sq64)
-        self._cell_norm_max = self._cells.cell_max(codes_sq64.sqrt())
         self._radius = self._cells.radius  # (n_coarse,) rounded up: a certified cell radius
         self._codes32: Optional[torch.Tensor] = None
         self._kernel_codes: Dict[torch.dtype, torch.Tensor] = {}
