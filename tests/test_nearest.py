@@ -601,3 +601,28 @@ def test_cell_partition_cache_does_not_keep_the_codebook_alive(monkeypatch):
     del c
     gc.collect()
     assert ref() is None
+
+
+def test_automatic_filter_that_keeps_failing_is_skipped_and_retried(monkeypatch):
+    # Gaussian-like queries keep too many codewords within the filter's bound: after FILTER_MISSES
+    # chunks in a row the automatic choice stops paying for the attempt, and tries again every
+    # FILTER_RETRY_EVERY-th chunk; results stay exact throughout
+    c, x = _real_or_adversarial("clustered")
+    c = c.clone()
+    monkeypatch.setattr(_nearest_cpu, "choose_filter", lambda n, k, d: "int8")
+    monkeypatch.setattr(_nearest_cpu, "QUERY_CHUNK", 10)
+    monkeypatch.setattr(_nearest_cpu, "CODE_BLOCK", 128)
+    monkeypatch.setattr(_nearest_cpu, "PRUNE_LIMIT", 0)  # no chunk prunes
+    tried = []
+    real = _nearest_cpu._search_chunk
+    monkeypatch.setattr(_nearest_cpu, "_search_chunk", lambda xq, *a: tried.append(1) or real(xq, *a))
+    xs = x[:200]
+    ids, dists = _nearest_cpu.nearest_cpu(xs, c, "l2")
+    assert_nearest_ok(ids, dists, xs, c, "l2", exact=True, rel_tol=2e-7)
+    chunks = 20
+    misses, every = _nearest_cpu.FILTER_MISSES, _nearest_cpu.FILTER_RETRY_EVERY
+    assert len(tried) == misses + (chunks - misses) // every
+    # a forced kind is always tried
+    tried.clear()
+    _nearest_cpu.nearest_cpu(xs, c, "l2", "int8")
+    assert len(tried) == chunks

@@ -64,6 +64,10 @@ MIN_INT8_SPEEDUP = 2.0
 PRUNE_LIMIT = 8
 #: blocks a chunk scans before it may give up on the filter
 PRUNE_CHECK_BLOCKS = 1
+#: a codebook whose filter stopped pruning on this many chunks in a row sends its chunks straight
+#: to the flat path, trying the filter again on every FILTER_RETRY_EVERY-th one
+FILTER_MISSES = 2
+FILTER_RETRY_EVERY = 8
 #: the flat path's FAISS top-k: it certifies most queries of real photographs (93-96%), and a
 #: larger k costs FAISS more than the threshold scan of the rest (see _flat_search)
 FLAT_K = 8
@@ -328,9 +332,12 @@ def _row_stats_chunk_fp64(v: torch.Tensor, kind: str, normalize: bool, center: O
 
 
 class _CodebookStats:
-    """Per-codebook filter statistics, cached across calls (built once, then reused)."""
+    """Per-codebook filter statistics, cached across calls (built once, then reused), and the
+    record of whether the filter prunes on this codebook's queries."""
 
     def __init__(self, codebook: torch.Tensor, kind: str, metric: str):
+        self.misses = 0  # chunks in a row whose filter scan stopped pruning
+        self.skipped = 0  # chunks sent straight to the flat path since the last try
         # l2: shift everything by the codebook mean (see _row_stats); fp32 so the shift itself is
         # a fixed, exactly known vector
         self.center = _column_mean(codebook).float() if metric == "l2" else None
@@ -350,6 +357,21 @@ class _CodebookStats:
             [self.stats.sq[b * CODE_BLOCK:(b + 1) * CODE_BLOCK].max().item() for b in range(n_blocks)]
             if self.stats.sq is not None else [0.0] * n_blocks
         )
+
+
+    def worth_trying(self) -> bool:
+        """False after FILTER_MISSES chunks in a row whose filter stopped pruning (Gaussian-like
+        data: the attempt costs a block and the pilot bound each time), except every
+        FILTER_RETRY_EVERY-th chunk, which tries again (the queries may have changed)."""
+        if self.misses < FILTER_MISSES:
+            return True
+        self.skipped += 1
+        return self.skipped % FILTER_RETRY_EVERY == 0
+
+    def record(self, pruned: bool) -> None:
+        self.misses = 0 if pruned else self.misses + 1
+        if pruned:
+            self.skipped = 0
 
 
 def _column_mean(v: torch.Tensor) -> torch.Tensor:
@@ -528,7 +550,11 @@ def nearest_cpu(
     chunk_rows = FLAT_QUERY_CHUNK if kind == "flat" else QUERY_CHUNK
     for start in range(0, n, chunk_rows):
         chunk = x[start:start + chunk_rows]
-        result = None if kind == "flat" else _search_chunk(chunk, codebook, cstats, metric, kind)
+        # (a forced filter_kind is always tried; the automatic choice remembers what the filter did)
+        skip = kind == "flat" or (filter_kind is None and not cstats.worth_trying())
+        result = None if skip else _search_chunk(chunk, codebook, cstats, metric, kind)
+        if kind != "flat" and filter_kind is None:
+            cstats.record(result is not None)
         if result is None:  # the flat path, or a filter scan that stopped pruning
             with stage("nearest/flat"):
                 result = _flat_search(chunk, codebook, metric)
