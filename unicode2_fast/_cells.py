@@ -272,15 +272,7 @@ def _scan_ip(cells: Cells, x64, x_norm, base, base_err, gamma, rows, pair_cells,
         pair_base = base[queries, cell]
         width = 2.0 * gamma * x_norm[queries] * radius + base_err[queries, cell] + 2.0 ** -40 * pair_base.abs()
         scores = torch.mm(x64.index_select(0, queries).float(), residuals[start:stop].t()).neg_()
-        row_min = scores.min(dim=1).values.double()
-        cell_upper = torch.minimum(upper[queries], row_min + pair_base + width)
-        upper[queries] = cell_upper
-        threshold = cell_upper - pair_base + width  # f above this: the objective above upper
-        threshold_f32 = (threshold + threshold.abs() * 2.0 ** -20).float()
-        hit_row, hit_col = (scores <= threshold_f32.unsqueeze(1)).nonzero(as_tuple=True)
-        lower = scores[hit_row, hit_col].double() - width[hit_row] + pair_base[hit_row]
-        keep = store.admit(queries[hit_row])
-        store.add(queries[hit_row][keep], (hit_col + start)[keep], lower[keep])
+        _keep(queries, scores, pair_base, width, start, upper, store)
 
 
 def _scan_l2(cells: Cells, x, gamma, rows, pair_cells, upper: torch.Tensor, store: CandidateStore,
@@ -309,14 +301,23 @@ def _scan_l2(cells: Cells, x, gamma, rows, pair_cells, upper: torch.Tensor, stor
         cross = pair_x_sq.sqrt() * (1 + GROW64) * radius
         width = 2.0 * gamma * cross + 2.0 ** -21 * (radius * radius + 2.0 * cross + pair_x_sq) + abs_slack
         scores = torch.addmm(res_sq[start:stop], xr64.float(), residuals[start:stop].t(), alpha=-2.0)
-        row_min = scores.min(dim=1).values.double()
         # (width's 2^-21 ||x - m||^2 term also covers the fp64 rounding of moving between filter
         # and pair space, unlike the flat path's, which needs _certified.fp64_slack)
-        cell_upper = torch.minimum(upper[queries], row_min + width + pair_x_sq)
-        upper[queries] = cell_upper
-        threshold = cell_upper - pair_x_sq + width  # f above this: true distance above upper
-        threshold_f32 = (threshold + threshold.abs() * 2.0 ** -20).float()
-        hit_row, hit_col = (scores <= threshold_f32.unsqueeze(1)).nonzero(as_tuple=True)
-        lower = scores[hit_row, hit_col].double() - width[hit_row] + pair_x_sq[hit_row]
-        keep = store.admit(queries[hit_row])
-        store.add(queries[hit_row][keep], (hit_col + start)[keep], lower[keep])
+        _keep(queries, scores, pair_x_sq, width, start, upper, store)
+
+
+def _keep(queries: torch.Tensor, scores: torch.Tensor, offset: torch.Tensor, width: torch.Tensor, start: int,
+          upper: torch.Tensor, store: CandidateStore) -> None:
+    """One cell's scan of ``queries``: the objective of each (query, codeword) lies within ``width``
+    of ``scores + offset`` (fp32 filter values, float64 per-query shift). Tighten the queries'
+    upper bounds and record every codeword whose lower bound reaches them (sorted position:
+    ``start`` + column)."""
+    row_min = scores.min(dim=1).values.double()
+    cell_upper = torch.minimum(upper[queries], row_min + width + offset)
+    upper[queries] = cell_upper
+    threshold = cell_upper - offset + width  # a score above this: the objective above upper
+    threshold_f32 = (threshold + threshold.abs() * 2.0 ** -20).float()
+    hit_row, hit_col = (scores <= threshold_f32.unsqueeze(1)).nonzero(as_tuple=True)
+    lower = scores[hit_row, hit_col].double() - width[hit_row] + offset[hit_row]
+    keep = store.admit(queries[hit_row])
+    store.add(queries[hit_row][keep], (hit_col + start)[keep], lower[keep])
