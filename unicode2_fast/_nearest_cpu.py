@@ -146,7 +146,7 @@ class _FbgemmBlocks:
     0, so it quantizes nothing away; the weights are the int8 codewords with scale 1. Its output
     is then the exact int32 sum <u, q_c> converted to fp32, and <q, q_c> = <u, q_c> - 64 sum(q_c).
     The conversion rounds only where |<u, q_c>| >= 2^24; ``dot_error`` bounds that per block.
-    ``fbgemm_works`` checks the whole identity once per process against exact integer products.
+    ``_fbgemm_exact`` checks the whole identity once per process against exact integer products.
     """
 
     def __init__(self, filt: torch.Tensor):
@@ -434,9 +434,9 @@ def choose_filter(n: int, k: int, d: int) -> str:
     return "flat"
 
 
-def _filter_gemm(qx: torch.Tensor, qc, kind: str) -> torch.Tensor:
-    # qx: (n, d), qc: (b, d) -> (n, b) filter dot products (exact int32 for int8; for fbgemm, qx is
-    # _FbgemmBlocks.activations(...) and qc a block number, see _FbgemmBlocks.dots)
+def _filter_gemm(qx: torch.Tensor, qc: torch.Tensor, kind: str) -> torch.Tensor:
+    # qx: (n, d), qc: (b, d) -> (n, b) filter dot products (exact int32 for int8; the fbgemm filter
+    # calls _FbgemmBlocks.dots instead)
     if kind == "int8":
         return torch._int_mm(qx, qc.t())
     return qx @ qc.t()
