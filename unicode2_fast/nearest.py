@@ -20,7 +20,7 @@ ties go to the lowest code index.
 from __future__ import annotations
 
 import math
-from typing import Any, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 
@@ -96,7 +96,7 @@ def _nearest(x: Any, codebook: Any, metric: str, backend: str) -> Tuple[Any, Any
 def _search(xt: torch.Tensor, cb: torch.Tensor, metric: str, backend: str):
     """Validated, detached inputs to (ids, dists, leading shape) of ``nearest``."""
     x2d, lead = flatten_queries(xt, cb.shape[1])
-    check_finite(x2d, "x")
+    x_absmax = check_finite(x2d, "x")
     resolved = _dispatch.resolve("nearest", backend, xt.device, (xt.dtype, cb.dtype))
     if metric == "cos":
         check_no_zero_rows(x2d, "x")
@@ -108,7 +108,8 @@ def _search(xt: torch.Tensor, cb: torch.Tensor, metric: str, backend: str):
         # cached only as a copy (or None): a cached codebook itself would keep its key alive
         rescaled = per_tensor(cb, ("rows_rescaled",), lambda c: r if (r := _rows_rescaled(c)) is not c else None)
         cb = cb if rescaled is None else rescaled
-    exponent = _rescale_exponent(x2d, cb)
+    # (the finiteness pass found x's largest magnitude; cos has just rescaled its rows)
+    exponent = _rescale_exponent(x2d, cb, None if metric == "cos" else x_absmax)
     if exponent:
         x2d, cb = _rescaled(x2d, cb, exponent)
 
@@ -129,7 +130,7 @@ def _search(xt: torch.Tensor, cb: torch.Tensor, metric: str, backend: str):
     return ids, dists, lead
 
 
-def _rescale_exponent(x: torch.Tensor, codebook: torch.Tensor) -> int:
+def _rescale_exponent(x: torch.Tensor, codebook: torch.Tensor, x_absmax: Optional[float] = None) -> int:
     """``e`` such that x / 2^e and codebook / 2^e have their largest magnitude in [0.5, 1), or 0
     when the inputs already lie within 2^-SAFE_EXPONENT .. 2^SAFE_EXPONENT.
 
@@ -139,7 +140,7 @@ def _rescale_exponent(x: torch.Tensor, codebook: torch.Tensor) -> int:
     the same positive factor, and a power of two scales exactly.
     """
     # x: (N, d), codebook: (K, d)
-    largest = max(_absmax(x), per_tensor(codebook, ("absmax",), _absmax))
+    largest = max(_absmax(x) if x_absmax is None else x_absmax, per_tensor(codebook, ("absmax",), _absmax))
     if largest == 0.0:
         return 0
     exponent = math.frexp(largest)[1]
