@@ -190,8 +190,9 @@ class HierarchicalIndex:
         Lloyd stops at a fixed point (an assignment equal to the last one), as faiss.Kmeans does,
         with the centroids all ``niter`` iterations would give. Measured (this 2-core machine,
         d = 1152, 2 threads, against faiss.Kmeans(niter=20, max_points_per_centroid=256) +
-        IndexIVFFlat.add): K = 100,000, 320 cells, SigLIP-like: 10.9 s vs 8.7 s (1.25x FAISS's
-        time); K = 50,000, 100 cells: 1.18x (SigLIP-like), 1.00x (clustered). Before the fixed-point
+        IndexIVFFlat.add): K = 100,000, 320 cells, SigLIP-like: 9.05 s vs 8.46 s (1.07x FAISS's
+        time); K = 50,000, 100 cells: 1.18x (SigLIP-like), 1.00x (clustered), measured before
+        u2.nearest stopped reading its queries twice. Before the fixed-point
         stop: 1.19x / 1.88x at K = 100,000; 0.55x / 0.74x with ``max_points_per_centroid=64``. The smaller sample costs recall@1 at nprobe = 1
         on the SigLIP-like codebook (0.964 vs 0.973; FAISS 0.990; 1.0 for all at nprobe = 8) and,
         with its less even cells, exact search speed: 0.89 s instead of 0.45 s for 729 queries at
