@@ -38,6 +38,26 @@ FALLBACK_AFTER_ROUNDS = 2
 Fallback = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
 
+#: rows converted to float64 at a time by cluster_means (bounds its fp64 buffer)
+MEANS_CHUNK_ROWS = 2048
+
+
+def cluster_means(x: torch.Tensor, ids: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Means of the clusters, summed in float64: centroids (k, d) fp64 (0 for an empty cluster)
+    and member counts (k,) int64 (Lloyd's update, of the codebook build and of the cells)."""
+    # x: (n, d) float, ids: (n,) int64
+    sums = torch.zeros((k, x.shape[1]), dtype=torch.float64, device=x.device)
+    # one fp64 staging buffer, refilled per chunk: a fresh fp64 copy per chunk cost 2.5x the time
+    # (page faults of the new allocation) at n = 25,600, d = 1152
+    staging = torch.empty((min(MEANS_CHUNK_ROWS, x.shape[0]), x.shape[1]), dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], MEANS_CHUNK_ROWS):
+        part = staging[:min(MEANS_CHUNK_ROWS, x.shape[0] - start)]
+        part.copy_(x[start:start + part.shape[0]])
+        sums.index_add_(0, ids[start:start + part.shape[0]], part)
+    counts = torch.bincount(ids, minlength=k)
+    return sums / counts.clamp_min(1).unsqueeze(1), counts
+
+
 def offsets(sizes: torch.Tensor) -> torch.Tensor:
     """(n + 1,) int64 exclusive prefix sum of (n,) sizes."""
     out = torch.zeros(sizes.shape[0] + 1, dtype=torch.int64, device=sizes.device)

@@ -32,6 +32,7 @@ from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 
+from . import _cells
 from ._faiss import faiss_threads
 from .nearest import nearest
 
@@ -51,7 +52,7 @@ FAISS_ASSIGN_MAX_K = 16384
 #: the two every Lloyd iteration made a k = 200, M = 4,000, d = 32 build take 0.5-2.7 s on the
 #: 2-core CI machine instead of 0.1 s with one FAISS thread, while the threads save < 1 ms here.
 SMALL_ASSIGN_MACS = 1 << 26
-#: rows converted to float64 at a time in the centroid update (bounds the fp64 buffer)
+#: rows of x read at a time by the chunked passes over the training rows
 _UPDATE_CHUNK_ROWS = 2048
 
 #: ``assign(x: (n, d), centroids: (k, d)) -> (ids (n,) int64, dists (n,) float32)``: the nearest
@@ -105,20 +106,8 @@ def fast_assign(x: torch.Tensor, centroids: torch.Tensor) -> Tuple[torch.Tensor,
         return nearest(x, centroids, backend="faiss")
 
 
-def _update_centroids(x: torch.Tensor, ids: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Means of the clusters, summed in float64: centroids (k, d) fp64 (0 for an empty cluster)
-    and member counts (k,) int64."""
-    # x: (n, d) float, ids: (n,) int64
-    sums = torch.zeros((k, x.shape[1]), dtype=torch.float64, device=x.device)
-    # one fp64 staging buffer, refilled per chunk: a fresh fp64 copy per chunk cost 2.5x the time
-    # (page faults of the new allocation) at n = 25,600, d = 1152
-    staging = torch.empty((min(_UPDATE_CHUNK_ROWS, x.shape[0]), x.shape[1]), dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[0], _UPDATE_CHUNK_ROWS):
-        part = staging[:min(_UPDATE_CHUNK_ROWS, x.shape[0] - start)]
-        part.copy_(x[start:start + part.shape[0]])
-        sums.index_add_(0, ids[start:start + part.shape[0]], part)
-    counts = torch.bincount(ids, minlength=k)
-    return sums / counts.clamp_min(1).unsqueeze(1), counts
+#: the means of the clusters (float64 sums; tests patch this name)
+_update_centroids = _cells.cluster_means
 
 
 # ----------------------------------------------------------------------------------------------

@@ -864,7 +864,7 @@ def _codebook_cells(codebook: torch.Tensor) -> _cells.Cells:
     """A partition of ``codebook: (K, d)`` into about sqrt(K) cells for the exact cell scan."""
     import faiss
 
-    k, d = codebook.shape
+    k = codebook.shape[0]
     n_cells = _cell_count(k)
 
     def rows32(index: torch.Tensor) -> torch.Tensor:
@@ -879,10 +879,9 @@ def _codebook_cells(codebook: torch.Tensor) -> _cells.Cells:
         train32 = rows32(train)
         for _ in range(CELLS_NITER):
             cell = assign(train32, centres)
-            sums = torch.zeros((n_cells, d), dtype=torch.float64).index_add_(0, cell, train32.double())
-            counts = torch.bincount(cell, minlength=n_cells)
+            means, counts = _cells.cluster_means(train32, cell, n_cells)
             filled = counts > 0
-            centres[filled] = (sums[filled] / counts[filled].unsqueeze(1)).float()
+            centres[filled] = means[filled].float()
         cell = torch.empty(k, dtype=torch.int64)
         for start in range(0, k, STAT_CHUNK):
             cell[start:start + STAT_CHUNK] = assign(rows32(torch.arange(start, min(k, start + STAT_CHUNK))), centres)
