@@ -19,12 +19,11 @@ ties go to the lowest code index.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Tuple, Union
 
 import torch
 
-from . import _dispatch, _nearest_cpu
+from . import _dispatch, _nearest_cpu, _scaling
 from ._cache import per_tensor
 from ._certified import ieee_fp32_matmul
 from ._checks import (
@@ -40,9 +39,6 @@ from .codebook import Codebook, codebook_matrix
 from .profiling import stage
 
 METRICS = ("l2", "ip", "cos")
-#: inputs whose largest magnitude is outside 2^-SAFE_EXPONENT .. 2^SAFE_EXPONENT are first scaled
-#: by a power of two (see _rescale_exponent)
-SAFE_EXPONENT = 20
 BACKENDS = _dispatch.backends("nearest")
 
 def nearest(
@@ -104,14 +100,14 @@ def _search(xt: torch.Tensor, cb: torch.Tensor, metric: str, backend: str):
 
     if metric == "cos":
         # cosine ignores each row's scale: bring every row's magnitude into range on its own
-        x2d = _rows_rescaled(x2d)
+        x2d = _scaling.rows_rescaled(x2d)
         # cached only as a copy (or None): a cached codebook itself would keep its key alive
-        rescaled = per_tensor(cb, ("rows_rescaled",), lambda c: r if (r := _rows_rescaled(c)) is not c else None)
+        rescaled = per_tensor(cb, ("rows_rescaled",), lambda c: r if (r := _scaling.rows_rescaled(c)) is not c else None)
         cb = cb if rescaled is None else rescaled
     # (the finiteness pass found x's largest magnitude; cos has just rescaled its rows)
-    exponent = _rescale_exponent(x2d, cb, None if metric == "cos" else x_absmax)
+    exponent = _scaling.rescale_exponent(x2d, cb, None if metric == "cos" else x_absmax)
     if exponent:
-        x2d, cb = _rescaled(x2d, cb, exponent)
+        x2d, cb = _scaling.rescaled(x2d, cb, exponent)
 
     with stage(f"nearest/{resolved}"):
         if resolved == "triton":
@@ -126,75 +122,8 @@ def _search(xt: torch.Tensor, cb: torch.Tensor, metric: str, backend: str):
         # a backend bug must never reach the caller as an out-of-range read of C2
         raise RuntimeError(f"internal error: backend {resolved!r} returned an id outside [0, {cb.shape[0]})")
     if exponent:
-        dists = _unscaled_dists(dists, exponent, metric)
+        dists = _scaling.unscaled_dists(dists, exponent, metric)
     return ids, dists, lead
-
-
-def _rescale_exponent(x: torch.Tensor, codebook: torch.Tensor, x_absmax: Optional[float] = None) -> int:
-    """``e`` such that x / 2^e and codebook / 2^e have their largest magnitude in [0.5, 1), or 0
-    when the inputs already lie within 2^-SAFE_EXPONENT .. 2^SAFE_EXPONENT.
-
-    Every backend computes in fp32 at some stage (filters, GEMMs, FAISS), where squares of very
-    large entries overflow and of very small ones underflow, and the rounding bounds of the exact
-    CPU path assume neither. The nearest codeword does not change when both sides are scaled by
-    the same positive factor, and a power of two scales exactly.
-    """
-    # x: (N, d), codebook: (K, d)
-    largest = max(_absmax(x) if x_absmax is None else x_absmax, per_tensor(codebook, ("absmax",), _absmax))
-    if largest == 0.0:
-        return 0
-    exponent = math.frexp(largest)[1]
-    return exponent if abs(exponent) > SAFE_EXPONENT else 0
-
-
-def _absmax(t: torch.Tensor) -> float:
-    if t.numel() == 0:
-        return 0.0
-    lo, hi = torch.aminmax(t)
-    return max(abs(float(lo)), abs(float(hi)))
-
-
-def _rescaled(x: torch.Tensor, codebook: torch.Tensor, exponent: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """x / 2^exponent and codebook / 2^exponent, exactly (float64 inputs stay float64, others are
-    scaled in float32, whose range holds every fp16 / bf16 / fp32 value scaled this way)."""
-    dtype = _dispatch.torch_dtype(x, codebook)
-    x = torch.ldexp(x.to(dtype), torch.tensor(-exponent, dtype=torch.int32))
-    # one scaled copy per codebook, replaced when another exponent is needed
-    codebook = per_tensor(codebook, ("rescaled",),
-                          lambda c: torch.ldexp(c.to(dtype), torch.tensor(-exponent, dtype=torch.int32)),
-                          stamp=(exponent, dtype))
-    return x, codebook
-
-
-def _rows_rescaled(t: torch.Tensor) -> torch.Tensor:
-    """``t: (R, d)`` with each row scaled by a power of two into [0.5, 1) absmax where a row's
-    largest magnitude lies outside 2^-SAFE_EXPONENT .. 2^SAFE_EXPONENT (else ``t`` itself)."""
-    if t.numel() == 0:
-        return t
-    _, exponents = torch.frexp(t.abs().amax(dim=1))
-    if int(exponents.abs().max()) <= SAFE_EXPONENT:
-        return t
-    t = t.to(_dispatch.torch_dtype(t))
-    return torch.ldexp(t, -exponents.to(torch.int32).unsqueeze(1))
-
-
-def _unscaled_dists(dists: torch.Tensor, exponent: int, metric: str) -> torch.Tensor:
-    """The distances of the original inputs from those of the rescaled ones.
-
-    Raises:
-        ValueError: a distance exceeds the float32 range that dists are returned in.
-    """
-    if metric == "cos":
-        return dists
-    # both sides were scaled by 2^-exponent: squared distances and inner products by 2^-2*exponent
-    scaled = torch.ldexp(dists.double(), torch.tensor(2 * exponent, dtype=torch.int32))
-    if scaled.numel() and float(scaled.abs().max()) > torch.finfo(torch.float32).max:
-        what = "squared L2 distances" if metric == "l2" else "inner products"
-        raise ValueError(
-            f"{what} exceed the float32 range of dists ({torch.finfo(torch.float32).max:.3g}): the largest is "
-            f"{float(scaled.abs().max()):.3g}; scale x and the codebook down (their entries reach 2^{exponent})"
-        )
-    return scaled.float()
 
 
 def _nearest_triton(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> Tuple[torch.Tensor, torch.Tensor]:
