@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional
 
 #: kernel modules of this package that expose ``aot_specs()``; every one must exist
-KERNEL_MODULES = ["nearest", "hierarchical", "embedding", "sparse_adamw", "cross_entropy"]
+KERNEL_MODULES = ["nearest", "grouped", "hierarchical", "embedding", "sparse_adamw", "cross_entropy"]
 #: where the package's specs come from: ``module:function`` returning aot spec dicts
 PACKAGE_SPECS = f"{__name__}:kernel_specs"
 #: CUDA compute capabilities Triton's NVIDIA backend compiles for (sm_75 Turing .. sm_121)

@@ -43,13 +43,13 @@ AUTOTUNE_ENV = "UNICODE2_FAST_AUTOTUNE"
 
 @triton.jit
 def _nearest_kernel(
-    x_ptr,            # (N, D) queries
-    c_ptr,            # (K, D) codewords
-    cstat_ptr,        # (K,) fp32: ||c||^2 for l2, 1/||c|| for cos, unused for ip
-    part_val_ptr,     # (n_splits, N) fp32 partial minima
-    part_idx_ptr,     # (n_splits, N) int64 partial argmins
-    N, K, D,
-    stride_xn, stride_xd, stride_ck, stride_cd,
+    x_ptr,            # (G, N, D) queries: group g searches codebook g
+    c_ptr,            # (G, K, D) codewords
+    cstat_ptr,        # (G, K) fp32: ||c||^2 for l2, 1/||c|| for cos, unused for ip
+    part_val_ptr,     # (n_splits, G, N) fp32 partial minima
+    part_idx_ptr,     # (n_splits, G, N) int64 partial argmins
+    N, K, D, G,
+    stride_xg, stride_xn, stride_xd, stride_cg, stride_ck, stride_cd, stride_sg,
     k_per_split,      # codewords per split, a multiple of BLOCK_K
     METRIC: tl.constexpr,
     IEEE: tl.constexpr,
@@ -59,11 +59,15 @@ def _nearest_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
+    pid_g = tl.program_id(2).to(tl.int64)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     mask_n = offs_n < N
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     k_start = pid_s.to(tl.int64) * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    x_ptr += pid_g * stride_xg
+    c_ptr += pid_g * stride_cg
+    cstat_ptr += pid_g * stride_sg
 
     best_val = tl.full((BLOCK_N,), float("inf"), tl.float32)
     best_idx = tl.zeros((BLOCK_N,), tl.int64)
@@ -98,7 +102,7 @@ def _nearest_kernel(
         best_val = tl.where(better, blk_val, best_val)
         best_idx = tl.where(better, blk_idx, best_idx)
 
-    out = pid_s.to(tl.int64) * N + offs_n
+    out = (pid_s.to(tl.int64) * G + pid_g) * N + offs_n
     tl.store(part_val_ptr + out, best_val, mask=mask_n)
     tl.store(part_idx_ptr + out, best_idx, mask=mask_n)
 
@@ -145,12 +149,12 @@ def choose_splits(n: int, k: int, block_n: int, block_k: int, num_sms: int) -> i
 
 
 def reduce_splits(part_val: torch.Tensor, part_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Reduce (n_splits, N) partial minima to (N,), ties to the lowest code index.
+    """Reduce (n_splits, ...) partial minima to (...), ties to the lowest code index.
 
     Split s covers lower codeword indices than split s + 1, so among equal minima the smallest
     index is the one required by the tie rule.
     """
-    # part_val, part_idx: (S, N)
+    # part_val, part_idx: (S, ...) -- (S, G, N) from the kernel
     best_val = part_val.min(dim=0).values
     is_best = part_val == best_val.unsqueeze(0)
     sentinel = torch.iinfo(torch.int64).max
@@ -183,30 +187,53 @@ def nearest_triton(
         ValueError / TypeError for shape, dtype, device or metric problems.
     """
     # x: (N, d), codebook: (K, d)
-    if metric not in METRIC_CODES:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(METRIC_CODES)}")
     if x.dim() != 2 or codebook.dim() != 2:
         raise ValueError(f"x and codebook must be 2-D, got shapes {tuple(x.shape)} and {tuple(codebook.shape)}")
-    if x.shape[1] != codebook.shape[1]:
-        raise ValueError(f"dimension mismatch: x has dim {x.shape[1]}, codebook has dim {codebook.shape[1]}")
+    check_operands(x, codebook, metric)
+    if cstat is None:
+        cstat = codebook_stat(codebook, metric)
+    ids, best_val = launch(x.unsqueeze(0), codebook.unsqueeze(0), cstat.unsqueeze(0), metric)
+    norms = x_sq_norms if metric == "l2" else x_inv_norms
+    dists = finish_distances(best_val[0], x, metric, norms)
+    return ids[0], dists
+
+
+def check_operands(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> None:
+    """The checks every launch of the kernel needs: metric, last dimensions, dtypes, devices, K > 0.
+
+    ``x``: (..., d) and ``codebook``: (..., K, d).
+    """
+    if metric not in METRIC_CODES:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(METRIC_CODES)}")
+    if x.shape[-1] != codebook.shape[-1]:
+        raise ValueError(f"dimension mismatch: x has dim {x.shape[-1]}, codebook has dim {codebook.shape[-1]}")
     if x.dtype != codebook.dtype or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(
             f"triton backend needs x and codebook of one dtype among float32/float16/bfloat16, got {x.dtype} and {codebook.dtype}"
         )
     if x.device != codebook.device:
         raise ValueError(f"x is on {x.device} but the codebook is on {codebook.device}")
-    if codebook.shape[0] == 0:
+    if codebook.shape[-2] == 0:
         raise ValueError("empty codebook (K = 0)")
-    n, d = x.shape
-    k = codebook.shape[0]
+
+
+def launch(x: torch.Tensor, codebooks: torch.Tensor, cstat: torch.Tensor, metric: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One launch of the kernel over (query tile, K-split, group): group g of ``x`` searches
+    codebook g. Inputs are checked by the caller (``check_operands``); any strides.
+
+    Args:
+        x: (G, N, d), codebooks: (G, K, d), cstat: (G, K) fp32 (see ``codebook_stat``).
+
+    Returns:
+        ids (G, N) int64 and the kernel's (G, N) fp32 minima: ||c||^2 - 2<x, c> (l2), -<x, c>
+        (ip) or -<x, c>/||c|| (cos); ``finish_distances`` turns them into distances.
+    """
+    g, n, d = x.shape
+    k = codebooks.shape[1]
+    ids = torch.empty((g, n), dtype=torch.int64, device=x.device)
+    if n == 0 or g == 0:
+        return ids, torch.empty((g, n), dtype=torch.float32, device=x.device)
     metric_code = METRIC_CODES[metric]
-    if cstat is None:
-        cstat = codebook_stat(codebook, metric)
-
-    ids = torch.empty(n, dtype=torch.int64, device=x.device)
-    if n == 0:
-        return ids, torch.empty(0, dtype=torch.float32, device=x.device)
-
     ieee = x.dtype == torch.float32
     autotune = os.environ.get(AUTOTUNE_ENV, "0") == "1" and x.device.type == "cuda"
     cfg = DEFAULT_CONFIGS["fp32" if ieee else "tensor_core"]
@@ -214,83 +241,93 @@ def nearest_triton(
     # split is a whole number of tiles for every config.
     block_k_for_split = 256 if autotune else cfg["BLOCK_K"]
     block_n_for_split = 128 if autotune else cfg["BLOCK_N"]
-    n_splits = choose_splits(n, k, block_n_for_split, block_k_for_split, num_sms(x.device))
+    # every group's query tiles fill the device together: the split count sees G x N queries
+    n_splits = choose_splits(g * n, k, block_n_for_split, block_k_for_split, num_sms(x.device))
     k_per_split = triton.cdiv(triton.cdiv(k, n_splits), block_k_for_split) * block_k_for_split
     n_splits = triton.cdiv(k, k_per_split)
 
-    part_val = torch.empty((n_splits, n), dtype=torch.float32, device=x.device)
-    part_idx = torch.empty((n_splits, n), dtype=torch.int64, device=x.device)
+    part_val = torch.empty((n_splits, g, n), dtype=torch.float32, device=x.device)
+    part_idx = torch.empty((n_splits, g, n), dtype=torch.int64, device=x.device)
     args = (
-        x, codebook, cstat, part_val, part_idx, n, k, d,
-        x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1), k_per_split,
+        x, codebooks, cstat, part_val, part_idx, n, k, d, g,
+        x.stride(0), x.stride(1), x.stride(2), codebooks.stride(0), codebooks.stride(1), codebooks.stride(2),
+        cstat.stride(0), k_per_split,
     )
     if autotune:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), n_splits)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), n_splits, g)  # noqa: E731
         _get_autotuned_kernel()[grid](*args, METRIC=metric_code, IEEE=ieee)
     else:
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]), n_splits)
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), n_splits, g)
         _nearest_kernel[grid](
             *args, METRIC=metric_code, IEEE=ieee,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     best_val, ids = reduce_splits(part_val, part_idx)
+    return ids, best_val
 
-    if metric_code == METRIC_L2:
-        if x_sq_norms is None:
-            x_sq_norms = x.float().pow(2).sum(dim=1)
-        dists = (best_val + x_sq_norms).clamp_min_(0.0)
-    elif metric_code == METRIC_IP:
-        dists = best_val
-    else:
-        if x_inv_norms is None:
-            x_inv_norms = x.float().norm(dim=1).reciprocal()
-        dists = 1.0 + best_val * x_inv_norms
-    return ids, dists
+
+def finish_distances(best_val: torch.Tensor, x: torch.Tensor, metric: str,
+                     norms: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Distances from the kernel's minima ``best_val`` (...,) of the queries ``x`` (..., d).
+
+    ``norms``: optional precomputed fp32 ||x||^2 (l2) or 1/||x|| (cos), shape (...,).
+    """
+    if metric == "l2":
+        if norms is None:
+            norms = x.float().pow(2).sum(dim=-1)
+        return (best_val + norms).clamp_min_(0.0)
+    if metric == "ip":
+        return best_val
+    if norms is None:
+        norms = x.float().norm(dim=-1).reciprocal()
+    return 1.0 + best_val * norms
 
 
 def codebook_stat(codebook: torch.Tensor, metric: str) -> torch.Tensor:
-    """(K,) fp32 per-codeword statistic the kernel needs for ``metric`` (computed in fp64)."""
-    # codebook: (K, d)
+    """(..., K) fp32 per-codeword statistic the kernel needs for ``metric`` (computed in fp64)."""
+    # codebook: (..., K, d)
     if metric == "l2":
-        return codebook.double().pow(2).sum(dim=1).float()
+        return codebook.double().pow(2).sum(dim=-1).float()
     if metric == "cos":
-        return codebook.double().norm(dim=1).reciprocal().float()
-    return torch.zeros(codebook.shape[0], dtype=torch.float32, device=codebook.device)
+        return codebook.double().norm(dim=-1).reciprocal().float()
+    return torch.zeros(codebook.shape[:-1], dtype=torch.float32, device=codebook.device)
+
+
+def aot_spec(name: str, dtype: str, runtime_values: Dict[str, int]) -> dict:
+    """The ahead-of-time compile spec of the kernel for one dtype ("bf16" / "fp16" / "fp32") and
+    the integer arguments of a representative launch (see ``compile.py``)."""
+    cfg = DEFAULT_CONFIGS["fp32" if dtype == "fp32" else "tensor_core"]
+    return dict(
+        name=name,
+        dtype=dtype,
+        fn=_nearest_kernel,
+        signature={
+            "x_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "cstat_ptr": "*fp32",
+            "part_val_ptr": "*fp32", "part_idx_ptr": "*i64",
+            "N": "i32", "K": "i32", "D": "i32", "G": "i32",
+            "stride_xg": "i64", "stride_xn": "i64", "stride_xd": "i64",
+            "stride_cg": "i64", "stride_ck": "i64", "stride_cd": "i64", "stride_sg": "i64",
+            "k_per_split": "i32",
+            "METRIC": "constexpr", "IEEE": "constexpr",
+            "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr",
+        },
+        constexprs=dict(
+            METRIC=METRIC_L2, IEEE=dtype == "fp32",
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"],
+        ),
+        runtime_values=runtime_values,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        expect_wgmma=dtype != "fp32",
+    )
 
 
 def aot_specs() -> List[dict]:
-    """Signatures the ahead-of-time compile report builds this kernel with, one per dtype."""
-    specs = []
-    for dtype, tname in (("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32")):
-        cfg = DEFAULT_CONFIGS["fp32" if dtype == "fp32" else "tensor_core"]
-        specs.append(
-            dict(
-                name="nearest",
-                dtype=dtype,
-                fn=_nearest_kernel,
-                signature={
-                    "x_ptr": f"*{tname}", "c_ptr": f"*{tname}", "cstat_ptr": "*fp32",
-                    "part_val_ptr": "*fp32", "part_idx_ptr": "*i64",
-                    "N": "i32", "K": "i32", "D": "i32",
-                    "stride_xn": "i64", "stride_xd": "i64", "stride_ck": "i64", "stride_cd": "i64",
-                    "k_per_split": "i32",
-                    "METRIC": "constexpr", "IEEE": "constexpr",
-                    "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr",
-                },
-                constexprs=dict(
-                    METRIC=METRIC_L2, IEEE=dtype == "fp32",
-                    BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"],
-                ),
-                # what the JIT specialises on for contiguous (K=500K, d=1152) inputs: unit strides
-                # become constants, multiples of 16 get divisibility hints (vectorised loads)
-                runtime_values=dict(
-                    N=2916, K=500_000, D=1152, stride_xn=1152, stride_xd=1, stride_ck=1152, stride_cd=1,
-                    k_per_split=41728,
-                ),
-                num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"],
-                expect_wgmma=dtype != "fp32",
-            )
-        )
-    return specs
+    """Signatures the ahead-of-time compile report builds this kernel with, one per dtype: what
+    the JIT specialises on for contiguous (N = 2916, K = 500K, d = 1152) inputs, where unit strides
+    become constants and multiples of 16 get divisibility hints (vectorised loads)."""
+    n, k, d = 2916, 500_000, 1152
+    values = dict(N=n, K=k, D=d, G=1, stride_xg=n * d, stride_xn=d, stride_xd=1, stride_cg=k * d,
+                  stride_ck=d, stride_cd=1, stride_sg=k, k_per_split=41728)
+    return [aot_spec("nearest", dtype, values) for dtype in ("bf16", "fp16", "fp32")]

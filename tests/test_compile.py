@@ -13,6 +13,7 @@ PROBES = str(Path(__file__).with_name("aot_probes.py"))
 #: every (kernel, dtype) variant the package ships: deleting a kernel or a dtype fails here
 EXPECTED_VARIANTS = {
     ("nearest", "bf16"), ("nearest", "fp16"), ("nearest", "fp32"),
+    ("nearest_grouped", "bf16"), ("nearest_grouped", "fp16"), ("nearest_grouped", "fp32"),
     ("hierarchical", "bf16"), ("hierarchical", "fp32"),
     ("embedding_backward", "bf16"), ("embedding_backward", "fp16"), ("embedding_backward", "fp32"),
     ("sparse_adamw", "bf16"), ("sparse_adamw", "fp32"),
