@@ -17,8 +17,12 @@ _LAZY = {
     "HierarchicalIndex": ".hierarchical",
     "gathered_embedding": ".embedding",
     "SparseRowAdamW": ".sparse_adamw",
+    "nearest_grouped": ".grouped",
     "CascadedQuantizer": ".quantizer",
     "VectorQuantizer": ".quantizer",
+    "MultiCodebookQuantizer": ".quantizer",
+    "ResidualQuantizer": ".quantizer",
+    "EMACodebook": ".quantizer",
     "large_vocab_cross_entropy": ".cross_entropy",
     "info_nce": ".cross_entropy",
 }

@@ -25,6 +25,7 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: the backends each op accepts
 OP_BACKENDS: Dict[str, Tuple[str, ...]] = {
     "nearest": ("auto", "triton", "torch", "faiss"),
+    "nearest_grouped": ("auto", "triton", "torch", "faiss"),
     "hierarchical": ("auto", "triton", "torch"),
     "embedding": ("auto", "triton", "torch"),
     "sparse_adamw": ("auto", "triton", "torch"),

@@ -578,7 +578,7 @@ class _FlatCodebook:
         self.center = _column_mean(codebook) if metric == "l2" else None  # fp64
         # exact duplicate codewords (flat image regions sample the same patch many times) would
         # all tie and overflow any top-k: FAISS scans one copy, ids map back to the lowest index
-        self.ids = _first_of_duplicates(codebook)  # (K',) original id of each scanned row, or None
+        self.ids = first_of_duplicates(codebook)  # (K',) original id of each scanned row, or None
         rows = codebook if self.ids is None else codebook.index_select(0, self.ids)
         if metric == "ip" and self.ids is None and codebook.dtype == torch.float32 and codebook.is_contiguous():
             self.vectors = None
@@ -627,7 +627,7 @@ def _announce_copy(codebook: torch.Tensor, copy: torch.Tensor, what: str) -> Non
         UserWarning, stacklevel=2)
 
 
-def _first_of_duplicates(codebook: torch.Tensor) -> Optional[torch.Tensor]:
+def first_of_duplicates(codebook: torch.Tensor) -> Optional[torch.Tensor]:
     """Sorted original ids of the first occurrence of every distinct row of ``codebook: (K, d)``,
     or None when all rows are distinct. Rows are grouped by a 64-bit hash of their bits, and a
     group is merged only where the rows are bitwise equal to its first row (no hash is trusted)."""

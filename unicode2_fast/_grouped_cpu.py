@@ -1,0 +1,267 @@
+"""The certified-exact CPU path of ``u2.nearest_grouped`` (and the plain scan it is built on).
+
+At UniTok's shape (G = 8 sub-codebooks of K = 4096, chunks of d = 144) a query costs 8 small
+GEMMs; one batched fp32 GEMM over every group per block of queries runs at the BLAS rate, as
+FAISS's product-quantizer encoding does, and beats G separate FAISS searches on small batches
+(FAISS runs well below its speed on calls of a few hundred queries).
+
+Certification: each (query, group) gets the smallest and second smallest fp32 objective and a
+rigorous bound ``e`` on their rounding error. Where the two are more than 2e apart the fp32 winner
+is the exact nearest codeword. The scan works on vectors centred on their group's codebook mean
+(which leaves every argmin unchanged), so ``e``, proportional to the centred norms, stays small
+on data far from the origin (image patches: every pixel positive). The other pairs (near ties,
+duplicated codewords) keep as candidates the codewords whose fp32 objective lies within 2e of the
+minimum -- the true nearest is always among them -- which are settled in float64 from the original
+vectors with the lowest id among equal minima (``_certified``, u2.nearest's re-ranking). A pair with
+more than CANDIDATE_CAP candidates (a mass of duplicates) is settled by the streaming float64
+scan. Scores live one block at a time: at most SCORE_ELEMENTS floats, never N x K.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Tuple
+
+import torch
+
+from . import _certified, _dispatch, _nearest_cpu
+from ._cache import per_tensor
+
+#: fp32 scores (groups x queries x codewords) held at a time: 32 MiB
+SCORE_ELEMENTS = 1 << 23
+#: codewords scored per block; larger codebooks are scanned block by block with a running top 2
+CODE_BLOCK = 8192
+#: scores reduced per run by the two-step minimum of _top2 (divides CODE_BLOCK)
+SUB_BLOCK = 128
+#: smallest normal fp32 number: each product below it may lose up to this much to underflow
+_FP32_TINY = 2.0 ** -126
+
+
+class _Prepared(NamedTuple):
+    """The codebooks as the scan multiplies them (see :func:`_prepared`)."""
+
+    blocks: List[torch.Tensor]  # contiguous (G, d + 1, <= CODE_BLOCK) column blocks
+    center: torch.Tensor  # (G, d) float64 subtracted from the codewords (and the l2 queries)
+    norm_max: torch.Tensor  # (G,) float64 largest norm of a centred (stored) codeword
+
+
+def scan(x: torch.Tensor, codebooks: torch.Tensor, metric: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Blocked batched matmul + argmin in the torch compute dtype (fp32, or float64 for float64
+    inputs) on any device: the CUDA "torch" backend.
+
+    x: (N, G, d), codebooks: (G, K, d). Returns ids (N, G) int64, dists (N, G) fp32.
+    """
+    dtype = _dispatch.torch_dtype(x, codebooks)
+    ids, _, _ = _top2(x, _prepared(codebooks, metric, dtype), metric, dtype)
+    return ids.t().contiguous(), _pair_distances(x, codebooks, ids.t(), metric)
+
+
+def nearest_grouped_cpu(x: torch.Tensor, codebooks: torch.Tensor, metric: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact nearest codeword per group on the CPU.
+
+    x: (N, G, d) finite queries, codebooks: (G, K, d) finite codewords (inputs rescaled into the
+    safe range by the caller). Returns ids (N, G) int64 and dists (N, G) fp32.
+    """
+    n, groups, d = x.shape
+    if n == 0:
+        return torch.empty((0, groups), dtype=torch.int64), torch.empty((0, groups), dtype=torch.float32)
+    if x.dtype == torch.float64 or codebooks.dtype == torch.float64:
+        # converting float64 to fp32 would add an error the bound does not cover: u2.nearest's
+        # exact engine, group by group
+        ids = torch.stack([_nearest_cpu.nearest_cpu(x[:, g].contiguous(), codebooks[g].contiguous(), metric)[0]
+                           for g in range(groups)], dim=1)
+        return ids, _pair_distances(x, codebooks, ids, metric)
+    prep = _prepared(codebooks, metric, torch.float32)
+    ids, first, second = _top2(x, prep, metric, torch.float32)
+    bound = _rounding_bound(x, prep, metric)  # (G, N) fp64
+    pair_group, pair_row = ((second.double() - first.double()) <= 2.0 * bound).nonzero(as_tuple=True)
+    if pair_group.numel():
+        window = first[pair_group, pair_row].double() + 2.0 * bound[pair_group, pair_row]
+        ids[pair_group, pair_row] = settle(x, codebooks, prep, pair_group, pair_row, window, metric)
+    ids = ids.t().contiguous()  # (N, G)
+    return ids, _pair_distances(x, codebooks, ids, metric)
+
+
+def settle(x: torch.Tensor, codebooks: torch.Tensor, prep: _Prepared, pair_group: torch.Tensor,
+           pair_row: torch.Tensor, window: torch.Tensor, metric: str) -> torch.Tensor:
+    """Exact ids of the (group, query) pairs the fp32 pass could not certify.
+
+    Each pair's fp32 objectives are computed again (a GEMM of its group's uncertain queries) and
+    the codewords within ``window`` (the pair's minimum + 2e, float64) are its candidates; they are
+    compared in float64 from the original vectors, ties to the lowest id.
+
+    x: (N, G, d), codebooks: (G, K, d); pair_group, pair_row: (P,) int64; window: (P,) float64.
+    Returns (P,) int64 ids.
+    """
+    k = codebooks.shape[1]
+    out = torch.empty(pair_group.shape[0], dtype=torch.int64)
+    for g in pair_group.unique().tolist():
+        which = (pair_group == g).nonzero().squeeze(1)  # pairs of this group
+        rows = pair_row[which]
+        one = _Prepared([b[g:g + 1] for b in prep.blocks], prep.center[g:g + 1], prep.norm_max[g:g + 1])
+        cand_pair, cand_col = [], []
+        rows_per_chunk = max(1, SCORE_ELEMENTS // min(k, CODE_BLOCK))
+        for start in range(0, rows.numel(), rows_per_chunk):
+            chunk = rows[start:start + rows_per_chunk]
+            queries = _queries(x[chunk, g:g + 1], one, metric, torch.float32)  # (1, m, d + 1)
+            # the fp32 window, rounded up so that it keeps every pair the float64 one keeps
+            limit = window[which[start:start + rows_per_chunk]].float()
+            limit = torch.nextafter(limit, torch.tensor(float("inf")))
+            for b, block in enumerate(one.blocks):
+                scores = torch.bmm(queries, block)[0]  # (m, cols)
+                r, c = (scores <= limit[:, None]).nonzero(as_tuple=True)
+                cand_pair.append(r + start)
+                cand_col.append(c + b * CODE_BLOCK)
+        cand_pair, cand_col = torch.cat(cand_pair), torch.cat(cand_col)
+        keep = cand_col < k  # the padding columns score +inf; never within a window
+        cand_pair, cand_col = cand_pair[keep], cand_col[keep]
+        crowded = torch.bincount(cand_pair, minlength=rows.numel()) > _certified.CANDIDATE_CAP
+        keep = ~crowded[cand_pair]
+        cand_pair, cand_col = cand_pair[keep], cand_col[keep]
+        group_x = x[rows, g]  # (m, d)
+        obj, _ = _certified.pair_objective(group_x, codebooks[g], cand_pair, cand_col, metric, dtype=torch.float64)
+        best, _ = _certified.lowest_of_min(rows.numel(), cand_pair, cand_col, obj)
+        if bool(crowded.any()):
+            best[crowded] = _nearest_cpu.exact_scan(group_x[crowded], codebooks[g], metric)[0]
+        out[which] = best
+    return out
+
+
+def _prepared(codebooks: torch.Tensor, metric: str, dtype: torch.dtype) -> _Prepared:
+    """The codebooks as the scan multiplies them, cached per codebooks version.
+
+    Column k of the (G, d + 1, K') matrix (K' = K rounded up to a multiple of SUB_BLOCK) is
+    codeword k minus its group's mean (a unit codeword for "cos", normalised in float64), rounded
+    to ``dtype``, followed by its additive term: ||c'||^2 for l2, 0 for ip / cos; the padding
+    columns are zero codewords with term +inf (never chosen), as are later exact copies of a
+    codeword (on the CPU). With the queries as [-2x', 1] (l2)
+    or [-x, 1], one plain batched GEMM yields the objective: no separate pass adds the term (a
+    broadcast ``baddbmm`` input costs a full copy of the scores first). Centring changes no
+    argmin: for l2 both sides move, for ip / cos the query's <x, mean> is the same for every code.
+    """
+    def build(c: torch.Tensor) -> _Prepared:
+        groups, k, d = c.shape
+        padded = -(-k // SUB_BLOCK) * SUB_BLOCK
+        c64 = c.double()
+        if metric == "cos":
+            c64 = c64 / c64.norm(dim=-1, keepdim=True)
+        center = c64.mean(dim=1)  # (G, d)
+        stored = (c64 - center[:, None]).to(dtype)  # what the GEMM multiplies
+        c_t = torch.zeros((groups, d + 1, padded), dtype=dtype, device=c.device)
+        c_t[:, :d, :k] = stored.transpose(1, 2)
+        c_t[:, d, k:] = float("inf")
+        if metric == "l2":
+            c_t[:, d, :k] = stored.double().pow(2).sum(dim=-1)
+        for g in range(groups):
+            # a later exact copy of a codeword can only tie with it, and the tie goes to the
+            # first: scoring the copies +inf keeps them out of every certification and window
+            distinct = _nearest_cpu.first_of_duplicates(c[g].cpu()) if c.device.type == "cpu" else None
+            if distinct is not None:
+                copies = torch.ones(k, dtype=torch.bool)
+                copies[distinct] = False
+                c_t[g, d, :k][copies] = float("inf")
+        blocks = [c_t[:, :, k0:k0 + CODE_BLOCK].contiguous() for k0 in range(0, padded, CODE_BLOCK)]
+        return _Prepared(blocks, center, stored.double().norm(dim=-1).amax(dim=1))
+
+    return per_tensor(codebooks, ("grouped_scan", metric, dtype), build)
+
+
+def _queries(x: torch.Tensor, prep: _Prepared, metric: str, dtype: torch.dtype) -> torch.Tensor:
+    """(G, n, d + 1) contiguous [-2x', 1] (l2: x' = x - the group's mean, in float64) or [-x, 1]
+    (ip; cos on unit rows normalised in float64) in ``dtype``, for x (n, G, d)."""
+    n, groups, d = x.shape
+    if metric == "l2":
+        x = x.double() - prep.center
+    elif metric == "cos":
+        x = x.double()
+        x = x / x.norm(dim=-1, keepdim=True)
+    out = torch.empty((groups, n, d + 1), dtype=dtype, device=x.device)
+    torch.mul(x.transpose(0, 1), -2.0 if metric == "l2" else -1.0, out=out[:, :, :d])  # exact scaling
+    out[:, :, d] = 1.0
+    return out
+
+
+def _top2(x: torch.Tensor, prep: _Prepared, metric: str, dtype: torch.dtype):
+    """Per (group, query): argmin, smallest and second smallest objective of the scan, where the
+    objective is ||c'||^2 - 2<x', c'> (l2, centred vectors) or -<x, c'> (ip, and cos on unit rows).
+
+    The minimum is found in two steps, since a full argmin over the scores costs 3-4x a min
+    (torch's argmin does not vectorise here): the minimum of every run of SUB_BLOCK scores, then
+    the argmin among those minima and the argmin inside the winning run, which also give the
+    second smallest value (the smallest of the other runs' minima and of the winning run's rest).
+
+    x: (N, G, d). Returns ids (G, N) int64, first (G, N), second (G, N) in ``dtype``; the lowest
+    index wins a tie (first minimum of each argmin, blocks in order).
+    """
+    n, groups, _ = x.shape
+    rows = max(1, SCORE_ELEMENTS // (groups * prep.blocks[0].shape[2]))
+    ids = torch.zeros((groups, n), dtype=torch.int64, device=x.device)
+    first = torch.full((groups, n), float("inf"), dtype=dtype, device=x.device)
+    second = torch.full((groups, n), float("inf"), dtype=dtype, device=x.device)
+    buffers = {}  # (rows, columns) -> scores buffer: at most four shapes per call
+    for start in range(0, n, rows):
+        xs = _queries(x[start:start + rows], prep, metric, dtype)  # (G, r, d + 1)
+        r = xs.shape[1]
+        for b, c_block in enumerate(prep.blocks):
+            k0, cols = b * CODE_BLOCK, c_block.shape[2]
+            out = buffers.get((r, cols))
+            if out is None:
+                out = buffers[(r, cols)] = torch.empty((groups, r, cols), dtype=dtype, device=x.device)
+            torch.bmm(xs, c_block, out=out)
+            n_runs = cols // SUB_BLOCK
+            runs = out.view(groups * r * n_runs, SUB_BLOCK)
+            run_min = runs.amin(dim=-1).view(groups, r, n_runs)
+            best_run = run_min.argmin(dim=-1, keepdim=True)  # (G, r, 1)
+            v1 = run_min.gather(-1, best_run).squeeze(-1)
+            which = torch.arange(groups * r, device=x.device) * n_runs + best_run.reshape(-1)
+            inner = runs.index_select(0, which)  # (G * r, SUB) copy of each winning run
+            pos = inner.argmin(dim=-1, keepdim=True)
+            v2 = torch.minimum(inner.scatter_(-1, pos, float("inf")).amin(dim=-1).view(groups, r),
+                               run_min.scatter_(-1, best_run, float("inf")).amin(dim=-1))
+            arg = best_run.squeeze(-1) * SUB_BLOCK + pos.view(groups, r) + k0
+            f, s, i = first[:, start:start + r], second[:, start:start + r], ids[:, start:start + r]
+            better = v1 < f  # strictly: an equal value in a later block keeps the lower id
+            s.copy_(torch.where(better, torch.minimum(f, v2), torch.minimum(s, v1)))
+            i.copy_(torch.where(better, arg, i))
+            f.copy_(torch.minimum(f, v1))
+    return ids, first, second
+
+
+def _rounding_bound(x: torch.Tensor, prep: _Prepared, metric: str) -> torch.Tensor:
+    """(G, N) float64 bound on the fp32 error of every objective of a (query, group) in the scan.
+
+    The GEMM sums d + 1 products; its error is within gamma = (d + 5) u (u = 2^-24) times the sum
+    of their magnitudes whatever the summation order. With X' the centred (l2) or unit (cos) query
+    norm, X for ip, and C' the group's largest stored centred codeword norm:
+    l2: products -2 x'_i c'_i and 1 * ||c'||^2 give gamma (2 X' C' + C'^2); ||c'||^2 is rounded to
+    fp32 (u C'^2); and x', c' themselves are the centred vectors rounded to fp32 (each entry within
+    u), which moves the objective by at most 2.01 u (C'^2 + 2 X' C'). ip: gamma X C' + 2.01 u X C'
+    (rounded codewords). cos: gamma (1 + u) C' + 2.01 u C' (rounded unit query and centred
+    codeword). Everything times 1.01, plus d + 1 products that may underflow.
+    """
+    d = x.shape[-1]
+    u = _certified.U32
+    gamma = _certified.sum_rounding(d + 1, u)
+    c = prep.norm_max[:, None]  # (G, 1)
+    tiny = (d + 5) * _FP32_TINY
+    if metric == "cos":
+        value = (gamma * (1.0 + u) + 2.01 * u) * c
+        return (1.01 * (value + tiny)).expand(-1, x.shape[0]).contiguous()
+    if metric == "l2":
+        x_norm = (x.double() - prep.center).norm(dim=-1).t() * (1.0 + u)  # (G, N), of the rounded x'
+        value = gamma * (2.0 * x_norm * c + c * c) + u * c * c + 2.01 * u * (c * c + 2.0 * x_norm * c)
+    else:
+        x_norm = x.double().norm(dim=-1).t()
+        value = (gamma + 2.01 * u) * x_norm * c
+    return 1.01 * (value + tiny)
+
+
+def _pair_distances(x: torch.Tensor, codebooks: torch.Tensor, ids: torch.Tensor, metric: str) -> torch.Tensor:
+    """(N, G) fp32 distances of the chosen pairs, computed in float64 from the original vectors
+    (the same arithmetic as ``u2.nearest``'s re-ranking). ids: (N, G)."""
+    n, groups, d = x.shape
+    k = codebooks.shape[1]
+    rows = torch.arange(n * groups, device=x.device)
+    cols = (ids + torch.arange(groups, device=x.device) * k).reshape(-1)  # rows of the (G * K, d) codebooks
+    obj, _ = _certified.pair_objective(x.reshape(-1, d), codebooks.reshape(-1, d), rows, cols, metric,
+                                       dtype=torch.float64)
+    dists = obj if metric != "cos" else 1.0 + obj
+    return dists.float().reshape(n, groups)
