@@ -35,9 +35,9 @@ def researched(monkeypatch):
     calls = []
     original = _grouped_cpu.settle
 
-    def counting(x, codebooks, prep, pair_group, pair_row, window, metric):
+    def counting(x, codebooks, pair_group, pair_row, cand_pair, cand_col, metric):
         calls.append(pair_group.numel())
-        return original(x, codebooks, prep, pair_group, pair_row, window, metric)
+        return original(x, codebooks, pair_group, pair_row, cand_pair, cand_col, metric)
 
     monkeypatch.setattr(_grouped_cpu, "settle", counting)
     return calls
@@ -138,8 +138,8 @@ def test_rounding_bound_covers_the_fp32_error():
         x, codebooks = x * scale + 3 * scale, codebooks * scale + 2 * scale
         for metric in METRICS:
             prep = _grouped_cpu._prepared(codebooks, metric, torch.float32)
-            _, first, _ = _grouped_cpu._top2(x, prep, metric, torch.float32)
-            bound = _grouped_cpu._rounding_bound(x, prep, metric)
+            _, first, _, x_norm, _ = _grouped_cpu._top2(x, prep, metric, torch.float32)
+            bound = _grouped_cpu._rounding_bound(x_norm, prep, metric)
             for g in range(3):
                 # the scan's objective: centred on the group mean m, without the query's own terms
                 xg, m = x[:, g].double(), prep.center[g]

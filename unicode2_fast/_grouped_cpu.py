@@ -50,7 +50,7 @@ def scan(x: torch.Tensor, codebooks: torch.Tensor, metric: str) -> Tuple[torch.T
     x: (N, G, d), codebooks: (G, K, d). Returns ids (N, G) int64, dists (N, G) fp32.
     """
     dtype = _dispatch.torch_dtype(x, codebooks)
-    ids, _, _ = _top2(x, _prepared(codebooks, metric, dtype), metric, dtype)
+    ids, _, _, _, _ = _top2(x, _prepared(codebooks, metric, dtype), metric, dtype)
     return ids.t().contiguous(), _pair_distances(x, codebooks, ids.t(), metric)
 
 
@@ -70,59 +70,72 @@ def nearest_grouped_cpu(x: torch.Tensor, codebooks: torch.Tensor, metric: str) -
                            for g in range(groups)], dim=1)
         return ids, _pair_distances(x, codebooks, ids, metric)
     prep = _prepared(codebooks, metric, torch.float32)
-    ids, first, second = _top2(x, prep, metric, torch.float32)
-    bound = _rounding_bound(x, prep, metric)  # (G, N) fp64
-    pair_group, pair_row = ((second.double() - first.double()) <= 2.0 * bound).nonzero(as_tuple=True)
-    if pair_group.numel():
+    ids, first, second, x_norm, candidates = _top2(x, prep, metric, torch.float32, certify=True)
+    if candidates is None:  # several score blocks: the uncertain pairs' candidates are rescanned
+        bound = _rounding_bound(x_norm, prep, metric)  # (G, N) fp64
+        pair_group, pair_row = ((second.double() - first.double()) <= 2.0 * bound).nonzero(as_tuple=True)
         window = first[pair_group, pair_row].double() + 2.0 * bound[pair_group, pair_row]
-        ids[pair_group, pair_row] = settle(x, codebooks, prep, pair_group, pair_row, window, metric)
+        candidates = _rescan(x, prep, pair_group, pair_row, window, metric)
+    pair_group, pair_row, cand_pair, cand_col = candidates
+    if pair_group.numel():
+        ids[pair_group, pair_row] = settle(x, codebooks, pair_group, pair_row, cand_pair, cand_col, metric)
     ids = ids.t().contiguous()  # (N, G)
     return ids, _pair_distances(x, codebooks, ids, metric)
 
 
-def settle(x: torch.Tensor, codebooks: torch.Tensor, prep: _Prepared, pair_group: torch.Tensor,
-           pair_row: torch.Tensor, window: torch.Tensor, metric: str) -> torch.Tensor:
-    """Exact ids of the (group, query) pairs the fp32 pass could not certify.
+def settle(x: torch.Tensor, codebooks: torch.Tensor, pair_group: torch.Tensor, pair_row: torch.Tensor,
+           cand_pair: torch.Tensor, cand_col: torch.Tensor, metric: str) -> torch.Tensor:
+    """Exact ids of the (group, query) pairs the fp32 pass could not certify, from their
+    candidates (the codewords whose fp32 objective lies within 2e of the pair's minimum): compared
+    in float64 from the original vectors, ties to the lowest id; a pair with more than
+    CANDIDATE_CAP candidates is settled by the streaming float64 scan of its group.
 
-    Each pair's fp32 objectives are computed again (a GEMM of its group's uncertain queries) and
-    the codewords within ``window`` (the pair's minimum + 2e, float64) are its candidates; they are
-    compared in float64 from the original vectors, ties to the lowest id.
-
-    x: (N, G, d), codebooks: (G, K, d); pair_group, pair_row: (P,) int64; window: (P,) float64.
+    x: (N, G, d), codebooks: (G, K, d); pair_group, pair_row: (P,) int64 pairs; cand_pair,
+    cand_col: (C,) int64, candidate c is codeword cand_col[c] of pair cand_pair[c].
     Returns (P,) int64 ids.
     """
+    n, groups, d = x.shape
     k = codebooks.shape[1]
-    out = torch.empty(pair_group.shape[0], dtype=torch.int64)
+    pairs = pair_group.numel()
+    crowded = torch.bincount(cand_pair, minlength=pairs) > _certified.CANDIDATE_CAP
+    keep = ~crowded[cand_pair]
+    cand_pair, cand_col = cand_pair[keep], cand_col[keep]
+    group = pair_group[cand_pair]
+    obj, _ = _certified.pair_objective(x.reshape(-1, d), codebooks.reshape(-1, d), pair_row[cand_pair] * groups + group,
+                                       group * k + cand_col, metric, dtype=torch.float64)
+    best, _ = _certified.lowest_of_min(pairs, cand_pair, cand_col, obj)
+    for g in pair_group[crowded].unique().tolist():
+        which = (crowded & (pair_group == g)).nonzero().squeeze(1)
+        best[which] = _nearest_cpu.exact_scan(x[pair_row[which], g], codebooks[g], metric)[0]
+    return best
+
+
+def _rescan(x: torch.Tensor, prep: _Prepared, pair_group: torch.Tensor, pair_row: torch.Tensor,
+            window: torch.Tensor, metric: str):
+    """(pair_group, pair_row, cand_pair, cand_col) of the given pairs: their fp32 objectives are
+    computed again, group by group, and the codewords within ``window`` (float64) kept."""
+    cand_pair, cand_col = [], []
+    k_padded = sum(block.shape[2] for block in prep.blocks)
+    rows_per_chunk = max(1, SCORE_ELEMENTS // min(k_padded, CODE_BLOCK))
     for g in pair_group.unique().tolist():
         which = (pair_group == g).nonzero().squeeze(1)  # pairs of this group
-        rows = pair_row[which]
         one = _Prepared([b[g:g + 1] for b in prep.blocks], prep.center[g:g + 1], prep.norm_max[g:g + 1])
-        cand_pair, cand_col = [], []
-        rows_per_chunk = max(1, SCORE_ELEMENTS // min(k, CODE_BLOCK))
-        for start in range(0, rows.numel(), rows_per_chunk):
-            chunk = rows[start:start + rows_per_chunk]
-            queries = _queries(x[chunk, g:g + 1], one, metric, torch.float32)  # (1, m, d + 1)
-            # the fp32 window, rounded up so that it keeps every pair the float64 one keeps
-            limit = window[which[start:start + rows_per_chunk]].float()
-            limit = torch.nextafter(limit, torch.tensor(float("inf")))
+        for start in range(0, which.numel(), rows_per_chunk):
+            chunk = which[start:start + rows_per_chunk]
+            queries = _queries(x[pair_row[chunk], g:g + 1], one, metric, torch.float32)  # (1, m, d + 1)
+            limit = _fp32_window(window[chunk])
             for b, block in enumerate(one.blocks):
-                scores = torch.bmm(queries, block)[0]  # (m, cols)
-                r, c = (scores <= limit[:, None]).nonzero(as_tuple=True)
-                cand_pair.append(r + start)
+                r, c = (torch.bmm(queries, block)[0] <= limit[:, None]).nonzero(as_tuple=True)
+                cand_pair.append(chunk[r])
                 cand_col.append(c + b * CODE_BLOCK)
-        cand_pair, cand_col = torch.cat(cand_pair), torch.cat(cand_col)
-        keep = cand_col < k  # the padding columns score +inf; never within a window
-        cand_pair, cand_col = cand_pair[keep], cand_col[keep]
-        crowded = torch.bincount(cand_pair, minlength=rows.numel()) > _certified.CANDIDATE_CAP
-        keep = ~crowded[cand_pair]
-        cand_pair, cand_col = cand_pair[keep], cand_col[keep]
-        group_x = x[rows, g]  # (m, d)
-        obj, _ = _certified.pair_objective(group_x, codebooks[g], cand_pair, cand_col, metric, dtype=torch.float64)
-        best, _ = _certified.lowest_of_min(rows.numel(), cand_pair, cand_col, obj)
-        if bool(crowded.any()):
-            best[crowded] = _nearest_cpu.exact_scan(group_x[crowded], codebooks[g], metric)[0]
-        out[which] = best
-    return out
+    empty = torch.empty(0, dtype=torch.int64)
+    return pair_group, pair_row, torch.cat(cand_pair) if cand_pair else empty, torch.cat(cand_col) if cand_col else empty
+
+
+def _fp32_window(window: torch.Tensor) -> torch.Tensor:
+    """The float64 ``window`` in fp32, rounded up: it keeps every score the float64 one keeps
+    (the +inf scores of padding and exact copies stay out)."""
+    return torch.nextafter(window.float(), torch.tensor(float("inf")))
 
 
 def _prepared(codebooks: torch.Tensor, metric: str, dtype: torch.dtype) -> _Prepared:
@@ -143,7 +156,9 @@ def _prepared(codebooks: torch.Tensor, metric: str, dtype: torch.dtype) -> _Prep
         c64 = c.double()
         if metric == "cos":
             c64 = c64 / c64.norm(dim=-1, keepdim=True)
-        center = c64.mean(dim=1)  # (G, d)
+        # any common shift keeps the argmin: the mean rounded to the scan dtype, so that a query
+        # in that dtype is centred with one rounding (x - center is exact before it is rounded)
+        center = c64.mean(dim=1).to(dtype).double()  # (G, d)
         stored = (c64 - center[:, None]).to(dtype)  # what the GEMM multiplies
         c_t = torch.zeros((groups, d + 1, padded), dtype=dtype, device=c.device)
         c_t[:, :d, :k] = stored.transpose(1, 2)
@@ -168,18 +183,22 @@ def _queries(x: torch.Tensor, prep: _Prepared, metric: str, dtype: torch.dtype) 
     """(G, n, d + 1) contiguous [-2x', 1] (l2: x' = x - the group's mean, in float64) or [-x, 1]
     (ip; cos on unit rows normalised in float64) in ``dtype``, for x (n, G, d)."""
     n, groups, d = x.shape
+    out = torch.empty((groups, n, d + 1), dtype=dtype, device=x.device)
+    body = out[:, :, :d]
     if metric == "l2":
-        x = x.double() - prep.center
+        # x and the center are both in ``dtype`` (float64 inputs: float64): one rounding
+        torch.sub(x.transpose(0, 1).to(dtype), prep.center[:, None].to(dtype), out=body)
+        body.mul_(-2.0)  # exact scaling
     elif metric == "cos":
         x = x.double()
-        x = x / x.norm(dim=-1, keepdim=True)
-    out = torch.empty((groups, n, d + 1), dtype=dtype, device=x.device)
-    torch.mul(x.transpose(0, 1), -2.0 if metric == "l2" else -1.0, out=out[:, :, :d])  # exact scaling
+        torch.mul((x / x.norm(dim=-1, keepdim=True)).transpose(0, 1), -1.0, out=body)
+    else:
+        torch.mul(x.transpose(0, 1), -1.0, out=body)
     out[:, :, d] = 1.0
     return out
 
 
-def _top2(x: torch.Tensor, prep: _Prepared, metric: str, dtype: torch.dtype):
+def _top2(x: torch.Tensor, prep: _Prepared, metric: str, dtype: torch.dtype, certify: bool = False):
     """Per (group, query): argmin, smallest and second smallest objective of the scan, where the
     objective is ||c'||^2 - 2<x', c'> (l2, centred vectors) or -<x, c'> (ip, and cos on unit rows).
 
@@ -188,18 +207,30 @@ def _top2(x: torch.Tensor, prep: _Prepared, metric: str, dtype: torch.dtype):
     the argmin among those minima and the argmin inside the winning run, which also give the
     second smallest value (the smallest of the other runs' minima and of the winning run's rest).
 
-    x: (N, G, d). Returns ids (G, N) int64, first (G, N), second (G, N) in ``dtype``; the lowest
-    index wins a tie (first minimum of each argmin, blocks in order).
+    x: (N, G, d). Returns ids (G, N) int64, first (G, N), second (G, N) in ``dtype``, the lowest
+    index winning a tie (first minimum of each argmin, blocks in order), and (G, N) float64 upper
+    bounds on the norms of the query vectors the scan multiplied (centred for l2, unit for cos).
+    With ``certify`` and a codebook of one score block, also the candidates of the pairs whose
+    top two lie within 2e (``_rounding_bound``), read from the scores while they are at hand:
+    (pair_group, pair_row, cand_pair, cand_col) as ``settle`` takes them; otherwise None.
     """
-    n, groups, _ = x.shape
+    n, groups, d = x.shape
+    x_norm = torch.empty((groups, n), dtype=torch.float64, device=x.device)
+    # a d-term fp32 sum of squares and its square root, rounded up: within (d + 4) u relative
+    inflate = 1.0 + 1.01 * (d + 4) * (_certified.U32 if dtype == torch.float32 else _certified.U64)
     rows = max(1, SCORE_ELEMENTS // (groups * prep.blocks[0].shape[2]))
     ids = torch.zeros((groups, n), dtype=torch.int64, device=x.device)
     first = torch.full((groups, n), float("inf"), dtype=dtype, device=x.device)
     second = torch.full((groups, n), float("inf"), dtype=dtype, device=x.device)
     buffers = {}  # (rows, columns) -> scores buffer: at most four shapes per call
+    collect = certify and len(prep.blocks) == 1
+    found = [[], [], [], []]  # pair_group, pair_row, cand_pair, cand_col
+    pairs = 0
     for start in range(0, n, rows):
         xs = _queries(x[start:start + rows], prep, metric, dtype)  # (G, r, d + 1)
         r = xs.shape[1]
+        scale = 0.5 if metric == "l2" else 1.0  # the queries are stored as -2 x' or -x
+        x_norm[:, start:start + r] = torch.linalg.vector_norm(xs[:, :, :d], dim=-1).double() * (scale * inflate)
         for b, c_block in enumerate(prep.blocks):
             k0, cols = b * CODE_BLOCK, c_block.shape[2]
             out = buffers.get((r, cols))
@@ -222,34 +253,45 @@ def _top2(x: torch.Tensor, prep: _Prepared, metric: str, dtype: torch.dtype):
             s.copy_(torch.where(better, torch.minimum(f, v2), torch.minimum(s, v1)))
             i.copy_(torch.where(better, arg, i))
             f.copy_(torch.minimum(f, v1))
-    return ids, first, second
+            if collect:
+                bound = _rounding_bound(x_norm[:, start:start + r], prep, metric)  # (G, r)
+                unsure_group, unsure_row = ((v2.double() - v1.double()) <= 2.0 * bound).nonzero(as_tuple=True)
+                if unsure_group.numel():
+                    limit = _fp32_window(v1[unsure_group, unsure_row].double() + 2.0 * bound[unsure_group, unsure_row])
+                    cand, col = (out[unsure_group, unsure_row] <= limit[:, None]).nonzero(as_tuple=True)
+                    found[0].append(unsure_group)
+                    found[1].append(unsure_row + start)
+                    found[2].append(cand + pairs)
+                    found[3].append(col)
+                    pairs += unsure_group.numel()
+    if not collect:
+        return ids, first, second, x_norm, None
+    empty = torch.empty(0, dtype=torch.int64, device=x.device)
+    return ids, first, second, x_norm, tuple(torch.cat(f) if f else empty for f in found)
 
 
-def _rounding_bound(x: torch.Tensor, prep: _Prepared, metric: str) -> torch.Tensor:
+def _rounding_bound(x_norm: torch.Tensor, prep: _Prepared, metric: str) -> torch.Tensor:
     """(G, N) float64 bound on the fp32 error of every objective of a (query, group) in the scan.
 
     The GEMM sums d + 1 products; its error is within gamma = (d + 5) u (u = 2^-24) times the sum
-    of their magnitudes whatever the summation order. With X' the centred (l2) or unit (cos) query
-    norm, X for ip, and C' the group's largest stored centred codeword norm:
-    l2: products -2 x'_i c'_i and 1 * ||c'||^2 give gamma (2 X' C' + C'^2); ||c'||^2 is rounded to
-    fp32 (u C'^2); and x', c' themselves are the centred vectors rounded to fp32 (each entry within
-    u), which moves the objective by at most 2.01 u (C'^2 + 2 X' C'). ip: gamma X C' + 2.01 u X C'
-    (rounded codewords). cos: gamma (1 + u) C' + 2.01 u C' (rounded unit query and centred
-    codeword). Everything times 1.01, plus d + 1 products that may underflow.
+    of their magnitudes whatever the summation order. With X the norm of the query the scan
+    multiplied (``x_norm`` from ``_top2``: centred for l2, unit for cos) and C the group's largest
+    stored codeword norm: l2 (products -2 x'_i c'_i and 1 * ||c'||^2): gamma (2 X C + C^2), plus
+    u C^2 for ||c'||^2 rounded to fp32, plus 2.01 u (C^2 + 2 X C) because x' and c' are the centred
+    vectors rounded to fp32 (each entry within u); ip: (gamma + 2.01 u) X C (rounded codewords);
+    cos: (gamma (1 + u) + 2.01 u) C (rounded unit query and centred codeword). Everything times
+    1.01, plus d + 1 products that may underflow.
     """
-    d = x.shape[-1]
+    d = prep.center.shape[1]
     u = _certified.U32
     gamma = _certified.sum_rounding(d + 1, u)
     c = prep.norm_max[:, None]  # (G, 1)
     tiny = (d + 5) * _FP32_TINY
     if metric == "cos":
-        value = (gamma * (1.0 + u) + 2.01 * u) * c
-        return (1.01 * (value + tiny)).expand(-1, x.shape[0]).contiguous()
-    if metric == "l2":
-        x_norm = (x.double() - prep.center).norm(dim=-1).t() * (1.0 + u)  # (G, N), of the rounded x'
+        value = ((gamma * (1.0 + u) + 2.01 * u) * c).expand_as(x_norm)
+    elif metric == "l2":
         value = gamma * (2.0 * x_norm * c + c * c) + u * c * c + 2.01 * u * (c * c + 2.0 * x_norm * c)
     else:
-        x_norm = x.double().norm(dim=-1).t()
         value = (gamma + 2.01 * u) * x_norm * c
     return 1.01 * (value + tiny)
 

@@ -85,8 +85,9 @@ def nearest_grouped(
 
 
 def _codebook_stack(codebooks: Any) -> torch.Tensor:
-    """The validated (G, K, d) codebooks: an array as it is, a sequence stacked (finiteness of an
-    array is checked once per tensor version)."""
+    """The validated (G, K, d) codebooks: an array as it is, a sequence stacked (a new tensor each
+    call, so pass one (G, K, d) tensor to reuse the cached preparation). Finiteness of an array
+    is checked once per tensor version."""
     if isinstance(codebooks, (list, tuple)):
         if not codebooks:
             raise ValueError("codebooks is an empty sequence; need G >= 1 codebooks of shape (K, d)")
@@ -101,7 +102,8 @@ def _codebook_stack(codebooks: Any) -> torch.Tensor:
             check_float(m, f"codebooks[{i}]")
         cb = torch.stack([m.to(_dispatch.kernel_dtype(*(m.dtype for m in mats))) for m in mats])
     else:
-        cb = to_tensor(codebooks, "codebooks").detach()
+        # not detached: the per-codebook caches (prepared blocks, norms) key on this very tensor
+        cb = to_tensor(codebooks, "codebooks")
         if cb.dim() != 3:
             raise ValueError(f"codebooks must be a (G, K, d) array or a sequence of (K, d) ones, got shape {tuple(cb.shape)}")
         check_float(cb, "codebooks")
