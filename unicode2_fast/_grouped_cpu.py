@@ -18,7 +18,7 @@ scan. Scores live one block at a time: at most SCORE_ELEMENTS floats, never N x 
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -41,6 +41,7 @@ class _Prepared(NamedTuple):
     blocks: List[torch.Tensor]  # contiguous (G, d + 1, <= CODE_BLOCK) column blocks
     center: torch.Tensor  # (G, d) float64 subtracted from the codewords (and the l2 queries)
     norm_max: torch.Tensor  # (G,) float64 largest norm of a centred (stored) codeword
+    column_ids: Optional[torch.Tensor]  # (G, K') codeword id of each column; None: column k is id k
 
 
 def scan(x: torch.Tensor, codebooks: torch.Tensor, metric: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +120,7 @@ def _rescan(x: torch.Tensor, prep: _Prepared, pair_group: torch.Tensor, pair_row
     rows_per_chunk = max(1, SCORE_ELEMENTS // min(k_padded, CODE_BLOCK))
     for g in pair_group.unique().tolist():
         which = (pair_group == g).nonzero().squeeze(1)  # pairs of this group
-        one = _Prepared([b[g:g + 1] for b in prep.blocks], prep.center[g:g + 1], prep.norm_max[g:g + 1])
+        one = _Prepared([b[g:g + 1] for b in prep.blocks], prep.center[g:g + 1], prep.norm_max[g:g + 1], None)
         for start in range(0, which.numel(), rows_per_chunk):
             chunk = which[start:start + rows_per_chunk]
             queries = _queries(x[pair_row[chunk], g:g + 1], one, metric, torch.float32)  # (1, m, d + 1)
@@ -127,7 +128,7 @@ def _rescan(x: torch.Tensor, prep: _Prepared, pair_group: torch.Tensor, pair_row
             for b, block in enumerate(one.blocks):
                 r, c = (torch.bmm(queries, block)[0] <= limit[:, None]).nonzero(as_tuple=True)
                 cand_pair.append(chunk[r])
-                cand_col.append(c + b * CODE_BLOCK)
+                cand_col.append(c + b * CODE_BLOCK if prep.column_ids is None else prep.column_ids[g, c + b * CODE_BLOCK])
     empty = torch.empty(0, dtype=torch.int64)
     return pair_group, pair_row, torch.cat(cand_pair) if cand_pair else empty, torch.cat(cand_col) if cand_col else empty
 
@@ -141,18 +142,19 @@ def _fp32_window(window: torch.Tensor) -> torch.Tensor:
 def _prepared(codebooks: torch.Tensor, metric: str, dtype: torch.dtype) -> _Prepared:
     """The codebooks as the scan multiplies them, cached per codebooks version.
 
-    Column k of the (G, d + 1, K') matrix (K' = K rounded up to a multiple of SUB_BLOCK) is
-    codeword k minus its group's mean (a unit codeword for "cos", normalised in float64), rounded
-    to ``dtype``, followed by its additive term: ||c'||^2 for l2, 0 for ip / cos; the padding
-    columns are zero codewords with term +inf (never chosen), as are later exact copies of a
-    codeword (on the CPU). With the queries as [-2x', 1] (l2)
-    or [-x, 1], one plain batched GEMM yields the objective: no separate pass adds the term (a
-    broadcast ``baddbmm`` input costs a full copy of the scores first). Centring changes no
-    argmin: for l2 both sides move, for ip / cos the query's <x, mean> is the same for every code.
+    Column j of group g of the (G, d + 1, K') matrix holds one distinct codeword (on the CPU later
+    exact copies are left out: a copy can only tie with its first occurrence, which wins the tie;
+    ``column_ids`` maps columns back to ids, in increasing order, so the lowest column is the
+    lowest id) minus its group's mean (a unit codeword for "cos", normalised in float64), rounded
+    to ``dtype``, followed by its additive term: ||c'||^2 for l2, 0 for ip / cos. K' is the
+    largest distinct count rounded up to a multiple of SUB_BLOCK; the padding columns are zero
+    codewords with term +inf (never chosen). With the queries as [-2x', 1] (l2) or [-x, 1], one
+    plain batched GEMM yields the objective: no separate pass adds the term (a broadcast
+    ``baddbmm`` input costs a full copy of the scores first). Centring changes no argmin: for l2
+    both sides move, for ip / cos the query's <x, mean> is the same for every code.
     """
     def build(c: torch.Tensor) -> _Prepared:
         groups, k, d = c.shape
-        padded = -(-k // SUB_BLOCK) * SUB_BLOCK
         c64 = c.double()
         if metric == "cos":
             c64 = c64 / c64.norm(dim=-1, keepdim=True)
@@ -160,21 +162,22 @@ def _prepared(codebooks: torch.Tensor, metric: str, dtype: torch.dtype) -> _Prep
         # in that dtype is centred with one rounding (x - center is exact before it is rounded)
         center = c64.mean(dim=1).to(dtype).double()  # (G, d)
         stored = (c64 - center[:, None]).to(dtype)  # what the GEMM multiplies
+        distinct = [_nearest_cpu.first_of_duplicates(c[g]) if c.device.type == "cpu" else None for g in range(groups)]
+        counts = [k if ids is None else ids.numel() for ids in distinct]
+        padded = -(-max(counts) // SUB_BLOCK) * SUB_BLOCK
         c_t = torch.zeros((groups, d + 1, padded), dtype=dtype, device=c.device)
-        c_t[:, :d, :k] = stored.transpose(1, 2)
-        c_t[:, d, k:] = float("inf")
-        if metric == "l2":
-            c_t[:, d, :k] = stored.double().pow(2).sum(dim=-1)
-        for g in range(groups):
-            # a later exact copy of a codeword can only tie with it, and the tie goes to the
-            # first: scoring the copies +inf keeps them out of every certification and window
-            distinct = _nearest_cpu.first_of_duplicates(c[g].cpu()) if c.device.type == "cpu" else None
-            if distinct is not None:
-                copies = torch.ones(k, dtype=torch.bool)
-                copies[distinct] = False
-                c_t[g, d, :k][copies] = float("inf")
+        c_t[:, d] = float("inf")
+        column_ids = None
+        if any(ids is not None for ids in distinct):
+            column_ids = torch.zeros((groups, padded), dtype=torch.int64, device=c.device)
+        for g, ids in enumerate(distinct):
+            rows = stored[g] if ids is None else stored[g, ids]
+            c_t[g, :d, :counts[g]] = rows.t()
+            c_t[g, d, :counts[g]] = rows.double().pow(2).sum(dim=-1) if metric == "l2" else 0.0
+            if column_ids is not None:
+                column_ids[g, :counts[g]] = torch.arange(k, device=c.device) if ids is None else ids
         blocks = [c_t[:, :, k0:k0 + CODE_BLOCK].contiguous() for k0 in range(0, padded, CODE_BLOCK)]
-        return _Prepared(blocks, center, stored.double().norm(dim=-1).amax(dim=1))
+        return _Prepared(blocks, center, stored.double().norm(dim=-1).amax(dim=1), column_ids)
 
     return per_tensor(codebooks, ("grouped_scan", metric, dtype), build)
 
@@ -258,16 +261,27 @@ def _top2(x: torch.Tensor, prep: _Prepared, metric: str, dtype: torch.dtype, cer
                 unsure_group, unsure_row = ((v2.double() - v1.double()) <= 2.0 * bound).nonzero(as_tuple=True)
                 if unsure_group.numel():
                     limit = _fp32_window(v1[unsure_group, unsure_row].double() + 2.0 * bound[unsure_group, unsure_row])
-                    cand, col = (out[unsure_group, unsure_row] <= limit[:, None]).nonzero(as_tuple=True)
+                    # only runs whose minimum is within the window hold candidates (the winning
+                    # run's minimum was overwritten above: it always qualifies)
+                    hit = run_min[unsure_group, unsure_row] <= limit[:, None]  # (P, runs)
+                    hit.scatter_(1, best_run[unsure_group, unsure_row], True)
+                    pair_of, run_of = hit.nonzero(as_tuple=True)
+                    segments = runs.index_select(0, (unsure_group[pair_of] * r + unsure_row[pair_of]) * n_runs + run_of)
+                    seg, pos = (segments <= limit[pair_of, None]).nonzero(as_tuple=True)
                     found[0].append(unsure_group)
                     found[1].append(unsure_row + start)
-                    found[2].append(cand + pairs)
-                    found[3].append(col)
+                    found[2].append(pair_of[seg] + pairs)
+                    found[3].append(run_of[seg] * SUB_BLOCK + pos)
                     pairs += unsure_group.numel()
+    if prep.column_ids is not None:
+        ids = prep.column_ids.gather(1, ids)
     if not collect:
         return ids, first, second, x_norm, None
     empty = torch.empty(0, dtype=torch.int64, device=x.device)
-    return ids, first, second, x_norm, tuple(torch.cat(f) if f else empty for f in found)
+    pair_group, pair_row, cand_pair, cand_col = (torch.cat(f) if f else empty for f in found)
+    if prep.column_ids is not None:
+        cand_col = prep.column_ids[pair_group[cand_pair], cand_col]
+    return ids, first, second, x_norm, (pair_group, pair_row, cand_pair, cand_col)
 
 
 def _rounding_bound(x_norm: torch.Tensor, prep: _Prepared, metric: str) -> torch.Tensor:
