@@ -1070,6 +1070,17 @@ class ResidualQuantizer(nn.Module):
         """(depth, K, d) codebooks (a stacked copy; with shared_codebook the one codebook repeated)."""
         return torch.stack([self._layer(i).codebook.detach() for i in range(self.depth)])
 
+    @property
+    def utilization(self) -> torch.Tensor:
+        """(depth,) float64: fraction of each depth's codes used in training batches since the last
+        ``reset_usage()`` ((1,) with shared_codebook: the one codebook, counted at every depth)."""
+        return torch.tensor([layer.utilization for layer in self.layers], dtype=torch.float64)
+
+    def reset_usage(self) -> None:
+        """Zero every depth's usage histogram."""
+        for layer in self.layers:
+            layer.reset_usage()
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Quantize ``x`` depth by depth; see the class docstring for shapes and semantics."""
         if not isinstance(x, torch.Tensor):
