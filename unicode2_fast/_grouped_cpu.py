@@ -9,8 +9,9 @@ Certification: each (query, group) gets the smallest and second smallest fp32 ob
 rigorous bound ``e`` on their rounding error. Where the two are more than 2e apart the fp32 winner
 is the exact nearest codeword. The scan works on vectors centred on their group's codebook mean
 (which leaves every argmin unchanged), so ``e``, proportional to the centred norms, stays small
-on data far from the origin (image patches: every pixel positive). The other pairs (near ties,
-duplicated codewords) keep as candidates the codewords whose fp32 objective lies within 2e of the
+on data far from the origin (image patches: every pixel positive), and leaves out later exact
+copies of a codeword (they can only tie with the first, which wins). The other pairs (near ties)
+keep as candidates the codewords whose fp32 objective lies within 2e of the
 minimum -- the true nearest is always among them -- which are settled in float64 from the original
 vectors with the lowest id among equal minima (``_certified``, u2.nearest's re-ranking). A pair with
 more than CANDIDATE_CAP candidates (a mass of duplicates) is settled by the streaming float64

@@ -10,8 +10,9 @@ Backends:
     "triton"  one launch of the fused distance + argmin kernel over (query tile, K-split, group)
               (kernels/grouped.py) on CUDA tensors;
     "torch"   on CPU, the certified-exact search of ``_grouped_cpu`` (one batched fp32 GEMM per
-              block of queries over all groups, a rigorous rounding bound per query, and the
-              uncertain queries, near ties, re-searched by ``u2.nearest``'s exact CPU path); on
+              block of queries over all groups on centred vectors, a rigorous rounding bound per
+              (query, group), near ties settled in float64 from their fp32 candidate windows;
+              float64 inputs go through ``u2.nearest``'s exact CPU path group by group); on
               CUDA, blocked batched matmul + argmin (float64 inputs: in float64);
     "faiss"   one FAISS flat search per group (FAISS's own fp32 answer);
     "auto"    Triton for fp32 / fp16 / bf16 CUDA tensors, "torch" otherwise.
