@@ -3,6 +3,9 @@
 The per-op scripts run in this order, each with the same thread count and output folder:
 
     nearest         exact nearest codeword: u2 vs FAISS IndexFlatL2 vs plain torch   (bench_nearest.py)
+    nearest_data    the same on real photographs, tight clusters, near-duplicates      (bench_nearest_data.py)
+    grouped         multi-codebook encoding (UniTok's 8 x 4096): u2.nearest_grouped and
+                    MultiCodebookQuantizer vs FAISS's product-quantizer encoding     (bench_grouped.py)
     hierarchical    recall-speed of u2.HierarchicalIndex vs FAISS IndexIVFFlat on the same cells,
                     the exact searches, and FAISS IndexHNSWFlat(d, 32) at efSearch 16/32/64/128 as a
                     graph baseline (timed here, on the same codebook and queries) (bench_hierarchical.py)
@@ -57,9 +60,11 @@ from unicode2_fast.data import SyntheticCodebookData
 from unicode2_fast._errors import UserError
 from unicode2_fast.bench import _common
 
-OPS = ("nearest", "nearest_data", "hierarchical", "embedding", "cross_entropy", "kmeans")
-#: what nearest_data runs on (its own cases; it takes no --features / --codebook)
+OPS = ("nearest", "nearest_data", "grouped", "hierarchical", "embedding", "cross_entropy", "kmeans")
+#: what nearest_data and grouped run on (their own cases; they take no --features / --codebook)
 BUILT_IN_DATA = "photographs shipped with scikit-image + clustered / near-duplicate / Gaussian / SigLIP-like generators"
+#: the ops that bring their own real and adversarial data (CPU only)
+BUILT_IN_OPS = ("nearest_data", "grouped")
 #: the ops whose data can come from --features / --codebook
 FEATURE_OPS = ("nearest", "hierarchical", "kmeans")
 CODEBOOK_OPS = ("nearest", "hierarchical")
@@ -69,6 +74,7 @@ CODEBOOK_OPS = ("nearest", "hierarchical")
 QUICK_ARGS: Dict[str, List[str]] = {
     "nearest": ["--quick"],                                   # K = 20K, N = 729, 2 repeats
     "nearest_data": ["--scale", "0.5"],                       # photographs, clusters, ties: K and N / 2
+    "grouped": ["--n", "729", "--repeats", "3"],              # G = 8 x K = 4096, d = 1152, one image
     "hierarchical": ["--quick", "--n", "729", "--repeats", "2"],  # K = 50K, n_coarse = 100
     "embedding": ["--quick"],                                 # K = 50K, N = 2916
     "cross_entropy": ["--quick", "--n", "256"],               # K = 50K, N = 256, h = 1024
@@ -266,7 +272,7 @@ def _cpu_methods(op: str, module: Any) -> List[str]:
 
 def _common_argv(op: str, module: Any, args: argparse.Namespace) -> List[str]:
     argv = ["--threads", str(args.threads), "--out", args.out]
-    if op == "nearest_data":  # CPU only, its own built-in data
+    if op in BUILT_IN_OPS:  # CPU only, its own built-in data
         return argv
     if op == "embedding":
         return argv + ["--device", args.device]
@@ -301,7 +307,7 @@ def run_op(op: str, module: Any, args: argparse.Namespace, user: UserData, stamp
     Returns the description of its data.
     """
     mode_argv = SIZE_ARGS[args.mode][op]
-    source = BUILT_IN_DATA if op == "nearest_data" else "synthetic"
+    source = BUILT_IN_DATA if op in BUILT_IN_OPS else "synthetic"
     queries = codebook = None
     if user.used_by(op):
         size_argv, queries, codebook, source = _user_argv(op, module, mode_argv, user, args.seed)
@@ -394,6 +400,16 @@ def normalise(op: str, rows: List[Dict[str, Any]],
                             recall=None,  # this benchmark measures agreement with FAISS, not with a float64 scan
                             baseline="faiss_flat", ratio_vs_baseline=r["ratio_vs_faiss"],
                             details=_details(("min s", r["min_s"], ".4g"), ("ids = FAISS", r["ids_agree_faiss"], ".4f"))))
+    elif op == "grouped":
+        for r in rows:
+            out.append(_row(op, r, setting=r["case"], shape=f"G={r['G']} K={r['K']} N={r['N']} d={r['d']}",
+                            dtype="float32", device="cpu", median_s=r["median_s"],
+                            throughput=r["queries_per_s"], throughput_unit="queries/s",
+                            gflops=2.0 * r["N"] * r["K"] * r["d"] / r["median_s"] / 1e9,
+                            recall=None,  # agreement with FAISS, not with a float64 scan (u2's is exact)
+                            baseline="faiss PQ compute_codes", ratio_vs_baseline=r["ratio_vs_faiss_pq"],
+                            details=_details(("min s", r["min_s"], ".4g"), ("ids = FAISS", r["ids_agree_faiss"], ".4f"),
+                                             ("mismatch gap", r["mismatch_gap"], ".2g"))))
     elif op == "hierarchical":
         rows = rows + (extra or [])
         median = {(r["method"], r["nprobe"]): r["median_s"] for r in rows if r["method"] != "faiss_hnsw"}
@@ -493,6 +509,8 @@ def summary_cells(r: Dict[str, Any]) -> List[str]:
 TITLES = {
     "nearest": "Exact nearest codeword (u2 vs FAISS IndexFlatL2 vs torch)",
     "nearest_data": "Exact nearest codeword on real photographs and adversarial data (u2 vs FAISS IndexFlatL2)",
+    "grouped": "Multi-codebook encoding, G = 8 sub-codebooks (u2.nearest_grouped, MultiCodebookQuantizer, "
+               "G x u2.nearest vs FAISS ProductQuantizer.compute_codes)",
     "hierarchical": "Hierarchical search (u2 vs FAISS IVFFlat on the same cells, FAISS HNSW, exact)",
     "embedding": "C2 training step (row-sparse embedding + optimizer vs torch)",
     "cross_entropy": "Large-vocabulary cross-entropy, forward + backward (vs plain torch)",
@@ -505,6 +523,9 @@ NOTES = {
                     "u2.data's stress generators. u2's ids are the exact float64 argmin (FAISS's differ on near "
                     "ties: 'ids = FAISS' in results.csv). × baseline: FAISS's median time over u2's; the worst "
                     "row is the one to read.",
+    "grouped": "Same sub-codebooks as FAISS's PQ centroids. u2's ids are the exact float64 argmin per group; "
+               "'ids = FAISS' and the float64 distance excess of FAISS's differing codes ('mismatch gap') in "
+               "results.csv. × baseline: FAISS PQ's median time over the method's; the worst row is the one to read.",
     "hierarchical": "Each approximate method's fastest setting reaching recall@1 ≥ 0.9 / 0.95 / 0.99 (full sweep: "
                     "hierarchical.md, hierarchical_hnsw.csv). × baseline: faiss_ivf at the same nprobe, or "
                     "faiss_flat for exact search and HNSW. GFLOP/s of the scanned codewords only.",
@@ -661,7 +682,7 @@ outputs: OUT/results.csv, results.md, results.png, and each op's <op>.csv/.md/.p
 def build_parser(prog: str = "run_all.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Run every benchmark (nearest, nearest_data, hierarchical, embedding, cross_entropy, kmeans) in one process\n"
+        description="Run every benchmark (nearest, nearest_data, grouped, hierarchical, embedding, cross_entropy, kmeans) in one process\n"
                     "and write each op's CSV/Markdown/PNG plus results.csv, results.md and results.png.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -781,7 +802,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "run_all.py") -> int:
         print()
         print(text_table(results))
         for op, source in sources.items():
-            if source != "synthetic":
+            if user.used_by(op):
                 print(f"{op} ran on your data: {source}")
     print()
     print(stamp_line)

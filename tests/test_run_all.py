@@ -8,7 +8,7 @@ import torch
 
 from unicode2_fast import cli
 
-OPS = ["nearest", "nearest_data", "hierarchical", "embedding", "cross_entropy", "kmeans"]
+OPS = ["nearest", "nearest_data", "grouped", "hierarchical", "embedding", "cross_entropy", "kmeans"]
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +44,16 @@ def test_tiny_run_writes_a_row_per_op_and_method(run_all, tiny_run):
     for r in rows:
         assert float(r["median_s"]) > 0 and float(r["throughput"]) > 0, r
         assert r["torch"] == torch.__version__ and r["date"]
-        assert r["data"] == (run_all.BUILT_IN_DATA if r["op"] == "nearest_data" else "synthetic")
+        assert r["data"] == (run_all.BUILT_IN_DATA if r["op"] in ("nearest_data", "grouped") else "synthetic")
     methods = {op: {r["method"] for r in rows if r["op"] == op} for op in OPS}
     assert methods["nearest"] == {"u2", "faiss_flat", "torch_matmul"}
     # real photographs and the stress cases, each timed against FAISS in the same run
     assert methods["nearest_data"] == {"u2", "faiss_flat"}
     settings = [r["setting"] for r in rows if r["op"] == "nearest_data" and r["method"] == "u2"]
     assert sum("photos" in c for c in settings) >= 3 and any("clustered" in c for c in settings)
+    assert methods["grouped"] == {"u2.nearest_grouped", "u2.MultiCodebookQuantizer", "G x u2.nearest",
+                                  "faiss PQ compute_codes"}
+    assert {r["setting"] for r in rows if r["op"] == "grouped"} >= {"gaussian", "near-duplicates + exact ties"}
     assert {"u2_hier", "faiss_ivf", "faiss_hnsw", "u2_flat"} <= methods["hierarchical"]
     assert methods["embedding"] == {"u2", "torch_dense", "torch_sparse"}
     assert methods["kmeans"] == {"u2", "faiss"}
