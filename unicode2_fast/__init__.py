@@ -27,10 +27,12 @@ _LAZY = {
     "info_nce": ".cross_entropy",
 }
 
-__all__ = ["Codebook", "nearest", *_LAZY]
+__all__ = ["Codebook", "nearest", "distributed", *_LAZY]
 
 
 def __getattr__(name):
+    if name == "distributed":  # a submodule: u2.distributed.nearest(...)
+        return importlib.import_module(".distributed", __name__)
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value

@@ -9,7 +9,8 @@ Both: betas (0.9, 0.95), linear warmup over 3% of the steps then cosine decay to
 Multi-GPU: run under ``torchrun --nproc_per_node N``. When torch.distributed is initialised with
 world size > 1, each decoder layer of the LLM (and then the LLM) is sharded with FSDP2
 (``torch.distributed.fsdp.fully_shard``); the projector and C2 stay replicated and their
-gradients are averaged across ranks (C2's sparse gradient by gathering the touched rows); each
+gradients are averaged across ranks (C2's sparse gradient by gathering the touched rows with
+``u2.distributed.all_gather_rows``: tensors through collectives, nothing pickled); each
 rank reads its own slice of every shuffled epoch. The CPU tests run it with two gloo ranks.
 The ``unicode2-fast train`` command (``unicode2_fast.cli.train``) joins torchrun's process group.
 """
@@ -24,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .distributed import all_gather_rows
 from .sparse_adamw import SparseRowAdamW
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -196,12 +198,10 @@ def _average_replicated_grads(params: Sequence[torch.nn.Parameter], world: int) 
         if grad is None:
             continue
         if grad.is_sparse:
+            # every rank's touched rows through tensor collectives (no pickling); summed by coalesce
             grad = grad.coalesce()
-            gathered: List[Any] = [None] * world
-            dist.all_gather_object(gathered, (grad.indices().cpu(), grad.values().cpu()))
-            indices = torch.cat([g[0] for g in gathered], dim=1).to(param.device)
-            values = torch.cat([g[1] for g in gathered], dim=0).to(param.device) / world
-            param.grad = torch.sparse_coo_tensor(indices, values, param.shape).coalesce()
+            indices, values = all_gather_rows(grad.indices()[0], grad.values())
+            param.grad = torch.sparse_coo_tensor(indices.unsqueeze(0), values / world, param.shape).coalesce()
         else:
             dist.all_reduce(grad)
             grad.div_(world)

@@ -1,0 +1,157 @@
+"""u2.distributed on 2-3 CPU processes (gloo), spawned by the tests: the sharded search equals
+single-process u2.nearest (uneven shards, ties across a shard boundary, every metric), the
+row-sparse all-gather moves tensors only, and bad input on one rank raises on every rank
+instead of hanging."""
+import datetime
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import unicode2_fast as u2
+
+TIMEOUT = datetime.timedelta(seconds=60)
+
+
+def _worker(rank, world, rendezvous, body, out_dir, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world, timeout=TIMEOUT)
+    try:
+        result = body(rank, world, *args)
+    except Exception as exc:  # reported to the parent, which asserts on it
+        result = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _run(tmp_path, world, body, *args):
+    """Run ``body(rank, world, *args)`` on ``world`` gloo processes; returns each rank's result."""
+    rendezvous = tmp_path / "rendezvous"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, world, str(rendezvous), body, str(tmp_path), args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0, f"a rank exited with {p.exitcode} (or hung)"
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _problem(k=1001, n=57, d=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codebook = torch.randn(k, d, generator=g)
+    x = torch.randn(n, d, generator=g)
+    # ties across a shard boundary: copies of codeword 3 in later shards, queries right on it
+    codebook[k * 7 // 10] = codebook[3]
+    codebook[k * 2 // 5] = codebook[3]
+    x[:5] = codebook[3]
+    # near ties: a query halfway between two codewords of different shards
+    x[5] = 0.5 * (codebook[10] + codebook[k * 9 // 10])
+    return x, codebook
+
+
+def _sharded_search(rank, world, bounds, metric):
+    x, codebook = _problem()
+    start, stop = bounds[rank]
+    ids, dists = u2.distributed.nearest(x, codebook[start:stop], start, metric=metric)
+    return {"ids": ids, "dists": dists}
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+def test_sharded_search_equals_single_process(tmp_path, metric):
+    bounds = [(0, 400), (400, 410), (410, 1001)]  # uneven, one tiny shard
+    results = _run(tmp_path, 3, _sharded_search, bounds, metric)
+    x, codebook = _problem()
+    expected_ids, expected_dists = u2.nearest(x, codebook, metric)
+    for result in results:
+        assert "error" not in result, result.get("trace")
+        assert torch.equal(result["ids"], expected_ids)
+        torch.testing.assert_close(result["dists"], expected_dists, rtol=1e-6, atol=1e-6)
+    if metric == "l2":
+        assert bool((results[0]["ids"][:5] == 3).all())  # the lowest global id among the copies
+
+
+def _bad_input(rank, world, case):
+    x, codebook = _problem(k=100)
+    bounds = u2.distributed.shard_bounds(100, world)
+    start, stop = bounds[rank]
+    local = codebook[start:stop]
+    if case == "nan" and rank == 1:
+        local = local.clone()
+        local[0, 0] = float("nan")
+    if case == "queries" and rank == 1:
+        x = x.clone()
+        x[3, 2] += 1e-3
+    if case == "gap":
+        start = start + 1 if rank == 1 else start
+    if case == "dim" and rank == 0:
+        x, local = x[:, :10], local[:, :10]
+    try:
+        u2.distributed.nearest(x, local, start)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        return {"raised": f"{type(exc).__name__}: {exc}"}
+    return {"raised": None}
+
+
+@pytest.mark.parametrize("case,message", [("nan", "NaN|rank\\(s\\) \\[1\\]"), ("queries", "differs between ranks"),
+                                          ("gap", "tile"), ("dim", "same queries")])
+def test_bad_input_on_one_rank_raises_on_every_rank(tmp_path, case, message):
+    import re
+
+    results = _run(tmp_path, 2, _bad_input, case)
+    for result in results:
+        assert "error" not in result, result.get("trace")
+        assert result["raised"] is not None and re.search(message, result["raised"]), result
+
+
+def _gather_rows(rank, world):
+    counts = [3, 0, 5][rank]
+    indices = torch.arange(counts, dtype=torch.int64) * 10 + rank
+    values = torch.full((counts, 4), float(rank)) + torch.arange(counts).unsqueeze(1)
+    return dict(zip(("indices", "values"), u2.distributed.all_gather_rows(indices, values)))
+
+
+def test_all_gather_rows_concatenates_in_rank_order(tmp_path):
+    results = _run(tmp_path, 3, _gather_rows)
+    expected_ids = torch.tensor([0, 10, 20, 2, 12, 22, 32, 42])
+    for result in results:
+        assert torch.equal(result["indices"], expected_ids)
+        assert result["values"].shape == (8, 4)
+        assert torch.equal(result["values"][3:, 0], torch.tensor([2.0, 3.0, 4.0, 5.0, 6.0]))
+
+
+def test_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="process group"):
+        u2.distributed.nearest(torch.zeros(2, 3), torch.zeros(4, 3), 0)
+
+
+def test_shard_bounds_tile_the_codebook():
+    assert u2.distributed.shard_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    with pytest.raises(ValueError):
+        u2.distributed.shard_bounds(2, 3)
+
+
+def _average_grads(rank, world):
+    from unicode2_fast import train
+
+    weight = torch.nn.Parameter(torch.zeros(10, 3))
+    rows = torch.tensor([[1, 4], [4, 7]][rank])
+    weight.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), torch.full((2, 3), float(rank + 1)), (10, 3))
+    dense = torch.nn.Parameter(torch.zeros(2))
+    dense.grad = torch.full((2,), float(rank + 1))
+    train._average_replicated_grads([weight, dense], world)
+    return {"sparse": weight.grad.to_dense(), "dense": dense.grad}
+
+
+def test_row_sparse_gradients_average_across_ranks(tmp_path):
+    results = _run(tmp_path, 2, _average_grads)
+    expected = torch.zeros(10, 3)
+    expected[1], expected[4], expected[7] = 0.5, 1.5, 1.0  # (rank 0's 1 + rank 1's 2) / 2 on the shared row 4
+    for result in results:
+        assert "error" not in result, result.get("trace")
+        assert torch.equal(result["sparse"], expected)
+        assert torch.equal(result["dense"], torch.full((2,), 1.5))

@@ -1,0 +1,228 @@
+"""``u2.distributed``: the codebook sharded by rows across the ranks of a torch.distributed job.
+
+At K = 500K, d = 1152 one codebook is 2.3 GB in fp32: a rank can hold a row range of it instead
+(FAISS IndexShards, Megatron's vocab-parallel tables). Every function here moves tensors through
+torch.distributed collectives only (NCCL on GPUs, gloo on CPUs), never pickled objects, and checks
+its inputs on every rank *before* the data collective: bad input on one rank raises a clear error
+on every rank (naming the rank) instead of leaving the others blocked in a collective.
+
+    ids, dists = u2.distributed.nearest(x, local_codebook, offset)   # same x on every rank
+
+Each rank searches its shard with ``u2.nearest`` (exact, ties to the lowest index), recomputes the
+chosen codeword's objective in float64 from the vectors (the arithmetic u2.nearest re-ranks
+with), and one all-gather of (objective, global id) pairs -- 16 bytes per query per rank --
+lets every rank pick the same global argmin, ties to the lowest global id: the result of
+``u2.nearest`` on the whole codebook.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _certified
+from ._checks import check_finite, check_float, check_matrix, flatten_queries, to_tensor
+from .nearest import METRICS
+from .nearest import nearest as _search_shard
+
+#: int64 slots of the status every rank shares before the data collective
+_STATUS = ("ok", "n", "d", "offset", "k_local", "dtype")
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("u2.distributed needs an initialised process group (torch.distributed.init_process_group)")
+    return dist
+
+
+def _collective_device(dist, group) -> torch.device:
+    """Where the collectives' tensors live: CUDA for NCCL, the CPU otherwise (gloo)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather(tensor: torch.Tensor, dist, group) -> torch.Tensor:
+    """(world, *tensor.shape) of every rank's ``tensor`` (same shape and dtype on every rank)."""
+    device = _collective_device(dist, group)
+    local = tensor.to(device).contiguous()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local, group=group)
+    return torch.stack(parts)
+
+
+def check_all(error: Optional[BaseException], group: Any = None, what: str = "input") -> None:
+    """Raise on every rank when ``error`` is not None on any rank (one small all-gather).
+
+    The rank that failed re-raises its own error; the others raise a RuntimeError that names it,
+    so no rank is left waiting in the next collective.
+    """
+    dist = _dist()
+    flags = _all_gather(torch.tensor([0 if error is None else 1], dtype=torch.int64), dist, group)[:, 0]
+    if error is not None:
+        raise error
+    failed = flags.nonzero().squeeze(1).tolist()
+    if failed:
+        raise RuntimeError(f"u2.distributed: rank(s) {failed} failed the {what} checks; see their errors")
+
+
+def nearest(
+    x: Any,
+    local_codebook: Any,
+    offset: int,
+    group: Any = None,
+    metric: str = "l2",
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact nearest codeword over a codebook sharded by rows across the ranks of ``group``.
+
+    Args:
+        x: (..., d) queries, the same on every rank (checked), as for ``u2.nearest``.
+        local_codebook: (K_r, d) rows ``offset .. offset + K_r`` of the global codebook held by
+            this rank (a tensor or a :class:`u2.Codebook`). Shards may be uneven, but together
+            they must tile [0, K) without gaps or overlaps (checked).
+        offset: the global id of this rank's first row.
+        group: the process group (default: the world).
+        metric, backend: as ``u2.nearest`` (the local search).
+
+    Returns:
+        ``(ids, dists)`` identical on every rank: global int64 ids and float32 dists of shape
+        x.shape[:-1]; the same as ``u2.nearest(x, full_codebook, metric)``: ties across shards go
+        to the lowest global id.
+
+    Raises (on every rank of the group, whichever rank the problem is on):
+        ValueError / TypeError: bad input as for ``u2.nearest``, queries that differ between
+        ranks, shards that do not tile [0, K), different d or dtypes across ranks.
+        RuntimeError: no initialised process group.
+    """
+    dist = _dist()
+    rank = dist.get_rank(group)
+    status = torch.zeros(len(_STATUS), dtype=torch.int64)
+    error: Optional[BaseException] = None
+    try:
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+        xt = to_tensor(x, "x").detach()
+        check_float(xt, "x")
+        cb = local_codebook.vectors if hasattr(local_codebook, "vectors") else to_tensor(local_codebook, "local_codebook")
+        check_matrix(cb, "local_codebook")
+        check_float(cb, "local_codebook")
+        if cb.shape[0] == 0:
+            raise ValueError(f"rank {rank}: empty local_codebook; give every rank at least one row")
+        check_finite(cb, "local_codebook")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be a non-negative int (the global id of this rank's first row), got {offset!r}")
+        x2d, lead = flatten_queries(xt, cb.shape[1])
+        check_finite(x2d, "x")
+        status[:] = torch.tensor([1, x2d.shape[0], cb.shape[1], offset, cb.shape[0], _DTYPE_CODES[cb.dtype]])
+    except (TypeError, ValueError) as exc:
+        error = exc
+    check_all(error, group)
+
+    everyone = _all_gather(status, dist, group).cpu()  # (world, slots)
+    n, d, dtypes = everyone[:, 1], everyone[:, 2], everyone[:, 5]
+    problems = []
+    if bool((n != n[0]).any()) or bool((d != d[0]).any()):
+        problems.append(f"every rank needs the same queries: (N, d) per rank {list(zip(n.tolist(), d.tolist()))}")
+    if bool((dtypes != dtypes[0]).any()):
+        names = {code: str(dtype) for dtype, code in _DTYPE_CODES.items()}
+        problems.append(f"the shards must share one dtype, got {[names[int(c)] for c in dtypes]}")
+    order = torch.argsort(everyone[:, 3])
+    starts, sizes = everyone[order, 3], everyone[order, 4]
+    if int(starts[0]) != 0 or bool((starts[1:] != starts[:-1] + sizes[:-1]).any()):
+        spans = [(int(s), int(s + k)) for s, k in zip(starts, sizes)]
+        problems.append(f"the shards must tile [0, K) without gaps or overlaps; rows per rank (sorted): {spans}")
+    if problems:
+        raise ValueError("u2.distributed.nearest: " + "; ".join(problems))
+    prints = _all_gather(_fingerprint(x2d), dist, group).cpu()
+    if not bool((prints == prints[0]).all()):
+        raise ValueError("u2.distributed.nearest: x differs between ranks; every rank must pass the same queries")
+
+    error = None
+    packed = torch.zeros((x2d.shape[0] + 1, 2), dtype=torch.float64)
+    try:
+        local_ids, _ = _search_shard(x2d, cb, metric, backend)
+        local_ids = torch.as_tensor(local_ids, device=x2d.device)
+        objective = _objective64(x2d, cb, local_ids, metric)
+        packed[:-1, 0] = objective.cpu()
+        packed[:-1, 1] = (local_ids.cpu() + offset).view(torch.float64)  # int64 bits, reinterpreted
+        packed[-1, 0] = 1.0  # this rank's search succeeded
+    except (TypeError, ValueError, RuntimeError) as exc:
+        error = exc
+    gathered = _all_gather(packed, dist, group).cpu()  # (world, N + 1, 2)
+    if error is not None:
+        raise error
+    failed = (gathered[:, -1, 0] != 1.0).nonzero().squeeze(1).tolist()
+    if failed:
+        raise RuntimeError(f"u2.distributed.nearest: the local search failed on rank(s) {failed}; see their errors")
+    objectives = gathered[:, :-1, 0]  # (world, N)
+    ids = gathered[:, :-1, 1].contiguous().view(torch.int64)
+    best = objectives.min(dim=0).values
+    sentinel = torch.iinfo(torch.int64).max
+    best_ids = torch.where(objectives == best, ids, torch.full_like(ids, sentinel)).min(dim=0).values
+    dists = best if metric != "cos" else 1.0 + best
+    return best_ids.to(xt.device).reshape(lead), dists.float().to(xt.device).reshape(lead)
+
+
+def _fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """(2,) int64 hash of the bits and dtype of ``x`` (N, d): integer sums wrap but do not depend
+    on the order of summation, so equal tensors hash equally whatever the thread count."""
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[x.element_size()]
+    bits = x.contiguous().view(ints).long()
+    generator = torch.Generator().manual_seed(0x5EED)
+    columns = torch.randint(-(2 ** 62), 2 ** 62, (x.shape[1],), dtype=torch.int64, generator=generator).to(x.device)
+    rows = torch.arange(1, x.shape[0] + 1, dtype=torch.int64, device=x.device) * 1_000_003
+    per_row = (bits * columns).sum(dim=1)
+    return torch.stack([(per_row * rows).sum(), torch.tensor(_DTYPE_CODES[x.dtype], device=x.device)]).cpu()
+
+
+def _objective64(x: torch.Tensor, codebook: torch.Tensor, ids: torch.Tensor, metric: str) -> torch.Tensor:
+    """(N,) float64 objective (squared L2, -<x, c>, -cos) of each query's chosen codeword."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    objective, _ = _certified.pair_objective(x, codebook, rows, ids, metric, dtype=torch.float64)
+    return objective
+
+
+def all_gather_rows(indices: torch.Tensor, values: torch.Tensor, group: Any = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's row-sparse tensor rows, concatenated in rank order, through tensor collectives.
+
+    Args:
+        indices: (m_r,) int64 row ids of this rank (m_r may differ between ranks).
+        values: (m_r, *row_shape) rows, the same row shape and dtype on every rank.
+
+    Returns:
+        (sum m_r,) indices and (sum m_r, *row_shape) values. Two collectives: the counts, then the
+        rows padded to the largest count (no pickling).
+    """
+    dist = _dist()
+    counts = _all_gather(torch.tensor([indices.shape[0]], dtype=torch.int64), dist, group)[:, 0].cpu()
+    largest = int(counts.max())
+    device = _collective_device(dist, group)
+    padded_ids = torch.zeros(largest, dtype=torch.int64, device=device)
+    padded_ids[:indices.shape[0]] = indices.to(device)
+    padded_rows = torch.zeros((largest, *values.shape[1:]), dtype=values.dtype, device=device)
+    padded_rows[:values.shape[0]] = values.to(device)
+    all_ids = _all_gather(padded_ids, dist, group)
+    all_rows = _all_gather(padded_rows, dist, group)
+    keep: List[torch.Tensor] = [torch.arange(int(c), device=device) + r * largest for r, c in enumerate(counts.tolist())]
+    flat = torch.cat(keep)
+    out_ids = all_ids.reshape(-1).index_select(0, flat)
+    out_rows = all_rows.reshape(-1, *values.shape[1:]).index_select(0, flat)
+    return out_ids.to(indices.device), out_rows.to(values.device)
+
+
+def shard_bounds(k: int, world: int) -> Sequence[Tuple[int, int]]:
+    """(start, stop) row ranges of ``world`` near-equal contiguous shards of K rows (the first
+    K % world shards one row longer), the split ``nearest`` expects by default."""
+    if world < 1 or k < world:
+        raise ValueError(f"cannot split K = {k} rows into {world} non-empty shards")
+    base, extra = divmod(k, world)
+    bounds, start = [], 0
+    for r in range(world):
+        stop = start + base + (1 if r < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
