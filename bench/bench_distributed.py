@@ -1,0 +1,168 @@
+"""Sharded exact search: u2.distributed.nearest on 1 and 2 CPU processes (gloo) against
+single-process u2.nearest, with the bytes each rank receives per query, and a scaling *model*
+(not a measurement) for 8 / 64 / 128 H100s.
+
+The codebook (synthetic SigLIP-like, seeded) is written once to a temporary .npy; each rank
+memory-maps its near-equal row range (``u2.distributed.shard_bounds``) and copies it into RAM,
+so no rank ever holds the whole codebook. Every world size gets the same total thread count
+(threads // world per rank). Times are rank 0's wall clock per call, between barriers, after
+one warm-up call; ids are compared with the single-process search (they must be identical).
+
+    python -m unicode2_fast.bench.bench_distributed              # K = 500K: about 3 minutes on 2 cores
+    python -m unicode2_fast.bench.bench_distributed --k 100000 --worlds 1 2
+    python -m unicode2_fast.bench.bench_distributed --tiny
+
+Writes OUT/distributed.md and OUT/distributed.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+import unicode2_fast as u2
+from unicode2_fast.bench import _common
+from unicode2_fast.data import siglip_like
+
+#: per-query payload of the result all-gather: a float64 objective and an int64 id per rank
+BYTES_PER_QUERY_PER_RANK = 16
+#: the scaling model's assumptions (H100 SXM): sustained bf16 GEMM rate of the fused kernel, and
+#: per-GPU bandwidth / per-step latency of NVLink 4 within a node and NDR InfiniBand across nodes
+MODEL_TFLOPS = 600.0
+MODEL_LINKS = {"NVLink (8 GPUs / node)": (450e9, 5e-6), "InfiniBand NDR (400 Gb/s per GPU)": (50e9, 10e-6)}
+
+
+def _worker(rank: int, world: int, rendezvous: str, directory: str, threads: int, repeats: int, result_path: str):
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=10))
+    try:
+        codebook = np.load(os.path.join(directory, "codebook.npy"), mmap_mode="r")
+        queries = torch.from_numpy(np.load(os.path.join(directory, "queries.npy")))
+        start, stop = u2.distributed.shard_bounds(codebook.shape[0], world)[rank]
+        shard = torch.from_numpy(np.array(codebook[start:stop]))  # this rank's rows, copied into RAM
+        u2.distributed.nearest(queries, shard, start)  # warm-up: per-codebook statistics, caches
+        times = []
+        ids = None
+        for _ in range(repeats):
+            dist.barrier()
+            began = time.perf_counter()
+            ids, _ = u2.distributed.nearest(queries, shard, start)
+            times.append(time.perf_counter() - began)
+        if rank == 0:
+            torch.save({"times": times, "ids": ids}, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_world(world: int, directory: str, threads: int, repeats: int) -> Dict[str, object]:
+    """Times and ids of one sharded search on ``world`` spawned gloo processes."""
+    import torch.multiprocessing as mp
+
+    rendezvous = os.path.join(directory, f"rendezvous-{world}")
+    result_path = os.path.join(directory, f"result-{world}.pt")
+    ctx = mp.get_context("spawn")
+    per_rank = max(1, threads // world)
+    procs = [ctx.Process(target=_worker, args=(r, world, rendezvous, directory, per_rank, repeats, result_path))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if any(p.exitcode != 0 for p in procs):
+        raise RuntimeError(f"a rank of the {world}-process search failed (exit codes {[p.exitcode for p in procs]})")
+    result = torch.load(result_path, weights_only=False)
+    result["threads_per_rank"] = per_rank
+    return result
+
+
+def model_rows(k: int, n: int, d: int, worlds: Sequence[int] = (8, 64, 128)) -> List[Dict[str, object]]:
+    """The scaling model: per search of N queries, each GPU scans K / W codewords at MODEL_TFLOPS
+    and receives W x N x 16 bytes in a ring all-gather (W - 1 steps of the link's latency)."""
+    rows = []
+    for world in worlds:
+        compute = 2.0 * n * (k / world) * d / (MODEL_TFLOPS * 1e12)
+        received = (world - 1) * n * BYTES_PER_QUERY_PER_RANK
+        for link, (bandwidth, latency) in MODEL_LINKS.items():
+            if world <= 8 or "NVLink" not in link:
+                comm = received / bandwidth + (world - 1) * latency
+                rows.append({"gpus": world, "link": link, "compute_s": compute, "bytes_per_query": received / n,
+                             "comm_s": comm, "total_s": compute + comm})
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, default=500_000, help="codewords (the whole codebook, all shards)")
+    parser.add_argument("--n", type=int, default=729, help="queries (one image)")
+    parser.add_argument("--d", type=int, default=1152)
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2], help="process counts to run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="total threads, split over ranks")
+    parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--tiny", action="store_true", help="K = 4000, N = 64, d = 64, 1 repeat: smoke test")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.k, args.n, args.d, args.repeats = 4000, 64, 64, 1
+    if min(args.worlds) < 1 or args.k < max(args.worlds) or args.repeats < 1:
+        parser.error("need world sizes >= 1, K >= the largest world size and --repeats >= 1")
+
+    stamp = _common.machine_stamp()
+    directory = tempfile.mkdtemp(prefix="u2-bench-distributed-")
+    try:
+        data = siglip_like(args.k, args.n, args.d, seed=0)
+        np.save(os.path.join(directory, "codebook.npy"), data.codebook.numpy())
+        np.save(os.path.join(directory, "queries.npy"), data.queries.numpy())
+        torch.set_num_threads(args.threads)
+        u2.nearest(data.queries, data.codebook)  # warm-up
+        times, (expected, _) = _common.time_calls(lambda: u2.nearest(data.queries, data.codebook), args.repeats)
+        single = statistics.median(times)
+        del data
+        lines = ["| processes | threads per rank | min / median s | queries/s | vs single-process u2.nearest | "
+                 "bytes received per query per rank | ids = u2.nearest |", "|---|---|---|---|---|---|---|"]
+        rows = [{"method": "u2.nearest", "world": 1, "threads_per_rank": args.threads, "min_s": min(times),
+                 "median_s": single, "queries_per_s": args.n / single, "ratio_vs_single": 1.0,
+                 "bytes_per_query": 0, "ids_identical": True}]
+        lines.append(f"| u2.nearest (one process) | {args.threads} | {min(times):.3f} / {single:.3f} | "
+                     f"{args.n / single:,.0f} | 1.00x | 0 | - |")
+        for world in args.worlds:
+            result = run_world(world, directory, args.threads, args.repeats)
+            median = statistics.median(result["times"])
+            same = bool(torch.equal(result["ids"], expected))
+            received = (world - 1) * BYTES_PER_QUERY_PER_RANK
+            rows.append({"method": "u2.distributed.nearest", "world": world, "threads_per_rank": result["threads_per_rank"],
+                         "min_s": min(result["times"]), "median_s": median, "queries_per_s": args.n / median,
+                         "ratio_vs_single": single / median, "bytes_per_query": received, "ids_identical": same})
+            lines.append(f"| {world} | {result['threads_per_rank']} | {min(result['times']):.3f} / {median:.3f} | "
+                         f"{args.n / median:,.0f} | {single / median:.2f}x | {received} | {same} |")
+            if not same:
+                raise RuntimeError(f"the {world}-process search returned ids that differ from u2.nearest")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    model = model_rows(args.k, args.n, args.d)
+    model_lines = ["| GPUs | link | compute s | bytes received per query | communication s | total s |",
+                   "|---|---|---|---|---|---|"]
+    model_lines += [f"| {r['gpus']} | {r['link']} | {r['compute_s']:.2e} | {r['bytes_per_query']:,.0f} | "
+                    f"{r['comm_s']:.2e} | {r['total_s']:.2e} |" for r in model]
+    title = f"# sharded exact search, K = {args.k:,}, N = {args.n}, d = {args.d}"
+    text = "\n".join([title, "", *lines, "", f"MODEL (not a measurement): H100 at {MODEL_TFLOPS:.0f} TFLOP/s sustained, "
+                      "ring all-gather of 16 bytes per query per rank", "", *model_lines, "", _common.stamp_text(stamp), ""])
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    _common.write_text(text, os.path.join(args.out, "distributed.md"))
+    _common.write_csv(rows, os.path.join(args.out, "distributed.csv"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,23 @@
+"""Smoke test of bench/bench_distributed.py at the --tiny size: 1 and 2 gloo processes run the
+sharded search, their ids equal single-process u2.nearest (the script raises otherwise), and the
+table, the bytes per query and the clearly labelled scaling model are written."""
+BENCH_NAME = "bench_distributed"
+
+
+def test_tiny_run_writes_the_table_and_the_model(tiny_run):
+    rc, out = tiny_run
+    assert rc == 0
+    text = (out / "distributed.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    measured = [r for r in rows if r.split("|")[1].strip() in ("1", "2")]
+    assert len(measured) == 2 and all(r.split("|")[7].strip() == "True" for r in measured)
+    assert "MODEL (not a measurement)" in text
+    assert (out / "distributed.csv").read_text().count("u2.distributed.nearest") == 2
+
+
+def test_model_counts_the_all_gather_bytes(bench):
+    rows = bench.model_rows(500_000, 729, 1152, worlds=(8, 64))
+    assert {r["gpus"] for r in rows} == {8, 64}
+    for r in rows:
+        assert r["bytes_per_query"] == (r["gpus"] - 1) * 16
+        assert r["total_s"] == r["compute_s"] + r["comm_s"]
