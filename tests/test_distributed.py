@@ -155,3 +155,64 @@ def test_row_sparse_gradients_average_across_ranks(tmp_path):
         assert "error" not in result, result.get("trace")
         assert torch.equal(result["sparse"], expected)
         assert torch.equal(result["dense"], torch.full((2,), 1.5))
+
+
+def _vocab_parallel(rank, world):
+    k, d = 50, 6
+    table = torch.randn(k, d, generator=torch.Generator().manual_seed(3))
+    emb = u2.distributed.VocabParallelEmbedding(k, d, weight=table)
+    opt = u2.SparseRowAdamW([emb.weight], lr=0.1)
+    batches = [[torch.tensor([1, 5, 5, 49]), torch.tensor([[5, 30], [2, 2]])],
+               [torch.tensor([0, 24, 25]), torch.tensor([[49, 49], [10, 11]])]]
+    outputs = []
+    for ids in batches[rank]:
+        rows = emb(ids)
+        outputs.append(rows.detach())
+        target = torch.arange(rows.numel(), dtype=torch.float32).reshape(rows.shape) / 10
+        ((rows - target) ** 2).mean().backward()  # a per-rank mean loss
+        grad = emb.weight.grad
+        assert grad.is_sparse
+        opt.step()
+        opt.zero_grad()
+    return {"outputs": outputs, "table": emb.full_weight(), "offset": emb.offset, "rows": emb.weight.shape[0]}
+
+
+def test_vocab_parallel_embedding_equals_one_process(tmp_path):
+    results = _run(tmp_path, 2, _vocab_parallel)
+    for result in results:
+        assert "error" not in result, result.get("trace")
+    assert [(r["offset"], r["rows"]) for r in results] == [(0, 25), (25, 25)]
+    # one process: the full table, each step's loss the mean of the two ranks' mean losses
+    k, d = 50, 6
+    weight = torch.nn.Parameter(torch.randn(k, d, generator=torch.Generator().manual_seed(3)))
+    opt = u2.SparseRowAdamW([weight], lr=0.1)
+    batches = [[torch.tensor([1, 5, 5, 49]), torch.tensor([[5, 30], [2, 2]])],
+               [torch.tensor([0, 24, 25]), torch.tensor([[49, 49], [10, 11]])]]
+    for step in range(2):
+        loss = 0.0
+        for rank in range(2):
+            ids = batches[rank][step]
+            rows = u2.gathered_embedding(ids.reshape(-1), weight).reshape(*ids.shape, d)
+            assert torch.equal(rows.detach(), results[rank]["outputs"][step])  # forward: the same rows
+            target = torch.arange(rows.numel(), dtype=torch.float32).reshape(rows.shape) / 10
+            loss = loss + ((rows - target) ** 2).mean() / 2
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for result in results:
+        torch.testing.assert_close(result["table"], weight.detach(), rtol=1e-6, atol=1e-7)
+
+
+def _vocab_parallel_bad_ids(rank, world):
+    emb = u2.distributed.VocabParallelEmbedding(20, 3)
+    try:
+        emb(torch.tensor([3, 20 if rank == 1 else 4]))
+    except (ValueError, RuntimeError) as exc:
+        return {"raised": str(exc)}
+    return {"raised": None}
+
+
+def test_vocab_parallel_bad_ids_on_one_rank_raise_everywhere(tmp_path):
+    results = _run(tmp_path, 2, _vocab_parallel_bad_ids)
+    assert "out of range" in results[1]["raised"]
+    assert "rank(s) [1]" in results[0]["raised"]

@@ -7,21 +7,30 @@ its inputs on every rank *before* the data collective: bad input on one rank rai
 on every rank (naming the rank) instead of leaving the others blocked in a collective.
 
     ids, dists = u2.distributed.nearest(x, local_codebook, offset)   # same x on every rank
+    emb = u2.distributed.VocabParallelEmbedding(K, d, weight=c2)       # this rank keeps its rows
+    rows = emb(ids)                                                    # each rank its own batch's ids
 
 Each rank searches its shard with ``u2.nearest`` (exact, ties to the lowest index), recomputes the
 chosen codeword's objective in float64 from the vectors (the arithmetic u2.nearest re-ranks
 with), and one all-gather of (objective, global id) pairs -- 16 bytes per query per rank --
 lets every rank pick the same global argmin, ties to the lowest global id: the result of
 ``u2.nearest`` on the whole codebook.
+
+``VocabParallelEmbedding`` shards the trainable C2 table the same way: each rank holds its row
+range and that range's optimizer state (``u2.SparseRowAdamW`` on ``emb.weight``), lookups of any
+rank's ids are served by their owners, and each owner receives the row-sparse gradient of its
+own rows only -- the updates of one process training on the whole table.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
 from . import _certified
 from ._checks import check_finite, check_float, check_matrix, flatten_queries, to_tensor
+from .embedding import check_indices, embedding_backward_torch
 from .nearest import METRICS
 from .nearest import nearest as _search_shard
 
@@ -186,6 +195,23 @@ def _objective64(x: torch.Tensor, codebook: torch.Tensor, ids: torch.Tensor, met
     return objective
 
 
+def all_gather_varlen(tensor: torch.Tensor, group: Any = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's ``tensor`` (m_r, ...) concatenated in rank order, and the (world,) counts m_r.
+
+    Two collectives: the counts, then the rows padded to the largest count (no pickling). The
+    trailing shape and the dtype must be the same on every rank.
+    """
+    dist = _dist()
+    counts = _all_gather(torch.tensor([tensor.shape[0]], dtype=torch.int64), dist, group)[:, 0].cpu()
+    largest = int(counts.max())
+    device = _collective_device(dist, group)
+    padded = torch.zeros((largest, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+    padded[:tensor.shape[0]] = tensor.to(device)
+    gathered = _all_gather(padded, dist, group)  # (world, largest, ...)
+    keep = torch.cat([torch.arange(int(c), device=device) + r * largest for r, c in enumerate(counts.tolist())])
+    return gathered.reshape(-1, *tensor.shape[1:]).index_select(0, keep).to(tensor.device), counts
+
+
 def all_gather_rows(indices: torch.Tensor, values: torch.Tensor, group: Any = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Every rank's row-sparse tensor rows, concatenated in rank order, through tensor collectives.
 
@@ -194,24 +220,109 @@ def all_gather_rows(indices: torch.Tensor, values: torch.Tensor, group: Any = No
         values: (m_r, *row_shape) rows, the same row shape and dtype on every rank.
 
     Returns:
-        (sum m_r,) indices and (sum m_r, *row_shape) values. Two collectives: the counts, then the
-        rows padded to the largest count (no pickling).
+        (sum m_r,) indices and (sum m_r, *row_shape) values (see ``all_gather_varlen``).
     """
-    dist = _dist()
-    counts = _all_gather(torch.tensor([indices.shape[0]], dtype=torch.int64), dist, group)[:, 0].cpu()
-    largest = int(counts.max())
-    device = _collective_device(dist, group)
-    padded_ids = torch.zeros(largest, dtype=torch.int64, device=device)
-    padded_ids[:indices.shape[0]] = indices.to(device)
-    padded_rows = torch.zeros((largest, *values.shape[1:]), dtype=values.dtype, device=device)
-    padded_rows[:values.shape[0]] = values.to(device)
-    all_ids = _all_gather(padded_ids, dist, group)
-    all_rows = _all_gather(padded_rows, dist, group)
-    keep: List[torch.Tensor] = [torch.arange(int(c), device=device) + r * largest for r, c in enumerate(counts.tolist())]
-    flat = torch.cat(keep)
-    out_ids = all_ids.reshape(-1).index_select(0, flat)
-    out_rows = all_rows.reshape(-1, *values.shape[1:]).index_select(0, flat)
-    return out_ids.to(indices.device), out_rows.to(values.device)
+    if indices.shape[0] != values.shape[0]:
+        raise ValueError(f"{indices.shape[0]} indices for {values.shape[0]} rows")
+    out_ids, _ = all_gather_varlen(indices, group)
+    out_rows, _ = all_gather_varlen(values, group)
+    return out_ids, out_rows
+
+
+class _VocabParallelLookup(torch.autograd.Function):
+    """weight rows for every rank's ids, the table sharded by rows (see VocabParallelEmbedding)."""
+
+    @staticmethod
+    def forward(ctx, weight, ids, offset, num_embeddings, group, grad_scale):
+        # weight: (K_r, d) this rank's rows offset .. offset + K_r; ids: (n,) this rank's global ids
+        dist = _dist()
+        rank = dist.get_rank(group)
+        all_ids, counts = all_gather_varlen(ids, group)  # (T,) every rank's ids, in rank order
+        owned = (all_ids >= offset) & (all_ids < offset + weight.shape[0])
+        device = _collective_device(dist, group)
+        rows = torch.zeros((all_ids.shape[0], weight.shape[1]), dtype=weight.dtype, device=device)
+        rows[owned.to(device)] = weight.detach()[all_ids[owned] - offset].to(device)
+        dist.all_reduce(rows, group=group)  # each row has exactly one owner: the sum is that row
+        start = int(counts[:rank].sum())
+        ctx.save_for_backward(all_ids, owned)
+        ctx.offset, ctx.group, ctx.grad_scale, ctx.weight_shape = offset, group, grad_scale, weight.shape
+        return rows[start:start + ids.shape[0]].to(weight.device)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        all_ids, owned = ctx.saved_tensors
+        grads, _ = all_gather_varlen(grad_rows.contiguous(), ctx.group)  # (T, d): every rank's rows
+        local_ids = all_ids[owned] - ctx.offset
+        unique_ids, sums = embedding_backward_torch(grads[owned] * ctx.grad_scale, local_ids)
+        grad_weight = torch.sparse_coo_tensor(unique_ids.unsqueeze(0), sums, ctx.weight_shape,
+                                              is_coalesced=True)
+        return grad_weight, None, None, None, None, None
+
+
+class VocabParallelEmbedding(nn.Module):
+    """A (K, d) embedding table sharded by rows across the ranks of ``group`` (Megatron's
+    VocabParallelEmbedding for data-parallel batches): this rank holds rows
+    ``offset .. offset + K_r`` as ``self.weight`` and only their optimizer state.
+
+    Forward: ids (...) of this rank's batch -> (..., d) rows, wherever they live. Every rank's ids
+    are all-gathered, each owner fills its rows, and one all-reduce gives every rank its rows
+    (4 d bytes per id of the whole job, plus the ids). Backward: every rank's output gradient is
+    all-gathered and each owner keeps a row-sparse gradient of its own rows (coalesced COO, as
+    ``u2.gathered_embedding``), times ``grad_scale`` -- 1 / world by default, the average that
+    data-parallel training of per-rank mean losses takes -- so ``u2.SparseRowAdamW`` on
+    ``self.weight`` updates exactly the rows a single process would. All ranks must run the same
+    number of forward / backward calls (collectives).
+
+    Args:
+        num_embeddings: K. embedding_dim: d.
+        weight: optional (K, d) full initial table (identical on every rank); this rank copies its
+            rows. Default: N(0, 1) rows drawn from a generator seeded by ``seed`` (the same table
+            whatever the world size).
+        group: process group (default: the world). grad_scale: None (1 / world) or a float.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, weight: Any = None, group: Any = None,
+                 grad_scale: Optional[float] = None, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        dist = _dist()
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        self.num_embeddings, self.embedding_dim, self.group = num_embeddings, embedding_dim, group
+        start, stop = shard_bounds(num_embeddings, world)[rank]
+        self.offset = start
+        if weight is None:
+            table = torch.randn(num_embeddings, embedding_dim, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+            local = table[start:stop].clone()
+        else:
+            table = to_tensor(weight, "weight").detach()
+            if tuple(table.shape) != (num_embeddings, embedding_dim):
+                raise ValueError(f"weight has shape {tuple(table.shape)}, expected ({num_embeddings}, {embedding_dim})")
+            local = table[start:stop].to(dtype, copy=True)
+        self.weight = nn.Parameter(local)
+        self.grad_scale = 1.0 / world if grad_scale is None else float(grad_scale)
+
+    def extra_repr(self) -> str:
+        return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
+                f"rows={self.offset}..{self.offset + self.weight.shape[0]}")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(..., d) rows of the int ``ids`` (...) of this rank (any ids in [0, K), checked on every rank)."""
+        error = None
+        try:
+            if not isinstance(ids, torch.Tensor):
+                raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+            check_indices(ids, self.num_embeddings)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        check_all(error, self.group, "ids")
+        flat = ids.reshape(-1).long()
+        rows = _VocabParallelLookup.apply(self.weight, flat, self.offset, self.num_embeddings, self.group,
+                                          self.grad_scale)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def full_weight(self) -> torch.Tensor:
+        """(K, d) the whole table on every rank (an all-gather of the shards: for checkpoints, tests)."""
+        rows, _ = all_gather_varlen(self.weight.detach(), self.group)
+        return rows
 
 
 def shard_bounds(k: int, world: int) -> Sequence[Tuple[int, int]]:
