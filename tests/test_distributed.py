@@ -216,3 +216,64 @@ def test_vocab_parallel_bad_ids_on_one_rank_raise_everywhere(tmp_path):
     results = _run(tmp_path, 2, _vocab_parallel_bad_ids)
     assert "out of range" in results[1]["raised"]
     assert "rank(s) [1]" in results[0]["raised"]
+
+
+def _ce_problem():
+    g = torch.Generator().manual_seed(5)
+    n, h, k = 13, 8, 37
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(k, h, generator=g, dtype=torch.float64)
+    bias = torch.randn(k, generator=g, dtype=torch.float64)
+    targets = torch.randint(k, (n,), generator=g)
+    targets[3] = -100
+    targets[4] = k - 1  # the last shard's last class
+    return hidden, weight, bias, targets
+
+
+def _vocab_parallel_ce(rank, world, bounds, reduction):
+    hidden, weight, bias, targets = _ce_problem()
+    start, stop = bounds[rank]
+    hidden = hidden.clone().requires_grad_()
+    local_weight = weight[start:stop].clone().requires_grad_()
+    local_bias = bias[start:stop].clone().requires_grad_()
+    loss = u2.distributed.large_vocab_cross_entropy(hidden, local_weight, targets, start, local_bias=local_bias,
+                                                    reduction=reduction, chunk_size=5)
+    (loss.sum() if reduction == "none" else loss).backward()
+    return {"loss": loss.detach(), "grad_hidden": hidden.grad, "grad_weight": local_weight.grad,
+            "grad_bias": local_bias.grad, "start": start, "stop": stop}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vocab_parallel_cross_entropy_equals_one_process(tmp_path, reduction):
+    bounds = [(0, 10), (10, 11), (11, 37)]
+    results = _run(tmp_path, 3, _vocab_parallel_ce, bounds, reduction)
+    hidden, weight, bias, targets = _ce_problem()
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    bias.requires_grad_()
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.t() + bias, targets, reduction=reduction)
+    (reference.sum() if reduction == "none" else reference).backward()
+    for result in results:
+        assert "error" not in result, result.get("trace")
+        torch.testing.assert_close(result["loss"], reference.detach())
+        torch.testing.assert_close(result["grad_hidden"], hidden.grad)
+        torch.testing.assert_close(result["grad_weight"], weight.grad[result["start"]:result["stop"]])
+        torch.testing.assert_close(result["grad_bias"], bias.grad[result["start"]:result["stop"]])
+
+
+def _vocab_parallel_ce_bad(rank, world):
+    hidden, weight, _, targets = _ce_problem()
+    start, stop = u2.distributed.shard_bounds(37, world)[rank]
+    if rank == 1:
+        targets = targets.clone()
+        targets[0] = (targets[0] + 1) % 37
+    try:
+        u2.distributed.large_vocab_cross_entropy(hidden, weight[start:stop], targets, start)
+    except ValueError as exc:
+        return {"raised": str(exc)}
+    return {"raised": None}
+
+
+def test_vocab_parallel_cross_entropy_refuses_different_targets(tmp_path):
+    for result in _run(tmp_path, 2, _vocab_parallel_ce_bad):
+        assert result["raised"] is not None and "targets differs between ranks" in result["raised"]

@@ -9,6 +9,7 @@ on every rank (naming the rank) instead of leaving the others blocked in a colle
     ids, dists = u2.distributed.nearest(x, local_codebook, offset)   # same x on every rank
     emb = u2.distributed.VocabParallelEmbedding(K, d, weight=c2)       # this rank keeps its rows
     rows = emb(ids)                                                    # each rank its own batch's ids
+    loss = u2.distributed.large_vocab_cross_entropy(hidden, local_head, targets, offset)
 
 Each rank searches its shard with ``u2.nearest`` (exact, ties to the lowest index), recomputes the
 chosen codeword's objective in float64 from the vectors (the arithmetic u2.nearest re-ranks
@@ -30,13 +31,14 @@ from torch import nn
 
 from . import _certified
 from ._checks import check_finite, check_float, check_matrix, flatten_queries, to_tensor
+from .cross_entropy import cross_entropy_backward_torch, lse_and_target_torch
 from .embedding import check_indices, embedding_backward_torch
 from .nearest import METRICS
 from .nearest import nearest as _search_shard
 
 #: int64 slots of the status every rank shares before the data collective
 _STATUS = ("ok", "n", "d", "offset", "k_local", "dtype")
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3, torch.int64: 4, torch.int32: 5}
 
 
 def _dist():
@@ -323,6 +325,142 @@ class VocabParallelEmbedding(nn.Module):
         """(K, d) the whole table on every rank (an all-gather of the shards: for checkpoints, tests)."""
         rows, _ = all_gather_varlen(self.weight.detach(), self.group)
         return rows
+
+
+def _check_tiling(offset: int, rows: int, dist, group, what: str) -> int:
+    """Raise (on every rank) unless the ranks' (offset, rows) tile [0, K); returns K."""
+    spans = _all_gather(torch.tensor([offset, rows], dtype=torch.int64), dist, group).cpu()
+    order = torch.argsort(spans[:, 0])
+    starts, sizes = spans[order, 0], spans[order, 1]
+    if int(starts[0]) != 0 or bool((starts[1:] != starts[:-1] + sizes[:-1]).any()):
+        bounds = [(int(s), int(s + k)) for s, k in zip(starts, sizes)]
+        raise ValueError(f"u2.distributed: the {what} shards must tile [0, K) without gaps or overlaps; rows per rank "
+                         f"(sorted): {bounds}")
+    return int(sizes.sum())
+
+
+def _check_same(tensors: Sequence[torch.Tensor], names: Sequence[str], dist, group) -> None:
+    """Raise (on every rank) unless every tensor is bitwise the same on every rank."""
+    prints = _all_gather(torch.cat([_fingerprint(t.reshape(t.shape[0], -1)) for t in tensors]), dist, group).cpu()
+    for i, name in enumerate(names):
+        if not bool((prints[:, 2 * i:2 * i + 2] == prints[0, 2 * i:2 * i + 2]).all()):
+            raise ValueError(f"u2.distributed: {name} differs between ranks; every rank must pass the same {name}")
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy over a classifier sharded by rows (see large_vocab_cross_entropy)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, offset, group, chunk_size):
+        # hidden: (N, h) the same on every rank; weight: (K_r, h) rows offset .. offset + K_r of the
+        # classifier; targets: (N,) global ids. Local ids, -1 where the target is another rank's.
+        dist = _dist()
+        owned = (targets >= offset) & (targets < offset + weight.shape[0])
+        local_targets = torch.where(owned, targets - offset, torch.full_like(targets, -1))
+        lse, target_logit = lse_and_target_torch(hidden, weight, local_targets, bias, chunk_size)
+        everyone = _all_gather(torch.stack([lse, target_logit]), dist, group)  # (world, 2, N)
+        lse = torch.logsumexp(everyone[:, 0], dim=0).to(hidden.device)  # the log-sum-exp of all K logits
+        target_logit = everyone[:, 1].sum(dim=0).to(hidden.device)  # only the owner's entry is nonzero
+        ctx.save_for_backward(hidden, weight, bias, local_targets, lse)
+        ctx.group, ctx.chunk_size = group, chunk_size
+        return lse - target_logit
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        hidden, weight, bias, local_targets, lse = ctx.saved_tensors
+        dist = _dist()
+        grad_hidden, grad_weight, grad_bias = cross_entropy_backward_torch(
+            grad_rows, hidden, weight, local_targets, lse, bias, ctx.chunk_size,
+            need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
+            need_bias=bias is not None and ctx.needs_input_grad[2])
+        if grad_hidden is not None:
+            # every shard's part of d loss / d hidden, summed: the same full gradient on every rank
+            device = _collective_device(dist, ctx.group)
+            summed = grad_hidden.to(device)
+            dist.all_reduce(summed, group=ctx.group)
+            grad_hidden = summed.to(hidden.device)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def large_vocab_cross_entropy(
+    hidden: torch.Tensor,
+    local_weight: torch.Tensor,
+    targets: torch.Tensor,
+    offset: int,
+    group: Any = None,
+    *,
+    local_bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Cross-entropy over K classes whose classifier is sharded by rows across the ranks (L_GEN
+    with the visual head split: cut-cross-entropy's VocabParallelOptions, Megatron's
+    vocab_parallel_cross_entropy). Never holds N x K, nor N x K_r, logits on a rank.
+
+    Each rank computes, chunk by chunk, the log-sum-exp of its K_r logits per row and the target
+    logit where it owns the target; one all-gather of those 2 N floats gives every rank the
+    global log-sum-exp and target logit, so every rank gets the same loss. Backward: each rank its
+    shard's weight (and bias) gradient, and the hidden-state gradient summed over the ranks with one
+    all-reduce (N x h floats): the same on every rank.
+
+    Args:
+        hidden: (N, h) hidden states, the same on every rank (checked).
+        local_weight: (K_r, h) rows ``offset .. offset + K_r`` of the (K, h) classifier; together
+            the ranks' shards tile [0, K) (checked).
+        targets: (N,) int64 global class ids in [0, K), or ignore_index; the same on every rank.
+        offset: the global id of this rank's first row. local_bias: optional (K_r,).
+        ignore_index, reduction ("mean" | "sum" | "none"), chunk_size: as
+            ``u2.large_vocab_cross_entropy``.
+
+    Returns:
+        The loss (0-dim, or (N,) for "none", 0 at ignored rows), identical on every rank.
+
+    Raises (on every rank): ValueError / TypeError for shapes, dtypes, non-finite values, targets
+    outside [0, K), inputs that differ between ranks or shards that do not tile [0, K).
+    """
+    dist = _dist()
+    error = None
+    try:
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"unknown reduction {reduction!r}; expected 'mean', 'sum' or 'none'")
+        for name, t in (("hidden", hidden), ("local_weight", local_weight)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            check_matrix(t, name)
+            check_float(t, name)
+        if hidden.shape[1] != local_weight.shape[1]:
+            raise ValueError(f"hidden has size {hidden.shape[1]} but local_weight rows have {local_weight.shape[1]}")
+        if local_weight.shape[0] == 0:
+            raise ValueError("empty local_weight: give every rank at least one class")
+        if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32) \
+                or targets.shape != (hidden.shape[0],):
+            raise ValueError(f"targets must be an int tensor of shape ({hidden.shape[0]},)")
+        if local_bias is not None and tuple(local_bias.shape) != (local_weight.shape[0],):
+            raise ValueError(f"local_bias must have shape ({local_weight.shape[0]},), got {tuple(local_bias.shape)}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+        check_finite(hidden.detach(), "hidden")
+        check_finite(local_weight.detach(), "local_weight")
+    except (TypeError, ValueError) as exc:
+        error = exc
+    check_all(error, group)
+    k = _check_tiling(offset, local_weight.shape[0], dist, group, "classifier")
+    _check_same([hidden.detach(), targets.long().unsqueeze(1)], ["hidden", "targets"], dist, group)
+    targets = targets.long()
+    keep = targets != ignore_index
+    bad = keep & ((targets < 0) | (targets >= k))
+    if bool(bad.any()):
+        raise ValueError(f"targets hold id {int(targets[bad][0])}, outside [0, {k}) (and not ignore_index = {ignore_index})")
+    rows = keep.nonzero().squeeze(1)
+    row_losses = _VocabParallelCrossEntropy.apply(hidden.index_select(0, rows), local_weight, local_bias,
+                                                  targets.index_select(0, rows), offset, group, chunk_size)
+    dtype = hidden.dtype
+    if reduction == "none":
+        out = torch.zeros(hidden.shape[0], dtype=row_losses.dtype, device=hidden.device)
+        return out.index_put((rows,), row_losses).to(dtype)
+    total = row_losses.sum()
+    return (total / rows.numel() if reduction == "mean" else total).to(dtype)
 
 
 def shard_bounds(k: int, world: int) -> Sequence[Tuple[int, int]]:
