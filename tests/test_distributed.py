@@ -277,3 +277,42 @@ def _vocab_parallel_ce_bad(rank, world):
 def test_vocab_parallel_cross_entropy_refuses_different_targets(tmp_path):
     for result in _run(tmp_path, 2, _vocab_parallel_ce_bad):
         assert result["raised"] is not None and "targets differs between ranks" in result["raised"]
+
+
+def _save_three(rank, world, directory):
+    table = torch.randn(41, 5, generator=torch.Generator().manual_seed(8))
+    steps = torch.arange(41, dtype=torch.int64) * 3
+    emb = u2.distributed.VocabParallelEmbedding(41, 5, weight=table)
+    stop = emb.offset + emb.weight.shape[0]
+    u2.distributed.save_sharded(directory, {"weight": emb.weight, "row_step": steps[emb.offset:stop]}, emb.offset,
+                                meta={"step": 7})
+    return {"files": sorted(os.listdir(directory))}
+
+
+def _load_two(rank, world, directory):
+    emb = u2.distributed.VocabParallelEmbedding.from_sharded(directory)
+    rows = u2.distributed.load_sharded(directory, emb.offset, emb.offset + emb.weight.shape[0], ["row_step"])
+    return {"weight": emb.weight.detach(), "offset": emb.offset, "row_step": rows["row_step"], "full": emb.full_weight()}
+
+
+def test_sharded_checkpoint_reshards_onto_another_world_size(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    (tmp_path / "save").mkdir()
+    (tmp_path / "load").mkdir()
+    saved = _run(tmp_path / "save", 3, _save_three, directory)
+    assert saved[0]["files"] == ["index.json", "shard-00000-of-00003.safetensors", "shard-00001-of-00003.safetensors",
+                                 "shard-00002-of-00003.safetensors"]
+    loaded = _run(tmp_path / "load", 2, _load_two, directory)
+    table = torch.randn(41, 5, generator=torch.Generator().manual_seed(8))
+    assert [r["offset"] for r in loaded] == [0, 21]
+    for r in loaded:
+        assert "error" not in r, r.get("trace")
+        stop = r["offset"] + r["weight"].shape[0]
+        assert torch.equal(r["weight"], table[r["offset"]:stop])
+        assert torch.equal(r["row_step"], torch.arange(41)[r["offset"]:stop] * 3)
+        assert torch.equal(r["full"], table)
+    # one process reads any rows; an incomplete checkpoint (no index) is refused
+    assert torch.equal(u2.distributed.load_sharded(directory, 10, 30)["weight"], table[10:30])
+    os.remove(os.path.join(directory, "index.json"))
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        u2.distributed.load_sharded(directory)

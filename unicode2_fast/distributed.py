@@ -24,13 +24,19 @@ own rows only -- the updates of one process training on the whole table.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+import hashlib
+import json
+import os
+from typing import Any, Dict, Optional, Sequence, Tuple
 
+import safetensors
+import safetensors.torch
 import torch
 from torch import nn
 
 from . import _certified
 from ._checks import check_finite, check_float, check_matrix, flatten_queries, to_tensor
+from ._io import atomic_write, atomic_write_text
 from .cross_entropy import cross_entropy_backward_torch, lse_and_target_torch
 from .embedding import check_indices, embedding_backward_torch
 from .nearest import METRICS
@@ -321,6 +327,23 @@ class VocabParallelEmbedding(nn.Module):
                                           self.grad_scale)
         return rows.reshape(*ids.shape, self.embedding_dim)
 
+    @classmethod
+    def from_sharded(cls, directory: Any, group: Any = None, name: str = "weight",
+                     grad_scale: Optional[float] = None) -> "VocabParallelEmbedding":
+        """The table saved by ``save_sharded({name: emb.weight, ...}, emb.offset)`` under any world
+        size, resharded for this group: each rank reads only its own rows."""
+        dist = _dist()
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        header = load_sharded(directory, 0, 0, [name])[name]
+        total = _checkpoint_rows(directory)
+        start, stop = shard_bounds(total, world)[rank]
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.num_embeddings, module.embedding_dim, module.group, module.offset = total, header.shape[1], group, start
+        module.weight = nn.Parameter(load_sharded(directory, start, stop, [name])[name])
+        module.grad_scale = 1.0 / world if grad_scale is None else float(grad_scale)
+        return module
+
     def full_weight(self) -> torch.Tensor:
         """(K, d) the whole table on every rank (an all-gather of the shards: for checkpoints, tests)."""
         rows, _ = all_gather_varlen(self.weight.detach(), self.group)
@@ -461,6 +484,123 @@ def large_vocab_cross_entropy(
         return out.index_put((rows,), row_losses).to(dtype)
     total = row_losses.sum()
     return (total / rows.numel() if reduction == "mean" else total).to(dtype)
+
+
+INDEX_NAME = "index.json"
+_CHECKPOINT_FORMAT = "unicode2_fast.row_sharded"
+
+
+def _shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def save_sharded(directory: Any, tensors: Dict[str, torch.Tensor], offset: int, group: Any = None,
+                 meta: Optional[Dict[str, Any]] = None) -> None:
+    """Save row-sharded tensors: one safetensors file per rank plus an index.
+
+    Args:
+        directory: created if needed (on a file system every rank sees).
+        tensors: name -> (K_r, ...) this rank's rows ``offset .. offset + K_r`` (every tensor the
+            same K_r rows, the same names on every rank), e.g. a VocabParallelEmbedding's weight and
+            its SparseRowAdamW moments and row steps.
+        offset: the global row of this rank's first row. meta: optional JSON-able dict (rank 0's).
+
+    Each file is written atomically (temporary file, fsync, rename); rank 0 writes ``index.json``
+    (files, their row ranges, names, trailing shapes and dtypes, K) last, after every rank's file
+    is in place, so a checkpoint without its index is known to be incomplete. Raises on every rank
+    for bad input on any rank (names or shapes that differ, shards that do not tile [0, K)).
+    """
+    dist = _dist()
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    directory = os.fspath(directory)
+    error = None
+    rows = 0
+    try:
+        if not tensors:
+            raise ValueError("nothing to save: tensors is empty")
+        rows = {name: t.shape[0] for name, t in tensors.items()}
+        if len(set(rows.values())) != 1:
+            raise ValueError(f"every tensor must hold the same rows of this rank, got {rows}")
+        rows = next(iter(rows.values()))
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    except ValueError as exc:
+        error = exc
+    check_all(error, group, "checkpoint")
+    total = _check_tiling(offset, rows, dist, group, "checkpoint")
+    layout = json.dumps({name: [list(t.shape[1:]), str(t.dtype)] for name, t in sorted(tensors.items())})
+    digest = hashlib.sha256(layout.encode()).digest()
+    prints = _all_gather(torch.tensor(list(digest), dtype=torch.int64), dist, group).cpu()
+    if not bool((prints == prints[0]).all()):
+        raise ValueError("u2.distributed.save_sharded: the tensors' names, trailing shapes or dtypes differ between ranks")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, _shard_name(rank, world))
+    payload = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(
+        payload, tmp, metadata={"format": _CHECKPOINT_FORMAT, "offset": str(offset), "rows": str(rows)}))
+    spans = _all_gather(torch.tensor([offset, rows], dtype=torch.int64), dist, group).cpu().tolist()
+    dist.barrier(group=group)  # every shard file is in place before the index names it
+    if rank == 0:
+        index = {"format": _CHECKPOINT_FORMAT, "version": 1, "num_rows": total,
+                 "tensors": json.loads(layout), "meta": meta or {},
+                 "shards": [{"file": _shard_name(r, world), "start": s, "stop": s + n} for r, (s, n) in enumerate(spans)]}
+        atomic_write_text(os.path.join(directory, INDEX_NAME), json.dumps(index, indent=2) + "\n")
+    dist.barrier(group=group)
+
+
+def load_sharded(directory: Any, start: Optional[int] = None, stop: Optional[int] = None,
+                 names: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+    """Rows ``start .. stop`` (default: all) of each tensor of a :func:`save_sharded` checkpoint,
+    whatever the world size that saved it: only the overlapping rows of each shard file are read.
+    Needs no process group.
+
+    Raises:
+        FileNotFoundError: no index (an incomplete checkpoint) or a missing shard file.
+        ValueError: a foreign or corrupt index, unknown names, or rows outside [0, K).
+    """
+    directory = os.fspath(directory)
+    index_path = os.path.join(directory, INDEX_NAME)
+    if not os.path.isfile(index_path):
+        raise FileNotFoundError(f"no {INDEX_NAME} in {directory}: not a row-sharded checkpoint, or an incomplete one")
+    try:
+        with open(index_path, encoding="utf-8") as file:
+            index = json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{index_path}: not valid JSON: {exc}") from exc
+    if not isinstance(index, dict) or index.get("format") != _CHECKPOINT_FORMAT:
+        raise ValueError(f"{index_path} is not a u2.distributed row-sharded index")
+    total = int(index["num_rows"])
+    start = 0 if start is None else start
+    stop = total if stop is None else stop
+    if not 0 <= start <= stop <= total:
+        raise ValueError(f"rows {start}..{stop} are outside the checkpoint's [0, {total})")
+    wanted = list(index["tensors"]) if names is None else list(names)
+    unknown = sorted(set(wanted) - set(index["tensors"]))
+    if unknown:
+        raise ValueError(f"{index_path}: no tensors {unknown} (it holds {sorted(index['tensors'])})")
+    parts: Dict[str, list] = {name: [] for name in wanted}
+    for shard in index["shards"]:
+        lo, hi = max(start, shard["start"]), min(stop, shard["stop"])
+        if lo >= hi:
+            continue
+        path = os.path.join(directory, shard["file"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"missing shard file {path} named by {index_path}")
+        with safetensors.safe_open(path, framework="pt") as file:
+            for name in wanted:
+                parts[name].append(file.get_slice(name)[lo - shard["start"]:hi - shard["start"]])
+    out = {}
+    for name in wanted:
+        trailing, dtype = index["tensors"][name]
+        out[name] = torch.cat(parts[name]) if parts[name] else \
+            torch.empty((0, *trailing), dtype=getattr(torch, dtype.replace("torch.", "")))
+    return out
+
+
+def _checkpoint_rows(directory: Any) -> int:
+    """K of a save_sharded checkpoint (from its index)."""
+    with open(os.path.join(os.fspath(directory), INDEX_NAME), encoding="utf-8") as file:
+        return int(json.load(file)["num_rows"])
 
 
 def shard_bounds(k: int, world: int) -> Sequence[Tuple[int, int]]:
