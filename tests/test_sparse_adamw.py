@@ -372,3 +372,16 @@ def test_triton_kernel_checks_row_ids():
     with pytest.raises(ValueError, match=r"row_ids must lie in \[0, 10\)"):
         kernel.sparse_adamw_triton(param, torch.tensor([3, 10]), grads, *moments, torch.ones(10, dtype=torch.int64),
                                    lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+
+
+def test_an_empty_sparse_gradient_changes_nothing():
+    # a rank of a row-sharded table whose rows no id of the step touched gets an empty gradient
+    weight = torch.nn.Parameter(torch.randn(6, 3))
+    before = weight.detach().clone()
+    opt = u2.SparseRowAdamW([weight], lr=0.1)
+    weight.grad = torch.sparse_coo_tensor(torch.empty((1, 0), dtype=torch.int64), torch.empty(0, 3), (6, 3))
+    opt.step()
+    assert torch.equal(weight.detach(), before)
+    weight.grad = torch.sparse_coo_tensor(torch.tensor([[2]]), torch.ones(1, 3), (6, 3))
+    opt.step()
+    assert not torch.equal(weight.detach()[2], before[2]) and torch.equal(weight.detach()[[0, 1, 3, 4, 5]], before[[0, 1, 3, 4, 5]])

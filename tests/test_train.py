@@ -217,13 +217,38 @@ def test_torchrun_two_ranks_fsdp2_on_cpu(assets, tmp_path):
     import subprocess
     import sys
 
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "unicode2_fast", "train", "--llm", assets["llm"], "--codebook", assets["codebook"],
-           "--ids", assets["ids"], "--captions", assets["captions"], "--stage", "2", "--steps", "2",
-           "--batch-size", "2", "--out", str(out), "--log-every", "1"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "step 2/2" in done.stdout
-    reloaded = UnifiedModel.from_pretrained(str(out))
-    assert reloaded.codebook_size == 40
+    # C2 sharded by rows across the ranks (the default) and replicated (--replicate-c2): the same
+    # updates, so the same saved table; both moved away from the codebook they started from
+    tables = {}
+    for mode in ("sharded", "replicated"):
+        out = tmp_path / mode
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "unicode2_fast", "train", "--llm", assets["llm"], "--codebook", assets["codebook"],
+               "--ids", assets["ids"], "--captions", assets["captions"], "--stage", "2", "--steps", "2",
+               "--batch-size", "2", "--out", str(out), "--log-every", "1", "--lr", "1e-2"]
+        done = subprocess.run(cmd + (["--replicate-c2"] if mode.startswith("replicated") else []), capture_output=True,
+                              text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "step 2/2" in done.stdout
+        reloaded = UnifiedModel.from_pretrained(str(out))
+        assert reloaded.codebook_size == 40
+        tables[mode] = reloaded.c2.detach()
+    torch.testing.assert_close(tables["sharded"], tables["replicated"], rtol=1e-5, atol=1e-6)
+    initial = u2.Codebook.load(assets["codebook"]).vectors
+    assert not torch.equal(tables["sharded"], initial)
+
+
+def test_a_fresh_projector_is_the_same_whatever_the_global_generator(assets):
+    # every rank of a torchrun job builds its own model: their replicated projectors must agree
+    torch.manual_seed(123)
+    first = UnifiedModel.from_pretrained(assets["llm"], assets["codebook"])
+    torch.manual_seed(456)
+    second = UnifiedModel.from_pretrained(assets["llm"], assets["codebook"])
+    for a, b in zip(first.projector.parameters(), second.projector.parameters()):
+        assert torch.equal(a, b)
+    # and building it leaves the caller's generator where it was
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    UnifiedModel.from_pretrained(assets["llm"], assets["codebook"])
+    assert torch.equal(torch.rand(3), expected)

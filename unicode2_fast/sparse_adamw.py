@@ -137,6 +137,8 @@ class SparseRowAdamW(torch.optim.Optimizer):
         # backward passes concatenates their entries: coalescing sums duplicates, sorts the ids
         grad = grad.coalesce()
         row_ids = grad.indices()[0]
+        if row_ids.numel() == 0:
+            return  # no row touched (e.g. a rank's shard of a table no id of the step fell in): no change
         values = grad.values()
         self._row_step(param, row_ids, values.reshape(values.shape[0], -1), state, hyper)
 

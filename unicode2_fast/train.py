@@ -8,9 +8,11 @@ Both: betas (0.9, 0.95), linear warmup over 3% of the steps then cosine decay to
 
 Multi-GPU: run under ``torchrun --nproc_per_node N``. When torch.distributed is initialised with
 world size > 1, each decoder layer of the LLM (and then the LLM) is sharded with FSDP2
-(``torch.distributed.fsdp.fully_shard``); the projector and C2 stay replicated and their
-gradients are averaged across ranks (C2's sparse gradient by gathering the touched rows with
-``u2.distributed.all_gather_rows``: tensors through collectives, nothing pickled); each
+(``torch.distributed.fsdp.fully_shard``); the projector stays replicated with averaged gradients, and in
+stage 2 C2 trains sharded by rows (``u2.distributed.VocabParallelEmbedding``: each rank the
+row-sparse gradient and SparseRowAdamW state of its rows; ``vocab_parallel_c2=False`` keeps it
+replicated, its sparse gradient averaged with ``u2.distributed.all_gather_rows``: tensors through
+collectives, nothing pickled either way); each
 rank reads its own slice of every shuffled epoch. The CPU tests run it with two gloo ranks.
 The ``unicode2-fast train`` command (``unicode2_fast.cli.train``) joins torchrun's process group.
 """
@@ -25,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .distributed import all_gather_rows
+from .distributed import VocabParallelEmbedding, all_gather_rows
 from .sparse_adamw import SparseRowAdamW
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -242,6 +244,7 @@ def train(
     out_dir: Optional[PathLike] = None,
     shuffle: bool = True,
     log: Optional[Callable[[str], None]] = None,
+    vocab_parallel_c2: bool = True,
 ) -> List[float]:
     """Train ``model`` (a UnifiedModel) on ``dataset`` for ``steps`` optimizer steps.
 
@@ -252,6 +255,11 @@ def train(
         log_every: print the loss every this many steps (0: never); ``log`` replaces ``print``.
         out_dir: if given, ``model.save_pretrained(out_dir)`` at the end (rank 0).
         shuffle: reshuffle (seeded) each epoch; False iterates rows in order.
+        vocab_parallel_c2: with world size > 1 in stage 2, C2 trains sharded by rows across the
+            ranks (``u2.distributed.VocabParallelEmbedding``: each rank the gradient and
+            SparseRowAdamW state of its rows only); False keeps it replicated with averaged
+            row-sparse gradients. Both give the same updates; the full table is gathered back
+            into ``model.c2`` at the end.
 
     Returns:
         the loss of every step (as computed before that step's update).
@@ -283,11 +291,16 @@ def train(
     if stage == 2:
         dense_params += [p for p in model.llm.parameters() if p.requires_grad]
     optimizers = [torch.optim.AdamW(dense_params, lr=lr, betas=betas, weight_decay=weight_decay)]
+    sharded_c2 = world > 1 and stage == 2 and vocab_parallel_c2
+    if sharded_c2:
+        model.c2_shards = VocabParallelEmbedding(model.codebook_size, model.code_dim, weight=model.c2.detach())
+        model.c2.requires_grad_(False)
     if stage == 2:
-        optimizers.append(SparseRowAdamW([model.c2], lr=lr, betas=betas, weight_decay=weight_decay))
+        c2_rows = model.c2_shards.weight if sharded_c2 else model.c2
+        optimizers.append(SparseRowAdamW([c2_rows], lr=lr, betas=betas, weight_decay=weight_decay))
     factor = warmup_cosine(steps, warmup_ratio)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
-    replicated = list(model.projector.parameters()) + ([model.c2] if stage == 2 else [])
+    replicated = list(model.projector.parameters()) + ([model.c2] if stage == 2 and not sharded_c2 else [])
 
     use_autocast = device.type == "cuda"
     losses: List[float] = []
@@ -310,6 +323,11 @@ def train(
         if log_every and rank == 0 and (step % log_every == 0 or step == steps - 1):
             (log or print)(f"step {step + 1}/{steps} loss {losses[-1]:.4f} lr {schedulers[0].get_last_lr()[0]:.3e}")
 
+    if sharded_c2:  # every rank takes part in the gather; C2 is whole (and replicated) again
+        with torch.no_grad():
+            model.c2.copy_(model.c2_shards.full_weight().to(model.c2.device))
+        model.c2_shards = None
+        model.c2.requires_grad_(True)
     if out_dir is not None:
         if world > 1:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

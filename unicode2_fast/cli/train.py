@@ -36,6 +36,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--lr", type=positive_float, default=None, help="peak lr (default 1e-3 stage 1, 1e-5 stage 2)")
     parser.add_argument("--seed", type=int_at_least(0), default=0)
     parser.add_argument("--log-every", type=int_at_least(0), default=10, help="steps between loss lines (0: none)")
+    parser.add_argument("--replicate-c2", action="store_true",
+                        help="under torchrun, keep C2 replicated on every rank instead of sharding its rows "
+                             "(and their optimizer state) across the ranks")
 
 
 def _init_distributed_from_env() -> str:
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if model.codebook_size <= int(ids.max(initial=0)):
         raise UserError(f"the model's C2 has {model.codebook_size} rows but {args.ids} holds id {int(ids.max())}")
     train(model, dataset, stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-          seed=args.seed, log_every=args.log_every, out_dir=args.out)
+          seed=args.seed, log_every=args.log_every, out_dir=args.out, vocab_parallel_c2=not args.replicate_c2)
     if not dist.is_initialized() or dist.get_rank() == 0:
         tokenizer.save_pretrained(os.path.join(args.out, "llm"))
         print(f"saved {args.out}")

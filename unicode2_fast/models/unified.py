@@ -40,6 +40,10 @@ def _codebook_vectors(codebook: Any) -> torch.Tensor:
     return codebook.vectors.detach()
 
 
+#: seed of a fresh projector's initialisation (the same on every rank and every run)
+PROJECTOR_SEED = 0
+
+
 class UnifiedModel(nn.Module):
     """C2 table -> MLP projector -> Qwen2ForCausalLM (through ``inputs_embeds``).
 
@@ -61,12 +65,19 @@ class UnifiedModel(nn.Module):
         projector_hidden = hidden if projector_hidden is None else int(projector_hidden)
         self.llm = llm
         self.c2 = nn.Parameter(vectors.to(torch.promote_types(vectors.dtype, torch.float32), copy=True).cpu())
-        self.projector = nn.Sequential(
-            nn.Linear(vectors.shape[1], projector_hidden), nn.GELU(), nn.Linear(projector_hidden, hidden)
-        )
+        # a fixed seed, not the global generator: every rank of a distributed job (and every
+        # rerun) starts from the same projector, whose gradients are then averaged across ranks
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(PROJECTOR_SEED)
+            self.projector = nn.Sequential(
+                nn.Linear(vectors.shape[1], projector_hidden), nn.GELU(), nn.Linear(projector_hidden, hidden)
+            )
         device = next(llm.parameters()).device
         self.c2.data = self.c2.data.to(device)
         self.projector.to(device)
+        # set by training under torchrun: a u2.distributed.VocabParallelEmbedding serving C2's rows
+        # (sharded, with their optimizer state) instead of the replicated ``c2``
+        self.c2_shards: Optional[nn.Module] = None
 
     @property
     def codebook_size(self) -> int:
@@ -77,7 +88,10 @@ class UnifiedModel(nn.Module):
         return int(self.c2.shape[1])
 
     def visual_embeds(self, visual_ids: torch.Tensor) -> torch.Tensor:
-        """(B, P) ids -> (B, P, hidden) LLM input embeddings (row-sparse gradient to C2)."""
+        """(B, P) ids -> (B, P, hidden) LLM input embeddings (row-sparse gradient to C2, or to the
+        owners of the rows when ``c2_shards`` serves them)."""
+        if self.c2_shards is not None:
+            return self.projector(self.c2_shards(visual_ids))
         return self.projector(gathered_embedding(visual_ids, self.c2))
 
     def build_inputs(
