@@ -3,6 +3,7 @@
 Importing this package imports neither transformers nor PIL: they load on the first call that
 needs them.
 """
+from .mapper import ConditioningMapper, FrozenTextEncoder, MapperOutput, conditioning_sizes
 from .siglip_tokenizer import SiglipTokenizer
 
-__all__ = ["SiglipTokenizer"]
+__all__ = ["SiglipTokenizer", "ConditioningMapper", "FrozenTextEncoder", "MapperOutput", "conditioning_sizes"]
