@@ -1,9 +1,10 @@
-"""Atomic file writes: no file of ours is ever left half-written."""
+"""Atomic file writes (no file of ours is ever left half-written) and the JSON reads of our configs."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
-from typing import Callable
+from typing import Any, Callable
 
 
 def atomic_write(path: str, write: Callable[[str], None], mode: int = 0o644) -> None:
@@ -42,3 +43,17 @@ def atomic_write_text(path: str, text: str) -> None:
             file.write(text)
 
     atomic_write(path, write)
+
+
+def load_json(path: str) -> Any:
+    """The parsed JSON of the file at ``path`` (UTF-8).
+
+    Raises:
+        ValueError: the file is not valid UTF-8 JSON (the message names the path). OSError as
+        ``open`` raises it (callers check for a missing file first, with their own message).
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from exc

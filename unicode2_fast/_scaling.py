@@ -83,3 +83,22 @@ def unscaled_dists(dists: torch.Tensor, exponent: int, metric: str) -> torch.Ten
             f"{float(scaled.abs().max()):.3g}; scale x and the codebook down (their entries reach 2^{exponent})"
         )
     return scaled.float()
+
+
+def in_range(x: torch.Tensor, codebook: torch.Tensor, metric: str,
+             x_absmax: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """(x, codebook, exponent) ready for a search: for "cos" every row scaled by its own power of
+    two (cosine ignores each row's scale), then both sides by a common one where their magnitudes
+    leave the safe range (``exponent``, 0 when none; ``unscaled_dists`` undoes it on the result).
+    Any shapes with the vector dimension last; ``x_absmax``: x's largest magnitude if known.
+    """
+    if metric == "cos":
+        x = rows_rescaled(x)
+        # cached only as a copy (or None): a cached codebook itself would keep its key alive
+        scaled = per_tensor(codebook, ("rows_rescaled",), lambda c: r if (r := rows_rescaled(c)) is not c else None)
+        codebook = codebook if scaled is None else scaled
+        x_absmax = None  # the rows were just rescaled
+    exponent = rescale_exponent(x, codebook, x_absmax)
+    if exponent:
+        x, codebook = rescaled(x, codebook, exponent)
+    return x, codebook, exponent

@@ -36,7 +36,7 @@ from torch import nn
 
 from . import _certified
 from ._checks import check_finite, check_float, check_matrix, flatten_queries, to_tensor
-from ._io import atomic_write, atomic_write_text
+from ._io import atomic_write, atomic_write_text, load_json
 from .cross_entropy import cross_entropy_backward_torch, lse_and_target_torch
 from .embedding import check_indices, embedding_backward_torch
 from .nearest import METRICS
@@ -562,11 +562,7 @@ def load_sharded(directory: Any, start: Optional[int] = None, stop: Optional[int
     index_path = os.path.join(directory, INDEX_NAME)
     if not os.path.isfile(index_path):
         raise FileNotFoundError(f"no {INDEX_NAME} in {directory}: not a row-sharded checkpoint, or an incomplete one")
-    try:
-        with open(index_path, encoding="utf-8") as file:
-            index = json.load(file)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{index_path}: not valid JSON: {exc}") from exc
+    index = load_json(index_path)
     if not isinstance(index, dict) or index.get("format") != _CHECKPOINT_FORMAT:
         raise ValueError(f"{index_path} is not a u2.distributed row-sharded index")
     total = int(index["num_rows"])
@@ -599,8 +595,7 @@ def load_sharded(directory: Any, start: Optional[int] = None, stop: Optional[int
 
 def _checkpoint_rows(directory: Any) -> int:
     """K of a save_sharded checkpoint (from its index)."""
-    with open(os.path.join(os.fspath(directory), INDEX_NAME), encoding="utf-8") as file:
-        return int(json.load(file)["num_rows"])
+    return int(load_json(os.path.join(os.fspath(directory), INDEX_NAME))["num_rows"])
 
 
 def shard_bounds(k: int, world: int) -> Sequence[Tuple[int, int]]:

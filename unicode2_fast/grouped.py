@@ -123,12 +123,7 @@ def _search(x: torch.Tensor, cb: torch.Tensor, metric: str, backend: str) -> Tup
     if metric == "cos":
         check_no_zero_rows(x.reshape(-1, x.shape[-1]), "x")
         check_no_zero_rows(cb.reshape(-1, cb.shape[-1]), "codebooks")
-        x = _scaling.rows_rescaled(x)
-        rescaled = per_tensor(cb, ("rows_rescaled",), lambda c: r if (r := _scaling.rows_rescaled(c)) is not c else None)
-        cb = cb if rescaled is None else rescaled
-    exponent = _scaling.rescale_exponent(x, cb, None if metric == "cos" else x_absmax)
-    if exponent:
-        x, cb = _scaling.rescaled(x, cb, exponent)
+    x, cb, exponent = _scaling.in_range(x, cb, metric, x_absmax)
 
     with stage(f"nearest_grouped/{resolved}"):
         if resolved == "triton":

@@ -98,16 +98,8 @@ def _search(xt: torch.Tensor, cb: torch.Tensor, metric: str, backend: str):
         check_no_zero_rows(x2d, "x")
         check_no_zero_rows(cb, "codebook")
 
-    if metric == "cos":
-        # cosine ignores each row's scale: bring every row's magnitude into range on its own
-        x2d = _scaling.rows_rescaled(x2d)
-        # cached only as a copy (or None): a cached codebook itself would keep its key alive
-        rescaled = per_tensor(cb, ("rows_rescaled",), lambda c: r if (r := _scaling.rows_rescaled(c)) is not c else None)
-        cb = cb if rescaled is None else rescaled
-    # (the finiteness pass found x's largest magnitude; cos has just rescaled its rows)
-    exponent = _scaling.rescale_exponent(x2d, cb, None if metric == "cos" else x_absmax)
-    if exponent:
-        x2d, cb = _scaling.rescaled(x2d, cb, exponent)
+    # (the finiteness pass found x's largest magnitude)
+    x2d, cb, exponent = _scaling.in_range(x2d, cb, metric, x_absmax)
 
     with stage(f"nearest/{resolved}"):
         if resolved == "triton":

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import _lloyd
 from ._checks import check_finite, check_float, check_matrix, check_no_zero_rows, flatten_queries, to_tensor
-from ._io import atomic_write, atomic_write_text
+from ._io import atomic_write, atomic_write_text, load_json
 from .codebook import Codebook
 from .embedding import gathered_embedding
 from .grouped import nearest_grouped
@@ -329,11 +329,7 @@ class CascadedQuantizer(nn.Module):
 def _read_config(path: str) -> CascadedQuantizerConfig:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"missing {CONFIG_NAME}: {path}")
-    try:
-        with open(path, encoding="utf-8") as file:
-            raw = json.load(file)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+    raw = load_json(path)
     if not isinstance(raw, dict) or raw.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a CascadedQuantizer config (no format={_FORMAT!r})")
     if raw.get("version") != _VERSION:

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .._io import atomic_write, atomic_write_text
+from .._io import atomic_write, atomic_write_text, load_json
 from ..codebook import Codebook
 from ..embedding import gathered_embedding
 
@@ -233,9 +233,8 @@ def _read_config(path: str) -> Optional[Dict[str, Any]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config not found: {path}")
     try:
-        with open(path, encoding="utf-8") as file:
-            config = json.load(file)
-    except (OSError, ValueError) as exc:
+        config = load_json(path)
+    except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc}") from exc
     if not isinstance(config, dict) or config.get("format") != _FORMAT:
         return None
