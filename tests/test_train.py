@@ -252,3 +252,48 @@ def test_a_fresh_projector_is_the_same_whatever_the_global_generator(assets):
     torch.manual_seed(7)
     UnifiedModel.from_pretrained(assets["llm"], assets["codebook"])
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_generation_loss_equals_float64_cross_entropy_on_materialised_logits(assets):
+    model = _model(assets).double()
+    model.init_visual_head()
+    # untied head: initialised to the projected C2 rows
+    torch.testing.assert_close(model.visual_head, model.projector(model.c2).detach())
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(3, 15, (2, 5), generator=g)
+    visual = torch.randint(0, 40, (2, 6), generator=g)
+    loss = model.generation_loss(prompt, visual)
+    # reference: the same sequence through the LLM, every logit materialised, float64 torch CE
+    embeds = torch.cat([model.llm.get_input_embeddings()(prompt), model.projector(model.c2[visual])], dim=1)
+    hidden = model.llm(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-1]
+    logits = hidden[:, 4:10] @ model.visual_head.t()  # positions before each visual token
+    reference = torch.nn.functional.cross_entropy(logits.reshape(-1, 40), visual.reshape(-1))
+    torch.testing.assert_close(loss, reference)
+    loss.backward()
+    assert model.visual_head.grad is not None and model.c2.grad is not None
+    assert all(p.grad is not None for p in model.projector.parameters())
+
+
+def test_mixed_batch_losses_and_the_head_round_trip(assets, tmp_path):
+    model = _model(assets)
+    model.init_visual_head(tied=True)
+    g = torch.Generator().manual_seed(5)
+    und = {"visual_ids": torch.randint(0, 40, (2, 4), generator=g), "input_ids": torch.randint(3, 15, (2, 6), generator=g)}
+    gen = {"prompt_ids": torch.randint(3, 15, (2, 5), generator=g), "visual_ids": torch.randint(0, 40, (2, 4), generator=g),
+           "prompt_mask": torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])}
+    out = model.losses(und, gen)
+    torch.testing.assert_close(out["loss"], out["loss_und"] + out["loss_gen"])
+    torch.testing.assert_close(out["loss_und"], model(und["visual_ids"], und["input_ids"]))
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generation_loss(gen["prompt_ids"], gen["visual_ids"], torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="und"):
+        model.losses()
+    model.save_pretrained(tmp_path / "tied")
+    assert UnifiedModel.from_pretrained(str(tmp_path / "tied")).visual_head_mode == "tied"
+    untied = _model(assets)
+    untied.init_visual_head()
+    untied.save_pretrained(tmp_path / "untied")
+    reloaded = UnifiedModel.from_pretrained(str(tmp_path / "untied"))
+    assert reloaded.visual_head_mode == "untied" and torch.equal(reloaded.visual_head, untied.visual_head.detach())
+    with pytest.raises(RuntimeError, match="no visual head"):
+        _model(assets).generation_loss(gen["prompt_ids"], gen["visual_ids"])

@@ -1,7 +1,8 @@
 """The understanding side of UniCode^2: visual token ids -> C2 rows -> MLP projector -> Qwen2 LLM.
 
 ``UnifiedModel`` computes L_UND, the next-token cross-entropy on the text conditioned on the
-visual tokens: the LLM gets ``inputs_embeds = [projector(C2[visual_ids]) ; embed(input_ids)]`` and
+visual tokens (and, with a visual head, L_GEN: the K-way prediction of an image's visual tokens
+from its prompt, see ``generation_loss``): the LLM gets ``inputs_embeds = [projector(C2[visual_ids]) ; embed(input_ids)]`` and
 the visual positions are labelled -100, so only text tokens are scored. The C2 lookup is
 ``u2.gathered_embedding``: its gradient is row-sparse (train C2 with ``u2.SparseRowAdamW``).
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from .._io import atomic_write, atomic_write_text, load_json
 from ..codebook import Codebook
+from ..cross_entropy import large_vocab_cross_entropy
 from ..embedding import gathered_embedding
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -42,6 +44,8 @@ def _codebook_vectors(codebook: Any) -> torch.Tensor:
 
 #: seed of a fresh projector's initialisation (the same on every rank and every run)
 PROJECTOR_SEED = 0
+#: C2 rows projected at a time when the visual head is initialised
+_HEAD_INIT_ROWS = 1 << 14
 
 
 class UnifiedModel(nn.Module):
@@ -78,6 +82,9 @@ class UnifiedModel(nn.Module):
         # set by training under torchrun: a u2.distributed.VocabParallelEmbedding serving C2's rows
         # (sharded, with their optimizer state) instead of the replicated ``c2``
         self.c2_shards: Optional[nn.Module] = None
+        # the visual head (see init_visual_head): None (no head), "untied" or "tied"
+        self.visual_head_mode: Optional[str] = None
+        self.visual_head: Optional[nn.Parameter] = None
 
     @property
     def codebook_size(self) -> int:
@@ -138,6 +145,89 @@ class UnifiedModel(nn.Module):
         inputs = self.build_inputs(visual_ids, input_ids, labels, attention_mask)
         return self.llm(**inputs).loss
 
+    # -- generation: the visual head and L_GEN --------------------------------------------------
+
+    def init_visual_head(self, tied: bool = False) -> None:
+        """Add the head that scores the K visual ids from the LLM's hidden states (L_GEN).
+
+        Untied (default): a (K, h) parameter ``visual_head`` initialised to the projected C2 rows,
+        ``projector(C2)`` -- the embeddings the LLM reads for those tokens, so predicting a token
+        starts as matching its own input embedding. Tied: no new parameter; every call scores
+        against ``projector(C2)`` as it is then (K x d x h multiply-adds per call).
+        """
+        self.visual_head_mode = "tied" if tied else "untied"
+        if tied:
+            self.visual_head = None
+            return
+        with torch.no_grad():
+            rows = torch.cat([self.projector(self.c2[start:start + _HEAD_INIT_ROWS])
+                              for start in range(0, self.codebook_size, _HEAD_INIT_ROWS)])
+        self.visual_head = nn.Parameter(rows.contiguous())
+
+    def visual_head_weight(self) -> torch.Tensor:
+        """(K, h) the visual head's classifier (the projected C2 rows when tied)."""
+        if self.visual_head_mode is None:
+            raise RuntimeError("this model has no visual head: call init_visual_head() first")
+        if self.visual_head_mode == "tied":
+            return self.projector(self.c2)
+        return self.visual_head
+
+    def generation_loss(
+        self,
+        prompt_ids: torch.Tensor,
+        visual_ids: torch.Tensor,
+        prompt_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """L_GEN = -mean_t log P(v_t | v_<t, prompt) over the K visual ids (B x P terms).
+
+        The sequence is the prompt, then the image's visual tokens (their projected C2 rows); the
+        hidden state before visual token t (the last prompt position for t = 0) is scored against
+        the visual head with ``u2.large_vocab_cross_entropy`` (never B x P x K logits).
+
+        Args:
+            prompt_ids: (B, T) text token ids (right-padded where ``prompt_mask`` is 0: the
+                prompt must then be left-padded instead, so that every prompt ends at T - 1).
+            visual_ids: (B, P) int64 in [0, K). prompt_mask: optional (B, T) attention mask.
+        """
+        if prompt_ids.dim() != 2 or visual_ids.dim() != 2 or prompt_ids.shape[0] != visual_ids.shape[0]:
+            raise ValueError(f"prompt_ids must be (B, T) and visual_ids (B, P) with the same B, got "
+                             f"{tuple(prompt_ids.shape)} and {tuple(visual_ids.shape)}")
+        if prompt_mask is not None and bool((prompt_mask[:, -1] == 0).any()):
+            raise ValueError("prompts must be left-padded (prompt_mask[:, -1] == 1): the first visual token "
+                             "is predicted from the last prompt position")
+        embed = getattr(self.llm, "embed_text", None) or self.llm.get_input_embeddings()
+        text = embed(prompt_ids)  # (B, T, h)
+        visual = self.visual_embeds(visual_ids).to(text.dtype)  # (B, P, h)
+        batch, num_prompt = prompt_ids.shape
+        num_visual = visual_ids.shape[1]
+        if prompt_mask is None:
+            prompt_mask = torch.ones_like(prompt_ids)
+        mask = torch.cat([prompt_mask, torch.ones((batch, num_visual), dtype=prompt_mask.dtype,
+                                                  device=prompt_mask.device)], dim=1)
+        out = self.llm(inputs_embeds=torch.cat([text, visual], dim=1), attention_mask=mask, output_hidden_states=True)
+        hidden = out.hidden_states[-1]  # (B, T + P, h), after the final norm
+        predicting = hidden[:, num_prompt - 1:num_prompt - 1 + num_visual]  # position before each visual token
+        return large_vocab_cross_entropy(predicting.reshape(-1, hidden.shape[-1]), self.visual_head_weight(),
+                                         visual_ids.reshape(-1))
+
+    def losses(self, und: Optional[Dict[str, torch.Tensor]] = None,
+               gen: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """L_UND on the understanding rows and L_GEN on the generation rows of a mixed batch.
+
+        ``und``: {visual_ids, input_ids[, labels, attention_mask]} (image, then text);
+        ``gen``: {prompt_ids, visual_ids[, prompt_mask]} (prompt, then image tokens).
+        Returns {"loss_und", "loss_gen", "loss"} (the sum; an absent part is left out).
+        """
+        if und is None and gen is None:
+            raise ValueError("give understanding rows (und), generation rows (gen) or both")
+        out: Dict[str, torch.Tensor] = {}
+        if und is not None:
+            out["loss_und"] = self(und["visual_ids"], und["input_ids"], und.get("labels"), und.get("attention_mask"))
+        if gen is not None:
+            out["loss_gen"] = self.generation_loss(gen["prompt_ids"], gen["visual_ids"], gen.get("prompt_mask"))
+        out["loss"] = sum(out.values())
+        return out
+
     # -- persistence ---------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory: PathLike, *, save_llm: bool = True, state_dict=None) -> None:
@@ -150,6 +240,8 @@ class UnifiedModel(nn.Module):
         os.makedirs(directory, exist_ok=True)
         tensors = {"c2": self.c2.detach()}
         tensors.update({f"projector.{k}": v.detach() for k, v in self.projector.state_dict().items()})
+        if self.visual_head is not None:
+            tensors["visual_head"] = self.visual_head.detach()
         tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
         atomic_write(
             os.path.join(directory, WEIGHTS_NAME),
@@ -166,6 +258,7 @@ class UnifiedModel(nn.Module):
             "projector_hidden": int(self.projector[0].out_features),
             "hidden_size": int(self.projector[2].out_features),
             "llm": LLM_SUBDIR if save_llm else None,
+            "visual_head": self.visual_head_mode,
         }
         text = json.dumps(config, indent=2) + "\n"
         atomic_write_text(os.path.join(directory, CONFIG_NAME), text)
@@ -225,6 +318,15 @@ class UnifiedModel(nn.Module):
         model = cls(llm, tensors["c2"], config["projector_hidden"])
         projector_state = {k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")}
         model.projector.load_state_dict(projector_state)
+        head = config.get("visual_head")
+        if head == "tied":
+            model.init_visual_head(tied=True)
+        elif head == "untied":
+            if "visual_head" not in tensors or tuple(tensors["visual_head"].shape) != (config["codebook_size"],
+                                                                                      config["hidden_size"]):
+                raise ValueError(f"{weights_path}: missing or mis-shaped tensor 'visual_head'")
+            model.visual_head_mode = "untied"
+            model.visual_head = nn.Parameter(tensors["visual_head"].to(model.c2.device))
         return model
 
 
