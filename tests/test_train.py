@@ -297,3 +297,57 @@ def test_mixed_batch_losses_and_the_head_round_trip(assets, tmp_path):
     assert reloaded.visual_head_mode == "untied" and torch.equal(reloaded.visual_head, untied.visual_head.detach())
     with pytest.raises(RuntimeError, match="no visual head"):
         _model(assets).generation_loss(gen["prompt_ids"], gen["visual_ids"])
+
+
+def test_sample_ids_keeps_to_top_k_and_the_nucleus():
+    from unicode2_fast.models.sampling import sample_ids
+
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(4, 300, generator=g) * 3
+    top = logits.topk(7, dim=1).indices
+    for _ in range(50):
+        ids = sample_ids(logits, 1.0, top_k=7, generator=g)
+        assert bool((ids.unsqueeze(1) == top).any(dim=1).all())
+    probs = logits.softmax(dim=1)
+    order = probs.sort(dim=1, descending=True)
+    nucleus = [order.indices[b, :int((order.values[b].cumsum(0) < 0.8).sum()) + 1] for b in range(4)]
+    for _ in range(50):
+        ids = sample_ids(logits, 1.0, top_p=0.8, generator=g)
+        assert all(int(ids[b]) in nucleus[b].tolist() for b in range(4))
+    assert torch.equal(sample_ids(logits, 0.0), logits.argmax(dim=1))
+    # a nucleus wider than the first block of candidates: the block grows until it covers top_p
+    import unicode2_fast.models.sampling as sampling
+
+    gentle = -torch.arange(100, dtype=torch.float32).unsqueeze(0) * 0.05  # top 16 ids hold < 90%
+    inside = int((gentle.softmax(dim=1)[0].cumsum(0) < 0.9).sum()) + 1
+    assert inside > 16
+    saved, sampling.NUCLEUS_CANDIDATES = sampling.NUCLEUS_CANDIDATES, 16
+    try:
+        ids = torch.cat([sample_ids(gentle, 1.0, top_p=0.9, generator=g) for _ in range(300)])
+    finally:
+        sampling.NUCLEUS_CANDIDATES = saved
+    assert int(ids.max()) >= 16 and int(ids.max()) < inside  # ids past the first block, none past the nucleus
+    with pytest.raises(ValueError, match="top_p"):
+        sample_ids(logits, 1.0, top_p=1.5)
+
+
+def test_greedy_generation_with_the_cache_equals_recomputing_the_sequence(assets):
+    model = _model(assets)
+    model.init_visual_head()
+    model.eval()
+    prompt = torch.randint(3, 15, (2, 5), generator=torch.Generator().manual_seed(7))
+    ids = model.generate_visual_ids(prompt, 4, temperature=0.0)
+    assert ids.shape == (2, 4) and bool(((ids >= 0) & (ids < 40)).all())
+    with torch.no_grad():  # reference: the whole sequence again at every step, no cache
+        tokens = torch.empty((2, 0), dtype=torch.int64)
+        for _ in range(4):
+            embeds = torch.cat([model.llm.get_input_embeddings()(prompt), model.visual_embeds(tokens)], dim=1)
+            hidden = model.llm(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-1][:, -1]
+            tokens = torch.cat([tokens, (hidden @ model.visual_head.t()).argmax(dim=1, keepdim=True)], dim=1)
+    assert torch.equal(ids, tokens)
+    # guidance 1 is the conditional stream itself; sampling is reproducible from its generator
+    assert torch.equal(model.generate_visual_ids(prompt, 4, temperature=0.0, guidance_scale=1.0), ids)
+    first = model.generate_visual_ids(prompt, 5, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    again = model.generate_visual_ids(prompt, 5, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(first, again)
+    assert model.generate_visual_ids(prompt, 3, guidance_scale=3.0, generator=torch.Generator().manual_seed(2)).shape == (2, 3)

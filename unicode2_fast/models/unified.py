@@ -10,6 +10,7 @@ The LLM is ``transformers.Qwen2ForCausalLM`` as is; transformers is imported on 
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import Any, Dict, Optional, Union
@@ -210,6 +211,68 @@ class UnifiedModel(nn.Module):
         return large_vocab_cross_entropy(predicting.reshape(-1, hidden.shape[-1]), self.visual_head_weight(),
                                          visual_ids.reshape(-1))
 
+    @torch.no_grad()
+    def generate_visual_ids(
+        self,
+        prompt_ids: torch.Tensor,
+        num_tokens: int = 729,
+        *,
+        prompt_mask: Optional[torch.Tensor] = None,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        guidance_scale: Optional[float] = None,
+        uncond_prompt_ids: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """Sample an image's visual token ids after a prompt, one at a time with the LLM's KV cache.
+
+        Each step scores the K ids with the visual head, samples with ``sampling.sample_ids``
+        (temperature, top_k, top_p; no sort of all K), and feeds the chosen id's projected C2 row
+        back. ``guidance_scale`` (classifier-free guidance): a second, unconditional stream on
+        ``uncond_prompt_ids`` (default: the prompt's last token alone) gives logits u and the
+        conditional ones c are replaced by u + scale * (c - u).
+
+        Args:
+            prompt_ids: (B, T) left-padded prompts (``prompt_mask`` (B, T), 1 on real tokens).
+            num_tokens: visual tokens per image (729 for SigLIP's 27 x 27 grid).
+
+        Returns:
+            (B, num_tokens) int64 ids in [0, K).
+        """
+        from .sampling import sample_ids
+
+        if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
+            raise ValueError(f"prompt_ids must be (B, T) with T >= 1, got {tuple(prompt_ids.shape)}")
+        if not isinstance(num_tokens, int) or num_tokens < 1:
+            raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
+        head = self.visual_head_weight()
+        streams = [self._stream(prompt_ids, prompt_mask)]
+        if guidance_scale is not None:
+            uncond = prompt_ids[:, -1:] if uncond_prompt_ids is None else uncond_prompt_ids
+            streams.append(self._stream(uncond, None))
+        out = torch.empty((prompt_ids.shape[0], num_tokens), dtype=torch.int64, device=prompt_ids.device)
+        for t in range(num_tokens):
+            logits = [stream.hidden @ head.t() for stream in streams]  # (B, K) each
+            if guidance_scale is not None:
+                logits[0] = logits[1] + guidance_scale * (logits[0] - logits[1])
+            ids = sample_ids(logits[0], temperature, top_k, top_p, generator)
+            out[:, t] = ids
+            if t + 1 < num_tokens:
+                embeds = self.visual_embeds(ids.unsqueeze(1))
+                for stream in streams:
+                    stream.advance(self.llm, embeds)
+        return out
+
+    def _stream(self, prompt_ids: torch.Tensor, prompt_mask: Optional[torch.Tensor]) -> "_DecodeStream":
+        embed = getattr(self.llm, "embed_text", None) or self.llm.get_input_embeddings()
+        mask = torch.ones_like(prompt_ids) if prompt_mask is None else prompt_mask
+        if bool((mask[:, -1] == 0).any()):
+            raise ValueError("prompts must be left-padded (prompt_mask[:, -1] == 1)")
+        stream = _DecodeStream(mask)
+        stream.advance(self.llm, embed(prompt_ids))
+        return stream
+
     def losses(self, und: Optional[Dict[str, torch.Tensor]] = None,
                gen: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
         """L_UND on the understanding rows and L_GEN on the generation rows of a mixed batch.
@@ -328,6 +391,28 @@ class UnifiedModel(nn.Module):
             model.visual_head_mode = "untied"
             model.visual_head = nn.Parameter(tensors["visual_head"].to(model.c2.device))
         return model
+
+
+class _DecodeStream:
+    """One sequence batch being decoded: its attention mask, KV cache and last hidden state."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self.cache = None
+        self.hidden: Optional[torch.Tensor] = None  # (B, h) after the final norm, at the last position
+
+    def advance(self, llm: nn.Module, embeds: torch.Tensor) -> None:
+        """Feed ``embeds`` (B, n, h) (the prompt first, then one visual token per step)."""
+        if self.cache is not None:
+            ones = torch.ones((self.mask.shape[0], embeds.shape[1]), dtype=self.mask.dtype, device=self.mask.device)
+            self.mask = torch.cat([self.mask, ones], dim=1)
+        # transformers 5 names the KV cache "cache"; earlier versions "past_key_values"
+        key = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+        out = llm(inputs_embeds=embeds.to(llm.get_input_embeddings().weight.dtype), attention_mask=self.mask,
+                  use_cache=True, output_hidden_states=True, **{key: self.cache})
+        cache = getattr(out, "cache", None)
+        self.cache = cache if cache is not None else out.past_key_values
+        self.hidden = out.hidden_states[-1][:, -1]
 
 
 def _read_config(path: str) -> Optional[Dict[str, Any]]:
