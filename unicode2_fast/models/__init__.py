@@ -3,7 +3,9 @@
 Importing this package imports neither transformers nor PIL: they load on the first call that
 needs them.
 """
+from .decoder import VisualDecoder
 from .mapper import ConditioningMapper, FrozenTextEncoder, MapperOutput, conditioning_sizes
 from .siglip_tokenizer import SiglipTokenizer
 
-__all__ = ["SiglipTokenizer", "ConditioningMapper", "FrozenTextEncoder", "MapperOutput", "conditioning_sizes"]
+__all__ = ["SiglipTokenizer", "ConditioningMapper", "FrozenTextEncoder", "MapperOutput", "conditioning_sizes",
+           "VisualDecoder"]
