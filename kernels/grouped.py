@@ -48,7 +48,7 @@ def nearest_grouped_triton(
     by_group = x.transpose(0, 1)  # (G, N, d) view
     ids, best_val = launch(by_group, codebooks, cstat, metric)
     dists = finish_distances(best_val, by_group, metric)
-    return ids.t(), dists.t()
+    return ids.t().contiguous(), dists.t().contiguous()  # (N, G), row-major like every other backend
 
 
 def aot_specs() -> List[dict]:

@@ -316,3 +316,29 @@ def test_sharded_checkpoint_reshards_onto_another_world_size(tmp_path):
     os.remove(os.path.join(directory, "index.json"))
     with pytest.raises(FileNotFoundError, match="incomplete"):
         u2.distributed.load_sharded(directory)
+
+
+def _save_reversed(rank, world, directory):
+    table = torch.arange(8, dtype=torch.float32).unsqueeze(1).repeat(1, 3)
+    offset = 4 if rank == 0 else 0  # rank order is not row order
+    u2.distributed.save_sharded(directory, {"w": table[offset:offset + 4]}, offset)
+    return {}
+
+
+def _empty_cross_entropy(rank, world):
+    start, stop = u2.distributed.shard_bounds(10, world)[rank]
+    loss = u2.distributed.large_vocab_cross_entropy(torch.zeros(0, 4), torch.randn(stop - start, 4),
+                                                    torch.zeros(0, dtype=torch.int64), start)
+    return {"loss": loss}
+
+
+def test_shards_load_in_row_order_and_an_empty_batch_is_a_nan_mean(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _run(tmp_path / "a", 2, _save_reversed, directory)
+    loaded = u2.distributed.load_sharded(directory)["w"][:, 0]
+    assert torch.equal(loaded, torch.arange(8, dtype=torch.float32))
+    for result in _run(tmp_path / "b", 2, _empty_cross_entropy):
+        assert "error" not in result, result.get("trace")
+        assert torch.isnan(result["loss"])  # as F.cross_entropy's mean over no rows

@@ -35,9 +35,9 @@ def researched(monkeypatch):
     calls = []
     original = _grouped_cpu.settle
 
-    def counting(x, codebooks, pair_group, pair_row, cand_pair, cand_col, metric):
+    def counting(x, codebooks, pair_group, pair_row, cand_pair, cand_col, crowded, metric):
         calls.append(pair_group.numel())
-        return original(x, codebooks, pair_group, pair_row, cand_pair, cand_col, metric)
+        return original(x, codebooks, pair_group, pair_row, cand_pair, cand_col, crowded, metric)
 
     monkeypatch.setattr(_grouped_cpu, "settle", counting)
     return calls
@@ -218,3 +218,31 @@ def test_bad_input_is_refused():
     zero[1, 1] = 0.0
     with pytest.raises(ValueError, match="zero"):
         u2.nearest_grouped(zero, codebooks, "cos")
+
+
+def test_a_mass_of_equidistant_codewords_is_capped_and_still_exact(monkeypatch):
+    # black patches against a unit-norm codebook: every codeword is within the bound of every other
+    from unicode2_fast import _certified
+
+    monkeypatch.setattr(_certified, "CANDIDATE_CAP", 64)
+    seen = []
+    original = _grouped_cpu.settle
+
+    def counting(x, codebooks, pair_group, pair_row, cand_pair, cand_col, crowded, metric):
+        seen.append((pair_group.numel(), cand_pair.numel(), int(crowded.sum())))
+        return original(x, codebooks, pair_group, pair_row, cand_pair, cand_col, crowded, metric)
+
+    monkeypatch.setattr(_grouped_cpu, "settle", counting)
+    v = torch.nn.functional.normalize(torch.randn(2, 300, 8, generator=torch.Generator().manual_seed(12)), dim=-1)
+    codebooks = torch.cat([v, -v], dim=1)
+    x = torch.zeros(40, 2, 8)
+    ids, dists = u2.nearest_grouped(x, codebooks)
+    _check_groups(ids, dists, x, codebooks, "l2")
+    pairs, candidates, crowded = seen[0]
+    assert pairs == 80 and crowded == 80 and candidates == 0  # nothing piled up: all went to the float64 scan
+
+
+def test_triton_ids_are_row_major():
+    x, codebooks = _data(5, 3, 16, 40, seed=13)
+    ids, dists = u2.nearest_grouped(x, codebooks, backend="triton")
+    assert ids.is_contiguous() and dists.is_contiguous()

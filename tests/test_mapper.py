@@ -90,3 +90,26 @@ def test_frozen_text_encoder_from_a_saved_tiny_clip(tmp_path):
     assert all(p.grad is not None for p in mapper.parameters())
     with pytest.raises(ValueError, match="non-empty"):
         text.encode("a cat")
+
+
+def test_frozen_text_encoder_loads_a_t5_encoder_and_stays_in_eval(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "</s>", "<unk>", "a", "red", "cat"]
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
+                                                     unk_token="<unk>")
+    config = transformers.T5Config(vocab_size=len(words), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                                   dropout_rate=0.5)
+    torch.manual_seed(0)
+    transformers.T5EncoderModel(config).save_pretrained(tmp_path / "text_encoder_2")
+    tokenizer.save_pretrained(tmp_path / "tokenizer_2")
+    text = FrozenTextEncoder.from_pretrained(tmp_path, subfolder="text_encoder_2")
+    assert type(text.encoder).__name__ == "T5EncoderModel"
+    wrapper = torch.nn.Sequential(text).train()  # a parent in training mode: the encoder stays frozen in eval
+    assert not text.encoder.training
+    first, second = text.encode(["a red cat", "a cat"]), text.encode(["a red cat", "a cat"])
+    assert first.shape == (2, 16) and torch.equal(first, second)  # no dropout
+    del wrapper

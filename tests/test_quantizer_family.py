@@ -334,3 +334,21 @@ def test_tiny_autoencoder_trains_and_uses_every_codebook(kind):
     usage = quantizer.utilization
     assert usage.shape == ((4,) if kind == "multi" else (3,))
     assert float(usage.min()) >= 0.9, usage
+
+
+def test_align_then_search_uses_the_aligned_codebook():
+    vq = u2.VectorQuantizer(8, 64, freeze_codebook=True).eval()
+    x = _randn(256, 8, seed=40)
+    vq(x)  # the search's per-codebook caches are built here
+    target = _randn(64, 8, seed=41)
+    vq.align_(target, decay=0.0)  # C <- T: the search must follow
+    _, indices, _ = vq(x)
+    assert torch.equal(indices, _argmin64(x, target))
+
+
+def test_state_dicts_from_before_the_usage_histogram_still_load():
+    vq = u2.VectorQuantizer(4, 6, ema_decay=0.9)
+    old = {k: v for k, v in vq.state_dict().items() if k != "counts"}
+    restored = u2.VectorQuantizer(4, 6, ema_decay=0.9)
+    restored.load_state_dict(old)  # strict
+    assert int(restored.counts.sum()) == 0

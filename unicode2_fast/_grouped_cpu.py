@@ -78,30 +78,27 @@ def nearest_grouped_cpu(x: torch.Tensor, codebooks: torch.Tensor, metric: str) -
         pair_group, pair_row = ((second.double() - first.double()) <= 2.0 * bound).nonzero(as_tuple=True)
         window = first[pair_group, pair_row].double() + 2.0 * bound[pair_group, pair_row]
         candidates = _rescan(x, prep, pair_group, pair_row, window, metric)
-    pair_group, pair_row, cand_pair, cand_col = candidates
+    pair_group, pair_row, cand_pair, cand_col, crowded = candidates
     if pair_group.numel():
-        ids[pair_group, pair_row] = settle(x, codebooks, pair_group, pair_row, cand_pair, cand_col, metric)
+        ids[pair_group, pair_row] = settle(x, codebooks, pair_group, pair_row, cand_pair, cand_col, crowded, metric)
     ids = ids.t().contiguous()  # (N, G)
     return ids, _pair_distances(x, codebooks, ids, metric)
 
 
 def settle(x: torch.Tensor, codebooks: torch.Tensor, pair_group: torch.Tensor, pair_row: torch.Tensor,
-           cand_pair: torch.Tensor, cand_col: torch.Tensor, metric: str) -> torch.Tensor:
+           cand_pair: torch.Tensor, cand_col: torch.Tensor, crowded: torch.Tensor, metric: str) -> torch.Tensor:
     """Exact ids of the (group, query) pairs the fp32 pass could not certify, from their
     candidates (the codewords whose fp32 objective lies within 2e of the pair's minimum): compared
     in float64 from the original vectors, ties to the lowest id; a pair with more than
     CANDIDATE_CAP candidates is settled by the streaming float64 scan of its group.
 
     x: (N, G, d), codebooks: (G, K, d); pair_group, pair_row: (P,) int64 pairs; cand_pair,
-    cand_col: (C,) int64, candidate c is codeword cand_col[c] of pair cand_pair[c].
-    Returns (P,) int64 ids.
+    cand_col: (C,) int64, candidate c is codeword cand_col[c] of pair cand_pair[c]; crowded: (P,)
+    bool, the pairs whose candidates were dropped for passing the cap. Returns (P,) int64 ids.
     """
     n, groups, d = x.shape
     k = codebooks.shape[1]
     pairs = pair_group.numel()
-    crowded = torch.bincount(cand_pair, minlength=pairs) > _certified.CANDIDATE_CAP
-    keep = ~crowded[cand_pair]
-    cand_pair, cand_col = cand_pair[keep], cand_col[keep]
     group = pair_group[cand_pair]
     obj, _ = _certified.pair_objective(x.reshape(-1, d), codebooks.reshape(-1, d), pair_row[cand_pair] * groups + group,
                                        group * k + cand_col, metric, dtype=torch.float64)
@@ -116,7 +113,7 @@ def _rescan(x: torch.Tensor, prep: _Prepared, pair_group: torch.Tensor, pair_row
             window: torch.Tensor, metric: str):
     """(pair_group, pair_row, cand_pair, cand_col) of the given pairs: their fp32 objectives are
     computed again, group by group, and the codewords within ``window`` (float64) kept."""
-    cand_pair, cand_col = [], []
+    cand_pair, cand_col, crowded = [], [], torch.zeros(pair_group.numel(), dtype=torch.bool)
     k_padded = sum(block.shape[2] for block in prep.blocks)
     rows_per_chunk = max(1, SCORE_ELEMENTS // min(k_padded, CODE_BLOCK))
     for g in pair_group.unique().tolist():
@@ -126,12 +123,27 @@ def _rescan(x: torch.Tensor, prep: _Prepared, pair_group: torch.Tensor, pair_row
             chunk = which[start:start + rows_per_chunk]
             queries = _queries(x[pair_row[chunk], g:g + 1], one, metric, torch.float32)  # (1, m, d + 1)
             limit = _fp32_window(window[chunk])
+            rows, cols = [], []
             for b, block in enumerate(one.blocks):
                 r, c = (torch.bmm(queries, block)[0] <= limit[:, None]).nonzero(as_tuple=True)
-                cand_pair.append(chunk[r])
-                cand_col.append(c + b * CODE_BLOCK if prep.column_ids is None else prep.column_ids[g, c + b * CODE_BLOCK])
+                rows.append(r)
+                cols.append(c + b * CODE_BLOCK if prep.column_ids is None else prep.column_ids[g, c + b * CODE_BLOCK])
+            r, c, many = _capped(torch.cat(rows), torch.cat(cols), chunk.numel())
+            cand_pair.append(chunk[r])
+            cand_col.append(c)
+            crowded[chunk] = many
     empty = torch.empty(0, dtype=torch.int64)
-    return pair_group, pair_row, torch.cat(cand_pair) if cand_pair else empty, torch.cat(cand_col) if cand_col else empty
+    return (pair_group, pair_row, torch.cat(cand_pair) if cand_pair else empty,
+            torch.cat(cand_col) if cand_col else empty, crowded)
+
+
+def _capped(cand_pair: torch.Tensor, cand_col: torch.Tensor, pairs: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The candidates of ``pairs`` pairs (local ids 0 .. pairs - 1) without those of pairs holding
+    more than CANDIDATE_CAP (kept: the streaming float64 scan settles those), and their (pairs,)
+    crowded mask: a mass of near-equidistant codewords never piles up N x G x K candidates."""
+    crowded = torch.bincount(cand_pair, minlength=pairs) > _certified.CANDIDATE_CAP
+    keep = ~crowded[cand_pair]
+    return cand_pair[keep], cand_col[keep], crowded
 
 
 def _fp32_window(window: torch.Tensor) -> torch.Tensor:
@@ -228,7 +240,7 @@ def _top2(x: torch.Tensor, prep: _Prepared, metric: str, dtype: torch.dtype, cer
     second = torch.full((groups, n), float("inf"), dtype=dtype, device=x.device)
     buffers = {}  # (rows, columns) -> scores buffer: at most four shapes per call
     collect = certify and len(prep.blocks) == 1
-    found = [[], [], [], []]  # pair_group, pair_row, cand_pair, cand_col
+    found = [[], [], [], [], []]  # pair_group, pair_row, cand_pair, cand_col, crowded
     pairs = 0
     for start in range(0, n, rows):
         xs = _queries(x[start:start + rows], prep, metric, dtype)  # (G, r, d + 1)
@@ -269,20 +281,23 @@ def _top2(x: torch.Tensor, prep: _Prepared, metric: str, dtype: torch.dtype, cer
                     pair_of, run_of = hit.nonzero(as_tuple=True)
                     segments = runs.index_select(0, (unsure_group[pair_of] * r + unsure_row[pair_of]) * n_runs + run_of)
                     seg, pos = (segments <= limit[pair_of, None]).nonzero(as_tuple=True)
+                    cand, col, crowded = _capped(pair_of[seg], run_of[seg] * SUB_BLOCK + pos, unsure_group.numel())
                     found[0].append(unsure_group)
                     found[1].append(unsure_row + start)
-                    found[2].append(pair_of[seg] + pairs)
-                    found[3].append(run_of[seg] * SUB_BLOCK + pos)
+                    found[2].append(cand + pairs)
+                    found[3].append(col)
+                    found[4].append(crowded)
                     pairs += unsure_group.numel()
     if prep.column_ids is not None:
         ids = prep.column_ids.gather(1, ids)
     if not collect:
         return ids, first, second, x_norm, None
     empty = torch.empty(0, dtype=torch.int64, device=x.device)
-    pair_group, pair_row, cand_pair, cand_col = (torch.cat(f) if f else empty for f in found)
+    pair_group, pair_row, cand_pair, cand_col = (torch.cat(f) if f else empty for f in found[:4])
+    crowded = torch.cat(found[4]) if found[4] else empty.bool()
     if prep.column_ids is not None:
         cand_col = prep.column_ids[pair_group[cand_pair], cand_col]
-    return ids, first, second, x_norm, (pair_group, pair_row, cand_pair, cand_col)
+    return ids, first, second, x_norm, (pair_group, pair_row, cand_pair, cand_col, crowded)
 
 
 def _rounding_bound(x_norm: torch.Tensor, prep: _Prepared, metric: str) -> torch.Tensor:

@@ -24,8 +24,10 @@ own rows only -- the updates of one process training on the whole table.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -364,7 +366,8 @@ def _check_tiling(offset: int, rows: int, dist, group, what: str) -> int:
 
 def _check_same(tensors: Sequence[torch.Tensor], names: Sequence[str], dist, group) -> None:
     """Raise (on every rank) unless every tensor is bitwise the same on every rank."""
-    prints = _all_gather(torch.cat([_fingerprint(t.reshape(t.shape[0], -1)) for t in tensors]), dist, group).cpu()
+    prints = _all_gather(torch.cat([_fingerprint(t.reshape(t.shape[0], math.prod(t.shape[1:]))) for t in tensors]),
+                         dist, group).cpu()
     for i, name in enumerate(names):
         if not bool((prints[:, 2 * i:2 * i + 2] == prints[0, 2 * i:2 * i + 2]).all()):
             raise ValueError(f"u2.distributed: {name} differs between ranks; every rank must pass the same {name}")
@@ -515,35 +518,52 @@ def save_sharded(directory: Any, tensors: Dict[str, torch.Tensor], offset: int, 
     directory = os.fspath(directory)
     error = None
     rows = 0
+    layout = ""
     try:
-        if not tensors:
-            raise ValueError("nothing to save: tensors is empty")
+        if not isinstance(tensors, dict) or not tensors:
+            raise ValueError("nothing to save: tensors must be a non-empty dict of name -> (K_r, ...) tensor")
+        if not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in tensors.values()):
+            raise ValueError("every value of tensors must be a tensor with a row dimension")
         rows = {name: t.shape[0] for name, t in tensors.items()}
         if len(set(rows.values())) != 1:
             raise ValueError(f"every tensor must hold the same rows of this rank, got {rows}")
         rows = next(iter(rows.values()))
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset must be a non-negative int, got {offset!r}")
-    except ValueError as exc:
+        layout = json.dumps({name: [list(t.shape[1:]), str(t.dtype)] for name, t in sorted(tensors.items())})
+    except Exception as exc:  # any local failure: every rank raises, none waits in a collective
         error = exc
     check_all(error, group, "checkpoint")
     total = _check_tiling(offset, rows, dist, group, "checkpoint")
-    layout = json.dumps({name: [list(t.shape[1:]), str(t.dtype)] for name, t in sorted(tensors.items())})
     digest = hashlib.sha256(layout.encode()).digest()
     prints = _all_gather(torch.tensor(list(digest), dtype=torch.int64), dist, group).cpu()
     if not bool((prints == prints[0]).all()):
         raise ValueError("u2.distributed.save_sharded: the tensors' names, trailing shapes or dtypes differ between ranks")
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, _shard_name(rank, world))
-    payload = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    atomic_write(path, lambda tmp: safetensors.torch.save_file(
-        payload, tmp, metadata={"format": _CHECKPOINT_FORMAT, "offset": str(offset), "rows": str(rows)}))
+    error = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if rank == 0:
+            # an old index would vouch for a mix of old and new shards if this save is interrupted
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, INDEX_NAME))
+    except OSError as exc:
+        error = exc
+    check_all(error, group, "checkpoint directory")
+    error = None
+    try:
+        path = os.path.join(directory, _shard_name(rank, world))
+        payload = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        atomic_write(path, lambda tmp: safetensors.torch.save_file(
+            payload, tmp, metadata={"format": _CHECKPOINT_FORMAT, "offset": str(offset), "rows": str(rows)}))
+    except OSError as exc:  # a full disk on one rank: every rank raises
+        error = exc
+    check_all(error, group, "shard write")
     spans = _all_gather(torch.tensor([offset, rows], dtype=torch.int64), dist, group).cpu().tolist()
-    dist.barrier(group=group)  # every shard file is in place before the index names it
     if rank == 0:
+        shards = sorted(({"file": _shard_name(r, world), "start": s, "stop": s + n} for r, (s, n) in enumerate(spans)),
+                        key=lambda shard: shard["start"])  # row order, whatever the ranks' order
         index = {"format": _CHECKPOINT_FORMAT, "version": 1, "num_rows": total,
-                 "tensors": json.loads(layout), "meta": meta or {},
-                 "shards": [{"file": _shard_name(r, world), "start": s, "stop": s + n} for r, (s, n) in enumerate(spans)]}
+                 "tensors": json.loads(layout), "meta": meta or {}, "shards": shards}
         atomic_write_text(os.path.join(directory, INDEX_NAME), json.dumps(index, indent=2) + "\n")
     dist.barrier(group=group)
 
@@ -575,7 +595,7 @@ def load_sharded(directory: Any, start: Optional[int] = None, stop: Optional[int
     if unknown:
         raise ValueError(f"{index_path}: no tensors {unknown} (it holds {sorted(index['tensors'])})")
     parts: Dict[str, list] = {name: [] for name in wanted}
-    for shard in index["shards"]:
+    for shard in sorted(index["shards"], key=lambda shard: shard["start"]):
         lo, hi = max(start, shard["start"]), min(stop, shard["stop"])
         if lo >= hi:
             continue

@@ -681,6 +681,13 @@ class _CodebookQuantizer(_SeededDraws, nn.Module):
             self.register_buffer("initted", torch.tensor(False, device=init.device))
         self.register_buffer("counts", torch.zeros(shape[:-1], dtype=torch.int64, device=init.device))
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # state dicts saved before the usage histogram existed load with zero counts
+        state_dict.setdefault(prefix + "counts", torch.zeros_like(self.counts))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     # -- what a subclass provides ---------------------------------------------------------------
 
     def _grouped(self, t: torch.Tensor) -> torch.Tensor:
@@ -751,7 +758,8 @@ class _CodebookQuantizer(_SeededDraws, nn.Module):
 
         if self.training:
             with torch.no_grad():
-                self._grouped(self.counts).view(-1).index_add_(0, _flat_ids(ids, self.codebook_size), torch.ones_like(ids).view(-1))
+                self._grouped(self.counts).view(-1).index_add_(0, _flat_ids(ids, self.codebook_size),
+                                                               torch.ones_like(ids).reshape(-1))
                 if self.ema_decay is not None:
                     grouped = (self._grouped(self.codebook), self._grouped(self.cluster_size), self._grouped(self.embed_avg))
                     _ema_step(*grouped, x32.detach(), ids, self.ema_decay, self.eps, self.metric == "cos")
@@ -881,7 +889,9 @@ class VectorQuantizer(_CodebookQuantizer):
         mismatch, a row out of range or repeated, a decay outside [0, 1] or non-finite targets.
         """
         ema = self.ema_decay is not None
-        return _align(self.codebook.data, target_embeddings, index, decay, self.metric == "cos",
+        # detach(), not .data: it shares the version counter, so the search's per-codebook caches
+        # (filters, norms, FAISS index) see the change and are rebuilt
+        return _align(self.codebook.detach(), target_embeddings, index, decay, self.metric == "cos",
                       self.cluster_size if ema else None, self.embed_avg if ema else None, self.eps)
 
 

@@ -166,16 +166,29 @@ class FrozenTextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.max_length = max_length
 
+    def train(self, mode: bool = True) -> "FrozenTextEncoder":
+        """The encoder stays in eval mode (no dropout) whatever its parent module is set to."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
     @classmethod
-    def from_pretrained(cls, path: PathLike, *, subfolder: str = "", max_length: Optional[int] = None,
-                        **kwargs: Any) -> "FrozenTextEncoder":
-        """Load from a local directory (or a diffusers pipeline folder with ``subfolder``, e.g.
-        "text_encoder" and the tokenizer from "tokenizer")."""
+    def from_pretrained(cls, path: PathLike, *, subfolder: str = "", tokenizer_subfolder: Optional[str] = None,
+                        max_length: Optional[int] = None, **kwargs: Any) -> "FrozenTextEncoder":
+        """Load from a local directory, or from a diffusers pipeline folder with ``subfolder``
+        ("text_encoder": CLIP, with "tokenizer"; "text_encoder_2": T5, with "tokenizer_2"; or name
+        the tokenizer's folder with ``tokenizer_subfolder``). T5-family configs load their encoder
+        alone (``T5EncoderModel``: ``AutoModel`` would build the encoder-decoder)."""
         import transformers
 
         path = os.fspath(path)
-        tokenizer_dir = os.path.join(path, "tokenizer") if subfolder else path
-        encoder = transformers.AutoModel.from_pretrained(os.path.join(path, subfolder) if subfolder else path, **kwargs)
+        encoder_dir = os.path.join(path, subfolder) if subfolder else path
+        if tokenizer_subfolder is None and subfolder:
+            tokenizer_subfolder = subfolder.replace("text_encoder", "tokenizer")
+        tokenizer_dir = os.path.join(path, tokenizer_subfolder) if tokenizer_subfolder else path
+        config = transformers.AutoConfig.from_pretrained(encoder_dir)
+        loader = transformers.T5EncoderModel if config.model_type in ("t5", "mt5", "umt5") else transformers.AutoModel
+        encoder = loader.from_pretrained(encoder_dir, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
         return cls(encoder, tokenizer, max_length)
 

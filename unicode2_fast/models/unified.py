@@ -154,7 +154,8 @@ class UnifiedModel(nn.Module):
         Untied (default): a (K, h) parameter ``visual_head`` initialised to the projected C2 rows,
         ``projector(C2)`` -- the embeddings the LLM reads for those tokens, so predicting a token
         starts as matching its own input embedding. Tied: no new parameter; every call scores
-        against ``projector(C2)`` as it is then (K x d x h multiply-adds per call).
+        against ``projector(C2)`` as it is then (K x d x h multiply-adds per call, and C2 gets a
+        dense K x d gradient from L_GEN; not available while C2 is sharded across ranks).
         """
         self.visual_head_mode = "tied" if tied else "untied"
         if tied:
@@ -170,7 +171,10 @@ class UnifiedModel(nn.Module):
         if self.visual_head_mode is None:
             raise RuntimeError("this model has no visual head: call init_visual_head() first")
         if self.visual_head_mode == "tied":
-            return self.projector(self.c2)
+            if self.c2_shards is not None:
+                raise RuntimeError("a tied visual head needs the whole C2 table; it is sharded across the ranks "
+                                   "(train with an untied head, or --replicate-c2)")
+            return self.projector(self.c2)  # K x d x h per call, and a dense gradient to C2
         return self.visual_head
 
     def generation_loss(
@@ -205,7 +209,8 @@ class UnifiedModel(nn.Module):
             prompt_mask = torch.ones_like(prompt_ids)
         mask = torch.cat([prompt_mask, torch.ones((batch, num_visual), dtype=prompt_mask.dtype,
                                                   device=prompt_mask.device)], dim=1)
-        out = self.llm(inputs_embeds=torch.cat([text, visual], dim=1), attention_mask=mask, output_hidden_states=True)
+        out = self.llm(inputs_embeds=torch.cat([text, visual], dim=1), attention_mask=mask, output_hidden_states=True,
+                       **_one_text_logit(self.llm))
         hidden = out.hidden_states[-1]  # (B, T + P, h), after the final norm
         predicting = hidden[:, num_prompt - 1:num_prompt - 1 + num_visual]  # position before each visual token
         return large_vocab_cross_entropy(predicting.reshape(-1, hidden.shape[-1]), self.visual_head_weight(),
@@ -393,6 +398,16 @@ class UnifiedModel(nn.Module):
         return model
 
 
+def _one_text_logit(llm: nn.Module) -> Dict[str, int]:
+    """Keyword that keeps the LLM's text head to one position (its logits are unused here: the
+    visual head scores the hidden states), where the LLM takes one: not B x L x V text logits."""
+    parameters = inspect.signature(llm.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in parameters:
+            return {name: 1}
+    return {}
+
+
 class _DecodeStream:
     """One sequence batch being decoded: its attention mask, KV cache and last hidden state."""
 
@@ -409,7 +424,7 @@ class _DecodeStream:
         # transformers 5 names the KV cache "cache"; earlier versions "past_key_values"
         key = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
         out = llm(inputs_embeds=embeds.to(llm.get_input_embeddings().weight.dtype), attention_mask=self.mask,
-                  use_cache=True, output_hidden_states=True, **{key: self.cache})
+                  use_cache=True, output_hidden_states=True, **{key: self.cache}, **_one_text_logit(llm))
         cache = getattr(out, "cache", None)
         self.cache = cache if cache is not None else out.past_key_values
         self.hidden = out.hidden_states[-1][:, -1]
