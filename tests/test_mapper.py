@@ -113,3 +113,21 @@ def test_frozen_text_encoder_loads_a_t5_encoder_and_stays_in_eval(tmp_path):
     first, second = text.encode(["a red cat", "a cat"]), text.encode(["a red cat", "a cat"])
     assert first.shape == (2, 16) and torch.equal(first, second)  # no dropout
     del wrapper
+
+
+def test_mapper_round_trips_through_save_pretrained(tmp_path):
+    torch.manual_seed(3)
+    mapper = ConditioningMapper.for_decoder(SDXL_UNET, code_dim=8, num_queries=5, hidden_dim=16, num_heads=2)
+    mapper.save_pretrained(tmp_path / "m")
+    loaded = ConditioningMapper.from_pretrained(tmp_path / "m")
+    assert loaded.decoder == "sdxl" and loaded.config() == mapper.config()
+    x = torch.randn(2, 7, 8)
+    torch.testing.assert_close(loaded(x).prompt_embeds, mapper(x).prompt_embeds)
+    per_token = ConditioningMapper(8, 12, 6)
+    per_token.save_pretrained(tmp_path / "p")
+    assert ConditioningMapper.from_pretrained(tmp_path / "p").num_queries is None
+    (tmp_path / "p" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="do not fit"):
+        ConditioningMapper.from_pretrained(tmp_path / "p")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ConditioningMapper.from_pretrained(tmp_path / "missing")

@@ -16,18 +16,24 @@ between the pooled mapped embedding and a frozen text encoder's embedding of the
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Dict, Optional, Sequence, Union
 
+import safetensors
+import safetensors.torch
 import torch
 from torch import nn
 
+from .._io import atomic_write, atomic_write_text, load_json
 from ..cross_entropy import info_nce
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: longest prompt_embeds sequence each decoder takes (FLUX's T5 context, SDXL's CLIP context)
 MAX_TOKENS = {"flux": 512, "sdxl": 77}
+_FORMAT = "unicode2_fast.conditioning_mapper"
+_CONFIG, _WEIGHTS = "config.json", "model.safetensors"
 #: SDXL appends six time ids (original size, crop, target size) to the pooled text embedding
 SDXL_TIME_IDS = 6
 
@@ -144,6 +150,51 @@ class ConditioningMapper(nn.Module):
         weights = mask.unsqueeze(-1).to(sequence.dtype)
         pooled = (sequence * weights).sum(dim=1) / weights.sum(dim=1)  # masked mean (B, seq_dim)
         return MapperOutput(sequence, self.to_pooled(pooled))
+
+    def config(self) -> Dict[str, Any]:
+        """The constructor arguments (what ``save_pretrained`` writes to config.json)."""
+        return {"code_dim": self.code_dim, "seq_dim": self.seq_dim, "pooled_dim": self.pooled_dim,
+                "num_queries": self.num_queries, "hidden_dim": self.token_mlp[1].out_features,
+                "num_heads": self.attention.num_heads if self.num_queries is not None else 8,
+                "max_tokens": self.max_tokens, "decoder": self.decoder}
+
+    def save_pretrained(self, save_directory: PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` to a directory, each atomically."""
+        directory = os.fspath(save_directory)
+        os.makedirs(directory, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(os.path.join(directory, _WEIGHTS), lambda tmp: safetensors.torch.save_file(
+            tensors, tmp, metadata={"format": _FORMAT}))
+        atomic_write_text(os.path.join(directory, _CONFIG),
+                          json.dumps({"format": _FORMAT, "version": 1, **self.config()}, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: PathLike, device: Optional[Union[str, torch.device]] = None) -> "ConditioningMapper":
+        """Load a mapper written by :meth:`save_pretrained`.
+
+        Raises:
+            FileNotFoundError: a missing directory or file. ValueError: a foreign or corrupt
+            config, or weights that do not fit it.
+        """
+        directory = os.fspath(directory)
+        config_path, weights_path = os.path.join(directory, _CONFIG), os.path.join(directory, _WEIGHTS)
+        for path in (config_path, weights_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"missing {os.path.basename(path)} in {directory}")
+        config = load_json(config_path)
+        if not isinstance(config, dict) or config.get("format") != _FORMAT:
+            raise ValueError(f"{config_path} is not a ConditioningMapper config")
+        decoder = config.pop("decoder", None)
+        for key in ("format", "version"):
+            config.pop(key, None)
+        mapper = cls(**config)
+        mapper.decoder = decoder
+        try:
+            state = safetensors.torch.load_file(weights_path, device="cpu" if device is None else str(device))
+            mapper.load_state_dict(state)
+        except (safetensors.SafetensorError, RuntimeError) as exc:
+            raise ValueError(f"{weights_path}: weights that do not fit {config_path}: {exc}") from exc
+        return mapper.to(device) if device is not None else mapper
 
     def contrastive_loss(self, output: MapperOutput, text_embeddings: torch.Tensor,
                          temperature: Union[float, torch.Tensor] = 0.07) -> torch.Tensor:
