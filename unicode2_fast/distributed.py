@@ -149,16 +149,12 @@ def nearest(
     if bool((dtypes != dtypes[0]).any()):
         names = {code: str(dtype) for dtype, code in _DTYPE_CODES.items()}
         problems.append(f"the shards must share one dtype, got {[names[int(c)] for c in dtypes]}")
-    order = torch.argsort(everyone[:, 3])
-    starts, sizes = everyone[order, 3], everyone[order, 4]
-    if int(starts[0]) != 0 or bool((starts[1:] != starts[:-1] + sizes[:-1]).any()):
-        spans = [(int(s), int(s + k)) for s, k in zip(starts, sizes)]
-        problems.append(f"the shards must tile [0, K) without gaps or overlaps; rows per rank (sorted): {spans}")
+    tiling = _tiling_problem(everyone[:, 3:5], "codebook")
+    if tiling:
+        problems.append(tiling)
     if problems:
         raise ValueError("u2.distributed.nearest: " + "; ".join(problems))
-    prints = _all_gather(_fingerprint(x2d), dist, group).cpu()
-    if not bool((prints == prints[0]).all()):
-        raise ValueError("u2.distributed.nearest: x differs between ranks; every rank must pass the same queries")
+    _check_same([x2d], ["x"], dist, group)
 
     error = None
     packed = torch.zeros((x2d.shape[0] + 1, 2), dtype=torch.float64)
@@ -352,16 +348,23 @@ class VocabParallelEmbedding(nn.Module):
         return rows
 
 
+def _tiling_problem(spans: torch.Tensor, what: str) -> Optional[str]:
+    """Why the ranks' (offset, rows) ``spans`` (world, 2) do not tile [0, K), or None when they do."""
+    order = torch.argsort(spans[:, 0])
+    starts, sizes = spans[order, 0], spans[order, 1]
+    if int(starts[0]) == 0 and not bool((starts[1:] != starts[:-1] + sizes[:-1]).any()):
+        return None
+    bounds = [(int(s), int(s + k)) for s, k in zip(starts, sizes)]
+    return f"the {what} shards must tile [0, K) without gaps or overlaps; rows per rank (sorted): {bounds}"
+
+
 def _check_tiling(offset: int, rows: int, dist, group, what: str) -> int:
     """Raise (on every rank) unless the ranks' (offset, rows) tile [0, K); returns K."""
     spans = _all_gather(torch.tensor([offset, rows], dtype=torch.int64), dist, group).cpu()
-    order = torch.argsort(spans[:, 0])
-    starts, sizes = spans[order, 0], spans[order, 1]
-    if int(starts[0]) != 0 or bool((starts[1:] != starts[:-1] + sizes[:-1]).any()):
-        bounds = [(int(s), int(s + k)) for s, k in zip(starts, sizes)]
-        raise ValueError(f"u2.distributed: the {what} shards must tile [0, K) without gaps or overlaps; rows per rank "
-                         f"(sorted): {bounds}")
-    return int(sizes.sum())
+    problem = _tiling_problem(spans, what)
+    if problem:
+        raise ValueError(f"u2.distributed: {problem}")
+    return int(spans[:, 1].sum())
 
 
 def _check_same(tensors: Sequence[torch.Tensor], names: Sequence[str], dist, group) -> None:

@@ -26,8 +26,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 3.5
 _PIPELINES = {"FluxPipeline": "flux", "StableDiffusionXLPipeline": "sdxl"}
-_NO_TEXT_ENCODERS = {"flux": dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None),
-                     "sdxl": dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)}
+#: both pipelines name their two text encoders and tokenizers alike; the mapper replaces them
+_NO_TEXT_ENCODERS = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
 
 
 class VisualDecoder:
@@ -78,7 +78,7 @@ class VisualDecoder:
         if name not in _PIPELINES:
             raise ValueError(f"{path} holds a {name}; expected a FluxPipeline or StableDiffusionXLPipeline")
         extra = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        pipeline = getattr(diffusers, name).from_pretrained(path, **_NO_TEXT_ENCODERS[_PIPELINES[name]], **extra)
+        pipeline = getattr(diffusers, name).from_pretrained(path, **_NO_TEXT_ENCODERS, **extra)
         if device is not None:
             pipeline.to(device)
         return cls(pipeline, mapper, **kwargs)

@@ -415,16 +415,20 @@ class _DecodeStream:
         self.mask = mask
         self.cache = None
         self.hidden: Optional[torch.Tensor] = None  # (B, h) after the final norm, at the last position
+        self._cache_key: Optional[str] = None  # the LLM's name for the KV cache, found on the first call
+        self._extra: Dict[str, int] = {}
 
     def advance(self, llm: nn.Module, embeds: torch.Tensor) -> None:
         """Feed ``embeds`` (B, n, h) (the prompt first, then one visual token per step)."""
         if self.cache is not None:
             ones = torch.ones((self.mask.shape[0], embeds.shape[1]), dtype=self.mask.dtype, device=self.mask.device)
             self.mask = torch.cat([self.mask, ones], dim=1)
-        # transformers 5 names the KV cache "cache"; earlier versions "past_key_values"
-        key = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+        if self._cache_key is None:  # once per stream: the signature does not change between tokens
+            # transformers 5 names the KV cache "cache"; earlier versions "past_key_values"
+            self._cache_key = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+            self._extra = _one_text_logit(llm)
         out = llm(inputs_embeds=embeds.to(llm.get_input_embeddings().weight.dtype), attention_mask=self.mask,
-                  use_cache=True, output_hidden_states=True, **{key: self.cache}, **_one_text_logit(llm))
+                  use_cache=True, output_hidden_states=True, **{self._cache_key: self.cache}, **self._extra)
         cache = getattr(out, "cache", None)
         self.cache = cache if cache is not None else out.past_key_values
         self.hidden = out.hidden_states[-1][:, -1]
