@@ -341,6 +341,7 @@ _VALID_ARGV = {
     "build-codebook": ["build-codebook", "f.npy", "--k", "4", "--out", "c.safetensors"],
     "tokenize": ["tokenize", "images", "--siglip", "m", "--codebook", "c", "--out", "ids.npy"],
     "train": ["train", "--llm", "l", "--codebook", "c", "--ids", "i", "--captions", "c", "--out", "o"],
+    "generate": ["generate", "--model", "m", "--prompt", "a cat", "--out", "img.png"],
     "profile": ["profile", "nearest"],
 }
 

@@ -64,6 +64,40 @@ def read_captions(path: PathLike) -> List[str]:
     return texts
 
 
+def read_manifest(path: PathLike) -> Tuple[List[str], List[str]]:
+    """(image paths, captions) of a JSON-lines manifest: one ``{"image": ..., "text": ...}`` per
+    non-empty line, image paths relative to the manifest's folder (or absolute).
+
+    Raises:
+        FileNotFoundError: no manifest, or an image it names is missing (the line is named).
+        ValueError: a line that is not such an object (named).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"manifest not found: {path}")
+    folder = os.path.dirname(os.path.abspath(path))
+    images, texts = [], []
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{os.path.basename(path)} line {number}: not JSON ({exc})") from exc
+            if (not isinstance(record, dict) or not isinstance(record.get("image"), str)
+                    or not isinstance(record.get("text"), str)):
+                raise ValueError(f'{os.path.basename(path)} line {number}: expected {{"image": "...", "text": "..."}}')
+            image = os.path.join(folder, record["image"])
+            if not os.path.isfile(image):
+                raise FileNotFoundError(f"{os.path.basename(path)} line {number}: image not found: {image}")
+            images.append(image)
+            texts.append(record["text"])
+    if not images:
+        raise ValueError(f"{path} lists no images")
+    return images, texts
+
+
 def read_ids(path: PathLike) -> np.ndarray:
     """(N, P) int64 visual token ids from a ``.npy`` written by ``unicode2-fast tokenize``."""
     path = os.fspath(path)
@@ -105,6 +139,7 @@ class TokenDataset(torch.utils.data.Dataset):
         if pad is None:
             raise ValueError("the tokenizer has neither a pad token nor an EOS token")
         self.pad_token_id = int(pad)
+        self.eos_token_id = None if eos is None else int(eos)
         self.captions = texts
         self.tokens: List[List[int]] = []
         for text in texts:
@@ -135,6 +170,20 @@ class TokenDataset(torch.utils.data.Dataset):
             "attention_mask": attention_mask,
             "labels": input_ids.masked_fill(attention_mask == 0, -100),
         }
+
+    def collate_generation(self, rows: Sequence[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        """Generation rows (L_GEN): the caption as the prompt (its EOS dropped), left-padded so that
+        every prompt ends where the first visual token is predicted; ``prompt_mask`` 0 on padding."""
+        prompts = [row["input_ids"][:-1] if len(row["input_ids"]) > 1 and row["input_ids"][-1] == self.eos_token_id
+                   else row["input_ids"] for row in rows]
+        length = max(len(p) for p in prompts)
+        prompt_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.int64)
+        prompt_mask = torch.zeros((len(rows), length), dtype=torch.int64)
+        for i, prompt in enumerate(prompts):
+            prompt_ids[i, length - len(prompt):] = torch.tensor(prompt, dtype=torch.int64)
+            prompt_mask[i, length - len(prompt):] = 1
+        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+                "visual_ids": torch.stack([row["visual_ids"] for row in rows])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,3 +387,235 @@ def train(
         else:
             model.save_pretrained(out_dir)
     return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole model: L_UND + L_GEN + L_CL, checkpoints, exact resume
+# ---------------------------------------------------------------------------------------------
+
+#: the paper's stages: what trains and the peak lr (AdamW betas (0.9, 0.95), 3% warmup, cosine)
+STAGES = {"stage1": ("new", 1e-3), "stage1.5": ("all", 1e-5), "stage2": ("all", 1e-5)}
+LOSS_NAMES = ("loss_und", "loss_gen", "loss_cl")
+TRAINER_STATE = "trainer_state.pt"
+METRICS_FILE = "metrics.jsonl"
+MAPPER_SUBDIR = "mapper"
+
+
+def _keep_metrics(path: str, last_step: int) -> None:
+    """Drop the records after ``last_step`` from a metrics file (a rerun or resume in the same
+    folder continues it instead of appending a second history)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as file:
+        lines = [line for line in file if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    from ._io import atomic_write_text
+
+    atomic_write_text(path, "".join(lines))
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step}"
+
+
+def train_unified(
+    model: Any,
+    dataset: TokenDataset,
+    *,
+    steps: int,
+    batch_size: int,
+    mapper: Any = None,
+    text_encoder: Any = None,
+    trainable: str = "all",
+    lr: float = 1e-5,
+    grad_accum: int = 1,
+    loss_weights: Optional[Dict[str, float]] = None,
+    temperature: float = 0.07,
+    warmup_ratio: float = 0.03,
+    betas: Tuple[float, float] = (0.9, 0.95),
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    out_dir: Optional[PathLike] = None,
+    checkpoint_every: int = 0,
+    resume_from: Optional[PathLike] = None,
+    save_extra: Optional[Callable[[str], None]] = None,
+    progress: bool = True,
+) -> List[Dict[str, float]]:
+    """Train the whole model on image-caption rows: L_UND (image, then caption), L_GEN (caption
+    as the prompt, then the image's visual ids) and L_CL (InfoNCE between the mapper's pooled
+    output on the image's C2 rows and the frozen text encoder's embedding of the caption).
+
+    Every row of a batch serves all three losses; the step minimises their weighted sum.
+
+    Args:
+        model: a UnifiedModel with a visual head (``init_visual_head``).
+        dataset: a TokenDataset (visual ids + captions).
+        mapper, text_encoder: a ConditioningMapper and a FrozenTextEncoder, both or neither (no L_CL).
+        trainable: "new" (stage 1: projector, visual head and mapper; LLM and C2 frozen) or "all"
+            (stages 1.5 / 2: also the LLM, and C2 through ``u2.SparseRowAdamW``).
+        grad_accum: micro-batches of ``batch_size`` rows per optimizer step (losses averaged).
+        loss_weights: {"loss_und", "loss_gen", "loss_cl"} -> weight (default 1 each).
+        out_dir: metrics.jsonl (one JSON object per step, appended as it happens), checkpoints
+            and the final model (``model.save_pretrained`` + ``mapper/`` + ``save_extra(out_dir)``).
+        checkpoint_every: every this many steps (0: never) write ``out_dir/checkpoint-STEP``: the
+            same layout plus ``trainer_state.pt`` (optimizers, schedules, step, RNG), assembled in
+            a temporary folder and renamed into place.
+        resume_from: a checkpoint folder: the caller loads the model and mapper from it, this
+            restores the rest and continues at the next step -- the same losses as the
+            uninterrupted run (same data order, optimizer moments and schedule).
+
+    Returns:
+        the metrics of every step run here: {"step", "loss", "loss_und", "loss_gen"[, "loss_cl"], "lr", "seconds"}.
+
+    Raises:
+        ValueError: bad arguments; a checkpoint written by a run with other steps / batch size /
+            accumulation / seed / trainable set; no visual head.
+        RuntimeError: called under torch.distributed with world size > 1.
+    """
+    import shutil
+    import time
+
+    from tqdm import tqdm
+
+    if steps < 1 or batch_size < 1 or grad_accum < 1:
+        raise ValueError(f"steps, batch_size and grad_accum must be >= 1, got {steps}, {batch_size}, {grad_accum}")
+    if trainable not in ("new", "all"):
+        raise ValueError(f"trainable must be 'new' or 'all', got {trainable!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if (mapper is None) != (text_encoder is None):
+        raise ValueError("L_CL needs both a mapper and a text encoder (or neither)")
+    if getattr(model, "visual_head_mode", None) is None:
+        raise ValueError("the model has no visual head for L_GEN: call model.init_visual_head() first")
+    if model.visual_head_mode == "tied" and trainable == "all":
+        raise ValueError("a tied visual head gives C2 a dense gradient; train C2 with an untied head")
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty")
+    weights = {name: 1.0 for name in LOSS_NAMES}
+    if loss_weights:
+        unknown = set(loss_weights) - set(LOSS_NAMES)
+        if unknown:
+            raise ValueError(f"unknown loss weights {sorted(unknown)}; expected {LOSS_NAMES}")
+        weights.update({k: float(v) for k, v in loss_weights.items()})
+    if mapper is None:
+        weights.pop("loss_cl")
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+    if (checkpoint_every or resume_from is not None) and out_dir is None:
+        raise ValueError("checkpoints need an out_dir")
+    rank, world = _world()
+    if world > 1:
+        raise RuntimeError("whole-model training (L_UND + L_GEN + L_CL) runs in one process; under torchrun "
+                           "train the understanding stages (train() / `unicode2-fast train` without --preset)")
+    device = model.c2.device
+
+    model.train()
+    model.llm.requires_grad_(trainable == "all")
+    model.c2.requires_grad_(trainable == "all")
+    dense = list(model.projector.parameters())
+    if model.visual_head is not None:
+        model.visual_head.requires_grad_(True)
+        dense.append(model.visual_head)
+    if mapper is not None:
+        mapper.train()
+        mapper.requires_grad_(True)
+        dense += list(mapper.parameters())
+    if trainable == "all":
+        dense += [p for p in model.llm.parameters() if p.requires_grad]
+    optimizers = [torch.optim.AdamW(dense, lr=lr, betas=betas, weight_decay=weight_decay)]
+    if trainable == "all":
+        optimizers.append(SparseRowAdamW([model.c2], lr=lr, betas=betas, weight_decay=weight_decay))
+    factor = warmup_cosine(steps, warmup_ratio)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
+    run_key = {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "trainable": trainable}
+
+    start = 0
+    if resume_from is not None:
+        state_path = os.path.join(os.fspath(resume_from), TRAINER_STATE)
+        if not os.path.isfile(state_path):
+            raise FileNotFoundError(f"not a checkpoint (no {TRAINER_STATE}): {resume_from}")
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        differs = {k: (state["run"].get(k), v) for k, v in run_key.items() if state["run"].get(k) != v}
+        if differs:
+            raise ValueError("the checkpoint was written by a run with other settings (saved, given): "
+                             + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in differs.items()))
+        for opt, saved in zip(optimizers, state["optimizers"]):
+            opt.load_state_dict(saved)
+        for sched, saved in zip(schedulers, state["schedulers"]):
+            sched.load_state_dict(saved)
+        torch.set_rng_state(state["rng"])
+        start = int(state["step"])
+    else:
+        torch.manual_seed(seed)
+
+    out = None if out_dir is None else os.fspath(out_dir)
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        _keep_metrics(os.path.join(out, METRICS_FILE), start)
+    stream = _batches(len(dataset), batch_size, seed, True, 0, 1)
+    for _ in range(start * grad_accum):  # the data the steps before the checkpoint consumed
+        next(stream)
+
+    def save(directory: str, with_state: bool, step: int) -> None:
+        model.save_pretrained(directory)
+        if mapper is not None:
+            mapper.save_pretrained(os.path.join(directory, MAPPER_SUBDIR))
+        if save_extra is not None:
+            save_extra(directory)
+        if with_state:
+            torch.save({"run": run_key, "step": step, "rng": torch.get_rng_state(),
+                        "optimizers": [opt.state_dict() for opt in optimizers],
+                        "schedulers": [sched.state_dict() for sched in schedulers]},
+                       os.path.join(directory, TRAINER_STATE))
+
+    def checkpoint(step: int) -> None:
+        final = os.path.join(out, checkpoint_name(step))
+        tmp, old = final + ".tmp", final + ".old"
+        for path in (tmp, old):
+            shutil.rmtree(path, ignore_errors=True)
+        save(tmp, True, step)
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    history: List[Dict[str, float]] = []
+    bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not progress)
+    for step in range(start, steps):
+        began = time.perf_counter()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        sums = {name: 0.0 for name in weights}
+        for _ in range(grad_accum):
+            index = next(stream)
+            rows = [dataset[i] for i in index]
+            und = {k: v.to(device) for k, v in dataset.collate(rows).items()}
+            gen = {k: v.to(device) for k, v in dataset.collate_generation(rows).items()}
+            parts = model.losses(und, gen)
+            parts.pop("loss")
+            if mapper is not None:
+                mapped = mapper(model.code_embeddings(gen["visual_ids"]))
+                text = text_encoder.encode([dataset.captions[i] for i in index]).to(device)
+                parts["loss_cl"] = mapper.contrastive_loss(mapped, text, temperature)
+            total = sum(weights[name] * parts[name] for name in weights) / grad_accum
+            total.backward()
+            for name in weights:
+                sums[name] += float(parts[name].detach()) / grad_accum
+        for opt in optimizers:
+            opt.step()
+        lr_now = schedulers[0].get_last_lr()[0]
+        for sched in schedulers:
+            sched.step()
+        record = {"step": step + 1, "loss": sum(weights[n] * sums[n] for n in weights), **sums, "lr": lr_now,
+                  "seconds": time.perf_counter() - began}
+        history.append(record)
+        if out is not None:
+            with open(os.path.join(out, METRICS_FILE), "a", encoding="utf-8") as file:
+                file.write(json.dumps(record) + "\n")
+        bar.update(1)
+        bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in sums.items()})
+        if out is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            checkpoint(step + 1)
+    bar.close()
+    if out is not None:
+        save(out, False, steps)
+    return history

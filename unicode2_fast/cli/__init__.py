@@ -5,7 +5,8 @@ Commands, one module each:
     bench            the main job: every op's benchmark vs FAISS and torch (unicode2_fast.bench.run_all)
     build-codebook   two-stage k-means codebook from a .npy of features
     tokenize         images folder -> codeword ids (.npy) with a SigLIP model and a codebook
-    train            stage-1 (projector) / stage-2 (all, row-sparse C2) understanding training
+    train            understanding training (stage 1 / 2), or the whole model with a preset (tiny: offline)
+    generate         prompt -> visual ids -> image, with a model trained by train --preset
     profile          torch-profiler Chrome trace of one op (with NVTX ranges under Nsight)
 
 This package is the only place that parses argv or decides an exit status. A user mistake (bad
@@ -21,14 +22,14 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import bench, build_codebook, kernels, profile, tokenize, train
+from . import bench, build_codebook, generate, kernels, profile, tokenize, train
 from ._errors import OneLineErrorParser, UserError
 
 __all__ = ["UserError", "build_parser", "main"]
 
 PROG = "unicode2-fast"
 #: command name -> its module: ``add_parser(subparsers)`` and ``run(args) -> int``
-COMMANDS = {module.NAME: module for module in (kernels, bench, build_codebook, tokenize, train, profile)}
+COMMANDS = {module.NAME: module for module in (kernels, bench, build_codebook, tokenize, train, generate, profile)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,41 +1,71 @@
-"""``unicode2-fast train``: stage-1 (projector) / stage-2 (everything) understanding training."""
+"""``unicode2-fast train``: understanding training (stage 1 / 2, torchrun-ready), or the whole model
+(L_UND + L_GEN + L_CL) through a preset: the paper's stages, or ``tiny`` (everything built offline)."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import shutil
 
+import numpy as np
 import torch
 
-from ..train import read_captions, read_ids
+from ..train import read_captions, read_ids, read_manifest
 from ._errors import UserError, int_at_least, positive_float
 from ._paths import check_out_dir
 
 NAME = "train"
 PROG = f"unicode2-fast {NAME}"
+PRESETS = ("tiny", "stage1", "stage1.5", "stage2")
+#: the tiny preset trains everything at this lr (the stages use the paper's: 1e-3 / 1e-5)
+TINY_LR = 3e-3
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         NAME,
-        help="train the projector (stage 1) or everything (stage 2) on tokenized images + captions",
-        description="Understanding training (L_UND): visual ids -> C2 -> projector -> Qwen2 LLM. "
-                    "Stage 1 trains the projector, stage 2 everything. Multi-GPU: run under torchrun.",
-        epilog=f"example: {PROG} --llm Qwen2.5-7B --codebook codebook.safetensors --ids ids.npy "
-               "--captions captions.jsonl --stage 1 --steps 100 --batch-size 8 --out run1",
+        help="train the projector / everything on tokenized images + captions (understanding), or the whole "
+             "model with a preset (tiny: built offline, trains on a CPU in seconds)",
+        description="Without --preset: understanding training (L_UND): visual ids -> C2 -> projector -> Qwen2; "
+                    "stage 1 trains the projector, stage 2 everything; multi-GPU under torchrun. "
+                    "With --preset: the whole model, L_UND + L_GEN (visual head over the K ids) + L_CL "
+                    "(mapper vs a frozen text encoder), with metrics.jsonl, checkpoints and exact resume.",
+        epilog=f"examples: {PROG} --preset tiny --steps 30 --checkpoint-every 15 --out run; "
+               f"{PROG} --preset tiny --steps 30 --resume run/checkpoint-15 --out run2; "
+               f"{PROG} --llm Qwen2.5-7B --codebook codebook.safetensors --ids ids.npy --captions captions.jsonl "
+               "--stage 1 --steps 100 --batch-size 8 --out run1",
     )
-    parser.add_argument("--llm", required=True, help="Qwen2 model directory (with its tokenizer), or a "
-                                                     "directory written by a previous train run")
-    parser.add_argument("--codebook", required=True, help="codebook .safetensors (initialises C2)")
-    parser.add_argument("--ids", required=True, help="(N, P) .npy from `unicode2-fast tokenize`")
-    parser.add_argument("--captions", required=True, help='JSON lines, one {"text": ...} per row of ids')
-    parser.add_argument("--stage", type=int, choices=[1, 2], default=1)
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help="whole-model training: tiny (random tiny SigLIP / Qwen2 / CLIP / FLUX and a synthetic "
+                             "shapes data set, all built offline) or the paper's stage1 (projector, head, mapper; "
+                             "lr 1e-3), stage1.5 / stage2 (everything, lr 1e-5)")
+    parser.add_argument("--llm", help="Qwen2 model directory (with its tokenizer), or a directory written by a "
+                                      "previous train run")
+    parser.add_argument("--codebook", help="codebook .safetensors (initialises C2)")
+    parser.add_argument("--ids", help="(N, P) .npy from `unicode2-fast tokenize`")
+    parser.add_argument("--captions", help='JSON lines, one {"text": ...} per row of ids')
+    parser.add_argument("--images", help='whole model: a JSON-lines manifest, one {"image": path, "text": caption} '
+                                         "per line (paths relative to it), tokenized with --siglip")
+    parser.add_argument("--siglip", help="SigLIP vision model directory for --images")
+    parser.add_argument("--decoder", help="whole model: the FLUX / SDXL diffusers pipeline the mapper conditions")
+    parser.add_argument("--text-encoder", help="whole model: the frozen text encoder of L_CL (default: the "
+                                               "decoder's CLIP, its text_encoder / tokenizer folders)")
+    parser.add_argument("--stage", type=int, choices=[1, 2], default=1, help="understanding training's stage")
     parser.add_argument("--steps", type=int_at_least(1), default=100)
     parser.add_argument("--batch-size", type=int_at_least(1), default=8)
+    parser.add_argument("--grad-accum", type=int_at_least(1), default=1, help="micro-batches per step (presets)")
     parser.add_argument("--out", required=True,
                         help="output directory (save_pretrained); missing folders are created")
-    parser.add_argument("--lr", type=positive_float, default=None, help="peak lr (default 1e-3 stage 1, 1e-5 stage 2)")
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help=f"peak lr (default: 1e-3 stage 1, 1e-5 stages 1.5 / 2, {TINY_LR:g} tiny)")
+    parser.add_argument("--loss-weights", default=None, metavar="UND,GEN,CL",
+                        help="weights of L_UND, L_GEN and L_CL (presets; default 1,1,1)")
+    parser.add_argument("--checkpoint-every", type=int_at_least(0), default=0,
+                        help="presets: write OUT/checkpoint-STEP every this many steps (0: never)")
+    parser.add_argument("--resume", default=None, help="presets: continue from a checkpoint folder")
     parser.add_argument("--seed", type=int_at_least(0), default=0)
     parser.add_argument("--log-every", type=int_at_least(0), default=10, help="steps between loss lines (0: none)")
+    parser.add_argument("--no-progress", action="store_true", help="presets: no progress bar")
     parser.add_argument("--replicate-c2", action="store_true",
                         help="under torchrun, keep C2 replicated on every rank instead of sharding its rows "
                              "(and their optimizer state) across the ranks")
@@ -58,7 +88,27 @@ def _init_distributed_from_env() -> str:
     return f"cuda:{local_rank}" if cuda else "cpu"
 
 
+def _need(args: argparse.Namespace, *names: str) -> None:
+    missing = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is None]
+    if missing:
+        what = f"--preset {args.preset}" if args.preset else "understanding training (no --preset)"
+        raise UserError(f"{what} needs {', '.join(missing)}")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_out_dir(args.out)
+    if args.preset is not None:
+        return _run_preset(args)
+    for option in ("resume", "images", "decoder", "text_encoder", "loss_weights"):
+        if getattr(args, option) is not None:
+            raise UserError(f"--{option.replace('_', '-')} is for whole-model training: add --preset")
+    if args.checkpoint_every or args.grad_accum != 1:
+        raise UserError("--checkpoint-every and --grad-accum are for whole-model training: add --preset")
+    _need(args, "llm", "codebook", "ids", "captions")
+    return _run_understanding(args)
+
+
+def _run_understanding(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from ..codebook import Codebook
@@ -68,7 +118,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"LLM directory not found: {args.llm}")
     if not os.path.isfile(args.codebook):
         raise UserError(f"codebook not found: {args.codebook}")
-    check_out_dir(args.out)
     try:
         ids = read_ids(args.ids)
         captions = read_captions(args.captions)
@@ -80,22 +129,13 @@ def run(args: argparse.Namespace) -> int:
                         "captions: they must pair one to one")
     if ids.size and int(ids.max()) >= codebook.k:
         raise UserError(f"codebook too small: it has {codebook.k} codewords but {args.ids} holds id {int(ids.max())}")
-    from transformers import AutoTokenizer
-
-    from ..models.unified import UnifiedModel
-
-    llm_dir = args.llm
-    tokenizer_dir = os.path.join(llm_dir, "llm") if os.path.isdir(os.path.join(llm_dir, "llm")) else llm_dir
+    tokenizer, llm_dir = _tokenizer(args.llm)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         dataset = TokenDataset(ids, captions, tokenizer)
-    except (OSError, ValueError) as error:  # transformers' words for "no usable tokenizer there"
-        raise UserError(f"cannot load a tokenizer from {tokenizer_dir}: {error}") from error
+    except ValueError as error:
+        raise UserError(str(error)) from error
     device = _init_distributed_from_env()
-    try:
-        model = UnifiedModel.from_pretrained(llm_dir, codebook, device=device)
-    except (OSError, ValueError) as error:  # no Qwen2 there, or a foreign / inconsistent saved model
-        raise UserError(f"cannot load a model from {llm_dir}: {error}") from error
+    model = _load_model(llm_dir, codebook, device)
     if model.codebook_size <= int(ids.max(initial=0)):
         raise UserError(f"the model's C2 has {model.codebook_size} rows but {args.ids} holds id {int(ids.max())}")
     train(model, dataset, stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -104,3 +144,161 @@ def run(args: argparse.Namespace) -> int:
         tokenizer.save_pretrained(os.path.join(args.out, "llm"))
         print(f"saved {args.out}")
     return 0
+
+
+def _tokenizer(llm_dir: str):
+    from transformers import AutoTokenizer
+
+    tokenizer_dir = os.path.join(llm_dir, "llm") if os.path.isdir(os.path.join(llm_dir, "llm")) else llm_dir
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_dir), llm_dir
+    except (OSError, ValueError) as error:  # transformers' words for "no usable tokenizer there"
+        raise UserError(f"cannot load a tokenizer from {tokenizer_dir}: {error}") from error
+
+
+def _load_model(path: str, codebook, device: str):
+    from ..models.unified import UnifiedModel
+
+    try:
+        return UnifiedModel.from_pretrained(path, codebook, device=device)
+    except (OSError, ValueError) as error:  # no Qwen2 there, or a foreign / inconsistent saved model
+        raise UserError(f"cannot load a model from {path}: {error}") from error
+
+
+def _fingerprint(ids: np.ndarray, captions) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+    for text in captions:
+        digest.update(text.encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+def _weights(text) -> dict:
+    if text is None:
+        return {}
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3 or any(v < 0 for v in values):
+        raise UserError(f"--loss-weights takes three non-negative numbers UND,GEN,CL, got {text!r}")
+    return dict(zip(("loss_und", "loss_gen", "loss_cl"), values))
+
+
+def _run_preset(args: argparse.Namespace) -> int:
+    from ..codebook import Codebook
+    from ..models import ConditioningMapper, FrozenTextEncoder, SiglipTokenizer
+    from ..models.pipeline import read_run_config, save_run_config
+    from ..models.unified import LLM_SUBDIR, UnifiedModel
+    from ..train import MAPPER_SUBDIR, STAGES, TokenDataset, train_unified
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("whole-model training (--preset) runs in one process; under torchrun train the "
+                        "understanding stages (no --preset)")
+    weights = _weights(args.loss_weights)
+    if args.resume is not None and not os.path.isdir(args.resume):
+        raise UserError(f"--resume {args.resume}: checkpoint folder not found")
+    tiny = args.preset == "tiny"
+    if tiny:
+        from ..models.tiny import build_tiny_assets
+
+        assets = build_tiny_assets(os.path.join(args.out, "assets"), seed=args.seed)
+        args.llm, args.codebook, args.decoder = assets["llm"], assets["codebook"], assets["decoder"]
+        args.images, args.siglip = os.path.join(assets["images"], "captions.jsonl"), assets["siglip"]
+        args.text_encoder = args.text_encoder or assets["text_encoder"]
+    else:
+        _need(args, "llm", "codebook", "decoder")
+        if args.ids is None and args.images is None:
+            raise UserError(f"--preset {args.preset} needs the data: --ids with --captions, or --images with --siglip")
+    trainable, stage_lr = ("all", TINY_LR) if tiny else STAGES[args.preset]
+    lr = args.lr or stage_lr
+    try:
+        codebook = Codebook.load(args.codebook)
+        if args.images is not None:
+            _need(args, "siglip")
+            images, captions = read_manifest(args.images)
+            ids = SiglipTokenizer.from_pretrained(args.siglip, codebook).tokenize(images).cpu().numpy()
+        else:
+            _need(args, "ids", "captions")
+            ids, captions = read_ids(args.ids), read_captions(args.captions)
+    except (FileNotFoundError, ValueError) as error:
+        raise UserError(str(error)) from error
+    if len(captions) != ids.shape[0]:
+        raise UserError(f"{ids.shape[0]} rows of ids but {len(captions)} captions: they must pair one to one")
+    fingerprint = _fingerprint(ids, captions)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    source = args.resume if args.resume is not None else args.llm
+    tokenizer, _ = _tokenizer(source)
+    try:
+        dataset = TokenDataset(ids, captions, tokenizer)
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    decoder_config = _decoder_config(args.decoder)
+    if args.resume is not None:
+        try:
+            saved = read_run_config(args.resume)
+            model = UnifiedModel.from_pretrained(args.resume, device=device)
+            mapper = ConditioningMapper.from_pretrained(os.path.join(args.resume, MAPPER_SUBDIR), device=device)
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot resume from {args.resume}: {error}") from error
+        if saved.get("data") != fingerprint:
+            raise UserError(f"the data differs from the data {args.resume} was trained on: resume needs the same rows")
+    else:
+        model = _load_model(args.llm, codebook, device)
+        if model.visual_head_mode is None:
+            model.init_visual_head()
+        torch.manual_seed(args.seed)
+        kwargs = dict(num_queries=8, num_heads=2) if tiny else {}
+        mapper = ConditioningMapper.for_decoder(decoder_config, code_dim=model.code_dim, **kwargs).to(device)
+    if ids.size and int(ids.max()) >= model.codebook_size:
+        raise UserError(f"the model's C2 has {model.codebook_size} rows but the data holds id {int(ids.max())}")
+    try:
+        if args.text_encoder is not None:
+            text_encoder = FrozenTextEncoder.from_pretrained(args.text_encoder)
+        else:
+            text_encoder = FrozenTextEncoder.from_pretrained(args.decoder, subfolder="text_encoder")
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load the text encoder: {error}") from error
+    text_encoder.to(device)
+
+    decoder_in_run = tiny  # a tiny decoder travels with the run; a real one is referred to by path
+    decoder_path = os.path.abspath(args.decoder)
+
+    def save_extra(directory: str) -> None:
+        tokenizer.save_pretrained(os.path.join(directory, LLM_SUBDIR))
+        if decoder_in_run:
+            target = os.path.join(directory, "decoder")
+            if os.path.abspath(target) != decoder_path:
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.copytree(decoder_path, target)
+        save_run_config(directory, tokens_per_image=int(ids.shape[1]),
+                        decoder="decoder" if decoder_in_run else decoder_path,
+                        text_encoder=os.path.abspath(args.text_encoder) if args.text_encoder else None,
+                        preset=args.preset, data=fingerprint, seed=args.seed)
+
+    try:
+        train_unified(model, dataset, steps=args.steps, batch_size=args.batch_size, mapper=mapper,
+                      text_encoder=text_encoder, trainable=trainable, lr=lr, grad_accum=args.grad_accum,
+                      loss_weights=weights, seed=args.seed, out_dir=args.out, checkpoint_every=args.checkpoint_every,
+                      resume_from=args.resume, save_extra=save_extra, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as error:
+        raise UserError(str(error)) from error
+    print(f"saved {args.out}")
+    return 0
+
+
+def _decoder_config(path: str):
+    """The denoiser config (FLUX transformer / SDXL UNet) of a diffusers pipeline folder."""
+    import json
+
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        raise UserError(f"--decoder {path}: no diffusers pipeline there (model_index.json not found)")
+    with open(index, encoding="utf-8") as file:
+        names = json.load(file)
+    sub = "transformer" if "transformer" in names else "unet"
+    config = os.path.join(path, sub, "config.json")
+    if not os.path.isfile(config):
+        raise UserError(f"--decoder {path}: no {sub}/config.json")
+    with open(config, encoding="utf-8") as file:
+        return json.load(file)

@@ -5,7 +5,8 @@ needs them.
 """
 from .decoder import VisualDecoder
 from .mapper import ConditioningMapper, FrozenTextEncoder, MapperOutput, conditioning_sizes
+from .pipeline import TextToImage
 from .siglip_tokenizer import SiglipTokenizer
 
 __all__ = ["SiglipTokenizer", "ConditioningMapper", "FrozenTextEncoder", "MapperOutput", "conditioning_sizes",
-           "VisualDecoder"]
+           "VisualDecoder", "TextToImage"]

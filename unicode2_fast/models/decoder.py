@@ -83,6 +83,20 @@ class VisualDecoder:
             pipeline.to(device)
         return cls(pipeline, mapper, **kwargs)
 
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's downsampling, times FLUX's 2 x 2 latent packing."""
+        scale = int(getattr(self.pipeline, "vae_scale_factor", 8))
+        return scale * 2 if self.kind == "flux" else scale
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise ValueError unless ``height`` x ``width`` is an image size this decoder produces
+        as asked (diffusers would silently round it)."""
+        multiple = self.size_multiple()
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < multiple or value % multiple:
+                raise ValueError(f"{name} must be a positive multiple of {multiple} for this {self.kind} decoder, "
+                                 f"got {value!r}")
+
     @torch.no_grad()
     def decode(self, embeddings: torch.Tensor, *, mask: Optional[torch.Tensor] = None, height: int = 1024,
                width: int = 1024, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
@@ -92,6 +106,7 @@ class VisualDecoder:
         ``seed`` (or ``generator``) makes the result reproducible. Returns the pipeline's images
         (PIL by default), B of them, ``height`` x ``width``.
         """
+        self.check_size(height, width)
         conditioning = self.mapper(embeddings, mask)
         dtype = self.pipeline.dtype
         prompt = conditioning.prompt_embeds.to(dtype)

@@ -102,6 +102,13 @@ class UnifiedModel(nn.Module):
             return self.projector(self.c2_shards(visual_ids))
         return self.projector(gathered_embedding(visual_ids, self.c2))
 
+    def code_embeddings(self, visual_ids: torch.Tensor) -> torch.Tensor:
+        """(B, P) ids -> (B, P, d) C2 rows, E_vis(v): what the mapper maps for the decoder (row-sparse
+        gradient to C2, as in ``visual_embeds``)."""
+        if self.c2_shards is not None:
+            return self.c2_shards(visual_ids)
+        return gathered_embedding(visual_ids, self.c2)
+
     def build_inputs(
         self,
         visual_ids: torch.Tensor,

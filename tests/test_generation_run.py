@@ -1,0 +1,189 @@
+"""The whole model end to end on the tiny offline preset: `train --preset tiny` (L_UND + L_GEN +
+L_CL falling, metrics.jsonl, checkpoints, exact resume) and `generate` (prompt -> PNG, seeded),
+plus the trainer's and the data readers' refusals."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("diffusers")
+
+from PIL import Image  # noqa: E402
+
+from unicode2_fast import cli  # noqa: E402
+from unicode2_fast.models.tiny import SHAPES, draw_shape, shapes_dataset, word_tokenizer  # noqa: E402
+from unicode2_fast.train import TokenDataset, read_manifest, train_unified  # noqa: E402
+
+LOSSES = ("loss_und", "loss_gen", "loss_cl")
+
+
+def _metrics(path):
+    with open(path) as file:
+        return [json.loads(line) for line in file]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_run")
+    run, run2 = str(root / "RUN"), str(root / "RUN2")
+    args = ["train", "--preset", "tiny", "--steps", "30", "--checkpoint-every", "15", "--no-progress"]
+    assert cli.main([*args, "--out", run]) == 0
+    assert cli.main([*args, "--resume", os.path.join(run, "checkpoint-15"), "--out", run2]) == 0
+    return run, run2
+
+
+def test_tiny_preset_trains_all_three_losses_and_writes_the_run(runs):
+    run, _ = runs
+    metrics = _metrics(os.path.join(run, "metrics.jsonl"))
+    assert [m["step"] for m in metrics] == list(range(1, 31))
+    for name in LOSSES:
+        values = [m[name] for m in metrics]
+        assert all(np.isfinite(values))
+        # falling: the last five steps' mean well below the first five's
+        assert np.mean(values[-5:]) < 0.9 * np.mean(values[:5]), name
+    for folder in (run, os.path.join(run, "checkpoint-15")):
+        for part in ("config.json", "model.safetensors", "llm/config.json", "mapper/config.json",
+                     "decoder/model_index.json", "unicode2_run.json"):
+            assert os.path.isfile(os.path.join(folder, part)), (folder, part)
+    assert os.path.isfile(os.path.join(run, "checkpoint-15", "trainer_state.pt"))
+    assert not any(name.endswith((".tmp", ".old")) for name in os.listdir(run))
+
+
+def test_resume_reproduces_the_uninterrupted_losses(runs):
+    run, run2 = runs
+    full = _metrics(os.path.join(run, "metrics.jsonl"))
+    resumed = _metrics(os.path.join(run2, "metrics.jsonl"))
+    assert [m["step"] for m in resumed] == list(range(16, 31))
+    for a, b in zip(full[15:], resumed):
+        for name in (*LOSSES, "lr"):
+            assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-9), (a["step"], name)
+
+
+def test_generate_writes_the_same_png_for_the_same_seed(runs, tmp_path, capsys):
+    run, _ = runs
+    paths = [str(tmp_path / f"img{i}.png") for i in range(3)]
+    base = ["generate", "--model", run, "--prompt", "a red square", "--height", "64", "--width", "64", "--steps", "4"]
+    assert cli.main([*base, "--seed", "0", "--out", paths[0]]) == 0
+    assert cli.main([*base, "--seed", "0", "--out", paths[1]]) == 0
+    assert cli.main([*base, "--seed", "1", "--out", paths[2]]) == 0
+    images = [np.asarray(Image.open(p)) for p in paths]
+    assert images[0].shape == (64, 64, 3)
+    assert np.array_equal(images[0], images[1])
+    assert not np.array_equal(images[0], images[2])  # another seed, other ids and noise
+
+
+def test_generate_refuses_bad_sizes_and_missing_models_in_one_line(runs, tmp_path, capsys):
+    run, _ = runs
+    out = tmp_path / "no.png"
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", run, "--prompt", "a red square", "--height", "63", "--width", "64",
+                     "--out", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("unicode2-fast")]
+    assert len(err) == 1 and "multiple of 2" in err[0]  # (the rest of stderr: transformers' loading bars)
+    assert cli.main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not found" in err[0]  # nothing loaded before the check
+    assert not out.exists()
+
+
+def test_preset_and_understanding_modes_name_what_is_missing(tmp_path, capsys):
+    assert cli.main(["train", "--out", str(tmp_path / "a")]) == 2
+    assert "--llm, --codebook, --ids, --captions" in capsys.readouterr().err
+    assert cli.main(["train", "--preset", "stage1", "--out", str(tmp_path / "b")]) == 2
+    assert "--llm, --codebook, --decoder" in capsys.readouterr().err
+    assert cli.main(["train", "--checkpoint-every", "5", "--llm", "x", "--codebook", "y", "--ids", "z",
+                     "--captions", "w", "--out", str(tmp_path / "c")]) == 2
+    assert "add --preset" in capsys.readouterr().err
+    assert cli.main(["train", "--preset", "tiny", "--loss-weights", "1,2", "--out", str(tmp_path / "d")]) == 2
+    assert "three non-negative" in capsys.readouterr().err
+
+
+# -- pieces -------------------------------------------------------------------------------------
+
+
+def test_shapes_and_captions():
+    images, captions = shapes_dataset(32, seed=0)
+    assert len(images) == 32 and images[0].shape == (32, 32, 3) and images[0].dtype == np.uint8
+    assert captions[0] == "a small red square" and len(set(captions)) == 32
+    red = draw_shape("circle", "red", centre=(0.5, 0.5), radius=0.3)
+    assert tuple(red[16, 16]) == (220, 40, 40) and tuple(red[0, 0]) == (255, 255, 255)
+    for shape in SHAPES:  # every shape covers some pixels, and not all
+        covered = (draw_shape(shape, "blue") != 255).any(axis=2).mean()
+        assert 0.05 < covered < 0.5, shape
+    with pytest.raises(ValueError, match="unknown shape"):
+        draw_shape("hexagon", "red")
+
+
+def test_generation_rows_are_left_padded_prompts_without_eos():
+    tokenizer = word_tokenizer()
+    ids = np.arange(8, dtype=np.int64).reshape(2, 4)
+    ds = TokenDataset(ids, ["a red square", "a big blue circle"], tokenizer)
+    rows = [ds[0], ds[1]]
+    gen = ds.collate_generation(rows)
+    eos = tokenizer.eos_token_id
+    assert gen["prompt_ids"].shape == (2, 4)
+    assert gen["prompt_mask"].tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]]
+    assert gen["prompt_ids"][0, 0] == ds.pad_token_id and eos not in gen["prompt_ids"].tolist()[1]
+    assert gen["prompt_ids"][0, 1:].tolist() == tokenizer("a red square", add_special_tokens=False)["input_ids"]
+    assert torch.equal(gen["visual_ids"], torch.from_numpy(ids))
+
+
+def test_manifest_reader_names_the_bad_line(tmp_path):
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    manifest = tmp_path / "captions.jsonl"
+    manifest.write_text(json.dumps({"image": "a.png", "text": "a square"}) + "\n\n")
+    images, texts = read_manifest(manifest)
+    assert images == [str(tmp_path / "a.png")] and texts == ["a square"]
+    manifest.write_text(json.dumps({"image": "a.png", "text": "x"}) + "\n" + json.dumps({"image": "b.png", "text": "y"}))
+    with pytest.raises(FileNotFoundError, match="line 2: image not found"):
+        read_manifest(manifest)
+    manifest.write_text(json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(ValueError, match="line 1"):
+        read_manifest(manifest)
+    with pytest.raises(FileNotFoundError, match="manifest not found"):
+        read_manifest(tmp_path / "none.jsonl")
+
+
+
+def _small_model(tmp_path):
+    import transformers
+
+    from unicode2_fast.models.unified import UnifiedModel
+
+    tokenizer = word_tokenizer()
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                                      max_position_embeddings=32, pad_token_id=0, eos_token_id=2)
+    torch.manual_seed(0)
+    model = UnifiedModel(transformers.Qwen2ForCausalLM(config), torch.randn(10, 8))
+    ids = np.random.default_rng(0).integers(0, 10, size=(6, 3))
+    _, captions = shapes_dataset(6)
+    return model, TokenDataset(ids, captions, tokenizer)
+
+
+def test_trainer_refusals(tmp_path):
+    model, ds = _small_model(tmp_path)
+    with pytest.raises(ValueError, match="no visual head"):
+        train_unified(model, ds, steps=2, batch_size=2)
+    model.init_visual_head()
+    with pytest.raises(ValueError, match="both a mapper and a text encoder"):
+        train_unified(model, ds, steps=2, batch_size=2, mapper=object())
+    with pytest.raises(ValueError, match="unknown loss weights"):
+        train_unified(model, ds, steps=2, batch_size=2, loss_weights={"loss_x": 1.0})
+    with pytest.raises(ValueError, match="trainable"):
+        train_unified(model, ds, steps=2, batch_size=2, trainable="some")
+    out = tmp_path / "run"
+    history = train_unified(model, ds, steps=4, batch_size=2, lr=1e-2, out_dir=out, checkpoint_every=2,
+                            progress=False, grad_accum=2)
+    assert [h["step"] for h in history] == [1, 2, 3, 4] and "loss_cl" not in history[0]
+    with pytest.raises(ValueError, match="other settings.*batch_size 2 vs 3"):
+        train_unified(model, ds, steps=4, batch_size=3, out_dir=out, resume_from=out / "checkpoint-2",
+                      progress=False, grad_accum=2)
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        train_unified(model, ds, steps=4, batch_size=2, out_dir=out, resume_from=tmp_path, progress=False)
+    # a rerun into the same folder restarts its metrics instead of appending a second history
+    train_unified(model, ds, steps=4, batch_size=2, out_dir=out, progress=False)
+    assert [m["step"] for m in _metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
