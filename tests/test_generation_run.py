@@ -35,6 +35,23 @@ def runs(tmp_path_factory):
     return run, run2
 
 
+def test_resume_into_the_run_folder_itself_continues_its_metrics(runs, tmp_path):
+    import shutil
+
+    run = str(tmp_path / "RUN")
+    shutil.copytree(runs[0], run)
+    before = _metrics(os.path.join(run, "metrics.jsonl"))
+    with open(os.path.join(run, "metrics.jsonl"), "a") as file:
+        file.write('{"step": 31, "lo')  # a line torn by a kill mid-append
+    assert cli.main(["train", "--preset", "tiny", "--steps", "30", "--checkpoint-every", "15", "--no-progress",
+                     "--resume", os.path.join(run, "checkpoint-15"), "--out", run]) == 0
+    after = _metrics(os.path.join(run, "metrics.jsonl"))
+    assert [m["step"] for m in after] == list(range(1, 31))
+    for a, b in zip(before, after):
+        assert all(b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-9) for name in LOSSES)
+    assert not os.path.exists(os.path.join(run, "trainer_state.pt"))  # the final model is no checkpoint
+
+
 def test_tiny_preset_trains_all_three_losses_and_writes_the_run(runs):
     run, _ = runs
     metrics = _metrics(os.path.join(run, "metrics.jsonl"))
@@ -97,8 +114,19 @@ def test_preset_and_understanding_modes_name_what_is_missing(tmp_path, capsys):
     assert cli.main(["train", "--checkpoint-every", "5", "--llm", "x", "--codebook", "y", "--ids", "z",
                      "--captions", "w", "--out", str(tmp_path / "c")]) == 2
     assert "add --preset" in capsys.readouterr().err
-    assert cli.main(["train", "--preset", "tiny", "--loss-weights", "1,2", "--out", str(tmp_path / "d")]) == 2
-    assert "three non-negative" in capsys.readouterr().err
+    for weights in ("1,2", "1,nan,1", "0,0,0"):
+        assert cli.main(["train", "--preset", "tiny", "--loss-weights", weights, "--out", str(tmp_path / "d")]) == 2
+        assert "three finite, non-negative" in capsys.readouterr().err
+    refused = [(["--preset", "tiny", "--llm", "x"], "--llm: --preset tiny builds"),
+               (["--preset", "stage1", "--stage", "2"], "--stage: for understanding training"),
+               (["--preset", "stage1", "--log-every", "5"], "--log-every: for understanding training"),
+               (["--preset", "stage1", "--ids", "i", "--images", "m"], "give the data once"),
+               (["--siglip", "s", "--llm", "x"], "--siglip: for whole-model training"),
+               (["--preset", "tiny", "--resume", str(tmp_path)], "is (inside) the checkpoint")]
+    for extra, message in refused:
+        out = str(tmp_path) if "--resume" in extra else str(tmp_path / "e")
+        assert cli.main(["train", *extra, "--out", out]) == 2, extra
+        assert message in capsys.readouterr().err, extra
 
 
 # -- pieces -------------------------------------------------------------------------------------
@@ -107,7 +135,7 @@ def test_preset_and_understanding_modes_name_what_is_missing(tmp_path, capsys):
 def test_shapes_and_captions():
     images, captions = shapes_dataset(32, seed=0)
     assert len(images) == 32 and images[0].shape == (32, 32, 3) and images[0].dtype == np.uint8
-    assert captions[0] == "a small red square" and len(set(captions)) == 32
+    assert captions[0] == "a small red square" and captions[2] == "a red triangle"
     red = draw_shape("circle", "red", centre=(0.5, 0.5), radius=0.3)
     assert tuple(red[16, 16]) == (220, 40, 40) and tuple(red[0, 0]) == (255, 255, 255)
     for shape in SHAPES:  # every shape covers some pixels, and not all
@@ -182,8 +210,17 @@ def test_trainer_refusals(tmp_path):
     with pytest.raises(ValueError, match="other settings.*batch_size 2 vs 3"):
         train_unified(model, ds, steps=4, batch_size=3, out_dir=out, resume_from=out / "checkpoint-2",
                       progress=False, grad_accum=2)
+    with pytest.raises(ValueError, match="other settings.*lr 0.01 vs 0.02"):
+        train_unified(model, ds, steps=4, batch_size=2, lr=2e-2, out_dir=out, resume_from=out / "checkpoint-2",
+                      progress=False, grad_accum=2)
+    with pytest.raises(ValueError, match="is \\(inside\\) the checkpoint"):
+        train_unified(model, ds, steps=4, batch_size=2, lr=1e-2, out_dir=out / "checkpoint-2",
+                      resume_from=out / "checkpoint-2", progress=False, grad_accum=2)
+    with pytest.raises(ValueError, match="already holds checkpoint-2"):  # a fresh run over another run's checkpoints
+        train_unified(model, ds, steps=4, batch_size=2, out_dir=out, progress=False)
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         train_unified(model, ds, steps=4, batch_size=2, out_dir=out, resume_from=tmp_path, progress=False)
-    # a rerun into the same folder restarts its metrics instead of appending a second history
-    train_unified(model, ds, steps=4, batch_size=2, out_dir=out, progress=False)
+    # resumed into its own folder, the run continues its metrics instead of appending a second history
+    train_unified(model, ds, steps=4, batch_size=2, lr=1e-2, out_dir=out, resume_from=out / "checkpoint-2",
+                  progress=False, grad_accum=2)
     assert [m["step"] for m in _metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]

@@ -258,8 +258,9 @@ def _average_replicated_grads(params: Sequence[torch.nn.Parameter], world: int) 
             grad.div_(world)
 
 
-def _batches(n: int, batch_size: int, seed: int, shuffle: bool, rank: int, world: int):
-    """Endless stream of index lists: a (seeded) permutation per epoch, this rank's slice of it."""
+def _batches(n: int, batch_size: int, seed: int, shuffle: bool, rank: int, world: int, min_rows: int = 1):
+    """Endless stream of index lists: a (seeded) permutation per epoch, this rank's slice of it
+    (an epoch's last batch is skipped when it has fewer than ``min_rows`` rows)."""
     epoch = 0
     while True:
         if shuffle:
@@ -268,7 +269,8 @@ def _batches(n: int, batch_size: int, seed: int, shuffle: bool, rank: int, world
             order = list(range(n))
         order = order[rank::world] or order[:1]
         for start in range(0, len(order), batch_size):
-            yield order[start:start + batch_size]
+            if len(order[start:start + batch_size]) >= min(min_rows, len(order)):
+                yield order[start:start + batch_size]
         epoch += 1
 
 
@@ -406,8 +408,15 @@ def _keep_metrics(path: str, last_step: int) -> None:
     folder continues it instead of appending a second history)."""
     if not os.path.isfile(path):
         return
+    lines = []
     with open(path, encoding="utf-8") as file:
-        lines = [line for line in file if line.strip() and json.loads(line).get("step", 0) <= last_step]
+        for line in file:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line torn by a kill mid-append: the step is rerun anyway
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= last_step:
+                lines.append(line if line.endswith("\n") else line + "\n")
     from ._io import atomic_write_text
 
     atomic_write_text(path, "".join(lines))
@@ -496,6 +505,8 @@ def train_unified(
         if unknown:
             raise ValueError(f"unknown loss weights {sorted(unknown)}; expected {LOSS_NAMES}")
         weights.update({k: float(v) for k, v in loss_weights.items()})
+        if not all(math.isfinite(v) and v >= 0 for v in weights.values()) or not sum(weights.values()) > 0:
+            raise ValueError(f"loss weights must be finite, >= 0 and not all 0, got {weights}")
     if mapper is None:
         weights.pop("loss_cl")
     if checkpoint_every < 0:
@@ -526,14 +537,18 @@ def train_unified(
         optimizers.append(SparseRowAdamW([model.c2], lr=lr, betas=betas, weight_decay=weight_decay))
     factor = warmup_cosine(steps, warmup_ratio)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
-    run_key = {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "trainable": trainable}
+    # what a resumed run must share with the one that wrote the checkpoint (the saved optimizer
+    # state would silently override a new lr; the rest changes the losses)
+    run_key = {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "trainable": trainable,
+               "lr": lr, "loss_weights": weights, "temperature": float(temperature), "warmup_ratio": warmup_ratio,
+               "betas": list(betas), "weight_decay": weight_decay}
 
     start = 0
     if resume_from is not None:
         state_path = os.path.join(os.fspath(resume_from), TRAINER_STATE)
         if not os.path.isfile(state_path):
             raise FileNotFoundError(f"not a checkpoint (no {TRAINER_STATE}): {resume_from}")
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
         differs = {k: (state["run"].get(k), v) for k, v in run_key.items() if state["run"].get(k) != v}
         if differs:
             raise ValueError("the checkpoint was written by a run with other settings (saved, given): "
@@ -543,15 +558,28 @@ def train_unified(
         for sched, saved in zip(schedulers, state["schedulers"]):
             sched.load_state_dict(saved)
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         start = int(state["step"])
     else:
         torch.manual_seed(seed)
 
     out = None if out_dir is None else os.fspath(out_dir)
     if out is not None:
+        if resume_from is not None:
+            checkpoint_dir = os.path.abspath(os.fspath(resume_from))
+            if os.path.abspath(out) == checkpoint_dir or os.path.abspath(out).startswith(checkpoint_dir + os.sep):
+                raise ValueError(f"out_dir {out} is (inside) the checkpoint being resumed: write the run to its "
+                                 "parent or elsewhere")
+        stale = [name for name in os.listdir(out) if name.startswith("checkpoint-")] if os.path.isdir(out) else []
+        later = [n for n in stale if not n[len("checkpoint-"):].isdigit() or int(n[len("checkpoint-"):]) > start]
+        if later:
+            raise ValueError(f"{out} already holds {', '.join(sorted(later))} from another run: write to an empty folder"
+                             " (or resume from its checkpoint)")
         os.makedirs(out, exist_ok=True)
         _keep_metrics(os.path.join(out, METRICS_FILE), start)
-    stream = _batches(len(dataset), batch_size, seed, True, 0, 1)
+    # InfoNCE needs two rows: an epoch's one-row remainder is skipped when L_CL is on
+    stream = _batches(len(dataset), batch_size, seed, True, 0, 1, min_rows=2 if mapper is not None else 1)
     for _ in range(start * grad_accum):  # the data the steps before the checkpoint consumed
         next(stream)
 
@@ -563,6 +591,7 @@ def train_unified(
             save_extra(directory)
         if with_state:
             torch.save({"run": run_key, "step": step, "rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                         "optimizers": [opt.state_dict() for opt in optimizers],
                         "schedulers": [sched.state_dict() for sched in schedulers]},
                        os.path.join(directory, TRAINER_STATE))
@@ -585,17 +614,19 @@ def train_unified(
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         sums = {name: 0.0 for name in weights}
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
         for _ in range(grad_accum):
             index = next(stream)
             rows = [dataset[i] for i in index]
             und = {k: v.to(device) for k, v in dataset.collate(rows).items()}
             gen = {k: v.to(device) for k, v in dataset.collate_generation(rows).items()}
-            parts = model.losses(und, gen)
-            parts.pop("loss")
-            if mapper is not None:
-                mapped = mapper(model.code_embeddings(gen["visual_ids"]))
-                text = text_encoder.encode([dataset.captions[i] for i in index]).to(device)
-                parts["loss_cl"] = mapper.contrastive_loss(mapped, text, temperature)
+            with autocast:
+                parts = model.losses(und, gen)
+                parts.pop("loss")
+                if mapper is not None:
+                    mapped = mapper(model.code_embeddings(gen["visual_ids"]))
+                    text = text_encoder.encode([dataset.captions[i] for i in index]).to(device)
+                    parts["loss_cl"] = mapper.contrastive_loss(mapped, text, temperature)
             total = sum(weights[name] * parts[name] for name in weights) / grad_accum
             total.backward()
             for name in weights:
@@ -618,4 +649,7 @@ def train_unified(
     bar.close()
     if out is not None:
         save(out, False, steps)
+        stale_state = os.path.join(out, TRAINER_STATE)
+        if os.path.exists(stale_state):  # the final model is not a checkpoint to resume
+            os.remove(stale_state)
     return history

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import shutil
 
@@ -50,7 +51,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--decoder", help="whole model: the FLUX / SDXL diffusers pipeline the mapper conditions")
     parser.add_argument("--text-encoder", help="whole model: the frozen text encoder of L_CL (default: the "
                                                "decoder's CLIP, its text_encoder / tokenizer folders)")
-    parser.add_argument("--stage", type=int, choices=[1, 2], default=1, help="understanding training's stage")
+    parser.add_argument("--stage", type=int, choices=[1, 2], default=None,
+                        help="understanding training's stage (default 1)")
     parser.add_argument("--steps", type=int_at_least(1), default=100)
     parser.add_argument("--batch-size", type=int_at_least(1), default=8)
     parser.add_argument("--grad-accum", type=int_at_least(1), default=1, help="micro-batches per step (presets)")
@@ -64,7 +66,8 @@ def add_parser(subparsers) -> None:
                         help="presets: write OUT/checkpoint-STEP every this many steps (0: never)")
     parser.add_argument("--resume", default=None, help="presets: continue from a checkpoint folder")
     parser.add_argument("--seed", type=int_at_least(0), default=0)
-    parser.add_argument("--log-every", type=int_at_least(0), default=10, help="steps between loss lines (0: none)")
+    parser.add_argument("--log-every", type=int_at_least(0), default=None,
+                        help="understanding training: steps between loss lines (default 10; 0: none)")
     parser.add_argument("--no-progress", action="store_true", help="presets: no progress bar")
     parser.add_argument("--replicate-c2", action="store_true",
                         help="under torchrun, keep C2 replicated on every rank instead of sharding its rows "
@@ -95,16 +98,30 @@ def _need(args: argparse.Namespace, *names: str) -> None:
         raise UserError(f"{what} needs {', '.join(missing)}")
 
 
+def _refuse(args: argparse.Namespace, names, why: str) -> None:
+    given = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) not in (None, False)]
+    if given:
+        raise UserError(f"{', '.join(given)}: {why}")
+
+
 def run(args: argparse.Namespace) -> int:
     check_out_dir(args.out)
     if args.preset is not None:
+        _refuse(args, ("stage", "log_every", "replicate_c2"), "for understanding training (no --preset); a preset "
+                "sets what trains, logs to metrics.jsonl and runs in one process")
+        if args.preset == "tiny":
+            _refuse(args, ("llm", "codebook", "decoder", "ids", "captions", "images", "siglip", "text_encoder"),
+                    "--preset tiny builds all of these itself")
+        if args.ids is not None and args.images is not None:
+            raise UserError("give the data once: --ids with --captions, or --images with --siglip")
         return _run_preset(args)
-    for option in ("resume", "images", "decoder", "text_encoder", "loss_weights"):
-        if getattr(args, option) is not None:
-            raise UserError(f"--{option.replace('_', '-')} is for whole-model training: add --preset")
+    _refuse(args, ("resume", "images", "siglip", "decoder", "text_encoder", "loss_weights", "no_progress"),
+            "for whole-model training: add --preset")
     if args.checkpoint_every or args.grad_accum != 1:
         raise UserError("--checkpoint-every and --grad-accum are for whole-model training: add --preset")
     _need(args, "llm", "codebook", "ids", "captions")
+    args.stage = 1 if args.stage is None else args.stage
+    args.log_every = 10 if args.log_every is None else args.log_every
     return _run_understanding(args)
 
 
@@ -179,8 +196,8 @@ def _weights(text) -> dict:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         values = []
-    if len(values) != 3 or any(v < 0 for v in values):
-        raise UserError(f"--loss-weights takes three non-negative numbers UND,GEN,CL, got {text!r}")
+    if len(values) != 3 or not all(math.isfinite(v) and v >= 0 for v in values) or not sum(values) > 0:
+        raise UserError(f"--loss-weights takes three finite, non-negative numbers UND,GEN,CL (not all 0), got {text!r}")
     return dict(zip(("loss_und", "loss_gen", "loss_cl"), values))
 
 
@@ -195,6 +212,9 @@ def _run_preset(args: argparse.Namespace) -> int:
         raise UserError("whole-model training (--preset) runs in one process; under torchrun train the "
                         "understanding stages (no --preset)")
     weights = _weights(args.loss_weights)
+    if args.resume is not None and (os.path.abspath(args.out) + os.sep).startswith(os.path.abspath(args.resume) + os.sep):
+        raise UserError(f"--out {args.out} is (inside) the checkpoint being resumed: write the run to its parent "
+                        "or elsewhere")
     if args.resume is not None and not os.path.isdir(args.resume):
         raise UserError(f"--resume {args.resume}: checkpoint folder not found")
     tiny = args.preset == "tiny"
@@ -255,11 +275,27 @@ def _run_preset(args: argparse.Namespace) -> int:
     try:
         if args.text_encoder is not None:
             text_encoder = FrozenTextEncoder.from_pretrained(args.text_encoder)
-        else:
-            text_encoder = FrozenTextEncoder.from_pretrained(args.decoder, subfolder="text_encoder")
+        else:  # the decoder's own CLIP whose pooled output it takes: FLUX's CLIP-L, SDXL's second (bigG)
+            sub = "text_encoder" if "joint_attention_dim" in decoder_config else "text_encoder_2"
+            text_encoder = FrozenTextEncoder.from_pretrained(args.decoder, subfolder=sub)
+        text_encoder.to(device)
+        width = int(text_encoder.encode(captions[:1]).shape[1])
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load the text encoder: {error}") from error
-    text_encoder.to(device)
+    if width != mapper.pooled_dim:
+        raise UserError(f"the text encoder gives {width}-d embeddings but L_CL compares them with the decoder's "
+                        f"{mapper.pooled_dim}-d pooled conditioning: pick the encoder of that width (--text-encoder)")
+    if args.resume is not None:
+        now = {"preset": args.preset, "decoder": None if tiny else os.path.abspath(args.decoder),
+               "text_encoder": None if tiny or args.text_encoder is None else os.path.abspath(args.text_encoder)}
+        was = {k: saved.get(k) for k in now}
+        if tiny:  # the tiny parts are rebuilt, seeded, with the data fingerprint checked above
+            was["decoder"] = was["text_encoder"] = None
+        elif was["decoder"] is not None:
+            was["decoder"] = os.path.abspath(was["decoder"])
+        differs = [f"{k} {was[k]!r} vs {now[k]!r}" for k in now if was[k] != now[k]]
+        if differs:
+            raise UserError(f"{args.resume} was trained with other settings (saved, given): {', '.join(differs)}")
 
     decoder_in_run = tiny  # a tiny decoder travels with the run; a real one is referred to by path
     decoder_path = os.path.abspath(args.decoder)
@@ -273,7 +309,7 @@ def _run_preset(args: argparse.Namespace) -> int:
                 shutil.copytree(decoder_path, target)
         save_run_config(directory, tokens_per_image=int(ids.shape[1]),
                         decoder="decoder" if decoder_in_run else decoder_path,
-                        text_encoder=os.path.abspath(args.text_encoder) if args.text_encoder else None,
+                        text_encoder=None if tiny or not args.text_encoder else os.path.abspath(args.text_encoder),
                         preset=args.preset, data=fingerprint, seed=args.seed)
 
     try:

@@ -59,8 +59,8 @@ def draw_shape(shape: str, colour: str, size: int = IMAGE_SIZE, *, centre: Tuple
 
 
 def shapes_dataset(n: int, size: int = IMAGE_SIZE, seed: int = 0) -> Tuple[List[np.ndarray], List[str]]:
-    """``n`` images (uint8 arrays) and their captions ("a big red circle"): every size, colour and
-    shape in turn, at seeded jittered positions."""
+    """``n`` images (uint8 arrays) and their captions ("a big red circle"; every third one without
+    the size): every size, colour and shape in turn, at seeded jittered positions."""
     rng = np.random.default_rng(seed)
     images, captions = [], []
     combos = [(s, c, k) for s in SIZES for c in COLOURS for k in SHAPES]
@@ -69,7 +69,8 @@ def shapes_dataset(n: int, size: int = IMAGE_SIZE, seed: int = 0) -> Tuple[List[
         radius = 0.32 if scale == "big" else 0.18
         centre = tuple(0.5 + rng.uniform(-0.45, 0.45, size=2) * (0.5 - radius))
         images.append(draw_shape(shape, colour, size, centre=centre, radius=radius))
-        captions.append(f"a {scale} {colour} {shape}")
+        # every third caption leaves the size out: prompts of two lengths, so batches are left-padded
+        captions.append(f"a {colour} {shape}" if i % 3 == 2 else f"a {scale} {colour} {shape}")
     return images, captions
 
 
