@@ -98,12 +98,22 @@ def test_generate_refuses_bad_sizes_and_missing_models_in_one_line(runs, tmp_pat
     capsys.readouterr()
     assert cli.main(["generate", "--model", run, "--prompt", "a red square", "--height", "63", "--width", "64",
                      "--out", str(out)]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("unicode2-fast")]
-    assert len(err) == 1 and "multiple of 2" in err[0]  # (the rest of stderr: transformers' loading bars)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "multiple of 2" in err[0]  # checked from the configs: nothing loads first
     assert cli.main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not found" in err[0]  # nothing loaded before the check
     assert not out.exists()
+
+
+def test_the_size_rule_read_from_configs_is_the_loaded_decoders(runs):
+    from unicode2_fast.models.decoder import size_multiple_of
+    from unicode2_fast.models.pipeline import TextToImage
+
+    pipeline = TextToImage.from_pretrained(runs[0])
+    assert size_multiple_of(os.path.join(runs[0], "decoder")) == pipeline.decoder.size_multiple() == 2
+    with pytest.raises(ValueError, match="positive multiple of 2"):
+        pipeline.generate(["a red square"], height=0, width=64)
 
 
 def test_preset_and_understanding_modes_name_what_is_missing(tmp_path, capsys):

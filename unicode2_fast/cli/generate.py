@@ -37,7 +37,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..models.pipeline import TextToImage
+    from ..models.decoder import check_image_size, size_multiple_of
+    from ..models.pipeline import TextToImage, read_run_config
 
     check_out_file(args.out)
     if not args.out.lower().endswith(".png"):
@@ -50,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--prompt is empty")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        config = read_run_config(args.model)  # the size is checked from the configs, before any model loads
+        check_image_size(args.height, args.width, size_multiple_of(config["decoder"]), "")
         pipeline = TextToImage.from_pretrained(args.model, device=device)
         pipeline.decoder.check_size(args.height, args.width)  # before any sampling
         image = pipeline.generate([args.prompt], height=args.height, width=args.width, num_inference_steps=args.steps,

@@ -30,6 +30,36 @@ _PIPELINES = {"FluxPipeline": "flux", "StableDiffusionXLPipeline": "sdxl"}
 _NO_TEXT_ENCODERS = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
 
 
+def size_multiple_of(path: PathLike) -> int:
+    """The multiple an image side must be for the pipeline saved at ``path``, read from its
+    configs without loading a model (see ``VisualDecoder.size_multiple``).
+
+    Raises:
+        FileNotFoundError: no pipeline (model_index.json) or VAE config there.
+        ValueError: a pipeline of another kind.
+    """
+    path = os.fspath(path)
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        raise FileNotFoundError(f"no diffusers pipeline at {path} (model_index.json not found)")
+    kind = _PIPELINES.get(load_json(index).get("_class_name"))
+    if kind is None:
+        raise ValueError(f"{path} holds no FluxPipeline or StableDiffusionXLPipeline")
+    vae = os.path.join(path, "vae", "config.json")
+    if not os.path.isfile(vae):
+        raise FileNotFoundError(f"no VAE config at {vae}")
+    scale = 2 ** (len(load_json(vae).get("block_out_channels", [0] * 4)) - 1)  # diffusers' vae_scale_factor
+    return scale * 2 if kind == "flux" else scale
+
+
+def check_image_size(height: Any, width: Any, multiple: int, kind: str) -> None:
+    """ValueError unless both sides are positive multiples of ``multiple``."""
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < multiple or value % multiple:
+            what = f"this {kind} decoder" if kind else "this decoder"
+            raise ValueError(f"{name} must be a positive multiple of {multiple} for {what}, got {value!r}")
+
+
 class VisualDecoder:
     """A frozen FLUX / SDXL pipeline conditioned through a :class:`ConditioningMapper`.
 
@@ -91,11 +121,7 @@ class VisualDecoder:
     def check_size(self, height: int, width: int) -> None:
         """Raise ValueError unless ``height`` x ``width`` is an image size this decoder produces
         as asked (diffusers would silently round it)."""
-        multiple = self.size_multiple()
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < multiple or value % multiple:
-                raise ValueError(f"{name} must be a positive multiple of {multiple} for this {self.kind} decoder, "
-                                 f"got {value!r}")
+        check_image_size(height, width, self.size_multiple(), self.kind)
 
     @torch.no_grad()
     def decode(self, embeddings: torch.Tensor, *, mask: Optional[torch.Tensor] = None, height: int = 1024,
