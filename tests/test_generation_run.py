@@ -116,6 +116,12 @@ def test_the_size_rule_read_from_configs_is_the_loaded_decoders(runs):
         pipeline.generate(["a red square"], height=0, width=64)
 
 
+def test_checkpoints_under_torchrun_are_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["train", "--preset", "tiny", "--checkpoint-every", "5", "--out", str(tmp_path / "r")]) == 2
+    assert "one process only" in capsys.readouterr().err and not (tmp_path / "r" / "assets").exists()
+
+
 def test_preset_and_understanding_modes_name_what_is_missing(tmp_path, capsys):
     assert cli.main(["train", "--out", str(tmp_path / "a")]) == 2
     assert "--llm, --codebook, --ids, --captions" in capsys.readouterr().err
@@ -234,3 +240,91 @@ def test_trainer_refusals(tmp_path):
     train_unified(model, ds, steps=4, batch_size=2, lr=1e-2, out_dir=out, resume_from=out / "checkpoint-2",
                   progress=False, grad_accum=2)
     assert [m["step"] for m in _metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+# -- the whole model under torch.distributed (2 gloo ranks) -------------------------------------
+
+
+class _WordEncoder:
+    """A frozen stand-in text encoder: the mean of seeded word vectors (deterministic everywhere)."""
+
+    def __init__(self, width):
+        from unicode2_fast.models.tiny import WORDS
+
+        self.table = torch.randn(len(WORDS), width, generator=torch.Generator().manual_seed(7))
+        self.index = {w: i for i, w in enumerate(WORDS)}
+
+    def encode(self, prompts):
+        return torch.stack([self.table[[self.index[w] for w in prompt.split()]].mean(dim=0) for prompt in prompts])
+
+
+def _whole_model_run(batch_size, out_dir):
+    import transformers
+
+    from unicode2_fast.models import ConditioningMapper
+    from unicode2_fast.models.unified import UnifiedModel
+
+    tokenizer = word_tokenizer()
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                                      max_position_embeddings=32, pad_token_id=0, eos_token_id=2)
+    torch.manual_seed(0)
+    llm = transformers.Qwen2ForCausalLM(config)
+    model = UnifiedModel(llm, torch.randn(37, 8, generator=torch.Generator().manual_seed(1)))  # K = 37: uneven shards
+    model.init_visual_head()
+    torch.manual_seed(2)
+    mapper = ConditioningMapper(8, 12, 6, num_queries=3, num_heads=2)
+    ids = np.random.default_rng(3).integers(0, 37, size=(16, 5))
+    _, captions = shapes_dataset(16)
+    ds = TokenDataset(ids, captions, tokenizer)
+    history = train_unified(model, ds, steps=4, batch_size=batch_size, mapper=mapper, text_encoder=_WordEncoder(6),
+                            trainable="all", lr=1e-2, out_dir=out_dir, progress=False)
+    return {"history": history, "c2": model.c2.detach().clone(), "head": model.visual_head.detach().clone()}
+
+
+def _dist_worker(rank, world, rendezvous, out_dir):
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        result = _whole_model_run(4, os.path.join(out_dir, "run"))
+    except Exception as exc:  # reported to the parent
+        result = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_two_ranks_train_the_whole_model_like_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    single = _whole_model_run(8, str(tmp_path / "single"))
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_dist_worker, args=(r, 2, str(tmp_path / "rendezvous"), str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+        assert p.exitcode == 0, f"a rank exited with {p.exitcode} (or hung)"
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for result in ranks:
+        assert "error" not in result, result.get("trace")
+    # the job's batch (2 ranks x 4 rows) is the single process's 8: the same losses, step by step
+    worst = max(abs(b[n] - a[n]) / abs(a[n]) for a, b in zip(single["history"], ranks[0]["history"]) for n in LOSSES)
+    print(f"largest relative loss difference, 2 ranks vs 1 process: {worst:.2e}")
+    for a, b in zip(single["history"], ranks[0]["history"]):
+        for name in LOSSES:
+            assert b[name] == pytest.approx(a[name], rel=1e-4), (a["step"], name, a[name], b[name])
+    same = [{k: v for k, v in m.items() if k != "seconds"} for m in ranks[0]["history"]]
+    assert same == [{k: v for k, v in m.items() if k != "seconds"} for m in ranks[1]["history"]]
+    # the sharded tables were gathered back: the same C2 and head as one process trained
+    torch.testing.assert_close(ranks[0]["c2"], single["c2"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ranks[0]["head"], single["head"], rtol=1e-4, atol=1e-5)
+    assert [m["step"] for m in _metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]  # rank 0's
+    assert os.path.isfile(tmp_path / "run" / "model.safetensors")

@@ -235,6 +235,38 @@ def all_gather_rows(indices: torch.Tensor, values: torch.Tensor, group: Any = No
     return out_ids, out_rows
 
 
+class _GatherBatch(torch.autograd.Function):
+    """Every rank's rows concatenated in rank order; backward: this rank's rows of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group, grad_scale):
+        dist = _dist()
+        rows, counts = all_gather_varlen(x.contiguous(), group)
+        ctx.start = int(counts[:dist.get_rank(group)].sum())
+        ctx.n, ctx.grad_scale = x.shape[0], grad_scale
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.start:ctx.start + ctx.n] * ctx.grad_scale, None, None
+
+
+def gather_batch(x: torch.Tensor, group: Any = None, grad_scale: Optional[float] = None) -> torch.Tensor:
+    """Every rank's rows of ``x`` (m_r, ...) concatenated in rank order, differentiable.
+
+    For a loss that every rank computes identically over the whole job's batch (InfoNCE over all
+    pairs, L_GEN against a vocab-parallel head): each rank's backward gets the gradient of that
+    loss for its own rows, times ``grad_scale`` -- the world size by default, so that the usual
+    data-parallel average of the replicated parameters' gradients is the gradient of the global
+    loss itself. A float tensor for the gradient; integer rows (targets) gather without one.
+    """
+    dist = _dist()
+    scale = float(dist.get_world_size(group)) if grad_scale is None else float(grad_scale)
+    if not x.is_floating_point():
+        return all_gather_varlen(x, group)[0]
+    return _GatherBatch.apply(x, group, scale)
+
+
 class _VocabParallelLookup(torch.autograd.Function):
     """weight rows for every rank's ids, the table sharded by rows (see VocabParallelEmbedding)."""
 

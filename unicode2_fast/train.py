@@ -18,6 +18,7 @@ The ``unicode2-fast train`` command (``unicode2_fast.cli.train``) joins torchrun
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .distributed import VocabParallelEmbedding, all_gather_rows
+from .distributed import VocabParallelEmbedding, all_gather_rows, gather_batch
 from .sparse_adamw import SparseRowAdamW
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -267,6 +268,8 @@ def _batches(n: int, batch_size: int, seed: int, shuffle: bool, rank: int, world
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         else:
             order = list(range(n))
+        if world > 1:  # every rank the same number of batches: the collectives of a step stay paired
+            order = order[:len(order) - len(order) % world] or order
         order = order[rank::world] or order[:1]
         for start in range(0, len(order), batch_size):
             if len(order[start:start + batch_size]) >= min(min_rows, len(order)):
@@ -475,14 +478,24 @@ def train_unified(
     Returns:
         the metrics of every step run here: {"step", "loss", "loss_und", "loss_gen"[, "loss_cl"], "lr", "seconds"}.
 
+    Under torchrun (torch.distributed initialised, world size > 1): FSDP2 shards the LLM's
+    layers; C2 and the visual head are sharded by rows (``u2.distributed.VocabParallelEmbedding``:
+    each rank its rows and their optimizer state; L_GEN by ``u2.distributed.large_vocab_cross_entropy``
+    over every rank's rows); projector and mapper stay replicated, their gradients averaged; each
+    rank reads its slice of every epoch, so the job's batch is world x batch_size rows and the
+    losses are those of one process on that batch: L_UND divides by the job's token count, L_CL
+    and L_GEN run over the job's rows (gathered). Rank 0 writes the metrics and the final model
+    (the shards gathered back). Checkpoints and resume run in one process only, for now.
+
     Raises:
-        ValueError: bad arguments; a checkpoint written by a run with other steps / batch size /
-            accumulation / seed / trainable set; no visual head.
-        RuntimeError: called under torch.distributed with world size > 1.
+        ValueError: bad arguments; a checkpoint written by a run with other settings (steps, batch
+            size, accumulation, seed, trainable set, lr, loss weights, schedule); no visual head;
+            checkpoints or a tied head under torchrun.
     """
     import shutil
     import time
 
+    import torch.distributed as dist
     from tqdm import tqdm
 
     if steps < 1 or batch_size < 1 or grad_accum < 1:
@@ -514,27 +527,44 @@ def train_unified(
     if (checkpoint_every or resume_from is not None) and out_dir is None:
         raise ValueError("checkpoints need an out_dir")
     rank, world = _world()
-    if world > 1:
-        raise RuntimeError("whole-model training (L_UND + L_GEN + L_CL) runs in one process; under torchrun "
-                           "train the understanding stages (train() / `unicode2-fast train` without --preset)")
+    sharded = world > 1
+    if sharded and (checkpoint_every or resume_from is not None):
+        raise ValueError("checkpoints and resume of whole-model training under torchrun are not built yet: "
+                         "run without checkpoint_every / resume_from (or in one process)")
+    if sharded and model.visual_head_mode == "tied":
+        raise ValueError("under torchrun the visual head is sharded by rows: it must be untied")
     device = model.c2.device
 
     model.train()
     model.llm.requires_grad_(trainable == "all")
     model.c2.requires_grad_(trainable == "all")
+    head = model.visual_head
+    if sharded:
+        # FSDP2 on the LLM; C2 and the visual head sharded by rows (each rank its rows and their
+        # optimizer state); projector and mapper replicated, their gradients averaged
+        _shard_llm(model.llm)
+        model.c2_shards = VocabParallelEmbedding(model.codebook_size, model.code_dim, weight=model.c2.detach())
+        model.c2_shards.weight.requires_grad_(trainable == "all")
+        model.c2.requires_grad_(False)
+        model.head_shards = VocabParallelEmbedding(model.codebook_size, head.shape[1], weight=head.detach())
+        head.requires_grad_(False)
+        head = model.head_shards.weight
     dense = list(model.projector.parameters())
-    if model.visual_head is not None:
-        model.visual_head.requires_grad_(True)
-        dense.append(model.visual_head)
+    replicated = list(model.projector.parameters())
+    if head is not None:
+        head.requires_grad_(True)
+        dense.append(head)
     if mapper is not None:
         mapper.train()
         mapper.requires_grad_(True)
         dense += list(mapper.parameters())
+        replicated += list(mapper.parameters())
     if trainable == "all":
         dense += [p for p in model.llm.parameters() if p.requires_grad]
     optimizers = [torch.optim.AdamW(dense, lr=lr, betas=betas, weight_decay=weight_decay)]
     if trainable == "all":
-        optimizers.append(SparseRowAdamW([model.c2], lr=lr, betas=betas, weight_decay=weight_decay))
+        c2_rows = model.c2_shards.weight if sharded else model.c2
+        optimizers.append(SparseRowAdamW([c2_rows], lr=lr, betas=betas, weight_decay=weight_decay))
     factor = warmup_cosine(steps, warmup_ratio)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
     # what a resumed run must share with the one that wrote the checkpoint (the saved optimizer
@@ -577,14 +607,17 @@ def train_unified(
             raise ValueError(f"{out} already holds {', '.join(sorted(later))} from another run: write to an empty folder"
                              " (or resume from its checkpoint)")
         os.makedirs(out, exist_ok=True)
-        _keep_metrics(os.path.join(out, METRICS_FILE), start)
+        if rank == 0:
+            _keep_metrics(os.path.join(out, METRICS_FILE), start)
     # InfoNCE needs two rows: an epoch's one-row remainder is skipped when L_CL is on
-    stream = _batches(len(dataset), batch_size, seed, True, 0, 1, min_rows=2 if mapper is not None else 1)
+    # (under torchrun each rank its slice of every epoch, the job's batch being world x batch_size)
+    stream = _batches(len(dataset), batch_size, seed, True, rank, world,
+                      min_rows=2 if mapper is not None and not sharded else 1)
     for _ in range(start * grad_accum):  # the data the steps before the checkpoint consumed
         next(stream)
 
-    def save(directory: str, with_state: bool, step: int) -> None:
-        model.save_pretrained(directory)
+    def save(directory: str, with_state: bool, step: int, llm_state: Any = None) -> None:
+        model.save_pretrained(directory, state_dict=llm_state)
         if mapper is not None:
             mapper.save_pretrained(os.path.join(directory, MAPPER_SUBDIR))
         if save_extra is not None:
@@ -608,7 +641,7 @@ def train_unified(
         shutil.rmtree(old, ignore_errors=True)
 
     history: List[Dict[str, float]] = []
-    bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not progress or rank != 0)
     for step in range(start, steps):
         began = time.perf_counter()
         for opt in optimizers:
@@ -620,17 +653,31 @@ def train_unified(
             rows = [dataset[i] for i in index]
             und = {k: v.to(device) for k, v in dataset.collate(rows).items()}
             gen = {k: v.to(device) for k, v in dataset.collate_generation(rows).items()}
+            # L_UND: summed token losses over the job's count of caption tokens (per rank: its sum
+            # over count / world, so the averaged gradients are the job's token mean)
+            count = (und["labels"] != -100).sum().to(torch.float64)
+            if sharded:
+                dist.all_reduce(count)
             with autocast:
-                parts = model.losses(und, gen)
+                parts = model.losses(und, gen, num_items=float(count) / world)
                 parts.pop("loss")
                 if mapper is not None:
                     mapped = mapper(model.code_embeddings(gen["visual_ids"]))
                     text = text_encoder.encode([dataset.captions[i] for i in index]).to(device)
+                    if sharded:  # InfoNCE over the whole job's pairs, as one process would see them
+                        mapped = dataclasses.replace(mapped, pooled_prompt_embeds=gather_batch(mapped.pooled_prompt_embeds))
+                        text = gather_batch(text)
                     parts["loss_cl"] = mapper.contrastive_loss(mapped, text, temperature)
             total = sum(weights[name] * parts[name] for name in weights) / grad_accum
             total.backward()
             for name in weights:
                 sums[name] += float(parts[name].detach()) / grad_accum
+        if sharded:
+            _average_replicated_grads(replicated, world)
+            # the job's losses: L_UND's per-rank parts add up; L_GEN and L_CL are the same on every rank
+            values = torch.tensor([sums[name] for name in weights], dtype=torch.float64)
+            dist.all_reduce(values)
+            sums = {name: float(v) / world for name, v in zip(weights, values)}
         for opt in optimizers:
             opt.step()
         lr_now = schedulers[0].get_last_lr()[0]
@@ -639,7 +686,7 @@ def train_unified(
         record = {"step": step + 1, "loss": sum(weights[n] * sums[n] for n in weights), **sums, "lr": lr_now,
                   "seconds": time.perf_counter() - began}
         history.append(record)
-        if out is not None:
+        if out is not None and rank == 0:
             with open(os.path.join(out, METRICS_FILE), "a", encoding="utf-8") as file:
                 file.write(json.dumps(record) + "\n")
         bar.update(1)
@@ -647,8 +694,18 @@ def train_unified(
         if out is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             checkpoint(step + 1)
     bar.close()
-    if out is not None:
-        save(out, False, steps)
+    llm_state = None
+    if sharded:  # every rank takes part in the gathers; the model is whole (and replicated) again
+        with torch.no_grad():
+            model.c2.copy_(model.c2_shards.full_weight().to(model.c2.device))
+            model.visual_head.copy_(model.head_shards.full_weight().to(model.visual_head.device))
+        model.c2_shards = model.head_shards = None
+        model.visual_head.requires_grad_(True)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        llm_state = get_model_state_dict(model.llm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if out is not None and rank == 0:
+        save(out, False, steps, llm_state)
         stale_state = os.path.join(out, TRAINER_STATE)
         if os.path.exists(stale_state):  # the final model is not a checkpoint to resume
             os.remove(stale_state)

@@ -208,9 +208,11 @@ def _run_preset(args: argparse.Namespace) -> int:
     from ..models.unified import LLM_SUBDIR, UnifiedModel
     from ..train import MAPPER_SUBDIR, STAGES, TokenDataset, train_unified
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("whole-model training (--preset) runs in one process; under torchrun train the "
-                        "understanding stages (no --preset)")
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (args.checkpoint_every or args.resume is not None):
+        raise UserError("--checkpoint-every and --resume run in one process only, for now: under torchrun the whole "
+                        "model trains without checkpoints")
     weights = _weights(args.loss_weights)
     if args.resume is not None and (os.path.abspath(args.out) + os.sep).startswith(os.path.abspath(args.resume) + os.sep):
         raise UserError(f"--out {args.out} is (inside) the checkpoint being resumed: write the run to its parent "
@@ -218,10 +220,17 @@ def _run_preset(args: argparse.Namespace) -> int:
     if args.resume is not None and not os.path.isdir(args.resume):
         raise UserError(f"--resume {args.resume}: checkpoint folder not found")
     tiny = args.preset == "tiny"
+    device = _init_distributed_from_env()  # under torchrun: this rank's device, the process group joined
+    rank = dist.get_rank() if dist.is_initialized() else 0
     if tiny:
-        from ..models.tiny import build_tiny_assets
+        from ..models.tiny import build_tiny_assets, tiny_paths
 
-        assets = build_tiny_assets(os.path.join(args.out, "assets"), seed=args.seed)
+        root = os.path.join(args.out, "assets")
+        if rank == 0:  # one rank builds the tiny parts; the others read them
+            build_tiny_assets(root, seed=args.seed)
+        if dist.is_initialized():
+            dist.barrier()
+        assets = tiny_paths(root)
         args.llm, args.codebook, args.decoder = assets["llm"], assets["codebook"], assets["decoder"]
         args.images, args.siglip = os.path.join(assets["images"], "captions.jsonl"), assets["siglip"]
         args.text_encoder = args.text_encoder or assets["text_encoder"]
@@ -245,7 +254,6 @@ def _run_preset(args: argparse.Namespace) -> int:
     if len(captions) != ids.shape[0]:
         raise UserError(f"{ids.shape[0]} rows of ids but {len(captions)} captions: they must pair one to one")
     fingerprint = _fingerprint(ids, captions)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
 
     source = args.resume if args.resume is not None else args.llm
     tokenizer, _ = _tokenizer(source)
@@ -319,7 +327,8 @@ def _run_preset(args: argparse.Namespace) -> int:
                       resume_from=args.resume, save_extra=save_extra, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as error:
         raise UserError(str(error)) from error
-    print(f"saved {args.out}")
+    if rank == 0:
+        print(f"saved {args.out}")
     return 0
 
 

@@ -109,6 +109,14 @@ def build_flux_pipeline(directory: PathLike, seed: int = 0) -> None:
     pipe.save_pretrained(os.fspath(directory))
 
 
+def tiny_paths(root: PathLike) -> Dict[str, str]:
+    """Where ``build_tiny_assets(root)`` puts each part."""
+    root = os.fspath(root)
+    paths = {name: os.path.join(root, name) for name in ("siglip", "llm", "text_encoder", "decoder", "images")}
+    paths["codebook"] = os.path.join(root, "codebook.safetensors")
+    return paths
+
+
 def build_tiny_assets(root: PathLike, *, n_images: int = 64, codebook_size: int = 64, seed: int = 0) -> Dict[str, str]:
     """Write every tiny part under ``root`` and return their paths.
 
@@ -123,9 +131,7 @@ def build_tiny_assets(root: PathLike, *, n_images: int = 64, codebook_size: int 
     from ..kmeans import build_codebook
     from .siglip_tokenizer import SiglipTokenizer
 
-    root = os.fspath(root)
-    paths = {name: os.path.join(root, name) for name in ("siglip", "llm", "text_encoder", "decoder", "images")}
-    paths["codebook"] = os.path.join(root, "codebook.safetensors")
+    paths = tiny_paths(root)
     tokenizer = word_tokenizer()
     vocab = len(tokenizer)
 

@@ -22,6 +22,8 @@ from torch import nn
 from .._io import atomic_write, atomic_write_text, load_json
 from ..codebook import Codebook
 from ..cross_entropy import large_vocab_cross_entropy
+from ..distributed import gather_batch
+from ..distributed import large_vocab_cross_entropy as vocab_parallel_cross_entropy
 from ..embedding import gathered_embedding
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -86,6 +88,10 @@ class UnifiedModel(nn.Module):
         # the visual head (see init_visual_head): None (no head), "untied" or "tied"
         self.visual_head_mode: Optional[str] = None
         self.visual_head: Optional[nn.Parameter] = None
+        # set by whole-model training under torchrun: a u2.distributed.VocabParallelEmbedding holding
+        # this rank's rows of the (untied) visual head; L_GEN is then the vocab-parallel CE over
+        # every rank's rows (see generation_loss)
+        self.head_shards: Optional[nn.Module] = None
 
     @property
     def codebook_size(self) -> int:
@@ -143,15 +149,26 @@ class UnifiedModel(nn.Module):
         input_ids: torch.Tensor,
         labels: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        *,
+        num_items: Optional[float] = None,
     ) -> torch.Tensor:
         """L_UND: the LLM's next-token CE on the text part (visual positions labelled -100).
 
         ``labels`` defaults to ``input_ids`` (with -100 where ``attention_mask`` is 0).
+        ``num_items``: divide the summed token losses by this instead of this batch's own count of
+        labelled tokens (data-parallel training: the whole job's count over the world size, so
+        that averaging the ranks' gradients gives the token mean over the whole job's batch).
         """
         if labels is None:
             labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
         inputs = self.build_inputs(visual_ids, input_ids, labels, attention_mask)
-        return self.llm(**inputs).loss
+        if num_items is None:
+            return self.llm(**inputs).loss
+        targets = inputs.pop("labels")
+        logits = self.llm(**inputs).logits[:, :-1].float()  # position t predicts token t + 1, as the LLM's own loss
+        total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1),
+                                                  ignore_index=-100, reduction="sum")
+        return total / num_items
 
     # -- generation: the visual head and L_GEN --------------------------------------------------
 
@@ -220,8 +237,15 @@ class UnifiedModel(nn.Module):
                        **_one_text_logit(self.llm))
         hidden = out.hidden_states[-1]  # (B, T + P, h), after the final norm
         predicting = hidden[:, num_prompt - 1:num_prompt - 1 + num_visual]  # position before each visual token
-        return large_vocab_cross_entropy(predicting.reshape(-1, hidden.shape[-1]), self.visual_head_weight(),
-                                         visual_ids.reshape(-1))
+        rows, targets = predicting.reshape(-1, hidden.shape[-1]), visual_ids.reshape(-1)
+        if self.head_shards is not None:
+            # data-parallel rows, the head sharded by rows: every rank scores the whole job's rows
+            # against its shard (one all-gather of the hidden rows), the log-sum-exp combined across
+            # ranks: the mean over the whole job's visual tokens, never N x K on a rank
+            group = self.head_shards.group
+            return vocab_parallel_cross_entropy(gather_batch(rows, group), self.head_shards.weight.to(rows.dtype),
+                                                gather_batch(targets, group), self.head_shards.offset, group)
+        return large_vocab_cross_entropy(rows, self.visual_head_weight(), targets)
 
     @torch.no_grad()
     def generate_visual_ids(
@@ -286,18 +310,20 @@ class UnifiedModel(nn.Module):
         return stream
 
     def losses(self, und: Optional[Dict[str, torch.Tensor]] = None,
-               gen: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+               gen: Optional[Dict[str, torch.Tensor]] = None, *, num_items: Optional[float] = None) -> Dict[str, torch.Tensor]:
         """L_UND on the understanding rows and L_GEN on the generation rows of a mixed batch.
 
         ``und``: {visual_ids, input_ids[, labels, attention_mask]} (image, then text);
         ``gen``: {prompt_ids, visual_ids[, prompt_mask]} (prompt, then image tokens).
         Returns {"loss_und", "loss_gen", "loss"} (the sum; an absent part is left out).
+        ``num_items``: L_UND's divisor (see ``forward``).
         """
         if und is None and gen is None:
             raise ValueError("give understanding rows (und), generation rows (gen) or both")
         out: Dict[str, torch.Tensor] = {}
         if und is not None:
-            out["loss_und"] = self(und["visual_ids"], und["input_ids"], und.get("labels"), und.get("attention_mask"))
+            out["loss_und"] = self(und["visual_ids"], und["input_ids"], und.get("labels"), und.get("attention_mask"),
+                                   num_items=num_items)
         if gen is not None:
             out["loss_gen"] = self.generation_loss(gen["prompt_ids"], gen["visual_ids"], gen.get("prompt_mask"))
         out["loss"] = sum(out.values())
