@@ -69,6 +69,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--log-every", type=int_at_least(0), default=None,
                         help="understanding training: steps between loss lines (default 10; 0: none)")
     parser.add_argument("--no-progress", action="store_true", help="presets: no progress bar")
+    parser.add_argument("--llm-dtype", choices=["float32", "bfloat16"], default=None,
+                        help="presets: the LLM's parameter dtype (default float32: AdamW's updates at lr 1e-5 "
+                             "vanish in bf16 weights; bf16 halves a frozen stage-1 LLM; compute is bf16 autocast "
+                             "on CUDA either way)")
     parser.add_argument("--replicate-c2", action="store_true",
                         help="under torchrun, keep C2 replicated on every rank instead of sharding its rows "
                              "(and their optimizer state) across the ranks")
@@ -115,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         if args.ids is not None and args.images is not None:
             raise UserError("give the data once: --ids with --captions, or --images with --siglip")
         return _run_preset(args)
-    _refuse(args, ("resume", "images", "siglip", "decoder", "text_encoder", "loss_weights", "no_progress"),
+    _refuse(args, ("resume", "images", "siglip", "decoder", "text_encoder", "loss_weights", "no_progress", "llm_dtype"),
             "for whole-model training: add --preset")
     if args.checkpoint_every or args.grad_accum != 1:
         raise UserError("--checkpoint-every and --grad-accum are for whole-model training: add --preset")
@@ -173,11 +177,11 @@ def _tokenizer(llm_dir: str):
         raise UserError(f"cannot load a tokenizer from {tokenizer_dir}: {error}") from error
 
 
-def _load_model(path: str, codebook, device: str):
+def _load_model(path: str, codebook, device: str, dtype=None):
     from ..models.unified import UnifiedModel
 
     try:
-        return UnifiedModel.from_pretrained(path, codebook, device=device)
+        return UnifiedModel.from_pretrained(path, codebook, device=device, torch_dtype=dtype)
     except (OSError, ValueError) as error:  # no Qwen2 there, or a foreign / inconsistent saved model
         raise UserError(f"cannot load a model from {path}: {error}") from error
 
@@ -262,17 +266,18 @@ def _run_preset(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UserError(str(error)) from error
     decoder_config = _decoder_config(args.decoder)
+    llm_dtype = getattr(torch, args.llm_dtype or "float32")
     if args.resume is not None:
         try:
             saved = read_run_config(args.resume)
-            model = UnifiedModel.from_pretrained(args.resume, device=device)
+            model = UnifiedModel.from_pretrained(args.resume, device=device, torch_dtype=llm_dtype)
             mapper = ConditioningMapper.from_pretrained(os.path.join(args.resume, MAPPER_SUBDIR), device=device)
         except (OSError, ValueError) as error:
             raise UserError(f"cannot resume from {args.resume}: {error}") from error
         if saved.get("data") != fingerprint:
             raise UserError(f"the data differs from the data {args.resume} was trained on: resume needs the same rows")
     else:
-        model = _load_model(args.llm, codebook, device)
+        model = _load_model(args.llm, codebook, device, llm_dtype)
         if model.visual_head_mode is None:
             model.init_visual_head()
         torch.manual_seed(args.seed)
