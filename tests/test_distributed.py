@@ -342,3 +342,56 @@ def test_shards_load_in_row_order_and_an_empty_batch_is_a_nan_mean(tmp_path):
     for result in _run(tmp_path / "b", 2, _empty_cross_entropy):
         assert "error" not in result, result.get("trace")
         assert torch.isnan(result["loss"])  # as F.cross_entropy's mean over no rows
+
+
+# -- two-stage k-means over sharded features ------------------------------------------------------
+
+
+def _kmeans_data(n=3000, d=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(20, d, generator=g) * 4
+    return centres[torch.randint(20, (n,), generator=g)] + torch.randn(n, d, generator=g)
+
+
+def _sharded_build(rank, world, bounds):
+    data = _kmeans_data()
+    lo, hi = bounds[rank]
+    got = u2.distributed.build_codebook(data[lo:hi], 60, 6, niter=8, seed=3, max_points_per_centroid=8)
+    out = {"vectors": got.vectors.clone(), "coarse_ids": got.meta["coarse_ids"], "cell_sizes": got.meta["cell_sizes"],
+           "coarse": got.meta["coarse_centroids"]}
+    if rank == 0:  # the single-process build, in a process with the same thread count
+        ref = u2.build_codebook(data, 60, 6, niter=8, seed=3, max_points_per_centroid=8, allocation="size",
+                                progress=False)
+        out["ref"] = {"vectors": ref.vectors.clone(), "coarse_ids": ref.meta["coarse_ids"],
+                      "cell_sizes": ref.meta["cell_sizes"], "coarse": ref.meta["coarse_centroids"]}
+    return out
+
+
+@pytest.mark.parametrize("bounds", [[(0, 1700), (1700, 3000)], [(0, 400), (400, 2300), (2300, 3000)]])
+def test_sharded_kmeans_equals_the_single_process_build(tmp_path, bounds):
+    results = _run(tmp_path, len(bounds), _sharded_build, bounds)
+    for result in results:
+        assert "error" not in result, result.get("trace")
+    ref = results[0]["ref"]
+    for result in results:  # every rank the same codebook, and the single process's
+        assert torch.equal(result["cell_sizes"], ref["cell_sizes"])
+        assert torch.equal(result["coarse_ids"], ref["coarse_ids"])
+        torch.testing.assert_close(result["coarse"], ref["coarse"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(result["vectors"], ref["vectors"], rtol=1e-6, atol=1e-6)
+    print("largest |difference| to the single-process codebook:",
+          max(float((r["vectors"] - ref["vectors"]).abs().max()) for r in results))
+
+
+def _bad_kmeans_input(rank, world):
+    data = _kmeans_data(200)
+    local = data[:100] if rank == 0 else data[100:, :5]  # rank 1: another dimension
+    try:
+        u2.distributed.build_codebook(local, 10)
+    except ValueError as exc:
+        return {"raised": str(exc)}
+    return {"raised": None}
+
+
+def test_sharded_kmeans_refuses_mismatched_ranks_on_every_rank(tmp_path):
+    results = _run(tmp_path, 2, _bad_kmeans_input)
+    assert all(r["raised"] and "differ in dimension" in r["raised"] for r in results), results

@@ -665,3 +665,185 @@ def shard_bounds(k: int, world: int) -> Sequence[Tuple[int, int]]:
         bounds.append((start, stop))
         start = stop
     return bounds
+
+
+# ---------------------------------------------------------------------------------------------
+# two-stage k-means over features sharded across the ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def _local_features(features: Any) -> torch.Tensor:
+    """This rank's (m, d) fp32 rows: a tensor, a NumPy array or a .npy path (memory-mapped)."""
+    import numpy as np
+
+    if isinstance(features, (str, os.PathLike)):
+        path = os.fspath(features)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"features file not found: {path}")
+        features = np.load(path, mmap_mode="r")
+    if isinstance(features, np.ndarray):
+        if not np.issubdtype(features.dtype, np.floating):
+            raise TypeError(f"features must be floating point, got {features.dtype}")
+        features = torch.from_numpy(np.ascontiguousarray(features))
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a tensor, a NumPy array or a .npy path, got {type(features).__name__}")
+    if not features.is_floating_point() or features.dim() != 2:
+        raise ValueError(f"features must be a 2-D float tensor (m, d), got {features.dtype} {tuple(features.shape)}")
+    rows = features.detach().to("cpu", torch.float32)
+    if not bool(torch.isfinite(rows).all()):
+        bad = int((~torch.isfinite(rows).all(dim=1)).nonzero()[0])
+        raise ValueError(f"features row {bad} (of this rank) holds NaN or Inf")
+    return rows
+
+
+def build_codebook(features: Any, k: int, n_coarse: Optional[int] = None, *, niter: int = 20, seed: int = 0,
+                   max_points_per_centroid: int = 256, fine_batch_bytes: int = 1 << 30, group: Any = None) -> Any:
+    """Two-stage k-means over feature rows sharded across the ranks: each rank passes its own
+    rows (a tensor, a NumPy array or its own .npy file); together they are the job's rows in rank
+    order. Every rank returns the same Codebook: that of ``u2.build_codebook`` on all the rows
+    with ``allocation="size"`` and the same seed, up to float summation order (tested: identical
+    ids and centroids on 2-3 gloo ranks against the single-process build).
+
+    1. Coarse sample: the same seeded hash keys of the global row index as the single-process
+       build; each rank offers its smallest keys, one all-gather picks the job's smallest, and the
+       sample (at most max_points_per_centroid x n_coarse rows) trains the coarse stage on every
+       rank alike.
+    2. Assignment: each rank assigns its own rows; the cell sizes are all-reduced.
+    3. Fine stage: each cell is trained on the rank that owns it (round robin over the cells
+       with codewords) from its sample rows -- the same rows, in the same order, as the single
+       process draws (smallest fine keys per cell; each rank offers its candidates) -- gathered
+       batch by batch (``fine_batch_bytes`` of rows); the trained centroids are all-gathered in
+       cell order. Every collective moves tensors; bad input on any rank raises on every rank.
+
+    Not here (yet): allocation "distortion" / "auto", checkpoints, CUDA feature tensors.
+    """
+    import numpy as np
+
+    from . import _features, _lloyd
+    from .codebook import Codebook
+    from .kmeans import allocate_codewords, train_cell
+
+    dist = _dist()
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    error = None
+    try:
+        local = _local_features(features)
+        for name, value, minimum in (("k", k, 1), ("niter", niter, 1), ("seed", seed, 0),
+                                     ("max_points_per_centroid", max_points_per_centroid, 1),
+                                     ("fine_batch_bytes", fine_batch_bytes, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if n_coarse is not None and (isinstance(n_coarse, bool) or not isinstance(n_coarse, (int, np.integer))
+                                     or not 1 <= n_coarse <= k):
+            raise ValueError(f"n_coarse must be an integer in [1, k={k}], got {n_coarse!r}")
+    except (TypeError, ValueError, FileNotFoundError) as exc:
+        error = exc
+    check_all(error, group, "features")
+    n_coarse = min(k, max(1, round(k ** 0.5))) if n_coarse is None else int(n_coarse)
+    shapes = _all_gather(torch.tensor([local.shape[0], local.shape[1]], dtype=torch.int64), dist, group).cpu()
+    counts, dims = shapes[:, 0], shapes[:, 1]
+    error = None
+    if bool((dims != dims[0]).any()):
+        error = ValueError(f"the ranks' features differ in dimension: {dims.tolist()}")
+    elif int(counts.sum()) < k:
+        error = ValueError(f"k={k} exceeds the job's {int(counts.sum())} feature rows")
+    check_all(error, group, "features")
+    n_rows, dim = int(counts.sum()), int(dims[0])
+    offset, m = int(counts[:rank].sum()), local.shape[0]
+
+    # 1. coarse sample and stage: the job's smallest coarse keys, by global row index
+    size = min(n_rows, max_points_per_centroid * n_coarse)
+    keys = _features._row_keys(offset, offset + m, seed, _features._STREAM_COARSE_SAMPLE)
+    mine = torch.topk(keys, min(size, m), largest=False).indices if m else keys.new_empty(0, dtype=torch.int64)
+    all_keys, _ = all_gather_varlen(keys[mine], group)
+    all_ids, _ = all_gather_varlen(mine + offset, group)
+    all_rows, _ = all_gather_varlen(local[mine], group)
+    chosen = torch.topk(all_keys, size, largest=False).indices
+    chosen = chosen[torch.argsort(all_ids[chosen])]
+    sample = all_rows[chosen].contiguous()
+    coarse, _ = _lloyd.kmeans(sample, n_coarse, niter, _features.derive_seed(seed, _features.STREAM_COARSE_INIT),
+                              "coarse stage")
+    del sample, all_rows
+
+    # 2. assignment of every rank's own rows
+    coarse_ids = torch.empty(m, dtype=torch.int64)
+    step = max(1, (64 << 20) // (4 * max(1, dim)))
+    for start in range(0, m, step):
+        coarse_ids[start:start + step] = _lloyd.fast_assign(local[start:start + step], coarse)[0].to("cpu", torch.int64)
+    cell_sizes = torch.bincount(coarse_ids, minlength=n_coarse).to(_collective_device(dist, group))
+    dist.all_reduce(cell_sizes, group=group)
+    cell_sizes = cell_sizes.cpu()
+    k_cell = allocate_codewords(cell_sizes.tolist(), k)
+
+    # 3. fine samples: per cell the rows with the smallest fine keys (cell-major, by key; equal
+    # truncated keys by row index), exactly the single-process plan over n_coarse + 1 cells
+    take = torch.zeros(n_coarse, dtype=torch.int64)
+    for cell in k_cell.nonzero().squeeze(1).tolist():
+        take[cell] = min(int(cell_sizes[cell]), max_points_per_centroid * int(k_cell[cell]))
+    key_bits = 63 - max(1, n_coarse.bit_length())
+    fine = _features._row_keys(offset, offset + m, seed, _features._STREAM_FINE_SAMPLE)
+    unsigned = (fine.numpy().view(np.uint64) ^ np.uint64(1 << 63)) >> np.uint64(64 - key_bits)
+    composite = (coarse_ids << key_bits) | torch.from_numpy(unsigned.view(np.int64))
+    order = torch.sort(composite, stable=True).indices
+    cells = composite[order] >> key_bits
+    local_sizes = torch.bincount(coarse_ids, minlength=n_coarse)
+    starts = torch.cumsum(local_sizes, 0) - local_sizes
+    offer = order[(torch.arange(m) - starts[cells]) < take[cells]]  # this rank's candidates
+    cand_keys, _ = all_gather_varlen(composite[offer], group)
+    cand_rows, _ = all_gather_varlen(offer + offset, group)
+    by_row = torch.argsort(cand_rows)
+    cand_keys, cand_rows = cand_keys[by_row], cand_rows[by_row]
+    by_key = torch.sort(cand_keys, stable=True).indices  # ties: row order, as the single-process sort
+    cand_keys, cand_rows = cand_keys[by_key], cand_rows[by_key]
+    cand_cells = cand_keys >> key_bits
+    cand_sizes = torch.bincount(cand_cells, minlength=n_coarse)
+    cand_starts = torch.cumsum(cand_sizes, 0) - cand_sizes
+    keep = (torch.arange(cand_rows.shape[0]) - cand_starts[cand_cells]) < take[cand_cells]
+    sample_rows, sample_cells = cand_rows[keep], cand_cells[keep]  # sample position order
+    positions = torch.zeros(n_coarse + 1, dtype=torch.int64)
+    positions[1:] = torch.cumsum(take, 0)
+
+    # 4. fine stage: cells batched by sample bytes, gathered, trained by their owners
+    work = k_cell.nonzero().squeeze(1).tolist()
+    owner = {cell: i % world for i, cell in enumerate(work)}
+    batch_rows = max(1, fine_batch_bytes // (4 * dim))
+    batches, filled = [[]], 0
+    for cell in work:
+        if batches[-1] and filled + int(take[cell]) > batch_rows:
+            batches.append([])
+            filled = 0
+        batches[-1].append(cell)
+        filled += int(take[cell])
+    trained = {}
+    for batch in batches:
+        lo, hi = int(positions[batch[0]]), int(positions[batch[-1] + 1])
+        rows = sample_rows[lo:hi]
+        held = ((rows >= offset) & (rows < offset + m)).nonzero().squeeze(1)
+        got_pos, _ = all_gather_varlen(held, group)
+        got_rows, _ = all_gather_varlen(local[rows[held] - offset], group)
+        samples = torch.empty((hi - lo, dim), dtype=torch.float32)
+        samples[got_pos] = got_rows
+        for cell in batch:
+            if owner[cell] == rank:
+                a, b = int(positions[cell]) - lo, int(positions[cell + 1]) - lo
+                trained[cell] = train_cell(samples[a:b], int(k_cell[cell]), niter,
+                                           _features.derive_seed(seed, _features.STREAM_CELL_INIT, cell),
+                                           f"coarse cell {cell}")
+    mine_cells = [cell for cell in work if owner[cell] == rank]
+    local_vectors = (torch.cat([trained[c] for c in mine_cells]) if mine_cells
+                     else torch.empty((0, dim), dtype=torch.float32))
+    gathered, _ = all_gather_varlen(local_vectors.float(), group)
+    codeword_start = torch.zeros(n_coarse + 1, dtype=torch.int64)
+    codeword_start[1:] = torch.cumsum(k_cell, 0)
+    vectors = torch.empty((k, dim), dtype=torch.float32)
+    at = 0
+    for r in range(world):  # rank r's cells, in cell order, one after the other
+        for cell in (c for c in work if owner[c] == r):
+            n_codes = int(k_cell[cell])
+            vectors[int(codeword_start[cell]):int(codeword_start[cell]) + n_codes] = gathered[at:at + n_codes]
+            at += n_codes
+    meta = {"coarse_ids": torch.repeat_interleave(torch.arange(n_coarse), k_cell), "coarse_centroids": coarse.cpu(),
+            "cell_sizes": cell_sizes, "n_coarse": n_coarse, "k": k, "niter": niter, "seed": seed,
+            "max_points_per_centroid": max_points_per_centroid, "n_features": n_rows, "allocation": "size",
+            "holdout_rows": 0, "holdout_mse": {}}
+    return Codebook(vectors, meta=meta)

@@ -107,6 +107,12 @@ def _train_cell(x: torch.Tensor, k: int, niter: int, seed: int, label: str,
 # allocation of codewords to coarse cells
 
 
+def train_cell(x: torch.Tensor, k: int, niter: int, seed: int, label: str) -> torch.Tensor:
+    """(k, d) centroids of one coarse cell's training rows, exactly as the build trains them
+    (``u2.distributed.build_codebook`` trains its cells with it)."""
+    return _train_cell(x, k, niter, seed, label)[0]
+
+
 def allocate_codewords(cell_sizes: Sequence[int], k: int, capacity: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Split k codewords over coarse cells in proportion to their sizes.
 
