@@ -1,6 +1,7 @@
 """Sharded exact search: u2.distributed.nearest on 1 and 2 CPU processes (gloo) against
-single-process u2.nearest, with the bytes each rank receives per query, and a scaling *model*
-(not a measurement) for 8 / 64 / 128 H100s.
+single-process u2.nearest, with the bytes each rank receives per query, the sharded two-stage
+k-means (u2.distributed.build_codebook against u2.build_codebook, the same codebook required),
+and a scaling *model* (not a measurement) for 8 / 64 / 128 H100s.
 
 The codebook (synthetic SigLIP-like, seeded) is written once to a temporary .npy; each rank
 memory-maps its near-equal row range (``u2.distributed.shard_bounds``) and copies it into RAM,
@@ -86,6 +87,48 @@ def run_world(world: int, directory: str, threads: int, repeats: int) -> Dict[st
     return result
 
 
+def _kmeans_worker(rank: int, world: int, rendezvous: str, directory: str, threads: int, params: Dict[str, int],
+                   result_path: str):
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=30))
+    try:
+        features = np.load(os.path.join(directory, "features.npy"), mmap_mode="r")
+        start, stop = u2.distributed.shard_bounds(features.shape[0], world)[rank]
+        local = torch.from_numpy(np.array(features[start:stop]))  # this rank's rows only
+        dist.barrier()
+        began = time.perf_counter()
+        book = u2.distributed.build_codebook(local, params["k"], params["n_coarse"], niter=params["niter"], seed=0)
+        seconds = time.perf_counter() - began
+        if rank == 0:
+            torch.save({"seconds": seconds, "vectors": book.vectors}, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_kmeans(world: int, directory: str, threads: int, params: Dict[str, int]) -> Dict[str, object]:
+    """Time and codebook of u2.distributed.build_codebook on ``world`` spawned gloo processes."""
+    import torch.multiprocessing as mp
+
+    rendezvous = os.path.join(directory, f"rendezvous-kmeans-{world}")
+    result_path = os.path.join(directory, f"kmeans-{world}.pt")
+    ctx = mp.get_context("spawn")
+    per_rank = max(1, threads // world)
+    procs = [ctx.Process(target=_kmeans_worker, args=(r, world, rendezvous, directory, per_rank, params, result_path))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if any(p.exitcode != 0 for p in procs):
+        raise RuntimeError(f"a rank of the {world}-process k-means failed (exit codes {[p.exitcode for p in procs]})")
+    result = torch.load(result_path, weights_only=False)
+    result["threads_per_rank"] = per_rank
+    return result
+
+
 def model_rows(k: int, n: int, d: int, worlds: Sequence[int] = (8, 64, 128)) -> List[Dict[str, object]]:
     """The scaling model: per search of N queries, each GPU scans K / W codewords at MODEL_TFLOPS
     and receives W x N x 16 bytes in a ring all-gather (W - 1 steps of the link's latency)."""
@@ -101,6 +144,46 @@ def model_rows(k: int, n: int, d: int, worlds: Sequence[int] = (8, 64, 128)) -> 
     return rows
 
 
+def _kmeans_table(args: argparse.Namespace, directory: str, rows: List[Dict[str, object]]) -> List[str]:
+    """u2.build_codebook (allocation "size") in one process vs u2.distributed.build_codebook on each
+    world size, the same rows and seed: time and whether the codebooks are identical."""
+    data = siglip_like(args.kmeans_rows, 1, args.kmeans_d, seed=1).codebook  # SigLIP-like feature rows
+    np.save(os.path.join(directory, "features.npy"), data.numpy())
+    k = args.kmeans_k
+    params = {"k": k, "n_coarse": max(1, round(k ** 0.5)), "niter": 20}
+    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    single = u2.build_codebook(data, k, params["n_coarse"], niter=params["niter"], seed=0, allocation="size",
+                               progress=False).vectors
+    single_s = time.perf_counter() - began
+    def mse(vectors: torch.Tensor) -> float:
+        return float(u2.nearest(data, vectors)[1].double().mean())
+
+    single_mse = mse(single)
+    lines = [f"## two-stage k-means, {args.kmeans_rows:,} x {args.kmeans_d} SigLIP-like rows -> k = {k:,} "
+             f"({params['n_coarse']} cells, {params['niter']} iterations)", "",
+             "| processes | threads per rank | seconds | vs one process | identical to one process's | "
+             "max abs difference | quantisation MSE vs one process's |", "|---|---|---|---|---|---|---|",
+             f"| u2.build_codebook (one process) | {args.threads} | {single_s:.2f} | 1.00x | - | - | 1.0000 |"]
+    rows.append({"method": "u2.build_codebook", "world": 1, "threads_per_rank": args.threads, "min_s": single_s,
+                 "median_s": single_s, "ratio_vs_single": 1.0, "ids_identical": True})
+    for world in args.worlds:
+        result = run_kmeans(world, directory, args.threads, params)
+        same = bool(torch.equal(result["vectors"], single))
+        gap = float((result["vectors"] - single).abs().max())
+        ratio = mse(result["vectors"]) / single_mse
+        lines.append(f"| {world} | {result['threads_per_rank']} | {result['seconds']:.2f} | "
+                     f"{single_s / result['seconds']:.2f}x | {same} | {gap:.2e} | {ratio:.4f} |")
+        rows.append({"method": "u2.distributed.build_codebook", "world": world,
+                     "threads_per_rank": result["threads_per_rank"], "min_s": result["seconds"],
+                     "median_s": result["seconds"], "ratio_vs_single": single_s / result["seconds"],
+                     "ids_identical": same, "max_abs_difference": gap, "mse_ratio": ratio})
+    lines += ["", "Identical where each rank runs the single process's thread count; with fewer threads per rank "
+              "the fp32 / fp64 sums run in another order, and k-means carries such last-bit differences on "
+              "(the MSE column shows what they cost)."]
+    return lines + [""]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=500_000, help="codewords (the whole codebook, all shards)")
@@ -110,10 +193,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="total threads, split over ranks")
     parser.add_argument("--out", default="bench_out")
-    parser.add_argument("--tiny", action="store_true", help="K = 4000, N = 64, d = 64, 1 repeat: smoke test")
+    parser.add_argument("--kmeans-rows", type=int, default=60_000, help="features of the sharded k-means (0: skip it)")
+    parser.add_argument("--kmeans-d", type=int, default=128)
+    parser.add_argument("--kmeans-k", type=int, default=2048)
+    parser.add_argument("--tiny", action="store_true",
+                        help="K = 4000, N = 64, d = 64, 1 repeat; k-means 3000 x 16 to k = 64: smoke test")
     args = parser.parse_args(argv)
     if args.tiny:
         args.k, args.n, args.d, args.repeats = 4000, 64, 64, 1
+        args.kmeans_rows, args.kmeans_d, args.kmeans_k = 3000, 16, 64
     if min(args.worlds) < 1 or args.k < max(args.worlds) or args.repeats < 1:
         parser.error("need world sizes >= 1, K >= the largest world size and --repeats >= 1")
 
@@ -147,6 +235,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          f"{args.n / median:,.0f} | {single / median:.2f}x | {received} | {same} |")
             if not same:
                 raise RuntimeError(f"the {world}-process search returned ids that differ from u2.nearest")
+        kmeans_lines = []
+        if args.kmeans_rows:
+            kmeans_lines = _kmeans_table(args, directory, rows)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     model = model_rows(args.k, args.n, args.d)
@@ -155,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model_lines += [f"| {r['gpus']} | {r['link']} | {r['compute_s']:.2e} | {r['bytes_per_query']:,.0f} | "
                     f"{r['comm_s']:.2e} | {r['total_s']:.2e} |" for r in model]
     title = f"# sharded exact search, K = {args.k:,}, N = {args.n}, d = {args.d}"
-    text = "\n".join([title, "", *lines, "", f"MODEL (not a measurement): H100 at {MODEL_TFLOPS:.0f} TFLOP/s sustained, "
+    text = "\n".join([title, "", *lines, "", *kmeans_lines, f"MODEL (not a measurement): H100 at {MODEL_TFLOPS:.0f} TFLOP/s sustained, "
                       "ring all-gather of 16 bytes per query per rank", "", *model_lines, "", _common.stamp_text(stamp), ""])
     print(text)
     os.makedirs(args.out, exist_ok=True)
