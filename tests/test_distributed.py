@@ -395,3 +395,48 @@ def _bad_kmeans_input(rank, world):
 def test_sharded_kmeans_refuses_mismatched_ranks_on_every_rank(tmp_path):
     results = _run(tmp_path, 2, _bad_kmeans_input)
     assert all(r["raised"] and "differ in dimension" in r["raised"] for r in results), results
+
+
+# -- a hierarchical index sharded by coarse cell ---------------------------------------------------
+
+
+def _index_problem():
+    data = _kmeans_data(4000, 16, seed=5)
+    book = u2.build_codebook(data, 120, 12, niter=6, seed=1, progress=False, allocation="size")
+    queries = _kmeans_data(300, 16, seed=6)
+    queries[:5] = book.vectors[7]  # exact ties with a codeword (and its cell's other members)
+    return book, queries
+
+
+def _sharded_index(rank, world, metric):
+    book, queries = _index_problem()
+    index = u2.distributed.ShardedHierarchicalIndex.from_codebook(book, metric=metric)
+    out = {}
+    for nprobe in (1, 3, 12):
+        out[nprobe] = index.search(queries, nprobe)
+    out["exact"] = index.search(queries, exact=True)
+    out["rows"] = (index.offset, index.rows)
+    return out
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+def test_sharded_index_equals_one_index(tmp_path, metric):
+    results = _run(tmp_path, 3, _sharded_index, metric)
+    for result in results:
+        assert "error" not in result, result.get("trace")
+    book, queries = _index_problem()
+    single = u2.HierarchicalIndex.from_codebook(book, metric=metric)
+    spans = [r["rows"] for r in results]
+    assert spans[0][0] == 0 and all(a[0] + a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    cells = book.meta["coarse_ids"]
+    for (lo, rows), (hi, _) in zip(spans, spans[1:]):
+        assert cells[lo + rows - 1] != cells[hi]  # cut between cells
+    for nprobe in (1, 3, 12):
+        ids, dists = single.search(queries, nprobe)
+        for result in results:  # every rank the single index's answer
+            assert torch.equal(result[nprobe][0], ids), (metric, nprobe)
+            torch.testing.assert_close(result[nprobe][1], dists)
+    ids, dists = u2.nearest(queries, book.vectors, metric=metric)
+    for result in results:
+        assert torch.equal(result["exact"][0], ids)
+        torch.testing.assert_close(result["exact"][1], dists)

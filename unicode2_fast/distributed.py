@@ -847,3 +847,112 @@ def build_codebook(features: Any, k: int, n_coarse: Optional[int] = None, *, nit
             "max_points_per_centroid": max_points_per_centroid, "n_features": n_rows, "allocation": "size",
             "holdout_rows": 0, "holdout_mse": {}}
     return Codebook(vectors, meta=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# a hierarchical index sharded by coarse cell
+# ---------------------------------------------------------------------------------------------
+
+
+class ShardedHierarchicalIndex:
+    """``u2.HierarchicalIndex`` over a codebook sharded across the ranks by coarse cell.
+
+    Every rank holds the (replicated, small) coarse centroids and the codewords of its own rows
+    ``offset .. offset + K_r`` (a cell may span two ranks; ``from_codebook`` cuts at cell
+    boundaries). Approximate search ranks the cells against the whole codebook's cell sizes, so
+    every rank probes the same nprobe cells a single index would; each rank scans those it holds,
+    and one all-gather of (fp32 score, global id, float64 objective) per query and rank picks the
+    single index's answer (lowest id on equal score). Exact search is ``u2.distributed.nearest``
+    over the shards: the ids of ``u2.nearest`` on the whole codebook.
+
+    Args:
+        local_codebook: (K_r, d) this rank's rows. offset: the global id of its first row.
+        coarse_centroids: (n_coarse, d), the same on every rank. local_coarse_ids: (K_r,) the cell
+            of each local row. metric: "l2" | "ip" | "cos". group: the process group.
+    """
+
+    def __init__(self, local_codebook: Any, offset: int, coarse_centroids: Any, local_coarse_ids: Any, *,
+                 metric: str = "l2", group: Any = None) -> None:
+        from .hierarchical import HierarchicalIndex
+
+        dist = _dist()
+        error = None
+        try:
+            self.local = HierarchicalIndex(local_codebook, coarse_centroids, local_coarse_ids, metric=metric)
+            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+        except (TypeError, ValueError) as exc:
+            error = exc
+        check_all(error, group, "index")
+        self.offset, self.group, self.metric = offset, group, metric
+        self.rows = self.local.ntotal
+        _check_tiling(offset, self.rows, dist, group, "codebook")
+        centroids = self.local.coarse_centroids.double()
+        _check_same([centroids], ["coarse_centroids"], dist, group)
+        sizes = self.local.cell_sizes.to(_collective_device(dist, group)).clone()
+        dist.all_reduce(sizes, group=group)
+        self.cell_sizes = sizes.cpu()
+        self._codebook = (local_codebook.vectors if hasattr(local_codebook, "vectors")
+                          else to_tensor(local_codebook, "local_codebook"))
+
+    @classmethod
+    def from_codebook(cls, codebook: Any, *, metric: str = "l2", group: Any = None) -> "ShardedHierarchicalIndex":
+        """This rank's shard of a two-stage Codebook (``u2.build_codebook``'s, rows sorted by cell):
+        contiguous runs of whole cells, near-equal in rows."""
+        dist = _dist()
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        vectors, cells = codebook.vectors, torch.as_tensor(codebook.meta["coarse_ids"]).long()
+        if bool((cells[1:] < cells[:-1]).any()):
+            raise ValueError("the codebook's rows are not sorted by coarse cell (as u2.build_codebook writes them)")
+        k = vectors.shape[0]
+        # cut at the cell boundary nearest to each even split, keeping every shard non-empty
+        boundaries = torch.cat([torch.tensor([0]), (cells[1:] != cells[:-1]).nonzero().squeeze(1) + 1,
+                                torch.tensor([k])])
+        cuts = [0]
+        for r in range(1, world):
+            target = round(r * k / world)
+            choice = boundaries[(boundaries > cuts[-1]) & (boundaries < k)]
+            cuts.append(int(choice[(choice - target).abs().argmin()]) if choice.numel() else cuts[-1])
+        cuts.append(k)
+        if any(b <= a for a, b in zip(cuts, cuts[1:])):
+            raise ValueError(f"cannot cut {int(cells.max()) + 1} cells into {world} non-empty shards")
+        lo, hi = cuts[rank], cuts[rank + 1]
+        return cls(vectors[lo:hi], lo, codebook.meta["coarse_centroids"], cells[lo:hi], metric=metric, group=group)
+
+    def search(self, x: Any, nprobe: Optional[int] = None, *, exact: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, dists)`` identical on every rank, as ``HierarchicalIndex.search`` on the whole
+        codebook: approximate with ``nprobe`` cells (default min(8, n_coarse)), or exact."""
+        from .hierarchical import DEFAULT_NPROBE
+
+        if exact:
+            return nearest(x, self._codebook, self.offset, self.group, self.metric)
+        dist = _dist()
+        error = None
+        try:
+            xt = to_tensor(x, "x").detach()
+            check_float(xt, "x")
+            x2d, lead = flatten_queries(xt, self.local.dim)
+            check_finite(x2d, "x")
+            n_coarse = self.local.n_coarse
+            nprobe = min(DEFAULT_NPROBE, n_coarse) if nprobe is None else nprobe
+            if isinstance(nprobe, bool) or not isinstance(nprobe, int) or not 1 <= nprobe <= n_coarse:
+                raise ValueError(f"nprobe must be an int in [1, {n_coarse}], got {nprobe!r}")
+        except (TypeError, ValueError) as exc:
+            error = exc
+        check_all(error, self.group, "x")
+        _check_same([x2d], ["x"], dist, self.group)
+        probes = self.local.probe_cells(x2d, nprobe, self.cell_sizes)
+        ids, score, objective = self.local.scan_cells(x2d, probes)
+        packed = torch.stack([score.double().cpu(), objective.cpu(),
+                              torch.where(ids >= 0, ids + self.offset, ids).cpu().view(torch.float64)], dim=1)
+        gathered = _all_gather(packed, dist, self.group).cpu()  # (world, N, 3)
+        scores, objectives = gathered[..., 0], gathered[..., 1]
+        global_ids = gathered[..., 2].contiguous().view(torch.int64)
+        best = scores.min(dim=0).values
+        sentinel = torch.iinfo(torch.int64).max
+        candidates = torch.where((scores == best) & (global_ids >= 0), global_ids, torch.full_like(global_ids, sentinel))
+        pick = candidates.argmin(dim=0)
+        out_ids = global_ids.gather(0, pick.unsqueeze(0)).squeeze(0)
+        out_obj = objectives.gather(0, pick.unsqueeze(0)).squeeze(0)
+        dists = out_obj if self.metric != "cos" else 1.0 + out_obj
+        return out_ids.to(xt.device).reshape(lead), dists.float().to(xt.device).reshape(lead)

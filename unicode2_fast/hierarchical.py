@@ -375,6 +375,37 @@ class HierarchicalIndex:
                     ids, dists = self._search_approx(x2d, nprobe, resolved)
             return from_tensor(ids.reshape(lead), kind), from_tensor(dists.reshape(lead), kind)
 
+    def probe_cells(self, x: torch.Tensor, nprobe: int, cell_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(N, nprobe) int64 cells an approximate search of the (N, d) queries ``x`` scans: the
+        nprobe best by the coarse ranking (equal scores: the lower cell first). ``cell_sizes``
+        (n_coarse,): which cells count as empty (default this index's own) -- the whole codebook's
+        when this index holds one shard of it (``u2.distributed.ShardedHierarchicalIndex``)."""
+        x32 = _unit64(x).float() if self._metric == "cos" else x.float()
+        if cell_sizes is None:
+            return self._probe(x32, nprobe)
+        if self._metric != "ip":
+            scores = torch.addmm(self._centroid_sq, x32, self._coarse_centroids.t(), alpha=-2.0)
+        else:
+            scores = torch.mm(x32, self._coarse_centroids.t()).neg_()
+        scores = scores.masked_fill_((cell_sizes.to(scores.device) == 0).unsqueeze(0), math.inf)
+        return torch.sort(scores, dim=1, stable=True).indices[:, :nprobe].contiguous()
+
+    def scan_cells(self, x: torch.Tensor, probes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The approximate search's pick among the given cells: for the (N, d) queries ``x`` and
+        (N, nprobe) cells, the original id of the best codeword (lowest id on equal fp32 score; -1
+        where the probed cells hold none here), its fp32 score (comparable across cells, and
+        across indexes that share these centroids; +inf where none) and its float64 objective
+        (u2.nearest's: squared L2, -<x, c>, -cos)."""
+        x32 = _unit64(x).float() if self._metric == "cos" else x.float()
+        part_val, part_pos = self._scan_torch(x32, probes)
+        pos = self._reduce_probes(part_val, part_pos)
+        score = part_val.min(dim=1).values
+        found = torch.isfinite(score)
+        rows = torch.arange(pos.shape[0], device=x.device)
+        objective = pair_objective(x, self._codes, rows, pos, self._metric, torch.float64)[0]
+        ids = torch.where(found, self._perm[pos], torch.full_like(pos, -1))
+        return ids, score, objective.masked_fill_(~found, math.inf)
+
     def _search_approx(self, x: torch.Tensor, nprobe: int, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
         # x: (N, d) -> ids (N,) int64, dists (N,) fp32
         n = x.shape[0]
