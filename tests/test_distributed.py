@@ -440,3 +440,35 @@ def test_sharded_index_equals_one_index(tmp_path, metric):
     for result in results:
         assert torch.equal(result["exact"][0], ids)
         torch.testing.assert_close(result["exact"][1], dists)
+
+
+def _data_parallel(rank, world):
+    g = torch.Generator().manual_seed(11)
+    codebook = torch.randn(500, 8, generator=g)
+    x = torch.randn(70, 8, generator=g)
+    counts = [30, 0, 40][:world]  # uneven, one rank with no queries
+    lo = sum(counts[:rank])
+    mine = x[lo:lo + counts[rank]]
+    local = u2.distributed.nearest_data_parallel(mine, codebook, metric="cos")
+    every = u2.distributed.nearest_data_parallel(mine, codebook, metric="cos", gather=True)
+    wrong = codebook.clone()
+    if rank == 1:
+        wrong[3, 0] += 1e-6  # one rank's codebook differs by one value
+    try:
+        u2.distributed.nearest_data_parallel(mine, wrong)
+        raised = None
+    except ValueError as exc:
+        raised = str(exc)
+    return {"local": local, "every": every, "raised": raised, "x": x, "codebook": codebook, "lo": lo, "n": counts[rank]}
+
+
+def test_data_parallel_search_returns_each_ranks_and_the_whole_jobs_ids(tmp_path):
+    results = _run(tmp_path, 3, _data_parallel)
+    for result in results:
+        assert "error" not in result, result.get("trace")
+    ref_ids, ref_dists = u2.nearest(results[0]["x"], results[0]["codebook"], metric="cos")
+    for r in results:
+        assert torch.equal(r["local"][0], ref_ids[r["lo"]:r["lo"] + r["n"]])
+        assert torch.equal(r["every"][0], ref_ids)
+        torch.testing.assert_close(r["every"][1], ref_dists)
+        assert r["raised"] and "codebook differs between ranks" in r["raised"]

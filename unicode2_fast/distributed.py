@@ -182,6 +182,38 @@ def nearest(
     return best_ids.to(xt.device).reshape(lead), dists.float().to(xt.device).reshape(lead)
 
 
+def nearest_data_parallel(x: Any, codebook: Any, group: Any = None, metric: str = "l2", backend: str = "auto",
+                          gather: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact nearest codeword, data parallel: each rank its own queries (any count, also 0), the
+    whole codebook on every rank (checked to be the same, bit for bit).
+
+    Returns this rank's ``(ids, dists)`` as ``u2.nearest(x, codebook)``; with ``gather`` every
+    rank gets the whole job's, its queries concatenated in rank order (two all-gathers of 8 and 4
+    bytes per query: the ids and the float32 dists). Bad input on any rank raises on every rank.
+    """
+    dist = _dist()
+    error = None
+    try:
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+        xt = to_tensor(x, "x").detach()
+        check_float(xt, "x")
+        cb = codebook.vectors if hasattr(codebook, "vectors") else to_tensor(codebook, "codebook")
+        check_matrix(cb, "codebook")
+        x2d, lead = flatten_queries(xt, cb.shape[1])
+        ids, dists = (_search_shard(x2d, cb, metric=metric, backend=backend) if x2d.shape[0]
+                      else (torch.empty(0, dtype=torch.int64), torch.empty(0)))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        error = exc
+    check_all(error, group, "search")
+    _check_same([cb], ["codebook"], dist, group)
+    if not gather:
+        return ids.reshape(lead), dists.reshape(lead)
+    all_ids, _ = all_gather_varlen(torch.as_tensor(ids).reshape(-1), group)
+    all_dists, _ = all_gather_varlen(torch.as_tensor(dists).reshape(-1).float(), group)
+    return all_ids, all_dists
+
+
 def _fingerprint(x: torch.Tensor) -> torch.Tensor:
     """(2,) int64 hash of the bits and dtype of ``x`` (N, d): integer sums wrap but do not depend
     on the order of summation, so equal tensors hash equally whatever the thread count."""
