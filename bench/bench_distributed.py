@@ -1,5 +1,6 @@
 """Sharded exact search: u2.distributed.nearest on 1 and 2 CPU processes (gloo) against
-single-process u2.nearest, with the bytes each rank receives per query, the sharded two-stage
+single-process u2.nearest, with the bytes each rank receives per query, the C2 training step
+replicated vs vocab-parallel (u2.distributed.VocabParallelEmbedding), the sharded two-stage
 k-means (u2.distributed.build_codebook against u2.build_codebook, the same codebook required),
 and a scaling *model* (not a measurement) for 8 / 64 / 128 H100s.
 
@@ -129,6 +130,88 @@ def run_kmeans(world: int, directory: str, threads: int, params: Dict[str, int])
     return result
 
 
+def _c2_worker(rank: int, world: int, rendezvous: str, threads: int, params: Dict[str, int], result_path: str):
+    """Timed C2 steps (lookup, backward, SparseRowAdamW) replicated or vocab-parallel, each rank its own ids."""
+    import torch.distributed as dist
+
+    from unicode2_fast.bench.bench_embedding import zipf_batches
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=30))
+    try:
+        k, d, n, steps = params["k"], params["d"], params["n"], params["steps"]
+        table = torch.randn(k, d, generator=torch.Generator().manual_seed(0))
+        batches = zipf_batches(k, n, steps + 1, 1.0, 100 + rank, torch.device("cpu"))  # each rank its own ids
+        grads = torch.randn(n, d, generator=torch.Generator().manual_seed(200 + rank))
+        out = {}
+        for mode in ("replicated", "vocab-parallel"):
+            if mode == "replicated":
+                weight = torch.nn.Parameter(table.clone())
+                lookup = lambda ids: u2.gathered_embedding(ids, weight)  # noqa: E731
+            else:
+                emb = u2.distributed.VocabParallelEmbedding(k, d, weight=table)
+                weight, lookup = emb.weight, emb
+            opt = u2.SparseRowAdamW([weight], lr=1e-3)
+            times = []
+            for step, ids in enumerate(batches):
+                dist.barrier()
+                began = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                (lookup(ids) * grads).sum().backward()
+                if mode == "replicated":  # the replicated table's row-sparse gradient, averaged
+                    grad = weight.grad.coalesce()
+                    idx, rows = u2.distributed.all_gather_rows(grad.indices()[0], grad.values())
+                    weight.grad = torch.sparse_coo_tensor(idx.unsqueeze(0), rows / world, weight.shape).coalesce()
+                opt.step()
+                if step:  # the first step allocates the moments: left out
+                    times.append(time.perf_counter() - began)
+            final = weight.detach() if mode == "replicated" else emb.full_weight()
+            out[mode] = {"times": times, "table": final.clone() if rank == 0 else None,
+                         "bytes": weight.numel() * 4 * 3}  # the table and its two AdamW moments on this rank
+            del weight, opt
+        if rank == 0:
+            torch.save(out, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_c2(world: int, directory: str, threads: int, params: Dict[str, int]) -> Dict[str, object]:
+    import torch.multiprocessing as mp
+
+    rendezvous = os.path.join(directory, f"rendezvous-c2-{world}")
+    result_path = os.path.join(directory, f"c2-{world}.pt")
+    ctx = mp.get_context("spawn")
+    per_rank = max(1, threads // world)
+    procs = [ctx.Process(target=_c2_worker, args=(r, world, rendezvous, per_rank, params, result_path))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if any(p.exitcode != 0 for p in procs):
+        raise RuntimeError(f"a rank of the {world}-process C2 step failed (exit codes {[p.exitcode for p in procs]})")
+    return torch.load(result_path, weights_only=False)
+
+
+def _c2_table(args: argparse.Namespace, directory: str, rows: List[Dict[str, object]]) -> List[str]:
+    params = {"k": args.c2_k, "d": args.d, "n": args.c2_n, "steps": args.repeats * 3}
+    lines = [f"## C2 training step, K = {args.c2_k:,}, d = {args.d}, N = {args.c2_n} Zipf ids per rank "
+             "(lookup, backward, SparseRowAdamW)", "",
+             "| processes | C2 | min / median ms per step | table + moments per rank | tables equal |", "|---|---|---|---|---|"]
+    for world in args.worlds:
+        result = run_c2(world, directory, args.threads, params)
+        same = bool(torch.allclose(result["replicated"]["table"], result["vocab-parallel"]["table"], rtol=1e-5,
+                                   atol=1e-6))
+        for mode in ("replicated", "vocab-parallel"):
+            t = result[mode]["times"]
+            lines.append(f"| {world} | {mode} | {1e3 * min(t):.1f} / {1e3 * statistics.median(t):.1f} | "
+                         f"{result[mode]['bytes'] / 2**20:,.1f} MiB | {same} |")
+            rows.append({"method": f"C2 step {mode}", "world": world, "min_s": min(t), "median_s": statistics.median(t),
+                         "bytes_per_rank": result[mode]["bytes"], "ids_identical": same})
+    return lines + [""]
+
+
 def model_rows(k: int, n: int, d: int, worlds: Sequence[int] = (8, 64, 128)) -> List[Dict[str, object]]:
     """The scaling model: per search of N queries, each GPU scans K / W codewords at MODEL_TFLOPS
     and receives W x N x 16 bytes in a ring all-gather (W - 1 steps of the link's latency)."""
@@ -193,6 +276,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="total threads, split over ranks")
     parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--c2-k", type=int, default=200_000, help="C2 rows of the training-step comparison (0: skip)")
+    parser.add_argument("--c2-n", type=int, default=2916, help="ids per rank and step (4 images of 729)")
     parser.add_argument("--kmeans-rows", type=int, default=60_000, help="features of the sharded k-means (0: skip it)")
     parser.add_argument("--kmeans-d", type=int, default=128)
     parser.add_argument("--kmeans-k", type=int, default=2048)
@@ -202,6 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.tiny:
         args.k, args.n, args.d, args.repeats = 4000, 64, 64, 1
         args.kmeans_rows, args.kmeans_d, args.kmeans_k = 3000, 16, 64
+        args.c2_k, args.c2_n = 2000, 64
     if min(args.worlds) < 1 or args.k < max(args.worlds) or args.repeats < 1:
         parser.error("need world sizes >= 1, K >= the largest world size and --repeats >= 1")
 
@@ -235,6 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          f"{args.n / median:,.0f} | {single / median:.2f}x | {received} | {same} |")
             if not same:
                 raise RuntimeError(f"the {world}-process search returned ids that differ from u2.nearest")
+        c2_lines = _c2_table(args, directory, rows) if args.c2_k else []
         kmeans_lines = []
         if args.kmeans_rows:
             kmeans_lines = _kmeans_table(args, directory, rows)
@@ -246,7 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model_lines += [f"| {r['gpus']} | {r['link']} | {r['compute_s']:.2e} | {r['bytes_per_query']:,.0f} | "
                     f"{r['comm_s']:.2e} | {r['total_s']:.2e} |" for r in model]
     title = f"# sharded exact search, K = {args.k:,}, N = {args.n}, d = {args.d}"
-    text = "\n".join([title, "", *lines, "", *kmeans_lines, f"MODEL (not a measurement): H100 at {MODEL_TFLOPS:.0f} TFLOP/s sustained, "
+    text = "\n".join([title, "", *lines, "", *c2_lines, *kmeans_lines, f"MODEL (not a measurement): H100 at {MODEL_TFLOPS:.0f} TFLOP/s sustained, "
                       "ring all-gather of 16 bytes per query per rank", "", *model_lines, "", _common.stamp_text(stamp), ""])
     print(text)
     os.makedirs(args.out, exist_ok=True)

@@ -9,11 +9,14 @@ def test_tiny_run_writes_the_table_and_the_model(tiny_run):
     rc, out = tiny_run
     assert rc == 0
     text = (out / "distributed.md").read_text()
-    search = text.split("## two-stage k-means")[0]
+    search = text.split("## C2 training step")[0]
     rows = [line for line in search.splitlines() if line.startswith("| ") and "---" not in line]
     measured = [r for r in rows if r.split("|")[1].strip() in ("1", "2")]
     assert len(measured) == 2 and all(r.split("|")[7].strip() == "True" for r in measured)
     assert "MODEL (not a measurement)" in text
+    c2 = text.split("## C2 training step")[1].split("## two-stage")[0]
+    steps = [r for r in c2.splitlines() if r.startswith("| ") and r.split("|")[1].strip() in ("1", "2")]
+    assert len(steps) == 4 and all(r.split("|")[5].strip() == "True" for r in steps)  # both modes, same table
     kmeans = text.split("## two-stage k-means")[1].split("MODEL")[0]
     built = [r for r in kmeans.splitlines() if r.startswith("| ") and r.split("|")[1].strip() in ("1", "2")]
     assert len(built) == 2 and all(float(r.split("|")[7]) < 1.01 for r in built)  # as good as one process
