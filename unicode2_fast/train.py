@@ -115,6 +115,18 @@ def read_ids(path: PathLike) -> np.ndarray:
     return ids.astype(np.int64, copy=False)
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) int64 ids of token lists left-padded with ``pad`` (every row ends at T - 1, where a
+    prompt's continuation is predicted) and the (B, T) mask, 1 on real tokens."""
+    length = max(len(row) for row in rows)
+    ids = torch.full((len(rows), length), int(pad), dtype=torch.int64)
+    mask = torch.zeros((len(rows), length), dtype=torch.int64)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row):] = torch.tensor(list(row), dtype=torch.int64)
+        mask[i, length - len(row):] = 1
+    return ids, mask
+
+
 class TokenDataset(torch.utils.data.Dataset):
     """Rows of visual ids (N, P) paired with captions; tokenised once, EOS appended.
 
@@ -177,12 +189,7 @@ class TokenDataset(torch.utils.data.Dataset):
         every prompt ends where the first visual token is predicted; ``prompt_mask`` 0 on padding."""
         prompts = [row["input_ids"][:-1] if len(row["input_ids"]) > 1 and row["input_ids"][-1] == self.eos_token_id
                    else row["input_ids"] for row in rows]
-        length = max(len(p) for p in prompts)
-        prompt_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.int64)
-        prompt_mask = torch.zeros((len(rows), length), dtype=torch.int64)
-        for i, prompt in enumerate(prompts):
-            prompt_ids[i, length - len(prompt):] = torch.tensor(prompt, dtype=torch.int64)
-            prompt_mask[i, length - len(prompt):] = 1
+        prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
         return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
                 "visual_ids": torch.stack([row["visual_ids"] for row in rows])}
 

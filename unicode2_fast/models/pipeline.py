@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .._io import atomic_write_text, load_json
+from ..train import left_pad
 
 PathLike = Union[str, "os.PathLike[str]"]
 RUN_CONFIG = "unicode2_run.json"
@@ -95,13 +96,10 @@ class TextToImage:
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise ValueError("prompts must be a non-empty sequence of non-empty strings")
         rows = [list(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        if not all(rows):
+            raise ValueError(f"the tokenizer gives no tokens for prompt {prompts[[bool(r) for r in rows].index(False)]!r}")
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), int(pad or 0), dtype=torch.int64)
-        mask = torch.zeros((len(rows), length), dtype=torch.int64)
-        for i, row in enumerate(rows):
-            ids[i, length - len(row):] = torch.tensor(row, dtype=torch.int64)
-            mask[i, length - len(row):] = 1
+        ids, mask = left_pad(rows, int(pad or 0))
         device = self.model.c2.device
         return ids.to(device), mask.to(device)
 
