@@ -321,6 +321,12 @@ def test_two_ranks_train_the_whole_model_like_one_process(tmp_path):
     for a, b in zip(single["history"], ranks[0]["history"]):
         for name in LOSSES:
             assert b[name] == pytest.approx(a[name], rel=1e-4), (a["step"], name, a[name], b[name])
+    # and the same gradients, group by group (AdamW's steps hide a wrong gradient scale; the norms
+    # do not): every shard's and replica's scale is that of one process on the job's batch
+    for a, b in zip(single["history"], ranks[0]["history"]):
+        for group, norm in a["grad_norm"].items():
+            assert b["grad_norm"][group] == pytest.approx(norm, rel=1e-4), (a["step"], group)
+    assert all(v > 0 for v in single["history"][0]["grad_norm"].values())
     same = [{k: v for k, v in m.items() if k != "seconds"} for m in ranks[0]["history"]]
     assert same == [{k: v for k, v in m.items() if k != "seconds"} for m in ranks[1]["history"]]
     # the sharded tables were gathered back: the same C2 and head as one process trained

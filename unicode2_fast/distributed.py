@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from . import _certified
-from ._checks import check_finite, check_float, check_matrix, flatten_queries, to_tensor
+from ._checks import check_finite, check_float, check_matrix, check_no_zero_rows, flatten_queries, to_tensor
 from ._io import atomic_write, atomic_write_text, load_json
 from .cross_entropy import cross_entropy_backward_torch, lse_and_target_torch
 from .embedding import check_indices, embedding_backward_torch
@@ -744,8 +744,11 @@ def build_codebook(features: Any, k: int, n_coarse: Optional[int] = None, *, nit
     3. Fine stage: each cell is trained on the rank that owns it (round robin over the cells
        with codewords) from its sample rows -- the same rows, in the same order, as the single
        process draws (smallest fine keys per cell; each rank offers its candidates) -- gathered
-       batch by batch (``fine_batch_bytes`` of rows); the trained centroids are all-gathered in
-       cell order. Every collective moves tensors; bad input on any rank raises on every rank.
+       batch by batch (``fine_batch_bytes`` of rows; every rank receives each batch, so the
+       traffic is world x the sample); the trained centroids are all-gathered in cell order.
+    Every collective moves tensors; bad input or a failing cell on any rank raises on every rank.
+    The coarse stage runs on rank 0 and its centroids are broadcast, so every rank assigns with
+    the same ones whatever its thread count.
 
     Not here (yet): allocation "distortion" / "auto", checkpoints, CUDA feature tensors.
     """
@@ -793,8 +796,17 @@ def build_codebook(features: Any, k: int, n_coarse: Optional[int] = None, *, nit
     chosen = torch.topk(all_keys, size, largest=False).indices
     chosen = chosen[torch.argsort(all_ids[chosen])]
     sample = all_rows[chosen].contiguous()
-    coarse, _ = _lloyd.kmeans(sample, n_coarse, niter, _features.derive_seed(seed, _features.STREAM_COARSE_INIT),
-                              "coarse stage")
+    error, coarse = None, torch.empty((n_coarse, dim), dtype=torch.float32)
+    if rank == 0:  # one rank trains the coarse stage (the sample is the same everywhere); all use its centroids
+        try:
+            coarse, _ = _lloyd.kmeans(sample, n_coarse, niter,
+                                      _features.derive_seed(seed, _features.STREAM_COARSE_INIT), "coarse stage")
+        except ValueError as exc:  # e.g. fewer distinct rows than cells
+            error = exc
+    check_all(error, group, "coarse stage")
+    coarse = coarse.float().contiguous().to(_collective_device(dist, group))
+    dist.broadcast(coarse, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    coarse = coarse.cpu()
     del sample, all_rows
 
     # 2. assignment of every rank's own rows
@@ -855,12 +867,17 @@ def build_codebook(features: Any, k: int, n_coarse: Optional[int] = None, *, nit
         got_rows, _ = all_gather_varlen(local[rows[held] - offset], group)
         samples = torch.empty((hi - lo, dim), dtype=torch.float32)
         samples[got_pos] = got_rows
-        for cell in batch:
-            if owner[cell] == rank:
-                a, b = int(positions[cell]) - lo, int(positions[cell + 1]) - lo
-                trained[cell] = train_cell(samples[a:b], int(k_cell[cell]), niter,
-                                           _features.derive_seed(seed, _features.STREAM_CELL_INIT, cell),
-                                           f"coarse cell {cell}")
+        error = None
+        try:
+            for cell in batch:
+                if owner[cell] == rank:
+                    a, b = int(positions[cell]) - lo, int(positions[cell + 1]) - lo
+                    trained[cell] = train_cell(samples[a:b], int(k_cell[cell]), niter,
+                                               _features.derive_seed(seed, _features.STREAM_CELL_INIT, cell),
+                                               f"coarse cell {cell}")
+        except ValueError as exc:  # a cell with fewer distinct rows than codewords: named, on every rank
+            error = exc
+        check_all(error, group, "fine stage")
     mine_cells = [cell for cell in work if owner[cell] == rank]
     local_vectors = (torch.cat([trained[c] for c in mine_cells]) if mine_cells
                      else torch.empty((0, dim), dtype=torch.float32))
@@ -894,8 +911,10 @@ class ShardedHierarchicalIndex:
     boundaries). Approximate search ranks the cells against the whole codebook's cell sizes, so
     every rank probes the same nprobe cells a single index would; each rank scans those it holds,
     and one all-gather of (fp32 score, global id, float64 objective) per query and rank picks the
-    single index's answer (lowest id on equal score). Exact search is ``u2.distributed.nearest``
-    over the shards: the ids of ``u2.nearest`` on the whole codebook.
+    single index's answer (lowest id on equal score) -- that of ``HierarchicalIndex.search(...,
+    backend="torch")``: the shards scan with the torch path (on CUDA a single index defaults to
+    its Triton scan, whose fp32 scores may order near ties differently). Exact search is
+    ``u2.distributed.nearest`` over the shards: the ids of ``u2.nearest`` on the whole codebook.
 
     Args:
         local_codebook: (K_r, d) this rank's rows. offset: the global id of its first row.
@@ -940,10 +959,13 @@ class ShardedHierarchicalIndex:
         # cut at the cell boundary nearest to each even split, keeping every shard non-empty
         boundaries = torch.cat([torch.tensor([0]), (cells[1:] != cells[:-1]).nonzero().squeeze(1) + 1,
                                 torch.tensor([k])])
+        inner = boundaries[(boundaries > 0) & (boundaries < k)]
         cuts = [0]
         for r in range(1, world):
             target = round(r * k / world)
-            choice = boundaries[(boundaries > cuts[-1]) & (boundaries < k)]
+            # after the cut, enough inner boundaries must remain for the world - r - 1 later cuts
+            room = inner[(inner > cuts[-1])]
+            choice = room[:room.numel() - (world - r - 1)] if room.numel() > world - r - 1 else room[:0]
             cuts.append(int(choice[(choice - target).abs().argmin()]) if choice.numel() else cuts[-1])
         cuts.append(k)
         if any(b <= a for a, b in zip(cuts, cuts[1:])):
@@ -965,6 +987,8 @@ class ShardedHierarchicalIndex:
             check_float(xt, "x")
             x2d, lead = flatten_queries(xt, self.local.dim)
             check_finite(x2d, "x")
+            if self.metric == "cos":
+                check_no_zero_rows(x2d, "x")
             n_coarse = self.local.n_coarse
             nprobe = min(DEFAULT_NPROBE, n_coarse) if nprobe is None else nprobe
             if isinstance(nprobe, bool) or not isinstance(nprobe, int) or not 1 <= nprobe <= n_coarse:

@@ -266,16 +266,20 @@ def _average_replicated_grads(params: Sequence[torch.nn.Parameter], world: int) 
             grad.div_(world)
 
 
-def _batches(n: int, batch_size: int, seed: int, shuffle: bool, rank: int, world: int, min_rows: int = 1):
+def _batches(n: int, batch_size: int, seed: int, shuffle: bool, rank: int, world: int, min_rows: int = 1,
+             whole_job: bool = False):
     """Endless stream of index lists: a (seeded) permutation per epoch, this rank's slice of it
-    (an epoch's last batch is skipped when it has fewer than ``min_rows`` rows)."""
+    (an epoch's last batch is skipped when it has fewer than ``min_rows`` rows). ``whole_job``:
+    each epoch cut to a multiple of ``world`` rows, so that the ranks' batches together are one
+    process's batch of ``world x batch_size`` (the epoch's last ``n % world`` rows wait for the
+    next epoch's shuffle)."""
     epoch = 0
     while True:
         if shuffle:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         else:
             order = list(range(n))
-        if world > 1:  # every rank the same number of batches: the collectives of a step stay paired
+        if whole_job and world > 1:
             order = order[:len(order) - len(order) % world] or order
         order = order[rank::world] or order[:1]
         for start in range(0, len(order), batch_size):
@@ -413,6 +417,31 @@ METRICS_FILE = "metrics.jsonl"
 MAPPER_SUBDIR = "mapper"
 
 
+def _grad_norms(groups: Dict[str, List[torch.nn.Parameter]], replicated: Sequence[str], world: int,
+                device: torch.device) -> Dict[str, float]:
+    """The gradient norm of each parameter group, over the whole job: the shards' parts (FSDP's
+    DTensor shards, the row shards of C2 and the head) add up across ranks; a replicated group
+    (the same averaged gradient on every rank) counts once."""
+    import torch.distributed as dist
+
+    squares = torch.zeros(len(groups), dtype=torch.float64, device=device)
+    for i, (name, params) in enumerate(groups.items()):
+        for param in params:
+            grad = param.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                grad = grad.coalesce().values()
+            elif hasattr(grad, "to_local"):
+                grad = grad.to_local()
+            squares[i] += grad.detach().double().pow(2).sum().to(device)
+        if world > 1 and name in replicated:
+            squares[i] /= world
+    if world > 1:
+        dist.all_reduce(squares)
+    return {name: float(v) for name, v in zip(groups, squares.sqrt().tolist())}
+
+
 def _keep_metrics(path: str, last_step: int) -> None:
     """Drop the records after ``last_step`` from a metrics file (a rerun or resume in the same
     folder continues it instead of appending a second history)."""
@@ -483,7 +512,8 @@ def train_unified(
             uninterrupted run (same data order, optimizer moments and schedule).
 
     Returns:
-        the metrics of every step run here: {"step", "loss", "loss_und", "loss_gen"[, "loss_cl"], "lr", "seconds"}.
+        the metrics of every step run here: {"step", "loss", "loss_und", "loss_gen"[, "loss_cl"], "lr",
+        "grad_norm" (per parameter group: llm, c2, visual_head, projector, mapper), "seconds"}.
 
     Under torchrun (torch.distributed initialised, world size > 1): FSDP2 shards the LLM's
     layers; C2 and the visual head are sharded by rows (``u2.distributed.VocabParallelEmbedding``:
@@ -569,6 +599,9 @@ def train_unified(
     if trainable == "all":
         dense += [p for p in model.llm.parameters() if p.requires_grad]
     optimizers = [torch.optim.AdamW(dense, lr=lr, betas=betas, weight_decay=weight_decay)]
+    norm_groups = {"llm": list(model.llm.parameters()), "c2": [model.c2_shards.weight if sharded else model.c2],
+                   "visual_head": [head] if head is not None else [], "projector": list(model.projector.parameters()),
+                   "mapper": list(mapper.parameters()) if mapper is not None else []}
     if trainable == "all":
         c2_rows = model.c2_shards.weight if sharded else model.c2
         optimizers.append(SparseRowAdamW([c2_rows], lr=lr, betas=betas, weight_decay=weight_decay))
@@ -618,8 +651,10 @@ def train_unified(
             _keep_metrics(os.path.join(out, METRICS_FILE), start)
     # InfoNCE needs two rows: an epoch's one-row remainder is skipped when L_CL is on
     # (under torchrun each rank its slice of every epoch, the job's batch being world x batch_size)
+    if sharded and len(dataset) < world:
+        raise ValueError(f"{len(dataset)} rows for {world} ranks: every rank needs rows of its own")
     stream = _batches(len(dataset), batch_size, seed, True, rank, world,
-                      min_rows=2 if mapper is not None and not sharded else 1)
+                      min_rows=2 if mapper is not None and not sharded else 1, whole_job=True)
     for _ in range(start * grad_accum):  # the data the steps before the checkpoint consumed
         next(stream)
 
@@ -682,16 +717,17 @@ def train_unified(
         if sharded:
             _average_replicated_grads(replicated, world)
             # the job's losses: L_UND's per-rank parts add up; L_GEN and L_CL are the same on every rank
-            values = torch.tensor([sums[name] for name in weights], dtype=torch.float64)
+            values = torch.tensor([sums[name] for name in weights], dtype=torch.float64, device=count.device)
             dist.all_reduce(values)
-            sums = {name: float(v) / world for name, v in zip(weights, values)}
+            sums = {name: float(v) / world for name, v in zip(weights, values.tolist())}
+        grad_norm = _grad_norms(norm_groups, ("projector", "mapper"), world, count.device)
         for opt in optimizers:
             opt.step()
         lr_now = schedulers[0].get_last_lr()[0]
         for sched in schedulers:
             sched.step()
         record = {"step": step + 1, "loss": sum(weights[n] * sums[n] for n in weights), **sums, "lr": lr_now,
-                  "seconds": time.perf_counter() - began}
+                  "grad_norm": grad_norm, "seconds": time.perf_counter() - began}
         history.append(record)
         if out is not None and rank == 0:
             with open(os.path.join(out, METRICS_FILE), "a", encoding="utf-8") as file:

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     check_out_dir(args.out)
     if args.preset is not None:
         _refuse(args, ("stage", "log_every", "replicate_c2"), "for understanding training (no --preset); a preset "
-                "sets what trains, logs to metrics.jsonl and runs in one process")
+                "sets what trains, logs to metrics.jsonl and shards C2 and the head under torchrun")
         if args.preset == "tiny":
             _refuse(args, ("llm", "codebook", "decoder", "ids", "captions", "images", "siglip", "text_encoder"),
                     "--preset tiny builds all of these itself")
@@ -230,10 +230,18 @@ def _run_preset(args: argparse.Namespace) -> int:
         from ..models.tiny import build_tiny_assets, tiny_paths
 
         root = os.path.join(args.out, "assets")
+        error = None
         if rank == 0:  # one rank builds the tiny parts; the others read them
-            build_tiny_assets(root, seed=args.seed)
+            try:
+                build_tiny_assets(root, seed=args.seed)
+            except (OSError, ValueError) as exc:
+                error = UserError(f"cannot build the tiny parts in {root}: {exc}")
         if dist.is_initialized():
-            dist.barrier()
+            from ..distributed import check_all
+
+            check_all(error, what="tiny preset build")  # every rank stops together, none waits
+        elif error is not None:
+            raise error
         assets = tiny_paths(root)
         args.llm, args.codebook, args.decoder = assets["llm"], assets["codebook"], assets["decoder"]
         args.images, args.siglip = os.path.join(assets["images"], "captions.jsonl"), assets["siglip"]
