@@ -843,7 +843,7 @@ def build_codebook(features: Any, k: int, n_coarse: Optional[int] = None, *, nit
     cand_sizes = torch.bincount(cand_cells, minlength=n_coarse)
     cand_starts = torch.cumsum(cand_sizes, 0) - cand_sizes
     keep = (torch.arange(cand_rows.shape[0]) - cand_starts[cand_cells]) < take[cand_cells]
-    sample_rows, sample_cells = cand_rows[keep], cand_cells[keep]  # sample position order
+    sample_rows = cand_rows[keep]  # in sample position order
     positions = torch.zeros(n_coarse + 1, dtype=torch.int64)
     positions[1:] = torch.cumsum(take, 0)
 
