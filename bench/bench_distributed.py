@@ -67,25 +67,31 @@ def _worker(rank: int, world: int, rendezvous: str, directory: str, threads: int
         dist.destroy_process_group()
 
 
-def run_world(world: int, directory: str, threads: int, repeats: int) -> Dict[str, object]:
-    """Times and ids of one sharded search on ``world`` spawned gloo processes."""
+def _spawn(worker, world: int, directory: str, threads: int, arg: object, name: str, what: str) -> Dict[str, object]:
+    """Run ``worker(rank, world, rendezvous, directory, threads_per_rank, arg, result_path)`` on
+    ``world`` spawned gloo processes; rank 0's saved result, with the threads each rank had."""
     import torch.multiprocessing as mp
 
-    rendezvous = os.path.join(directory, f"rendezvous-{world}")
-    result_path = os.path.join(directory, f"result-{world}.pt")
+    rendezvous = os.path.join(directory, f"rendezvous-{name}-{world}")
+    result_path = os.path.join(directory, f"{name}-{world}.pt")
     ctx = mp.get_context("spawn")
     per_rank = max(1, threads // world)
-    procs = [ctx.Process(target=_worker, args=(r, world, rendezvous, directory, per_rank, repeats, result_path))
+    procs = [ctx.Process(target=worker, args=(r, world, rendezvous, directory, per_rank, arg, result_path))
              for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
         p.join()
     if any(p.exitcode != 0 for p in procs):
-        raise RuntimeError(f"a rank of the {world}-process search failed (exit codes {[p.exitcode for p in procs]})")
+        raise RuntimeError(f"a rank of the {world}-process {what} failed (exit codes {[p.exitcode for p in procs]})")
     result = torch.load(result_path, weights_only=False)
     result["threads_per_rank"] = per_rank
     return result
+
+
+def run_world(world: int, directory: str, threads: int, repeats: int) -> Dict[str, object]:
+    """Times and ids of one sharded search on ``world`` spawned gloo processes."""
+    return _spawn(_worker, world, directory, threads, repeats, "search", "search")
 
 
 def _kmeans_worker(rank: int, world: int, rendezvous: str, directory: str, threads: int, params: Dict[str, int],
@@ -111,26 +117,11 @@ def _kmeans_worker(rank: int, world: int, rendezvous: str, directory: str, threa
 
 def run_kmeans(world: int, directory: str, threads: int, params: Dict[str, int]) -> Dict[str, object]:
     """Time and codebook of u2.distributed.build_codebook on ``world`` spawned gloo processes."""
-    import torch.multiprocessing as mp
-
-    rendezvous = os.path.join(directory, f"rendezvous-kmeans-{world}")
-    result_path = os.path.join(directory, f"kmeans-{world}.pt")
-    ctx = mp.get_context("spawn")
-    per_rank = max(1, threads // world)
-    procs = [ctx.Process(target=_kmeans_worker, args=(r, world, rendezvous, directory, per_rank, params, result_path))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    if any(p.exitcode != 0 for p in procs):
-        raise RuntimeError(f"a rank of the {world}-process k-means failed (exit codes {[p.exitcode for p in procs]})")
-    result = torch.load(result_path, weights_only=False)
-    result["threads_per_rank"] = per_rank
-    return result
+    return _spawn(_kmeans_worker, world, directory, threads, params, "kmeans", "k-means")
 
 
-def _c2_worker(rank: int, world: int, rendezvous: str, threads: int, params: Dict[str, int], result_path: str):
+def _c2_worker(rank: int, world: int, rendezvous: str, directory: str, threads: int, params: Dict[str, int],
+               result_path: str):
     """Timed C2 steps (lookup, backward, SparseRowAdamW) replicated or vocab-parallel, each rank its own ids."""
     import torch.distributed as dist
 
@@ -177,21 +168,8 @@ def _c2_worker(rank: int, world: int, rendezvous: str, threads: int, params: Dic
 
 
 def run_c2(world: int, directory: str, threads: int, params: Dict[str, int]) -> Dict[str, object]:
-    import torch.multiprocessing as mp
-
-    rendezvous = os.path.join(directory, f"rendezvous-c2-{world}")
-    result_path = os.path.join(directory, f"c2-{world}.pt")
-    ctx = mp.get_context("spawn")
-    per_rank = max(1, threads // world)
-    procs = [ctx.Process(target=_c2_worker, args=(r, world, rendezvous, per_rank, params, result_path))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    if any(p.exitcode != 0 for p in procs):
-        raise RuntimeError(f"a rank of the {world}-process C2 step failed (exit codes {[p.exitcode for p in procs]})")
-    return torch.load(result_path, weights_only=False)
+    """Times and final tables of the C2 step, both modes, on ``world`` spawned gloo processes."""
+    return _spawn(_c2_worker, world, directory, threads, params, "c2", "C2 step")
 
 
 def _c2_table(args: argparse.Namespace, directory: str, rows: List[Dict[str, object]]) -> List[str]:

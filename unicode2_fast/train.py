@@ -23,7 +23,7 @@ import json
 import math
 import os
 import types
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -47,22 +47,31 @@ def read_captions(path: PathLike) -> List[str]:
         FileNotFoundError: no such file. ValueError: a line that is not a JSON object with a
         string "text" (the message names the line).
     """
+    texts = []
+    for number, record in _json_lines(path, "captions file"):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f'{os.path.basename(path)} line {number}: expected {{"text": "..."}}')
+        texts.append(record["text"])
+    return texts
+
+
+def _json_lines(path: PathLike, what: str) -> Iterator[Tuple[int, Any]]:
+    """(line number, parsed JSON) of every non-empty line of a JSON-lines file.
+
+    Raises:
+        FileNotFoundError: no such file ("{what} not found"). ValueError: a line that is not JSON (named).
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"captions file not found: {path}")
-    texts = []
+        raise FileNotFoundError(f"{what} not found: {path}")
     with open(path, encoding="utf-8") as file:
         for number, line in enumerate(file, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield number, json.loads(line)
             except ValueError as exc:
                 raise ValueError(f"{os.path.basename(path)} line {number}: not JSON ({exc})") from exc
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f'{os.path.basename(path)} line {number}: expected {{"text": "..."}}')
-            texts.append(record["text"])
-    return texts
 
 
 def read_manifest(path: PathLike) -> Tuple[List[str], List[str]]:
@@ -74,26 +83,17 @@ def read_manifest(path: PathLike) -> Tuple[List[str], List[str]]:
         ValueError: a line that is not such an object (named).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"manifest not found: {path}")
     folder = os.path.dirname(os.path.abspath(path))
     images, texts = [], []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise ValueError(f"{os.path.basename(path)} line {number}: not JSON ({exc})") from exc
-            if (not isinstance(record, dict) or not isinstance(record.get("image"), str)
-                    or not isinstance(record.get("text"), str)):
-                raise ValueError(f'{os.path.basename(path)} line {number}: expected {{"image": "...", "text": "..."}}')
-            image = os.path.join(folder, record["image"])
-            if not os.path.isfile(image):
-                raise FileNotFoundError(f"{os.path.basename(path)} line {number}: image not found: {image}")
-            images.append(image)
-            texts.append(record["text"])
+    for number, record in _json_lines(path, "manifest"):
+        if (not isinstance(record, dict) or not isinstance(record.get("image"), str)
+                or not isinstance(record.get("text"), str)):
+            raise ValueError(f'{os.path.basename(path)} line {number}: expected {{"image": "...", "text": "..."}}')
+        image = os.path.join(folder, record["image"])
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f"{os.path.basename(path)} line {number}: image not found: {image}")
+        images.append(image)
+        texts.append(record["text"])
     if not images:
         raise ValueError(f"{path} lists no images")
     return images, texts
