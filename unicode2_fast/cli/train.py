@@ -78,6 +78,9 @@ def add_parser(subparsers) -> None:
                              "(and their optimizer state) across the ranks")
 
 
+_JOINED: list = []  # non-empty while this command holds the process group it joined
+
+
 def _init_distributed_from_env() -> str:
     """Join the process group torchrun describes (WORLD_SIZE > 1) and return this rank's device.
 
@@ -92,6 +95,7 @@ def _init_distributed_from_env() -> str:
         if cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if cuda else "gloo")
+        _JOINED.append(True)
     return f"cuda:{local_rank}" if cuda else "cpu"
 
 
@@ -109,6 +113,32 @@ def _refuse(args: argparse.Namespace, names, why: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        code = _run(args)
+    except BaseException:
+        _leave_process_group(wait=False)  # torchrun stops the other ranks when this one fails
+        raise
+    _leave_process_group(wait=True)
+    return code
+
+
+def _leave_process_group(wait: bool) -> None:
+    """Under torchrun: wait for every rank (rank 0 may still be saving), then leave the group.
+
+    A rank that exits while its process group lives on can abort in gloo's or NCCL's teardown
+    ("terminate called without an active exception"); destroying the group first avoids that.
+    """
+    import torch.distributed as dist
+
+    if not (_JOINED and dist.is_initialized()):  # a group the caller made is the caller's to end
+        return
+    _JOINED.clear()
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace) -> int:
     check_out_dir(args.out)
     if args.preset is not None:
         _refuse(args, ("stage", "log_every", "replicate_c2"), "for understanding training (no --preset); a preset "
