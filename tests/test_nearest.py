@@ -626,3 +626,104 @@ def test_automatic_filter_that_keeps_failing_is_skipped_and_retried(monkeypatch)
     tried.clear()
     _nearest_cpu.nearest_cpu(xs, c, "l2", "int8")
     assert len(tried) == chunks
+
+
+# the band search of the flat path (l2 codebooks with a dominant direction: photographs) ----------
+
+def _photo_band_case(monkeypatch, patch=4, k=1500, n=900):
+    pytest.importorskip("skimage")
+    from unicode2_fast import data
+
+    patches = data.photo_patches(k + n, patch=patch, seed=3)
+    monkeypatch.setattr(_nearest_cpu, "BAND_MIN_K", 256)
+    monkeypatch.setattr(_nearest_cpu, "BAND_ROWS", 64)
+    monkeypatch.setattr(_nearest_cpu, "THRESHOLD_BLOCK", 128)  # several blocks per band
+    monkeypatch.setattr(_nearest_cpu, "BAND_MAX_WORK", 0.6)  # these small cases: bands of ~45%
+    plans = []
+    real_plan = _nearest_cpu._BandIndex.plan
+
+    def plan(self, *args):
+        blocks, work = real_plan(self, *args)
+        plans.append((blocks, work))
+        return blocks, work
+
+    monkeypatch.setattr(_nearest_cpu._BandIndex, "plan", plan)
+    return patches[:k].clone(), patches[k:].clone(), plans
+
+
+def _argmin64(x, c):
+    """Float64 argmin of the squared distances, summed directly (no norm expansion); lowest index on ties."""
+    out = []
+    for block in x.double().split(64):
+        out.append((block.unsqueeze(1) - c.double().unsqueeze(0)).pow(2).sum(dim=2).argmin(dim=1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("patch", [4, 8])
+def test_band_search_on_photographs_scans_a_fraction_and_is_exact(patch, monkeypatch):
+    c, x, plans = _photo_band_case(monkeypatch, patch)
+    knn_calls = []
+    real_knn = __import__("faiss").knn
+    monkeypatch.setattr("faiss.knn", lambda *a, **kw: knn_calls.append(1) or real_knn(*a, **kw))
+    ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", "flat")
+    assert torch.equal(ids, _argmin64(x, c))
+    assert_nearest_ok(ids, dists, x, c, "l2", exact=True, rel_tol=2e-7)
+    # the band was taken (no FAISS top-k round) and scanned well under the full codebook
+    (blocks, work), = plans
+    assert not knn_calls and work < 0.6
+    rows = torch.cat([r for r, _, _ in blocks])
+    assert torch.equal(torch.sort(rows).values, torch.arange(x.shape[0]))  # every query once
+    scanned = sum((hi - lo) * r.numel() for r, lo, hi in blocks)
+    scanned_rows = _nearest_cpu.cached(c, ("band",)).proj.numel()  # distinct codewords
+    assert scanned == pytest.approx(work * x.shape[0] * scanned_rows)
+
+
+def test_band_search_every_band_holds_the_nearest_codeword(monkeypatch):
+    # the band rule itself: the exact nearest codeword of each query lies inside its block's band
+    c, x, plans = _photo_band_case(monkeypatch)
+    ids, _ = _nearest_cpu.nearest_cpu(x, c, "l2", "flat")
+    (blocks, _), = plans
+    view = _nearest_cpu.cached(c, ("band",))
+    flat = _nearest_cpu.cached(c, ("flat", "l2"))
+    scanned_row = torch.arange(c.shape[0]) if flat.ids is None else torch.searchsorted(flat.ids, _first_copy(c, ids))
+    position = torch.argsort(view.perm)[scanned_row]  # scanned row -> sorted position
+    for rows, lo, hi in blocks:
+        assert bool(((position[rows] >= lo) & (position[rows] < hi)).all())
+
+
+def _first_copy(c, ids):
+    """The lowest index holding the same vector as c[ids] (the row the flat path scans)."""
+    same = (c.unsqueeze(0) == c[ids].unsqueeze(1)).all(dim=2)
+    return same.int().argmax(dim=1)
+
+
+def test_band_search_keeps_ties_and_masses_exact(monkeypatch):
+    # duplicated codewords (lowest id wins) and masses past THRESHOLD_CAP (the float64 scan)
+    c, x, plans = _photo_band_case(monkeypatch)
+    c = torch.cat([c, c[:300]])  # exact duplicates of the first 300 rows, at higher ids
+    x = torch.cat([x, c[:50]])  # queries equal to codewords: distance 0, two copies each
+    monkeypatch.setattr(_nearest_cpu, "THRESHOLD_CAP", 2)
+    fp64_rows = []
+    real_scan = _nearest_cpu.exact_scan
+    monkeypatch.setattr(_nearest_cpu, "exact_scan", lambda xq, *a: fp64_rows.append(xq.shape[0]) or real_scan(xq, *a))
+    ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", "flat")
+    assert plans and plans[0][1] < 0.6
+    assert torch.equal(ids, _argmin64(x, c)) and bool((ids[-50:] == torch.arange(50)).all())
+    assert fp64_rows  # some queries had more than 2 candidates
+
+
+def test_band_search_is_skipped_where_bands_span_the_codebook(monkeypatch):
+    # gaussian data has no dominant direction: the plan's work is near the full scan, the chunk
+    # takes the top-k path, and after BAND_MISSES such chunks the band is not even planned
+    g = torch.Generator().manual_seed(0)
+    c, x = torch.randn(1500, 48, generator=g), torch.randn(900, 48, generator=g)
+    monkeypatch.setattr(_nearest_cpu, "BAND_MIN_K", 256)
+    monkeypatch.setattr(_nearest_cpu, "FLAT_QUERY_CHUNK", 300)
+    works = []
+    real_plan = _nearest_cpu._BandIndex.plan
+    monkeypatch.setattr(_nearest_cpu._BandIndex, "plan",
+                        lambda self, *a: (lambda r: works.append(r[1]) or r)(real_plan(self, *a)))
+    ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", "flat")
+    assert torch.equal(ids, _argmin64(x, c))
+    assert len(works) == _nearest_cpu.BAND_MISSES and min(works) > _nearest_cpu.BAND_MAX_WORK
+    assert _nearest_cpu.cached(c, ("band",)).vectors is None  # no sorted copy was made
