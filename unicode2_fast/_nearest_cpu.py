@@ -86,7 +86,7 @@ BAND_PCA_ROWS = 8192
 BAND_MAX_WORK = 0.45
 BAND_MAX_DIM = 512
 BAND_MIN_K = 8192
-#: chunks in a row whose band was too wide before the band is estimated only now and then
+#: chunks in a row whose bands were too wide before they are planned only now and then (_Attempts)
 BAND_MISSES = 2
 #: queries per call of the flat path (FAISS's speed needs thousands per call)
 FLAT_QUERY_CHUNK = 16384
@@ -343,13 +343,37 @@ def _row_stats_chunk_fp64(v: torch.Tensor, kind: str, normalize: bool, center: O
     return _RowStats(filt, scale, res_norm * grow, filt_norm * grow, norm * grow, sq, 2.0 * U32)
 
 
-class _CodebookStats:
+class _Attempts:
+    """The record of whether a per-codebook method pays on this codebook's queries.
+
+    False from ``worth_trying`` after ``limit`` chunks in a row on which it did not pay (Gaussian-like
+    data: each attempt costs its pilot and first block), except every FILTER_RETRY_EVERY-th chunk,
+    which tries again (the queries may have changed).
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.misses = 0  # chunks in a row on which the method did not pay
+        self.skipped = 0  # chunks that did not try it since the last try
+
+    def worth_trying(self) -> bool:
+        if self.misses < self.limit:
+            return True
+        self.skipped += 1
+        return self.skipped % FILTER_RETRY_EVERY == 0
+
+    def record(self, paid: bool) -> None:
+        self.misses = 0 if paid else self.misses + 1
+        if paid:
+            self.skipped = 0
+
+
+class _CodebookStats(_Attempts):
     """Per-codebook filter statistics, cached across calls (built once, then reused), and the
     record of whether the filter prunes on this codebook's queries."""
 
     def __init__(self, codebook: torch.Tensor, kind: str, metric: str):
-        self.misses = 0  # chunks in a row whose filter scan stopped pruning
-        self.skipped = 0  # chunks sent straight to the flat path since the last try
+        super().__init__(FILTER_MISSES)
         # l2: shift everything by the codebook mean (see _row_stats); fp32 so the shift itself is
         # a fixed, exactly known vector
         self.center = _column_mean(codebook).float() if metric == "l2" else None
@@ -370,20 +394,6 @@ class _CodebookStats:
             if self.stats.sq is not None else [0.0] * n_blocks
         )
 
-
-    def worth_trying(self) -> bool:
-        """False after FILTER_MISSES chunks in a row whose filter stopped pruning (Gaussian-like
-        data: the attempt costs a block and the pilot bound each time), except every
-        FILTER_RETRY_EVERY-th chunk, which tries again (the queries may have changed)."""
-        if self.misses < FILTER_MISSES:
-            return True
-        self.skipped += 1
-        return self.skipped % FILTER_RETRY_EVERY == 0
-
-    def record(self, pruned: bool) -> None:
-        self.misses = 0 if pruned else self.misses + 1
-        if pruned:
-            self.skipped = 0
 
 
 def _column_mean(v: torch.Tensor) -> torch.Tensor:
@@ -613,10 +623,6 @@ class _FlatCodebook:
             self._sq = torch.cat([torch.linalg.vecdot(block, block) for block in rows.split(STAT_CHUNK)])
         return rows, self._sq
 
-    def block_norm_max(self, start: int, stop: int) -> torch.Tensor:
-        """The largest (fp64, rounded up) norm of the scanned rows [start, stop)."""
-        return self.norms[start:stop].max()
-
     def transform(self, v: torch.Tensor, metric: str) -> torch.Tensor:
         """(R, d) rows as FAISS sees them: each element one fp32 rounding of the exact value."""
         v64 = v.double()
@@ -702,20 +708,21 @@ def _near_pairs(x: torch.Tensor, codebook: torch.Tensor, rows: torch.Tensor, col
     return rows[hit_row], cols[hit_row, hit_col]
 
 
-class _BandIndex:
+class _BandIndex(_Attempts):
     """The flat path's scanned rows sorted by their projection on the codebook's first principal
-    direction u, for the band search of l2 queries.
+    direction u, for the band search of l2 queries, and the record of whether its bands pay.
 
     For any unit u, |<u, x> - <u, c>| <= ||x - c||: a codeword nearer to x than sqrt(B) (B an
     upper bound on the exact minimum) has its projection within sqrt(B) of x's, so the rows
     whose projections fall outside that band are never scanned. Real photographs put much of
     their energy on one direction (brightness): there a band holds 9-27% of a codebook per query
     (scikit-image photographs, 8x8 and 16x16 patches). Projections are those of the fp32 rows
-    the scan reads; ``margin`` widens a band for their rounding.
+    the scan reads; ``plan`` widens a band for their rounding.
     """
 
     def __init__(self, flat: "_FlatCodebook", codebook: torch.Tensor):
-        rows = codebook if flat.vectors is None else flat.vectors
+        super().__init__(BAND_MISSES)
+        rows, sq = flat.scanned(codebook)
         sample = rows[::max(1, rows.shape[0] // BAND_PCA_ROWS)].double()
         sample = sample - sample.mean(dim=0)
         _, vecs = torch.linalg.eigh(sample.t() @ sample)
@@ -724,23 +731,14 @@ class _BandIndex:
         self.proj, self.perm = torch.sort(proj, stable=True)  # (K',) fp64, sorted position -> scanned row
         self._rows: Optional[torch.Tensor] = rows
         self.vectors: Optional[torch.Tensor] = None
-        self.sq: Optional[torch.Tensor] = None
+        self.sq = sq[self.perm]  # (K',) fp32 squared norms, sorted
         self.norms = flat.norms[self.perm]
-        self.misses = 0
-        self.tried = 0
-
-    def worth_trying(self) -> bool:
-        """After BAND_MISSES chunks in a row whose band was too wide, only every
-        FILTER_RETRY_EVERY-th chunk estimates it again."""
-        self.tried += 1
-        return self.misses < BAND_MISSES or self.tried % FILTER_RETRY_EVERY == 0
 
     def materialise(self) -> None:
-        """The sorted fp32 rows and squared norms (built on the first band search)."""
+        """The sorted fp32 rows (copied on the first band search)."""
         if self.vectors is None:
             self.vectors = self._rows.index_select(0, self.perm)
             _announce_copy(self._rows, self.vectors, "sorted by projection for the band search")
-            self.sq = torch.cat([torch.linalg.vecdot(block, block) for block in self.vectors.split(STAT_CHUNK)])
             self._rows = None
 
     def plan(self, queries: torch.Tensor, bound: torch.Tensor, x_norm: torch.Tensor,
@@ -955,10 +953,9 @@ def _band_plan(x: torch.Tensor, codebook: torch.Tensor, flat: "_FlatCodebook", q
         return None
     pilot_bound = _pilot_upper_bound(x, _pilot_sample(codebook, metric), metric)
     blocks, work = view.plan(queries, pilot_bound, x_norm, flat.norm_max)
+    view.record(work <= BAND_MAX_WORK)
     if work > BAND_MAX_WORK:
-        view.misses += 1
         return None
-    view.misses = 0
     view.materialise()
     return view, blocks, pilot_bound
 
