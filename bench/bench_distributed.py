@@ -19,6 +19,7 @@ Writes OUT/distributed.md and OUT/distributed.csv.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import shutil
@@ -42,13 +43,23 @@ MODEL_TFLOPS = 600.0
 MODEL_LINKS = {"NVLink (8 GPUs / node)": (450e9, 5e-6), "InfiniBand NDR (400 Gb/s per GPU)": (50e9, 10e-6)}
 
 
-def _worker(rank: int, world: int, rendezvous: str, directory: str, threads: int, repeats: int, result_path: str):
+@contextlib.contextmanager
+def _gloo(rank: int, world: int, rendezvous: str, threads: int, minutes: int):
+    """A spawned worker's set-up and teardown: its thread count, then the gloo group it joins
+    (``minutes``: the collectives' timeout), destroyed on the way out whatever happened."""
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=10))
+                            timeout=datetime.timedelta(minutes=minutes))
     try:
+        yield dist
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, rendezvous: str, directory: str, threads: int, repeats: int, result_path: str):
+    with _gloo(rank, world, rendezvous, threads, 10) as dist:
         codebook = np.load(os.path.join(directory, "codebook.npy"), mmap_mode="r")
         queries = torch.from_numpy(np.load(os.path.join(directory, "queries.npy")))
         start, stop = u2.distributed.shard_bounds(codebook.shape[0], world)[rank]
@@ -63,8 +74,6 @@ def _worker(rank: int, world: int, rendezvous: str, directory: str, threads: int
             times.append(time.perf_counter() - began)
         if rank == 0:
             torch.save({"times": times, "ids": ids}, result_path)
-    finally:
-        dist.destroy_process_group()
 
 
 def _spawn(worker, world: int, directory: str, threads: int, arg: object, name: str, what: str) -> Dict[str, object]:
@@ -96,12 +105,7 @@ def run_world(world: int, directory: str, threads: int, repeats: int) -> Dict[st
 
 def _kmeans_worker(rank: int, world: int, rendezvous: str, directory: str, threads: int, params: Dict[str, int],
                    result_path: str):
-    import torch.distributed as dist
-
-    torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=30))
-    try:
+    with _gloo(rank, world, rendezvous, threads, 30) as dist:
         features = np.load(os.path.join(directory, "features.npy"), mmap_mode="r")
         start, stop = u2.distributed.shard_bounds(features.shape[0], world)[rank]
         local = torch.from_numpy(np.array(features[start:stop]))  # this rank's rows only
@@ -111,8 +115,6 @@ def _kmeans_worker(rank: int, world: int, rendezvous: str, directory: str, threa
         seconds = time.perf_counter() - began
         if rank == 0:
             torch.save({"seconds": seconds, "vectors": book.vectors}, result_path)
-    finally:
-        dist.destroy_process_group()
 
 
 def run_kmeans(world: int, directory: str, threads: int, params: Dict[str, int]) -> Dict[str, object]:
@@ -123,14 +125,9 @@ def run_kmeans(world: int, directory: str, threads: int, params: Dict[str, int])
 def _c2_worker(rank: int, world: int, rendezvous: str, directory: str, threads: int, params: Dict[str, int],
                result_path: str):
     """Timed C2 steps (lookup, backward, SparseRowAdamW) replicated or vocab-parallel, each rank its own ids."""
-    import torch.distributed as dist
-
     from unicode2_fast.bench.bench_embedding import zipf_batches
 
-    torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=30))
-    try:
+    with _gloo(rank, world, rendezvous, threads, 30) as dist:
         k, d, n, steps = params["k"], params["d"], params["n"], params["steps"]
         table = torch.randn(k, d, generator=torch.Generator().manual_seed(0))
         batches = zipf_batches(k, n, steps + 1, 1.0, 100 + rank, torch.device("cpu"))  # each rank its own ids
@@ -163,8 +160,6 @@ def _c2_worker(rank: int, world: int, rendezvous: str, directory: str, threads: 
             del weight, opt
         if rank == 0:
             torch.save(out, result_path)
-    finally:
-        dist.destroy_process_group()
 
 
 def run_c2(world: int, directory: str, threads: int, params: Dict[str, int]) -> Dict[str, object]:
