@@ -66,17 +66,19 @@ def test_fbgemm_blocks_give_exact_integer_dot_products():
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("n,k,d", SHAPES)
-@pytest.mark.parametrize("filter_kind", ["fp64", "fp32", "int8", "fbgemm"])
+@pytest.mark.parametrize("filter_kind", ["fp64", "fp32", "int8", "int8x2", "fbgemm"])
 def test_cpu_path_is_exact(n, k, d, metric, filter_kind):
-    if filter_kind in ("int8", "fbgemm") and d < _nearest_cpu.MIN_INT8_DIM:
+    if filter_kind in ("int8", "int8x2", "fbgemm") and d < _nearest_cpu.MIN_INT8_DIM:
         pytest.skip("int8 filter is used only from MIN_INT8_DIM")
+    if filter_kind == "int8x2" and d > _nearest_cpu.MAX_INT8X2_DIM:
+        pytest.skip("int8x2 filter is exact in int32 only up to MAX_INT8X2_DIM (tested refusing)")
     _need_fbgemm(filter_kind)
     x, c = _data(n, k, d)
     ids, dists = _nearest_cpu.nearest_cpu(x, c, metric, filter_kind)
     assert_nearest_ok(ids, dists, x, c, metric, exact=True, rel_tol=2e-7)
 
 
-@pytest.mark.parametrize("filter_kind", ["fp32", "int8", "fbgemm"])
+@pytest.mark.parametrize("filter_kind", ["fp32", "int8", "int8x2", "fbgemm"])
 def test_cpu_filter_exact_on_near_ties(filter_kind):
     _need_fbgemm(filter_kind)
     # Hundreds of codewords within the int8 error bound of each other: the certified filter must
@@ -334,11 +336,11 @@ def _real_or_adversarial(name):
 
 
 @pytest.mark.parametrize("name", ["photos", "clustered", "duplicates"])
-@pytest.mark.parametrize("kind", ["flat", "int8", "fbgemm", "fp32", "fp64"])
+@pytest.mark.parametrize("kind", ["flat", "int8", "int8x2", "fbgemm", "fp32", "fp64"])
 def test_exact_on_real_and_adversarial_data(name, kind):
     _need_fbgemm(kind)
     c, x = _real_or_adversarial(name)
-    if kind in ("int8", "fbgemm") and c.shape[1] < _nearest_cpu.MIN_INT8_DIM:
+    if kind in ("int8", "int8x2", "fbgemm") and c.shape[1] < _nearest_cpu.MIN_INT8_DIM:
         pytest.skip("int8 filter needs d >= 16")
     ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", kind)
     assert_nearest_ok(ids, dists, x, c, "l2", exact=True, rel_tol=2e-7)
@@ -615,17 +617,19 @@ def test_automatic_filter_that_keeps_failing_is_skipped_and_retried(monkeypatch)
     monkeypatch.setattr(_nearest_cpu, "PRUNE_LIMIT", 0)  # no chunk prunes
     tried = []
     real = _nearest_cpu._search_chunk
-    monkeypatch.setattr(_nearest_cpu, "_search_chunk", lambda xq, *a: tried.append(1) or real(xq, *a))
+    monkeypatch.setattr(_nearest_cpu, "_search_chunk", lambda xq, *a: tried.append(a[-1]) or real(xq, *a))
     xs = x[:200]
     ids, dists = _nearest_cpu.nearest_cpu(xs, c, "l2")
     assert_nearest_ok(ids, dists, xs, c, "l2", exact=True, rel_tol=2e-7)
     chunks = 20
     misses, every = _nearest_cpu.FILTER_MISSES, _nearest_cpu.FILTER_RETRY_EVERY
-    assert len(tried) == misses + (chunks - misses) // every
-    # a forced kind is always tried
+    # the two-level filter is tried where the int8 one fails, and keeps its own record
+    assert tried.count("int8") == tried.count("int8x2") == misses + (chunks - misses) // every
+    assert len(tried) == 2 * tried.count("int8")
+    # a forced kind is always tried, alone
     tried.clear()
     _nearest_cpu.nearest_cpu(xs, c, "l2", "int8")
-    assert len(tried) == chunks
+    assert tried == ["int8"] * chunks
 
 
 # the band search of the flat path (l2 codebooks with a dominant direction: photographs) ----------
@@ -727,3 +731,103 @@ def test_band_search_is_skipped_where_bands_span_the_codebook(monkeypatch):
     assert torch.equal(ids, _argmin64(x, c))
     assert len(works) == _nearest_cpu.BAND_MISSES and min(works) > _nearest_cpu.BAND_MAX_WORK
     assert _nearest_cpu.cached(c, ("band",)).vectors is None  # no sorted copy was made
+
+
+# the two-level int8 filter and the group-minima extraction -------------------------------------
+
+def _photos(k, n, patch=4, seed=0):
+    pytest.importorskip("skimage")
+    from unicode2_fast import data
+
+    p = data.photo_patches(k + n, patch=patch, seed=seed)
+    return p[:k], p[k:]
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+def test_two_level_rows_and_their_error_bound(metric):
+    # the int8x2 statistics describe each row exactly: |<x, c> - s_x s_c (X2_BASE <q1x, q1c> +
+    # <q1x, q2c> + <q2x, q1c>) / X2_BASE| stays within filt_norm_x * res_c + res_x * norm_c +
+    # lo_x * lo_c, and that bound is ~2^-13 of ||x|| ||c||, where the int8 one is ~2^-6
+    c, x = _photos(300, 200)
+    c, x = c[c.norm(dim=1) > 0.1], x[x.norm(dim=1) > 0.1]  # (black patches: no direction for cos)
+    center = c.double().mean(dim=0).float() if metric == "l2" else None
+    qs = _nearest_cpu._row_stats(x, "int8x2", metric == "cos", center)
+    cs = _nearest_cpu._row_stats(c, "int8x2c", metric == "cos", center)
+    x64, c64 = x.double(), c.double()
+    if center is not None:
+        x64, c64 = x64 - center.double(), c64 - center.double()
+    if metric == "cos":
+        x64, c64 = x64 / x64.norm(dim=1, keepdim=True), c64 / c64.norm(dim=1, keepdim=True)
+    true = x64 @ c64.t()
+    base = _nearest_cpu.X2_BASE
+    combined = (base * (qs.filt.double() @ cs.filt.double().t()) + qs.filt2.double() @ cs.filt2.double().t())
+    approx = qs.scale.double().unsqueeze(1) * cs.scale.double() * combined / base
+    bound = (qs.filt_norm.unsqueeze(1) * cs.res_norm + qs.res_norm.unsqueeze(1) * cs.norm
+             + qs.lo_norm.unsqueeze(1) * cs.lo_norm)
+    assert bool(((approx - true).abs() <= bound).all())
+    scale = qs.norm.unsqueeze(1) * cs.norm
+    assert (bound / scale).median().item() < 2.0 ** -11
+    one = _nearest_cpu._row_stats(x, "int8", metric == "cos", center)
+    one_c = _nearest_cpu._row_stats(c, "int8", metric == "cos", center)
+    one_bound = one.filt_norm.unsqueeze(1) * one_c.res_norm + one.res_norm.unsqueeze(1) * one_c.norm
+    assert (one_bound / bound).median().item() > 32
+
+
+def test_two_level_filter_prunes_photographs_where_int8_gives_up(monkeypatch):
+    # work count: on photographs (flat regions within the int8 bound) the one-level filter stops
+    # after its first block, the two-level one keeps a few candidates per query and is exact
+    c, x = _photos(4096, 600, patch=8)
+    kept = []
+    real_add = _nearest_cpu.CandidateStore.add
+    monkeypatch.setattr(_nearest_cpu.CandidateStore, "add", lambda self, r, *a: kept.append(r.numel()) or real_add(self, r, *a))
+    assert _nearest_cpu._search_chunk(x, c, _nearest_cpu.codebook_stats(c, "int8", "l2"), "l2", "int8") is None
+    kept.clear()
+    ids, obj = _nearest_cpu._search_chunk(x, c, _nearest_cpu.codebook_stats(c, "int8x2", "l2"), "l2", "int8x2")
+    assert sum(kept) < 16 * x.shape[0]  # of 4096 codewords per query
+    want = _nearest_cpu.exact_scan(x, c, "l2")[0]
+    assert torch.equal(ids, want)
+
+
+def test_automatic_choice_takes_the_two_level_filter_on_photographs(monkeypatch):
+    monkeypatch.setattr(_nearest_cpu, "choose_filter", lambda n, k, d: "int8")
+    monkeypatch.setattr(_nearest_cpu, "QUERY_CHUNK", 200)
+    c, x = _photos(4096, 600, patch=8, seed=1)
+    c = c.clone()
+    tried, flat = [], []
+    real = _nearest_cpu._search_chunk
+    monkeypatch.setattr(_nearest_cpu, "_search_chunk", lambda xq, *a: tried.append(a[-1]) or real(xq, *a))
+    real_flat = _nearest_cpu._flat_search
+    monkeypatch.setattr(_nearest_cpu, "_flat_search", lambda xq, *a, **kw: flat.append(xq.shape[0]) or real_flat(xq, *a, **kw))
+    ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2")
+    assert_nearest_ok(ids, dists, x, c, "l2", exact=True, rel_tol=2e-7)
+    assert tried == ["int8", "int8x2"] * 2 + ["int8x2"]  # int8 fails twice, then is skipped
+    assert sum(flat) < x.shape[0] // 10  # only queries past the candidate cap
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (torch.randn(5, 1040), torch.randn(50, 1040)),
+    lambda: (torch.randn(5, 64, dtype=torch.float64), torch.randn(50, 64)),
+])
+def test_two_level_filter_refuses_what_int32_or_its_statistics_cannot_hold(make):
+    x, c = make()
+    with pytest.raises(ValueError, match="int8x2"):
+        _nearest_cpu.nearest_cpu(x, c, "l2", "int8x2")
+    # the automatic choice never takes it there, and stays exact
+    ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2")
+    assert_nearest_ok(ids, dists, x, c, "l2", exact=True, rel_tol=2e-7)
+
+
+@pytest.mark.parametrize("width", [64, 100, 127, 130, 1])
+def test_group_minima_find_every_entry_below_the_threshold(width):
+    g = torch.Generator().manual_seed(width)
+    approx = torch.randn(37, width, generator=g)
+    approx[3] = 0.5  # a row of exact ties
+    thresh = torch.quantile(approx, 0.1, dim=1) if width > 1 else approx[:, 0]
+    active = torch.ones(37, dtype=torch.bool)
+    active[5] = False
+    groups = _nearest_cpu._GroupMinima(approx)
+    assert torch.equal(groups.minima.amin(dim=1), approx.amin(dim=1))
+    rows, cols = groups.below(thresh, active)
+    want = ((approx <= thresh.unsqueeze(1)) & active.unsqueeze(1)).nonzero()
+    got = torch.stack([rows, cols], dim=1)
+    assert torch.equal(got[torch.argsort(got[:, 0] * width + got[:, 1])], want)

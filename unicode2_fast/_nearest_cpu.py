@@ -31,6 +31,7 @@ distinct, equidistant codewords to a streaming float64 scan.
 from __future__ import annotations
 
 import math
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -116,6 +117,15 @@ DIRECT_REFINE_ROWS = 32
 MIN_INT8_DIM = 16
 #: int32 accumulation of 127 * 127 * d products stays exact below this dimension
 MAX_INT8_DIM = (2**31 - 1) // (127 * 127)
+#: the two-level int8 filter ("int8x2"): each row is s * (q1 + q2 / X2_BASE) with q1 in [-127, 127]
+#: and the residual digit q2 in [-X2_DIGIT, X2_DIGIT]; its combined dot product
+#: X2_BASE * <q1x, q1c> + <q1x, q2c> + <q2x, q1c> is exact in int32 up to this dimension
+X2_BASE = 128
+X2_DIGIT = 64
+MAX_INT8X2_DIM = (2**31 - 1) // (127 * 127 * X2_BASE + 2 * 127 * X2_DIGIT)
+#: candidates are extracted from each block through the minima of groups of this many codewords:
+#: one pass over the block, then only the groups below a query's threshold are read again
+GROUP_WIDTH = 64
 
 
 
@@ -253,6 +263,11 @@ class _RowStats:
     norm: torch.Tensor
     sq: Optional[torch.Tensor]
     sq_rel_err: float
+    #: "int8x2" only: the second GEMM's operand, [q1 | q2] for queries and [q2 | q1] for codewords
+    #: (R, 2d) int8, and lo_norm = ||s * q2 / X2_BASE|| (fp64 bound), whose product over a pair is
+    #: the one term of <x^, c^> the filter leaves out
+    filt2: Optional[torch.Tensor] = None
+    lo_norm: Optional[torch.Tensor] = None
 
 
 def _row_stats(v: torch.Tensor, kind: str, normalize: bool, center: Optional[torch.Tensor] = None) -> _RowStats:
@@ -269,9 +284,11 @@ def _row_stats(v: torch.Tensor, kind: str, normalize: bool, center: Optional[tor
         parts.append(_row_stats_chunk(v[start:start + STAT_CHUNK], kind, normalize, center))
     if not parts:
         parts.append(_row_stats_chunk(v, kind, normalize, center))
-    fields = ("filt", "scale", "res_norm", "filt_norm", "norm", "sq")
-    return _RowStats(*(torch.cat([getattr(p, f) for p in parts]) if getattr(parts[0], f) is not None else None
-                       for f in fields), parts[0].sq_rel_err)
+    def joined(f: str) -> Optional[torch.Tensor]:
+        return torch.cat([getattr(p, f) for p in parts]) if getattr(parts[0], f) is not None else None
+
+    return _RowStats(*(joined(f) for f in ("filt", "scale", "res_norm", "filt_norm", "norm", "sq")),
+                     parts[0].sq_rel_err, filt2=joined("filt2"), lo_norm=joined("lo_norm"))
 
 
 def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool, center: Optional[torch.Tensor]) -> _RowStats:
@@ -293,10 +310,31 @@ def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool, center: Option
         v32 = v32 / norm.unsqueeze(1)
         norm = torch.linalg.vector_norm(v32, dim=1)
         off_unit = torch.full_like(norm, 2.0 * gamma)
+    filt2 = lo_norm = None
     if kind == "fp32":
         filt = v32
         scale = torch.ones_like(norm)
         res_norm = off_unit.double()
+    elif kind in ("int8x2", "int8x2c"):
+        # v^ = s * (q1 + q2 / X2_BASE): q1 + q2 / X2_BASE is exact in fp32 (14 significant bits),
+        # the product with s and the difference from v are one fp32 rounding each, as below
+        absmax = v32.abs().amax(dim=1)
+        scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+        q1 = torch.round(v32 / scale.unsqueeze(1)).clamp_(-127.0, 127.0)
+        step = (scale / X2_BASE).unsqueeze(1)
+        q2 = torch.round((v32 - q1 * scale.unsqueeze(1)) / step).clamp_(-X2_DIGIT, X2_DIGIT)
+        digits = q1 + q2 / X2_BASE
+        residual = v32 - digits * scale.unsqueeze(1)
+        res_norm = (torch.linalg.vector_norm(residual, dim=1).double() * grow
+                    + 2.0 * U32 * norm.double() * grow + off_unit.double())
+        filt = q1.to(torch.int8)
+        pair = (q2, q1) if kind == "int8x2c" else (q1, q2)  # codewords: [q2 | q1], queries: [q1 | q2]
+        filt2 = torch.cat(pair, dim=1).to(torch.int8)
+        lo_norm = torch.linalg.vector_norm(q2, dim=1).double() * (scale.double() / X2_BASE) * grow
+        filt_norm = torch.linalg.vector_norm(digits, dim=1).double() * scale.double() * grow
+        sq = torch.linalg.vecdot(v32, v32) if not normalize else None
+        return _RowStats(filt, scale, res_norm, filt_norm, norm.double() * grow + off_unit.double(), sq,
+                         gamma + 3.0 * U32, filt2=filt2, lo_norm=lo_norm)
     else:
         levels = _LEVELS[kind]
         absmax = v32.abs().amax(dim=1)
@@ -312,6 +350,8 @@ def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool, center: Option
 
 
 def _row_stats_chunk_fp64(v: torch.Tensor, kind: str, normalize: bool, center: Optional[torch.Tensor]) -> _RowStats:
+    if kind.startswith("int8x2"):
+        raise ValueError("the two-level int8 filter takes fp32 / fp16 / bf16 rows, not float64")
     v64 = v.double()
     if center is not None:
         v64 = v64 - center.double()  # fp64 rounding here is far below the 2^-20 growth margin
@@ -377,7 +417,8 @@ class _CodebookStats(_Attempts):
         # l2: shift everything by the codebook mean (see _row_stats); fp32 so the shift itself is
         # a fixed, exactly known vector
         self.center = _column_mean(codebook).float() if metric == "l2" else None
-        self.stats = _row_stats(codebook, "int8" if kind == "fbgemm" else kind, metric == "cos", self.center)
+        stat_kind = {"fbgemm": "int8", "int8x2": "int8x2c"}.get(kind, kind)
+        self.stats = _row_stats(codebook, stat_kind, metric == "cos", self.center)
         self.pilot = _pilot_sample(codebook, metric)
         # per-block maxima used in the error bound W
         n_blocks = math.ceil(codebook.shape[0] / CODE_BLOCK)
@@ -389,6 +430,9 @@ class _CodebookStats(_Attempts):
         self.block_res_max = [self.stats.res_norm[b * CODE_BLOCK:(b + 1) * CODE_BLOCK].max().item() for b in range(n_blocks)]
         self.block_filt_max = [self.stats.filt_norm[b * CODE_BLOCK:(b + 1) * CODE_BLOCK].max().item() for b in range(n_blocks)]
         self.block_norm_max = [self.stats.norm[b * CODE_BLOCK:(b + 1) * CODE_BLOCK].max().item() for b in range(n_blocks)]
+        lo = self.stats.lo_norm
+        self.block_lo_max = ([lo[b * CODE_BLOCK:(b + 1) * CODE_BLOCK].max().item() for b in range(n_blocks)]
+                             if lo is not None else [0.0] * n_blocks)
         self.block_sq_max = (
             [self.stats.sq[b * CODE_BLOCK:(b + 1) * CODE_BLOCK].max().item() for b in range(n_blocks)]
             if self.stats.sq is not None else [0.0] * n_blocks
@@ -456,17 +500,24 @@ def choose_filter(n: int, k: int, d: int) -> str:
     return "flat"
 
 
-def _filter_gemm(qx: torch.Tensor, qc: torch.Tensor, kind: str) -> torch.Tensor:
-    # qx: (n, d), qc: (b, d) -> (n, b) filter dot products (exact int32 for int8; the fbgemm filter
-    # calls _FbgemmBlocks.dots instead)
-    if kind == "int8":
-        return torch._int_mm(qx, qc.t())
+def _int8x2_ok(x: torch.Tensor, codebook: torch.Tensor) -> bool:
+    """Whether the two-level int8 filter can search x against codebook: its combined dot products
+    are exact in int32 up to MAX_INT8X2_DIM, and its statistics are fp32 (no float64 rows)."""
+    return (MIN_INT8_DIM <= x.shape[1] <= MAX_INT8X2_DIM
+            and torch.float64 not in (x.dtype, codebook.dtype))
+
+
+def _filter_gemm(qx: torch.Tensor, qc: torch.Tensor, kind: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # qx: (n, d), qc: (b, d) -> (n, b) filter dot products (exact int32 for int8 / int8x2, into
+    # ``out`` when given; the fbgemm filter calls _FbgemmBlocks.dots instead)
+    if kind in ("int8", "int8x2"):
+        return torch._int_mm(qx, qc.t(), out=out)
     return qx @ qc.t()
 
 
 def _gemm_rounding(kind: str, d: int) -> float:
     """Relative bound on the filter GEMM's own rounding, times ||x|| ||c||."""
-    if kind in ("int8", "fbgemm"):
+    if kind in ("int8", "int8x2", "fbgemm"):
         return 0.0  # integer products and sums are exact (127^2 * d < 2^31 up to MAX_INT8_DIM;
         # fbgemm's fp32 output rounding is bounded per block by _FbgemmBlocks.dot_error)
     unit = U32 if kind == "fp32" else U64
@@ -548,7 +599,7 @@ def nearest_cpu(
 
     Args:
         x: (N, d) float queries (finite). codebook: (K, d) float codewords (finite, K >= 1).
-        metric: "l2", "ip" or "cos". filter_kind: "int8" | "fbgemm" | "fp32" | "fp64" | "flat";
+        metric: "l2", "ip" or "cos". filter_kind: "int8" | "int8x2" | "fbgemm" | "fp32" | "fp64" | "flat";
             None picks by shape and measured GEMM rates (choose_filter).
 
     Returns:
@@ -559,8 +610,15 @@ def nearest_cpu(
     if n == 0:
         return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float32)
     kind = filter_kind or choose_filter(n, k, d)
+    if filter_kind == "int8x2" and not _int8x2_ok(x, codebook):
+        raise ValueError(f"the int8x2 filter takes d <= {MAX_INT8X2_DIM} and no float64 inputs "
+                         f"(got d = {d}, {x.dtype} queries, {codebook.dtype} codebook)")
     if filter_kind is None and kind in ("int8", "fbgemm") and _cells_built(codebook, metric):
         kind = "flat"  # an earlier search found this codebook tightly clustered: its cells settle the queries
+    # where the int8 filter keeps too much (photographs: flat regions put many codewords within its
+    # ~2^-7 error bound), the two-level filter (~2^-14, three int8 GEMMs' work) usually prunes
+    # before the chunk goes to FAISS's flat scan
+    two_level = filter_kind is None and kind == "int8" and _int8x2_ok(x, codebook)
     cstats = None
     if kind != "flat":
         with stage("nearest/codebook_stats"):
@@ -577,6 +635,12 @@ def nearest_cpu(
         result = None if skip else _search_chunk(chunk, codebook, cstats, metric, kind)
         if kind != "flat" and filter_kind is None:
             cstats.record(result is not None)
+        if result is None and two_level:
+            with stage("nearest/codebook_stats"):
+                finer = codebook_stats(codebook, "int8x2", metric)
+            if finer.worth_trying():
+                result = _search_chunk(chunk, codebook, finer, metric, "int8x2")
+            finer.record(result is not None)
         if result is None:  # the flat path, or a filter scan that stopped pruning
             with stage("nearest/flat"):
                 result = _flat_search(chunk, codebook, metric)
@@ -1009,6 +1073,65 @@ def _codebook_cells(codebook: torch.Tensor) -> _cells.Cells:
     return result
 
 
+class _Scratch(threading.local):
+    """Per-thread buffers of the filter scan, reused across blocks, chunks and calls.
+
+    A fresh (rows, CODE_BLOCK) result page-faults on first touch, which on a 2-core machine costs
+    as much as the int8 GEMM that fills it. At most 3 buffers of QUERY_CHUNK x CODE_BLOCK entries
+    (96 MiB) are held per thread that searched.
+    """
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, name: str, shape: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous uninitialised tensor of ``shape`` backed by the buffer called ``name``."""
+        numel = shape[0] * shape[1]
+        buf = self.buffers.get((name, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype)
+            if numel <= QUERY_CHUNK * CODE_BLOCK:
+                self.buffers[(name, dtype)] = buf
+        return buf[:numel].view(shape)
+
+
+_SCRATCH = _Scratch()
+
+
+def _scratch() -> _Scratch:
+    return _SCRATCH
+
+
+class _GroupMinima:
+    """Minima of groups of GROUP_WIDTH consecutive columns of one block of filter values, and the
+    (row, column) entries at or below a per-row threshold read back only from the groups whose
+    minimum is: one pass over the block instead of a compare and a nonzero over all of it."""
+
+    def __init__(self, approx: torch.Tensor):
+        # approx: (n, w) contiguous
+        self.approx = approx
+        n, w = approx.shape
+        full = w // GROUP_WIDTH
+        parts = []
+        if full:
+            parts.append(approx[:, :full * GROUP_WIDTH].view(n, full, GROUP_WIDTH).amin(dim=2))
+        if w % GROUP_WIDTH:
+            parts.append(approx[:, full * GROUP_WIDTH:].amin(dim=1, keepdim=True))
+        self.minima = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def below(self, thresh: torch.Tensor, active: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(rows, cols) int64 of the entries <= thresh[row] in the rows where ``active``, row-major."""
+        n, w = self.approx.shape
+        hit_groups = ((self.minima <= thresh.unsqueeze(1)) & active.unsqueeze(1)).nonzero()
+        rows, group = hit_groups[:, 0], hit_groups[:, 1]
+        cols = group.unsqueeze(1) * GROUP_WIDTH + torch.arange(GROUP_WIDTH)
+        inside = cols < w  # the last group of a block may be short
+        cols = cols.clamp_(max=w - 1)
+        values = self.approx.reshape(-1)[rows.unsqueeze(1) * w + cols]
+        hit = ((values <= thresh[rows].unsqueeze(1)) & inside).nonzero()
+        return rows[hit[:, 0]], cols[hit[:, 0], hit[:, 1]]
+
+
 def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
     # x: (n, d) queries; returns ids (n,), float64 objective (n,)
     n, d = x.shape
@@ -1018,7 +1141,10 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
     u = _FbgemmBlocks.activations(qs.filt) if kind == "fbgemm" else None
     coef = 2.0 if metric == "l2" else 1.0  # filter objective: ||c||^2 - 2<x,c>  or  -<x,c>
     gemm_round = _gemm_rounding(kind, d)
-    neg_scale = (-coef * qs.scale.double()).to(torch.float32 if kind in ("int8", "fbgemm") else cs.filt.dtype)
+    integer = kind in ("int8", "int8x2", "fbgemm")
+    # int8x2's combined dot products count in units of 1 / X2_BASE (a power of two: exact)
+    unit = 1.0 / X2_BASE if kind == "int8x2" else 1.0
+    neg_scale = (-coef * unit * qs.scale.double()).to(torch.float32 if integer else cs.filt.dtype)
     # The candidates' exact objectives live in the "pair" space (||x-c||^2 for l2); the filter's
     # omits ||x||^2. pair = filter + offset.
     offset = ((x.double() - cstats.center.double()).pow(2).sum(dim=1) if metric == "l2"
@@ -1046,56 +1172,68 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
         upper.scatter_reduce_(0, r, obj + err, reduce="amin")
         store.add(r, local_cols + start, obj - err)
 
+    scratch = _scratch()
     with stage("nearest/filter_scan"):
         for b, start in enumerate(range(0, k, CODE_BLOCK)):
             stop = min(k, start + CODE_BLOCK)
             if kind == "fbgemm":
                 approx = cstats.fbgemm.dots(u, b, start, stop).mul_(cs.scale[start:stop])
+            elif kind in ("int8", "int8x2"):
+                # into reused buffers: fresh (n, CODE_BLOCK) results page-fault on every block, and
+                # copy_ + mul_ runs ~3x faster than a mixed-dtype mul
+                dots = _filter_gemm(qs.filt, cs.filt[start:stop], kind, scratch.get("dots", (n, stop - start), torch.int32))
+                if kind == "int8x2":
+                    low = _filter_gemm(qs.filt2, cs.filt2[start:stop], kind,
+                                       scratch.get("dots2", (n, stop - start), torch.int32))
+                    dots = low.add_(dots, alpha=X2_BASE)  # exact: d <= MAX_INT8X2_DIM
+                approx = scratch.get("approx", (n, stop - start), torch.float32).copy_(dots).mul_(cs.scale[start:stop])
             else:
                 approx = _filter_gemm(qs.filt, cs.filt[start:stop], kind)
-            if kind == "int8":
-                approx = approx.float().mul_(cs.scale[start:stop])
-            approx.mul_(neg_scale.unsqueeze(1))
             if metric == "l2":
-                approx.add_(cs.sq[start:stop].to(approx.dtype))
+                approx = torch.addcmul(cs.sq[start:stop].to(approx.dtype), approx, neg_scale.unsqueeze(1), out=approx)
+            else:
+                approx.mul_(neg_scale.unsqueeze(1))
             # width: |true filter objective - approx| <= width for every codeword of this block
             dot_err = qs.filt_norm * cstats.block_res_max[b] + qs.res_norm * cstats.block_norm_max[b]
             dot_err = dot_err + gemm_round * qs.filt_norm * cstats.block_filt_max[b]
+            if qs.lo_norm is not None:  # int8x2: the <q2x, q2c> term left out of the GEMMs
+                dot_err = dot_err + qs.lo_norm * cstats.block_lo_max[b]
             if kind == "fbgemm" and cstats.fbgemm.dot_error[b]:
                 dot_err = dot_err + cstats.fbgemm.dot_error[b] * qs.scale.double() * cstats.block_scale_max[b]
             # fp32 evaluation of the approximate objective: a few roundings of terms of this size
             magnitude = coef * qs.filt_norm * cstats.block_filt_max[b] + cstats.block_sq_max[b]
             width = coef * dot_err + 2.0 ** -19 * magnitude + cs.sq_rel_err * cstats.block_sq_max[b]
-            blk_min = approx.min(dim=1).values.double()
+            groups = _GroupMinima(approx)
+            blk_min = groups.minima.amin(dim=1).double()
             # pair space = filter space + offset: each move between them rounds in fp64, by up to
             # an ulp of the larger side, which can exceed the width when the queries lie far from
             # the codebook (offset >> filter values); _fp64_slack keeps both sides bounds
             upper = torch.minimum(upper, blk_min + width + offset + fp64_slack(blk_min, offset))
             thresh = upper - offset + width + fp64_slack(upper, offset)
             thresh_f = (thresh + thresh.abs() * 2.0 ** -20).to(approx.dtype)
-            rows = (blk_min <= thresh).logical_and_(~overflow).nonzero().squeeze(1)
+            rows, cols = groups.below(thresh_f, ~overflow)
             if rows.numel() == 0:
                 continue
-            sub = approx[rows]
-            mask = sub <= thresh_f[rows].unsqueeze(1)
-            many = mask.sum(dim=1) > BLOCK_CANDIDATES
+            counts = torch.bincount(rows, minlength=n)
+            many = counts > BLOCK_CANDIDATES
             if bool(many.any()):
                 # A row with many candidates here is usually looking at the siblings of its nearest
                 # codeword before reaching it: extract only the smallest few now and re-check the rest
                 # against the final bound (they are rarely needed).
-                smallest, small_cols = sub[many].topk(BLOCK_CANDIDATES, dim=1, largest=False)
-                mask[many] = torch.zeros_like(mask[many]).scatter_(1, small_cols, True)
-                many_rows = rows[many]
+                many_rows = many.nonzero().squeeze(1)
+                smallest, small_cols = approx[many_rows].topk(BLOCK_CANDIDATES, dim=1, largest=False)
+                keep = ~many[rows]
+                rows = torch.cat([rows[keep], many_rows.repeat_interleave(BLOCK_CANDIDATES)])
+                cols = torch.cat([cols[keep], small_cols.reshape(-1)])
                 deferred.append((many_rows, b, smallest[:, -1].double() - width[many_rows]))
                 kept += BLOCK_CANDIDATES * many_rows.numel()
-            hit = mask.nonzero()
-            kept += hit.shape[0]
+            kept += rows.shape[0]
             if b + 1 >= PRUNE_CHECK_BLOCKS and kept > PRUNE_LIMIT * n * (b + 1):
                 # the filter keeps too much of the codebook (many codewords within its error bound
                 # of the queries): re-checking the survivors would cost more than FAISS's flat scan
                 # (checked before this block's candidates are measured: they would be wasted)
                 return None
-            add(rows[hit[:, 0]], hit[:, 1], b)
+            add(rows, cols, b)
 
     with stage("nearest/rerank"):
         # Deferred (row, block) pairs whose unextracted codewords could still beat the final bound
