@@ -246,3 +246,38 @@ def test_triton_ids_are_row_major():
     x, codebooks = _data(5, 3, 16, 40, seed=13)
     ids, dists = u2.nearest_grouped(x, codebooks, backend="triton")
     assert ids.is_contiguous() and dists.is_contiguous()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_fast_int8_machine_searches_group_by_group_with_cached_statistics(metric, monkeypatch):
+    # where the int8 GEMM is fast, each group goes to u2.nearest's certified int8 engine (one call
+    # per group, on per-group copies built once), and the ids stay the float64 argmin
+    from unicode2_fast import _nearest_cpu
+
+    monkeypatch.setattr(_nearest_cpu, "choose_filter", lambda n, k, d: "int8")
+    built, searched = [], []
+    real_stats, real_cpu = _nearest_cpu._CodebookStats, _nearest_cpu.nearest_cpu
+    monkeypatch.setattr(_nearest_cpu, "_CodebookStats", lambda *a: built.append(1) or real_stats(*a))
+    monkeypatch.setattr(_nearest_cpu, "nearest_cpu", lambda xq, c, m, *a: searched.append(c) or real_cpu(xq, c, m, *a))
+    x, codebooks = _data(300, 4, 48, 700, seed=11)
+    for _ in range(2):
+        ids, dists = u2.nearest_grouped(x, codebooks, metric)
+        _check_groups(ids, dists, x, codebooks, metric)
+    assert len(searched) == 8 and all(searched[g] is searched[g + 4] for g in range(4))
+    assert len(built) == 4  # one int8 statistics per group, reused by the second call
+    # an in-place change of the codebooks rebuilds the copies: the answer follows the change
+    codebooks[1, 5] = x[0, 1]
+    ids, dists = u2.nearest_grouped(x, codebooks, metric)
+    _check_groups(ids, dists, x, codebooks, metric)
+    if metric != "ip":  # (ip: a longer codeword can beat the query itself)
+        assert int(ids[0, 1]) == 5
+
+
+def test_slow_int8_machine_keeps_the_batched_fp32_scan(monkeypatch, researched):
+    from unicode2_fast import _nearest_cpu
+
+    monkeypatch.setattr(_nearest_cpu, "choose_filter", lambda n, k, d: "flat")
+    monkeypatch.setattr(_nearest_cpu, "nearest_cpu", lambda *a: pytest.fail("the batched scan should run"))
+    x, codebooks = _data(300, 4, 48, 700, seed=12)
+    ids, dists = u2.nearest_grouped(x, codebooks)
+    _check_groups(ids, dists, x, codebooks, "l2")
