@@ -831,3 +831,35 @@ def test_group_minima_find_every_entry_below_the_threshold(width):
     want = ((approx <= thresh.unsqueeze(1)) & active.unsqueeze(1)).nonzero()
     got = torch.stack([rows, cols], dim=1)
     assert torch.equal(got[torch.argsort(got[:, 0] * width + got[:, 1])], want)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int8x2", "fp32"])
+def test_filter_scans_each_exact_duplicate_once_and_keeps_the_lowest_id(kind):
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(300, 40, generator=g)
+    c = torch.cat([base, base[:100], base[:50]])[torch.randperm(450, generator=g)]
+    stats = _nearest_cpu.codebook_stats(c, kind, "l2")
+    assert stats.stats.norm.shape[0] == torch.unique(c, dim=0).shape[0] == 300
+    x = torch.cat([c[:60] + 1e-4 * torch.randn(60, 40, generator=g), c[:60]])
+    for metric in ("l2", "ip", "cos"):
+        ids, dists = _nearest_cpu.nearest_cpu(x, c, metric, kind)
+        assert_nearest_ok(ids, dists, x, c, metric, exact=True, rel_tol=2e-7)
+        want = _nearest_cpu.exact_scan(x, c, metric)[0]
+        assert torch.equal(ids, want)  # lowest id among the copies
+
+
+def test_deferred_block_with_masses_of_candidates_goes_to_the_flat_search(monkeypatch):
+    # 600 distinct codewords within the filter's bound of every query: the block's smallest 32 are
+    # measured, the rest re-checked against the final bound, and a query with more than
+    # DEFERRED_CAP of them is settled by the flat search, exactly
+    g = torch.Generator().manual_seed(6)
+    center = torch.randn(64, generator=g)
+    c = torch.cat([center + 1e-6 * torch.randn(600, 64, generator=g), torch.randn(400, 64, generator=g)])
+    x = torch.cat([center + 1e-6 * torch.randn(10, 64, generator=g), torch.randn(400, 64, generator=g)])
+    monkeypatch.setattr(_nearest_cpu, "CODE_BLOCK", 256)
+    flat = []
+    real_flat = _nearest_cpu._flat_search
+    monkeypatch.setattr(_nearest_cpu, "_flat_search", lambda xq, *a, **kw: flat.append(xq.shape[0]) or real_flat(xq, *a, **kw))
+    ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", "int8x2")
+    assert torch.equal(ids, _nearest_cpu.exact_scan(x, c, "l2")[0])
+    assert flat == [10]

@@ -111,6 +111,8 @@ CELLS_QUERY_CHUNK = 4096
 COPY_WARN_BYTES = 256 << 20
 #: near pairs per query above which they are first measured directly in fp32 (see _near_pairs)
 DIRECT_REFINE_PAIRS = 4
+#: a deferred (query, block) with more candidates than this against the final bound goes to the flat search
+DEFERRED_CAP = 128
 #: queries whose (kk, d) candidate rows are gathered at a time there
 DIRECT_REFINE_ROWS = 32
 #: torch's CPU int8 GEMM returns wrong results for d = 1 (seen in torch 2.13); int8 only from here
@@ -270,8 +272,10 @@ class _RowStats:
     lo_norm: Optional[torch.Tensor] = None
 
 
-def _row_stats(v: torch.Tensor, kind: str, normalize: bool, center: Optional[torch.Tensor] = None) -> _RowStats:
-    """Quantise / convert rows ``v: (R, d)`` for the filter and bound the residuals.
+def _row_stats(v: torch.Tensor, kind: str, normalize: bool, center: Optional[torch.Tensor] = None,
+               rows: Optional[torch.Tensor] = None) -> _RowStats:
+    """Quantise / convert rows ``v: (R, d)`` (those of the ids ``rows`` only, when given) for the
+    filter and bound the residuals.
 
     ``normalize`` (cos) scales rows to unit norm; ``center`` (l2) is subtracted first: squared L2
     distances do not change under a shift, and the filter's error bound scales with the row
@@ -280,8 +284,10 @@ def _row_stats(v: torch.Tensor, kind: str, normalize: bool, center: Optional[tor
     folded into the residual bounds.
     """
     parts = []
-    for start in range(0, v.shape[0], STAT_CHUNK):
-        parts.append(_row_stats_chunk(v[start:start + STAT_CHUNK], kind, normalize, center))
+    count = v.shape[0] if rows is None else rows.numel()
+    for start in range(0, count, STAT_CHUNK):
+        chunk = v[start:start + STAT_CHUNK] if rows is None else v.index_select(0, rows[start:start + STAT_CHUNK])
+        parts.append(_row_stats_chunk(chunk, kind, normalize, center))
     if not parts:
         parts.append(_row_stats_chunk(v, kind, normalize, center))
     def joined(f: str) -> Optional[torch.Tensor]:
@@ -418,10 +424,16 @@ class _CodebookStats(_Attempts):
         # a fixed, exactly known vector
         self.center = _column_mean(codebook).float() if metric == "l2" else None
         stat_kind = {"fbgemm": "int8", "int8x2": "int8x2c"}.get(kind, kind)
-        self.stats = _row_stats(codebook, stat_kind, metric == "cos", self.center)
+        # later exact copies of a codeword can only tie with the first, which wins: scan it alone
+        # (photographs: saturated and flat patches repeat; their ties all reached the re-rank)
+        self.ids = first_of_duplicates(codebook)  # (K',) original id of each scanned row, or None
+        self.stats = _row_stats(codebook, stat_kind, metric == "cos", self.center, self.ids)
+        # the scanned rows' norms at their original ids (the re-rank's error bound indexes them so)
+        self.norm_by_id = (self.stats.norm if self.ids is None else
+                           torch.zeros(codebook.shape[0], dtype=torch.float64).index_copy_(0, self.ids, self.stats.norm))
         self.pilot = _pilot_sample(codebook, metric)
         # per-block maxima used in the error bound W
-        n_blocks = math.ceil(codebook.shape[0] / CODE_BLOCK)
+        n_blocks = math.ceil(self.stats.norm.shape[0] / CODE_BLOCK)
         self.fbgemm = _FbgemmBlocks(self.stats.filt) if kind == "fbgemm" else None
         if self.fbgemm is not None:
             self.stats.filt = None  # packed: fbgemm holds its own copy
@@ -1135,7 +1147,7 @@ class _GroupMinima:
 def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
     # x: (n, d) queries; returns ids (n,), float64 objective (n,)
     n, d = x.shape
-    k = codebook.shape[0]
+    k = cstats.stats.norm.shape[0]  # rows scanned (distinct codewords)
     qs = _row_stats(x, "int7" if kind == "fbgemm" else kind, metric == "cos", cstats.center)
     cs = cstats.stats
     u = _FbgemmBlocks.activations(qs.filt) if kind == "fbgemm" else None
@@ -1163,46 +1175,58 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
     def add(r, local_cols, b):
         """Record candidates (r, block b's local_cols) with their certified pair-space bounds."""
         keep = store.admit(r)
-        r, local_cols = r[keep], local_cols[keep]
-        start = b * CODE_BLOCK
+        r, cols = r[keep], local_cols[keep] + b * CODE_BLOCK
+        ids = cols if cstats.ids is None else cstats.ids[cols]  # scanned row -> codeword id
         # Exact-ish objective of the block's candidates right away: the block's codewords and the
         # query chunk are still in cache, and the tighter bound prunes the following blocks.
-        obj, err = pair_objective(x_pair, codebook[start:start + CODE_BLOCK], r, local_cols, metric, gamma=pair_gamma,
-                                  x_norm=qs.norm, c_norm=cs.norm[start:start + CODE_BLOCK])
+        obj, err = pair_objective(x_pair, codebook, r, ids, metric, gamma=pair_gamma, x_norm=qs.norm,
+                                  c_norm=cstats.norm_by_id)
         upper.scatter_reduce_(0, r, obj + err, reduce="amin")
-        store.add(r, local_cols + start, obj - err)
+        store.add(r, ids, obj - err)
 
     scratch = _scratch()
+
+    def block_values(b: int, start: int, stop: int, sel: Optional[torch.Tensor] = None):
+        """(approx (m, w), width (m,)): the filter objective of the queries ``sel`` (None: all)
+        against block b, and the bound on its distance from the true filter objective."""
+        def of(v: torch.Tensor) -> torch.Tensor:
+            return v if sel is None else v[sel]
+
+        m = n if sel is None else sel.numel()
+        if kind == "fbgemm":
+            approx = cstats.fbgemm.dots(u if sel is None else torch.cat([u[sel], u[-1:]]), b, start, stop)
+            approx.mul_(cs.scale[start:stop])
+        elif kind in ("int8", "int8x2"):
+            # into reused buffers: fresh (n, CODE_BLOCK) results page-fault on every block, and
+            # copy_ + mul_ runs ~3x faster than a mixed-dtype mul
+            dots = _filter_gemm(of(qs.filt), cs.filt[start:stop], kind, scratch.get("dots", (m, stop - start), torch.int32))
+            if kind == "int8x2":
+                low = _filter_gemm(of(qs.filt2), cs.filt2[start:stop], kind,
+                                   scratch.get("dots2", (m, stop - start), torch.int32))
+                dots = low.add_(dots, alpha=X2_BASE)  # exact: d <= MAX_INT8X2_DIM
+            approx = scratch.get("approx", (m, stop - start), torch.float32).copy_(dots).mul_(cs.scale[start:stop])
+        else:
+            approx = _filter_gemm(of(qs.filt), cs.filt[start:stop], kind)
+        if metric == "l2":
+            approx = torch.addcmul(cs.sq[start:stop].to(approx.dtype), approx, of(neg_scale).unsqueeze(1), out=approx)
+        else:
+            approx.mul_(of(neg_scale).unsqueeze(1))
+        # width: |true filter objective - approx| <= width for every codeword of this block
+        filt_norm = of(qs.filt_norm)
+        dot_err = filt_norm * cstats.block_res_max[b] + of(qs.res_norm) * cstats.block_norm_max[b]
+        dot_err = dot_err + gemm_round * filt_norm * cstats.block_filt_max[b]
+        if qs.lo_norm is not None:  # int8x2: the <q2x, q2c> term left out of the GEMMs
+            dot_err = dot_err + of(qs.lo_norm) * cstats.block_lo_max[b]
+        if kind == "fbgemm" and cstats.fbgemm.dot_error[b]:
+            dot_err = dot_err + cstats.fbgemm.dot_error[b] * of(qs.scale).double() * cstats.block_scale_max[b]
+        # fp32 evaluation of the approximate objective: a few roundings of terms of this size
+        magnitude = coef * filt_norm * cstats.block_filt_max[b] + cstats.block_sq_max[b]
+        return approx, coef * dot_err + 2.0 ** -19 * magnitude + cs.sq_rel_err * cstats.block_sq_max[b]
+
     with stage("nearest/filter_scan"):
         for b, start in enumerate(range(0, k, CODE_BLOCK)):
             stop = min(k, start + CODE_BLOCK)
-            if kind == "fbgemm":
-                approx = cstats.fbgemm.dots(u, b, start, stop).mul_(cs.scale[start:stop])
-            elif kind in ("int8", "int8x2"):
-                # into reused buffers: fresh (n, CODE_BLOCK) results page-fault on every block, and
-                # copy_ + mul_ runs ~3x faster than a mixed-dtype mul
-                dots = _filter_gemm(qs.filt, cs.filt[start:stop], kind, scratch.get("dots", (n, stop - start), torch.int32))
-                if kind == "int8x2":
-                    low = _filter_gemm(qs.filt2, cs.filt2[start:stop], kind,
-                                       scratch.get("dots2", (n, stop - start), torch.int32))
-                    dots = low.add_(dots, alpha=X2_BASE)  # exact: d <= MAX_INT8X2_DIM
-                approx = scratch.get("approx", (n, stop - start), torch.float32).copy_(dots).mul_(cs.scale[start:stop])
-            else:
-                approx = _filter_gemm(qs.filt, cs.filt[start:stop], kind)
-            if metric == "l2":
-                approx = torch.addcmul(cs.sq[start:stop].to(approx.dtype), approx, neg_scale.unsqueeze(1), out=approx)
-            else:
-                approx.mul_(neg_scale.unsqueeze(1))
-            # width: |true filter objective - approx| <= width for every codeword of this block
-            dot_err = qs.filt_norm * cstats.block_res_max[b] + qs.res_norm * cstats.block_norm_max[b]
-            dot_err = dot_err + gemm_round * qs.filt_norm * cstats.block_filt_max[b]
-            if qs.lo_norm is not None:  # int8x2: the <q2x, q2c> term left out of the GEMMs
-                dot_err = dot_err + qs.lo_norm * cstats.block_lo_max[b]
-            if kind == "fbgemm" and cstats.fbgemm.dot_error[b]:
-                dot_err = dot_err + cstats.fbgemm.dot_error[b] * qs.scale.double() * cstats.block_scale_max[b]
-            # fp32 evaluation of the approximate objective: a few roundings of terms of this size
-            magnitude = coef * qs.filt_norm * cstats.block_filt_max[b] + cstats.block_sq_max[b]
-            width = coef * dot_err + 2.0 ** -19 * magnitude + cs.sq_rel_err * cstats.block_sq_max[b]
+            approx, width = block_values(b, start, stop)
             groups = _GroupMinima(approx)
             blk_min = groups.minima.amin(dim=1).double()
             # pair space = filter space + offset: each move between them rounds in fp64, by up to
@@ -1238,12 +1262,24 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
     with stage("nearest/rerank"):
         # Deferred (row, block) pairs whose unextracted codewords could still beat the final bound
         # are scanned in full.
+        # Their block is scored again for just those rows, against the final thresholds: only
+        # its codewords within them are measured (re-adding the whole block would push flat-region
+        # queries past the candidate cap, to the flat search).
         for many_rows, b, rest_lower in deferred:
             rest_upper = upper[many_rows] - offset[many_rows] + fp64_slack(upper[many_rows], offset[many_rows])
             need = many_rows[(rest_lower <= rest_upper) & ~overflow[many_rows]]
             if need.numel():
-                size = min(k, (b + 1) * CODE_BLOCK) - b * CODE_BLOCK
-                add(need.repeat_interleave(size), torch.arange(size).repeat(need.numel()), b)
+                start = b * CODE_BLOCK
+                approx, width = block_values(b, start, min(k, start + CODE_BLOCK), need)
+                thresh = upper[need] - offset[need] + width + fp64_slack(upper[need], offset[need])
+                thresh_f = (thresh + thresh.abs() * 2.0 ** -20).to(approx.dtype)
+                hit = (approx <= thresh_f.unsqueeze(1)).nonzero()
+                # a query with masses of them (flat regions: hundreds of near-equal codewords) is
+                # cheaper to settle by the flat search's fp32 scan than by measuring each
+                crowded = torch.bincount(hit[:, 0], minlength=need.numel()) > DEFERRED_CAP
+                overflow[need[crowded]] = True
+                hit = hit[~crowded[hit[:, 0]]]
+                add(need[hit[:, 0]], hit[:, 1], b)
 
         rows, cols, lower = store.surviving(upper)
         obj = pair_objective(x, codebook, rows, cols, metric, torch.float64)[0] if two_stage else lower
