@@ -367,6 +367,7 @@ def test_filter_that_stops_pruning_hands_the_chunk_to_the_flat_path(monkeypatch)
     # after PRUNE_CHECK_BLOCKS blocks instead of re-checking most of the codebook
     c, x = _real_or_adversarial("clustered")
     monkeypatch.setattr(_nearest_cpu, "CODE_BLOCK", 128)
+    monkeypatch.setattr(_nearest_cpu, "PRUNE_LIMIT", 8)  # (this small case keeps 8-16 per block)
     blocks = []
     real_gemm = _nearest_cpu._filter_gemm
     monkeypatch.setattr(_nearest_cpu, "_filter_gemm", lambda *a: blocks.append(1) or real_gemm(*a))
