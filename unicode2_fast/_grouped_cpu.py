@@ -3,7 +3,9 @@
 At UniTok's shape (G = 8 sub-codebooks of K = 4096, chunks of d = 144) a query costs 8 small
 GEMMs; one batched fp32 GEMM over every group per block of queries runs at the BLAS rate, as
 FAISS's product-quantizer encoding does, and beats G separate FAISS searches on small batches
-(FAISS runs well below its speed on calls of a few hundred queries).
+(FAISS runs well below its speed on calls of a few hundred queries). On CPUs whose int8 GEMM is
+fast (AVX-512 VNNI: ``_nearest_cpu.choose_filter`` says "int8") u2.nearest's certified int8
+filters run faster still, so there each group goes to u2.nearest's engine instead.
 
 Certification: each (query, group) gets the smallest and second smallest fp32 objective and a
 rigorous bound ``e`` on their rounding error. Where the two are more than 2e apart the fp32 winner

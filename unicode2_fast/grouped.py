@@ -12,7 +12,8 @@ Backends:
     "torch"   on CPU, the certified-exact search of ``_grouped_cpu`` (one batched fp32 GEMM per
               block of queries over all groups on centred vectors, a rigorous rounding bound per
               (query, group), near ties settled in float64 from their fp32 candidate windows;
-              float64 inputs go through ``u2.nearest``'s exact CPU path group by group); on
+              float64 inputs, and every input on CPUs whose int8 GEMM is fast (AVX-512 VNNI),
+              go through ``u2.nearest``'s exact CPU path group by group); on
               CUDA, blocked batched matmul + argmin (float64 inputs: in float64);
     "faiss"   one FAISS flat search per group (FAISS's own fp32 answer);
     "auto"    Triton for fp32 / fp16 / bf16 CUDA tensors, "torch" otherwise.
