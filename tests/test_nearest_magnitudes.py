@@ -93,7 +93,7 @@ def test_triton_magnitudes(magnitude, metric, monkeypatch):
 
 
 @pytest.mark.parametrize("x_scale, c_scale", [(1e12, 1.0), (1.0, 1e12), (1e-12, 1.0), (1e20, 1e-20)])
-@pytest.mark.parametrize("filter_kind", ["int8", "fbgemm", "fp32", "fp64"])
+@pytest.mark.parametrize("filter_kind", ["int8", "int8x2", "fbgemm", "fp32", "fp64"])
 def test_queries_far_from_the_codebook(x_scale, c_scale, filter_kind, monkeypatch):
     # the landed code returned id K for 50 of 200 rows of randn * 1e12 against randn (K = 5000):
     # pair-space bounds lost to fp64 rounding when ||x||^2 dwarfs the codebook's spread

@@ -326,18 +326,23 @@ def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool, center: Option
     elif kind in ("int8x2", "int8x2c"):
         # v^ = s * (q1 + q2 / X2_BASE): q1 + q2 / X2_BASE is exact in fp32 (14 significant bits),
         # the product with s and the difference from v are one fp32 rounding each, as below
-        absmax = v32.abs().amax(dim=1)
+        # (any digits are valid: the residual below is measured from the digits actually chosen;
+        # in-place passes, since at a few us per query these statistics are a visible share)
+        absmax = torch.maximum(v32.amax(dim=1), v32.amin(dim=1).neg_())
         scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
-        q1 = torch.round(v32 / scale.unsqueeze(1)).clamp_(-127.0, 127.0)
-        step = (scale / X2_BASE).unsqueeze(1)
-        q2 = torch.round((v32 - q1 * scale.unsqueeze(1)) / step).clamp_(-X2_DIGIT, X2_DIGIT)
-        digits = q1 + q2 / X2_BASE
-        residual = v32 - digits * scale.unsqueeze(1)
+        t = v32 / scale.unsqueeze(1)  # (not a product with 1 / scale: that overflows for subnormal scales)
+        q1 = torch.round(t).clamp_(-127.0, 127.0)
+        q2 = t.sub_(q1).mul_(X2_BASE).round_().clamp_(-X2_DIGIT, X2_DIGIT)
+        digits = torch.add(q1, q2, alpha=1.0 / X2_BASE)
+        residual = torch.addcmul(v32, digits, scale.unsqueeze(1), value=-1.0)
         res_norm = (torch.linalg.vector_norm(residual, dim=1).double() * grow
                     + 2.0 * U32 * norm.double() * grow + off_unit.double())
         filt = q1.to(torch.int8)
-        pair = (q2, q1) if kind == "int8x2c" else (q1, q2)  # codewords: [q2 | q1], queries: [q1 | q2]
-        filt2 = torch.cat(pair, dim=1).to(torch.int8)
+        d = v32.shape[1]
+        filt2 = torch.empty((v32.shape[0], 2 * d), dtype=torch.int8)
+        first, second = (q2, q1) if kind == "int8x2c" else (q1, q2)  # codewords: [q2 | q1], queries: [q1 | q2]
+        filt2[:, :d].copy_(first)
+        filt2[:, d:].copy_(second)
         lo_norm = torch.linalg.vector_norm(q2, dim=1).double() * (scale.double() / X2_BASE) * grow
         filt_norm = torch.linalg.vector_norm(digits, dim=1).double() * scale.double() * grow
         sq = torch.linalg.vecdot(v32, v32) if not normalize else None
