@@ -117,3 +117,37 @@ def test_issue_examples(metric):
     assert u2.nearest(torch.tensor([[1e-30, 0.0]]), tiny, metric=metric)[0].tolist() == [0]
     assert u2.nearest(torch.tensor([[1e-30, 2e-30]]), torch.eye(2), metric="cos")[0].tolist() == [1]
 
+
+
+@pytest.mark.parametrize("scale", [1e-19, 1e-21, 1e-24])
+@pytest.mark.parametrize("filter_kind", ["int8", "int8x2", "fp32"])
+def test_tiny_codewords_against_large_queries_keep_their_bounds(scale, filter_kind):
+    # the largest magnitude (the queries') is in range, so nothing is rescaled; fp32 squares of the
+    # codewords' quantisation residuals and norms underflow, and a bound that underflows let the
+    # int8x2 filter discard the nearest codeword (160 of 400 wrong at 1e-19)
+    from unicode2_fast import _nearest_cpu
+
+    torch.manual_seed(1)
+    c = torch.randn(4096, 32) * scale
+    x = torch.randint(-127, 128, (400, 32)).float()
+    x[:, 0] = 127  # exactly quantisable queries
+    best = (-(x.double() @ c.double().t())).argmin(dim=1)
+    near = torch.stack([c[best[i]] + scale * 2.0 ** -(12 + i % 12) * torch.randn(32) for i in range(400)])
+    c = torch.cat([c, near])  # near ties at every depth of the filter's bound
+    want = (-(x.double() @ c.double().t())).argmin(dim=1)
+    ids, _ = _nearest_cpu.nearest_cpu(x, c, "ip", filter_kind)
+    assert torch.equal(ids, want)
+
+
+@pytest.mark.parametrize("filter_kind", ["int8", "int8x2"])
+def test_row_whose_quantisation_scale_underflows(filter_kind):
+    # absmax / 127 == 0 in fp32 for a row of 1e-44: it is kept unscaled, not turned into NaN
+    from unicode2_fast import _nearest_cpu
+
+    x, c = _data(20, 300, 32, 7)
+    c[5] = 0.0
+    c[5, 0] = 1e-44
+    for metric in ("ip", "l2"):
+        ids, _ = _nearest_cpu.nearest_cpu(x, c, metric, filter_kind)
+        want = objective64(x, c, metric).argmin(dim=1)
+        assert torch.equal(ids, want)

@@ -69,7 +69,7 @@ def nearest_grouped_cpu(x: torch.Tensor, codebooks: torch.Tensor, metric: str) -
     if n == 0:
         return torch.empty((0, groups), dtype=torch.int64), torch.empty((0, groups), dtype=torch.float32)
     float64 = x.dtype == torch.float64 or codebooks.dtype == torch.float64
-    if float64 or _nearest_cpu.choose_filter(n, codebooks.shape[1], d) in ("int8", "int8x2"):
+    if float64 or _nearest_cpu.choose_filter(n, codebooks.shape[1], d) == "int8":
         # float64: converting it to fp32 would add an error the bound does not cover. int8: where
         # this CPU's int8 GEMM is fast (AVX-512 VNNI), u2.nearest's certified int8 filters beat
         # one batched fp32 GEMM (1.5-2.2x FAISS PQ against 1.3-1.4x at UniTok's shape). Either
@@ -100,7 +100,7 @@ def _group_rows(codebooks: torch.Tensor) -> List[torch.Tensor]:
     if size >= _nearest_cpu.COPY_WARN_BYTES:
         warnings.warn(f"u2.nearest_grouped keeps a copy of this {tuple(codebooks.shape)} {codebooks.dtype} codebook "
                       f"({size / 2 ** 30:.2f} GiB, one contiguous block per group) for its exact CPU search, "
-                      f"until the codebooks are freed or changed in place", UserWarning, stacklevel=3)
+                      f"until the codebooks are freed or changed in place", UserWarning, stacklevel=5)
     return [codebooks[g].clone(memory_format=torch.contiguous_format) for g in range(codebooks.shape[0])]
 
 

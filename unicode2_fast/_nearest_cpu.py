@@ -47,7 +47,7 @@ from .profiling import stage
 
 #: codewords per block: the int32 + fp32 block matrices of a query chunk stay in L2/L3 cache
 CODE_BLOCK = 2048
-#: queries per chunk: bounds the block matrices to QUERY_CHUNK x CODE_BLOCK x 8 bytes (64 MB)
+#: queries per chunk: bounds the block matrices to QUERY_CHUNK x CODE_BLOCK x 12 bytes (96 MB: two int32, one fp32)
 QUERY_CHUNK = 4096
 #: rows quantised / normed at a time when building codebook statistics (bounds temporaries)
 STAT_CHUNK = 16384
@@ -152,6 +152,8 @@ def int8_gemm_available() -> bool:
     return _INT8_OK
 
 
+#: the spacing of fp32 values below the normal range (2^-149): their rounding is absolute
+FP32_SUBNORMAL_STEP = 2.0 ** -149
 #: quantisation levels of each integer filter kind: int8 rows in [-127, 127]; "int7" (the queries
 #: of the fbgemm filter) in [-63, 63], so that q + 64 is a 7-bit activation (see _FbgemmBlocks)
 _LEVELS = {"int8": 127.0, "int7": 63.0}
@@ -311,32 +313,37 @@ def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool, center: Option
     v32 = v.float()
     if center is not None:
         v32 = v32 - center.float()  # each element within one rounding of the exact difference
-    norm = torch.linalg.vector_norm(v32, dim=1)
+    # norms accumulate in float64: fp32 squares of rows below ~1e-19 underflow, and a bound that
+    # underflows lets the filter discard the nearest codeword
+    norm = torch.linalg.vector_norm(v32, dim=1, dtype=torch.float64)
     # distance of the rows below from the exact transformed rows
     off_unit = 1.01 * U32 * norm if center is not None else torch.zeros_like(norm)
     if normalize:
-        v32 = v32 / norm.unsqueeze(1)
-        norm = torch.linalg.vector_norm(v32, dim=1)
+        v32 = v32 / norm.float().unsqueeze(1)
+        norm = torch.linalg.vector_norm(v32, dim=1, dtype=torch.float64)
         off_unit = torch.full_like(norm, 2.0 * gamma)
+    # fp32 results below the normal range round by up to half its smallest step, not relatively
+    tiny = 2.0 * math.sqrt(d) * FP32_SUBNORMAL_STEP
     filt2 = lo_norm = None
     if kind == "fp32":
         filt = v32
         scale = torch.ones_like(norm)
-        res_norm = off_unit.double()
+        res_norm = off_unit + tiny
     elif kind in ("int8x2", "int8x2c"):
         # v^ = s * (q1 + q2 / X2_BASE): q1 + q2 / X2_BASE is exact in fp32 (14 significant bits),
         # the product with s and the difference from v are one fp32 rounding each, as below
         # (any digits are valid: the residual below is measured from the digits actually chosen;
         # in-place passes, since at a few us per query these statistics are a visible share)
         absmax = torch.maximum(v32.amax(dim=1), v32.amin(dim=1).neg_())
-        scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+        scale = absmax / 127.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # (absmax / 127 can underflow to 0)
         t = v32 / scale.unsqueeze(1)  # (not a product with 1 / scale: that overflows for subnormal scales)
         q1 = torch.round(t).clamp_(-127.0, 127.0)
         q2 = t.sub_(q1).mul_(X2_BASE).round_().clamp_(-X2_DIGIT, X2_DIGIT)
         digits = torch.add(q1, q2, alpha=1.0 / X2_BASE)
         residual = torch.addcmul(v32, digits, scale.unsqueeze(1), value=-1.0)
-        res_norm = (torch.linalg.vector_norm(residual, dim=1).double() * grow
-                    + 2.0 * U32 * norm.double() * grow + off_unit.double())
+        res_norm = (torch.linalg.vector_norm(residual, dim=1, dtype=torch.float64) * grow
+                    + 2.0 * U32 * norm * grow + off_unit + tiny)
         filt = q1.to(torch.int8)
         d = v32.shape[1]
         filt2 = torch.empty((v32.shape[0], 2 * d), dtype=torch.int8)
@@ -346,20 +353,21 @@ def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool, center: Option
         lo_norm = torch.linalg.vector_norm(q2, dim=1).double() * (scale.double() / X2_BASE) * grow
         filt_norm = torch.linalg.vector_norm(digits, dim=1).double() * scale.double() * grow
         sq = torch.linalg.vecdot(v32, v32) if not normalize else None
-        return _RowStats(filt, scale, res_norm, filt_norm, norm.double() * grow + off_unit.double(), sq,
+        return _RowStats(filt, scale, res_norm, filt_norm, norm * grow + off_unit + tiny, sq,
                          gamma + 3.0 * U32, filt2=filt2, lo_norm=lo_norm)
     else:
         levels = _LEVELS[kind]
         absmax = v32.abs().amax(dim=1)
-        scale = torch.where(absmax > 0, absmax / levels, torch.ones_like(absmax))
+        scale = absmax / levels
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # (absmax / levels can underflow to 0)
         q = torch.round(v32 / scale.unsqueeze(1)).clamp_(-levels, levels)
         residual = v32 - q * scale.unsqueeze(1)  # each element within 2 fp32 roundings of exact
-        res_norm = (torch.linalg.vector_norm(residual, dim=1).double() * grow
-                    + 2.0 * U32 * norm.double() * grow + off_unit.double())
+        res_norm = (torch.linalg.vector_norm(residual, dim=1, dtype=torch.float64) * grow
+                    + 2.0 * U32 * norm * grow + off_unit + tiny)
         filt = q.to(torch.int8)
     filt_norm = torch.linalg.vector_norm(filt.float(), dim=1).double() * scale.double() * grow
     sq = torch.linalg.vecdot(v32, v32) if not normalize else None
-    return _RowStats(filt, scale, res_norm, filt_norm, norm.double() * grow + off_unit.double(), sq, gamma + 3.0 * U32)
+    return _RowStats(filt, scale, res_norm, filt_norm, norm * grow + off_unit + tiny, sq, gamma + 3.0 * U32)
 
 
 def _row_stats_chunk_fp64(v: torch.Tensor, kind: str, normalize: bool, center: Optional[torch.Tensor]) -> _RowStats:
@@ -630,7 +638,7 @@ def nearest_cpu(
         return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float32)
     kind = filter_kind or choose_filter(n, k, d)
     if filter_kind == "int8x2" and not _int8x2_ok(x, codebook):
-        raise ValueError(f"the int8x2 filter takes d <= {MAX_INT8X2_DIM} and no float64 inputs "
+        raise ValueError(f"the int8x2 filter takes {MIN_INT8_DIM} <= d <= {MAX_INT8X2_DIM} and no float64 inputs "
                          f"(got d = {d}, {x.dtype} queries, {codebook.dtype} codebook)")
     if filter_kind is None and kind in ("int8", "fbgemm") and _cells_built(codebook, metric):
         kind = "flat"  # an earlier search found this codebook tightly clustered: its cells settle the queries
@@ -1228,7 +1236,9 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
             dot_err = dot_err + cstats.fbgemm.dot_error[b] * of(qs.scale).double() * cstats.block_scale_max[b]
         # fp32 evaluation of the approximate objective: a few roundings of terms of this size
         magnitude = coef * filt_norm * cstats.block_filt_max[b] + cstats.block_sq_max[b]
-        return approx, coef * dot_err + 2.0 ** -19 * magnitude + cs.sq_rel_err * cstats.block_sq_max[b]
+        # (+ the absolute rounding of fp32 values below the normal range: squares, products)
+        return approx, (coef * dot_err + 2.0 ** -19 * magnitude + cs.sq_rel_err * cstats.block_sq_max[b]
+                        + 4.0 * d * FP32_SUBNORMAL_STEP)
 
     with stage("nearest/filter_scan"):
         for b, start in enumerate(range(0, k, CODE_BLOCK)):
@@ -1268,7 +1278,7 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
 
     with stage("nearest/rerank"):
         # Deferred (row, block) pairs whose unextracted codewords could still beat the final bound
-        # are scanned in full.
+        # need the rest of that block.
         # Their block is scored again for just those rows, against the final thresholds: only
         # its codewords within them are measured (re-adding the whole block would push flat-region
         # queries past the candidate cap, to the flat search).
