@@ -13,6 +13,13 @@ one; the few that survive (the candidates) are re-ranked with float64 distances 
 from the original vectors. The result is the exact nearest codeword -- not an approximation --
 with ties to the lowest index, and distances accurate to float64 before the final fp32 cast.
 
+Where the int8 bound (~2^-6 of ||x|| ||c||) keeps too many codewords (photographs: flat image
+regions), the two-level filter "int8x2" writes each row as s (q1 + q2 / 128), q1 in [-127, 127]
+and q2 in [-64, 64], and computes 128 <q1x, q1c> + <q1x, q2c> + <q2x, q1c> exactly in int32
+(two int8 GEMMs, three GEMMs' work; d <= MAX_INT8X2_DIM) with a ~2^-13 bound, the left-out
+<q2x, q2c> term included in it. Exact duplicate codewords are scanned once, and each block's
+candidates are read back only from the groups of GROUP_WIDTH codewords whose minimum passes.
+
 The same engine runs with an fp32 or fp64 filter (no quantisation, a GEMM rounding bound instead):
 fp64 for tiny codebooks, fp32 on request. It is worth running only where it prunes and int8 is
 fast, so ``choose_filter`` measures the int8 GEMM rate once per process (AVX2-only CPUs run it
