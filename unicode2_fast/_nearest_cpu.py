@@ -331,50 +331,48 @@ def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool, center: Option
         off_unit = torch.full_like(norm, 2.0 * gamma)
     # fp32 results below the normal range round by up to half its smallest step, not relatively
     tiny = 2.0 * math.sqrt(d) * FP32_SUBNORMAL_STEP
+    def scale_of(levels: float) -> torch.Tensor:
+        scale = torch.maximum(v32.amax(dim=1), v32.amin(dim=1).neg_()) / levels
+        return torch.where(scale > 0, scale, torch.ones_like(scale))  # (absmax / levels can underflow to 0)
+
+    def residual_bound(residual: torch.Tensor) -> torch.Tensor:
+        # each residual element within 2 fp32 roundings of exact (the product with the scale and
+        # the difference from v), measured from the digits actually chosen
+        return (torch.linalg.vector_norm(residual, dim=1, dtype=torch.float64) * grow
+                + 2.0 * U32 * norm * grow + off_unit + tiny)
+
     filt2 = lo_norm = None
     if kind == "fp32":
         filt = v32
         scale = torch.ones_like(norm)
         res_norm = off_unit + tiny
+        digits = filt
     elif kind in ("int8x2", "int8x2c"):
-        # v^ = s * (q1 + q2 / X2_BASE): q1 + q2 / X2_BASE is exact in fp32 (14 significant bits),
-        # the product with s and the difference from v are one fp32 rounding each, as below
-        # (any digits are valid: the residual below is measured from the digits actually chosen;
-        # in-place passes, since at a few us per query these statistics are a visible share)
-        absmax = torch.maximum(v32.amax(dim=1), v32.amin(dim=1).neg_())
-        scale = absmax / 127.0
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # (absmax / 127 can underflow to 0)
+        # v^ = s * (q1 + q2 / X2_BASE): q1 + q2 / X2_BASE is exact in fp32 (14 significant bits);
+        # any digits are valid, and in-place passes, since at a few us per query these statistics
+        # are a visible share
+        scale = scale_of(127.0)
         t = v32 / scale.unsqueeze(1)  # (not a product with 1 / scale: that overflows for subnormal scales)
         q1 = torch.round(t).clamp_(-127.0, 127.0)
         q2 = t.sub_(q1).mul_(X2_BASE).round_().clamp_(-X2_DIGIT, X2_DIGIT)
         digits = torch.add(q1, q2, alpha=1.0 / X2_BASE)
-        residual = torch.addcmul(v32, digits, scale.unsqueeze(1), value=-1.0)
-        res_norm = (torch.linalg.vector_norm(residual, dim=1, dtype=torch.float64) * grow
-                    + 2.0 * U32 * norm * grow + off_unit + tiny)
+        res_norm = residual_bound(torch.addcmul(v32, digits, scale.unsqueeze(1), value=-1.0))
         filt = q1.to(torch.int8)
-        d = v32.shape[1]
         filt2 = torch.empty((v32.shape[0], 2 * d), dtype=torch.int8)
         first, second = (q2, q1) if kind == "int8x2c" else (q1, q2)  # codewords: [q2 | q1], queries: [q1 | q2]
         filt2[:, :d].copy_(first)
         filt2[:, d:].copy_(second)
         lo_norm = torch.linalg.vector_norm(q2, dim=1).double() * (scale.double() / X2_BASE) * grow
-        filt_norm = torch.linalg.vector_norm(digits, dim=1).double() * scale.double() * grow
-        sq = torch.linalg.vecdot(v32, v32) if not normalize else None
-        return _RowStats(filt, scale, res_norm, filt_norm, norm * grow + off_unit + tiny, sq,
-                         gamma + 3.0 * U32, filt2=filt2, lo_norm=lo_norm)
     else:
         levels = _LEVELS[kind]
-        absmax = v32.abs().amax(dim=1)
-        scale = absmax / levels
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # (absmax / levels can underflow to 0)
-        q = torch.round(v32 / scale.unsqueeze(1)).clamp_(-levels, levels)
-        residual = v32 - q * scale.unsqueeze(1)  # each element within 2 fp32 roundings of exact
-        res_norm = (torch.linalg.vector_norm(residual, dim=1, dtype=torch.float64) * grow
-                    + 2.0 * U32 * norm * grow + off_unit + tiny)
-        filt = q.to(torch.int8)
-    filt_norm = torch.linalg.vector_norm(filt.float(), dim=1).double() * scale.double() * grow
+        scale = scale_of(levels)
+        digits = torch.round(v32 / scale.unsqueeze(1)).clamp_(-levels, levels)
+        res_norm = residual_bound(v32 - digits * scale.unsqueeze(1))
+        filt = digits.to(torch.int8)
+    filt_norm = torch.linalg.vector_norm(digits, dim=1).double() * scale.double() * grow
     sq = torch.linalg.vecdot(v32, v32) if not normalize else None
-    return _RowStats(filt, scale, res_norm, filt_norm, norm * grow + off_unit + tiny, sq, gamma + 3.0 * U32)
+    return _RowStats(filt, scale, res_norm, filt_norm, norm * grow + off_unit + tiny, sq, gamma + 3.0 * U32,
+                     filt2=filt2, lo_norm=lo_norm)
 
 
 def _row_stats_chunk_fp64(v: torch.Tensor, kind: str, normalize: bool, center: Optional[torch.Tensor]) -> _RowStats:
@@ -972,8 +970,7 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
                 w_blk = width(xn, norms[b0:b1].max())
                 blk_min = part.amin(dim=1).double()
                 upper = torch.minimum(upper, blk_min + q_sq + w_blk + fp64_slack(blk_min, q_sq))
-                thresh = upper - q_sq + w_blk + fp64_slack(upper, q_sq)
-                thresh_f = (thresh + thresh.abs() * 2.0 ** -20).float()
+                thresh_f = _filter_threshold(upper, q_sq, w_blk, torch.float32)
                 hit = (part <= thresh_f.unsqueeze(1)).nonzero()
                 count += torch.bincount(hit[:, 0], minlength=rows.numel())
                 keep = count[hit[:, 0]] <= THRESHOLD_CAP  # past the cap: the query goes to the fp64 scan
@@ -1105,6 +1102,14 @@ def _codebook_cells(codebook: torch.Tensor) -> _cells.Cells:
                               _cells.offsets(torch.bincount(cell, minlength=n_cells)), centres, eager=True)
     _announce_copy(codebook, result.residuals()[0], "minus its cell centres, for tightly clustered codebooks")
     return result
+
+
+def _filter_threshold(upper: torch.Tensor, offset: torch.Tensor, width: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per query, the largest filter value a codeword may have and still be the nearest, in the
+    filter's dtype: the pair-space upper bound moved to filter space (fp64, with the rounding of
+    that move), plus the block's width, rounded up past the cast."""
+    thresh = upper - offset + width + fp64_slack(upper, offset)
+    return (thresh + thresh.abs() * 2.0 ** -20).to(dtype)
 
 
 class _Scratch(threading.local):
@@ -1257,8 +1262,7 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
             # an ulp of the larger side, which can exceed the width when the queries lie far from
             # the codebook (offset >> filter values); _fp64_slack keeps both sides bounds
             upper = torch.minimum(upper, blk_min + width + offset + fp64_slack(blk_min, offset))
-            thresh = upper - offset + width + fp64_slack(upper, offset)
-            thresh_f = (thresh + thresh.abs() * 2.0 ** -20).to(approx.dtype)
+            thresh_f = _filter_threshold(upper, offset, width, approx.dtype)
             rows, cols = groups.below(thresh_f, ~overflow)
             if rows.numel() == 0:
                 continue
@@ -1295,8 +1299,7 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
             if need.numel():
                 start = b * CODE_BLOCK
                 approx, width = block_values(b, start, min(k, start + CODE_BLOCK), need)
-                thresh = upper[need] - offset[need] + width + fp64_slack(upper[need], offset[need])
-                thresh_f = (thresh + thresh.abs() * 2.0 ** -20).to(approx.dtype)
+                thresh_f = _filter_threshold(upper[need], offset[need], width, approx.dtype)
                 hit = (approx <= thresh_f.unsqueeze(1)).nonzero()
                 # a query with masses of them (flat regions: hundreds of near-equal codewords) is
                 # cheaper to settle by the flat search's fp32 scan than by measuring each
