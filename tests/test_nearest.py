@@ -864,3 +864,21 @@ def test_deferred_block_with_masses_of_candidates_goes_to_the_flat_search(monkey
     ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", "int8x2")
     assert torch.equal(ids, _nearest_cpu.exact_scan(x, c, "l2")[0])
     assert flat == [10]
+
+
+def test_duplicate_detection_runs_once_per_codebook_for_every_path(monkeypatch):
+    # the int8, int8x2 and flat paths all scan the distinct rows: one hash of the codebook serves them
+    hashes = []
+    real = _nearest_cpu.first_of_duplicates
+    monkeypatch.setattr(_nearest_cpu, "first_of_duplicates", lambda c: hashes.append(1) or real(c))
+    g = torch.Generator().manual_seed(8)
+    c = torch.randn(500, 40, generator=g)
+    c = torch.cat([c, c[:50]])
+    x = torch.randn(60, 40, generator=g)
+    for kind in ("int8", "int8x2", "flat"):
+        ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", kind)
+        assert_nearest_ok(ids, dists, x, c, "l2", exact=True, rel_tol=2e-7)
+    assert len(hashes) == 1
+    c.add_(0.0)  # an in-place change: the codebook is hashed again
+    _nearest_cpu.nearest_cpu(x, c, "l2", "int8")
+    assert len(hashes) == 2

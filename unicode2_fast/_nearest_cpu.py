@@ -446,7 +446,7 @@ class _CodebookStats(_Attempts):
         stat_kind = {"fbgemm": "int8", "int8x2": "int8x2c"}.get(kind, kind)
         # later exact copies of a codeword can only tie with the first, which wins: scan it alone
         # (photographs: saturated and flat patches repeat; their ties all reached the re-rank)
-        self.ids = first_of_duplicates(codebook)  # (K',) original id of each scanned row, or None
+        self.ids = distinct_codewords(codebook)  # (K',) original id of each scanned row, or None
         self.stats = _row_stats(codebook, stat_kind, metric == "cos", self.center, self.ids)
         # the scanned rows' norms at their original ids (the re-rank's error bound indexes them so)
         self.norm_by_id = (self.stats.norm if self.ids is None else
@@ -648,7 +648,7 @@ def nearest_cpu(
     if filter_kind is None and kind in ("int8", "fbgemm") and _cells_built(codebook, metric):
         kind = "flat"  # an earlier search found this codebook tightly clustered: its cells settle the queries
     # where the int8 filter keeps too much (photographs: flat regions put many codewords within its
-    # ~2^-7 error bound), the two-level filter (~2^-14, three int8 GEMMs' work) usually prunes
+    # ~2^-6 error bound), the two-level filter (~2^-13, three int8 GEMMs' work) usually prunes
     # before the chunk goes to FAISS's flat scan
     two_level = filter_kind is None and kind == "int8" and _int8x2_ok(x, codebook)
     cstats = None
@@ -696,7 +696,7 @@ class _FlatCodebook:
         self.center = _column_mean(codebook) if metric == "l2" else None  # fp64
         # exact duplicate codewords (flat image regions sample the same patch many times) would
         # all tie and overflow any top-k: FAISS scans one copy, ids map back to the lowest index
-        self.ids = first_of_duplicates(codebook)  # (K',) original id of each scanned row, or None
+        self.ids = distinct_codewords(codebook)  # (K',) original id of each scanned row, or None
         rows = codebook if self.ids is None else codebook.index_select(0, self.ids)
         if metric == "ip" and self.ids is None and codebook.dtype == torch.float32 and codebook.is_contiguous():
             self.vectors = None
@@ -739,6 +739,12 @@ def _announce_copy(codebook: torch.Tensor, copy: torch.Tensor, what: str) -> Non
         f"{size / 2 ** 30:.2f} GiB beside the codebook's {codebook.numel() * codebook.element_size() / 2 ** 30:.2f} GiB) "
         f"for its exact CPU search, until the codebook is freed or changed in place",
         UserWarning, stacklevel=2)
+
+
+def distinct_codewords(codebook: torch.Tensor) -> Optional[torch.Tensor]:
+    """``first_of_duplicates(codebook)``, computed once per codebook tensor: the int8, int8x2 and
+    flat paths all scan the distinct rows and would otherwise each hash the whole codebook."""
+    return per_tensor(codebook, ("distinct_codewords",), first_of_duplicates)
 
 
 def first_of_duplicates(codebook: torch.Tensor) -> Optional[torch.Tensor]:
