@@ -1,12 +1,16 @@
 """Benchmark one C2 training step: row-sparse embedding + optimizer vs torch's dense and sparse ones.
 
-One step gathers N ids from the trainable K x d table, takes a trivial loss ``(emb * g).sum()``
-with a fixed random ``g`` (N x d), runs backward and the optimizer step (zero_grad with
-set_to_none first, as a training loop does). Methods, all fp32, lr 1e-3, betas (0.9, 0.95), no
-weight decay (SparseAdam has none):
+One step is what the table itself costs in training: zero_grad (set_to_none, as a training loop
+does), gather N ids from the trainable K x d table, backward from the gradient the model above
+would hand it (a fixed random ``g``, N x d: ``rows.backward(g)``), and the optimizer step. With
+``--loss product`` the backward runs instead from the toy loss ``(rows * g).sum()``: its forward
+and backward add the same two N x d element-wise passes to every method. Methods, all fp32,
+lr 1e-3, betas (0.9, 0.95), no weight decay (SparseAdam has none):
 
     u2            ``u2.gathered_embedding`` + ``u2.SparseRowAdamW``: row-sparse gradient of the
-                  unique ids, lazy AdamW on those rows (backend "auto": Triton on CUDA).
+                  unique ids, lazy AdamW on those rows (backend "auto": Triton on CUDA, the
+                  compiled C row update on the CPU).
+    u2_torch      the same with ``SparseRowAdamW(backend="torch")``: the eager torch row update.
     torch_dense   ``nn.Embedding`` + ``torch.optim.AdamW``: dense K x d gradient, AdamW over
                   every parameter every step.
     torch_sparse  ``nn.Embedding(sparse=True)`` + ``torch.optim.SparseAdam``: torch's lazy Adam
@@ -17,8 +21,9 @@ K ids), so a step has duplicates and hot ids; every method sees the same pre-dra
 first step, which allocates the optimizer state (2 x K x d fp32 moments for every method), is
 timed separately as ``first_step_s``; then ``--warmup`` untimed and ``--repeats`` timed steps.
 
-Per method: median / p10 / p90 step time, ratios to torch_dense and torch_sparse measured in the
-same run (> 1: faster than the baseline), the bytes held by gradients and optimizer state after a
+Per method: min / median / p10 / p90 step time and p90 / p10, ratios of the medians to
+torch_dense and torch_sparse measured in the same run (> 1: faster than the baseline) and of the
+fastest steps to torch_sparse's, the bytes held by gradients and optimizer state after a
 step, the peak extra memory over all steps (process RSS sampled every 2 ms on the CPU, torch's
 allocator peak on the GPU; the table itself is allocated before and not counted), and the largest
 difference from torch_dense of the rows updated by the first step (the same update for all three
@@ -29,6 +34,7 @@ Writes OUT/embedding.csv, OUT/embedding.md and OUT/embedding.png, and prints the
     python bench/bench_embedding.py               # K = 500,000, d = 1152, N = 2916
     python bench/bench_embedding.py --quick       # K = 50,000
     python bench/bench_embedding.py --methods u2 torch_sparse --repeats 20
+    python bench/bench_embedding.py --loss product   # backward from (rows * g).sum()
 """
 from __future__ import annotations
 
@@ -44,13 +50,16 @@ import torch
 import unicode2_fast as u2
 from unicode2_fast.bench import _common
 
-METHODS = ("u2", "torch_dense", "torch_sparse")
+METHODS = ("u2", "u2_torch", "torch_dense", "torch_sparse")
+DEFAULT_METHODS = ("u2", "torch_dense", "torch_sparse")
+LOSSES = ("upstream", "product")
 LR, BETAS = 1e-3, (0.9, 0.95)
 #: distinct id batches cycled through the steps (drawn once, before any timing)
 N_BATCHES = 8
 
-TABLE_COLUMNS = ("method", "K", "d", "N", "unique ids", "median ms", "p10 ms", "p90 ms", "× dense",
-                 "× SparseAdam", "grad+state MiB", "peak extra MiB", "first step s", "max |Δ| vs dense")
+TABLE_COLUMNS = ("method", "K", "d", "N", "unique ids", "min ms", "median ms", "p10 ms", "p90 ms", "p90/p10",
+                 "× dense", "× SparseAdam", "× SparseAdam (min)", "grad+state MiB", "peak extra MiB", "first step s",
+                 "max |Δ| vs dense")
 
 
 @dataclass
@@ -82,9 +91,11 @@ def zipf_batches(k: int, n: int, count: int, exponent: float, seed: int, device:
 
 def build_method(name: str, init: torch.Tensor) -> Tuple[torch.nn.Parameter, torch.optim.Optimizer, Callable]:
     """(table parameter, optimizer, forward(ids) -> (N, d) rows) for ``name``, from a copy of ``init``."""
-    if name == "u2":
+    if name in ("u2", "u2_torch"):
         weight = torch.nn.Parameter(init.clone())
-        return weight, u2.SparseRowAdamW([weight], lr=LR, betas=BETAS), lambda ids: u2.gathered_embedding(ids, weight)
+        backend = "torch" if name == "u2_torch" else "auto"
+        optimizer = u2.SparseRowAdamW([weight], lr=LR, betas=BETAS, backend=backend)
+        return weight, optimizer, lambda ids: u2.gathered_embedding(ids, weight)
     embedding = torch.nn.Embedding.from_pretrained(init.clone(), freeze=False, sparse=name == "torch_sparse")
     if name == "torch_dense":
         optimizer = torch.optim.AdamW(embedding.parameters(), lr=LR, betas=BETAS, weight_decay=0.0)
@@ -108,7 +119,7 @@ def held_bytes(weight: torch.nn.Parameter, optimizer: torch.optim.Optimizer) -> 
 
 
 def run_method(name: str, init: torch.Tensor, batches: List[torch.Tensor], g: torch.Tensor,
-               repeats: int, warmup: int) -> Measurement:
+               repeats: int, warmup: int, loss: str = "upstream") -> Measurement:
     cuda = init.is_cuda
     sync = torch.cuda.synchronize if cuda else None
     memory = _common.CudaPeak() if cuda else _common.RssPeak()
@@ -118,7 +129,11 @@ def run_method(name: str, init: torch.Tensor, batches: List[torch.Tensor], g: to
     def train_step() -> None:
         ids = batches[next(calls) % len(batches)]
         optimizer.zero_grad(set_to_none=True)
-        (forward(ids) * g).sum().backward()
+        rows = forward(ids)
+        if loss == "product":
+            (rows * g).sum().backward()
+        else:
+            rows.backward(g)
         optimizer.step()
 
     with memory:
@@ -131,6 +146,8 @@ def run_method(name: str, init: torch.Tensor, batches: List[torch.Tensor], g: to
         notes.append("SparseAdam: global step count, eps outside the bias-corrected root")
     if name == "u2" and cuda:
         notes.append("Triton kernels (first step includes their compilation)")
+    if name.startswith("u2"):
+        notes.append(f"row update: {optimizer.backend_for(weight)}")
     del weight, optimizer, forward
     return Measurement(times, first[0], memory.extra_mib, grad_bytes, state_bytes, first_rows, notes)
 
@@ -140,9 +157,10 @@ def run_method(name: str, init: torch.Tensor, batches: List[torch.Tensor], g: to
 
 
 def result_rows(results: Dict[str, Measurement], k: int, d: int, n: int, unique_ids: float,
-                device: str, stamp: Dict[str, Any]) -> List[Dict[str, Any]]:
+                device: str, stamp: Dict[str, Any], loss: str = "upstream") -> List[Dict[str, Any]]:
     """One CSV row per measured method."""
     medians = {name: _common.quantiles(m.times)["median_s"] for name, m in results.items()}
+    sparse_min = min(results["torch_sparse"].times) if "torch_sparse" in results else None
     dense = results.get("torch_dense")
     rows = []
     for name, m in results.items():
@@ -151,10 +169,13 @@ def result_rows(results: Dict[str, Measurement], k: int, d: int, n: int, unique_
             "method": name,
             "K": k, "d": d, "N": n,
             "unique_ids": unique_ids,
-            "median_s": q["median_s"], "p10_s": q["p10_s"], "p90_s": q["p90_s"],
+            "loss": loss,
+            "min_s": min(m.times), "median_s": q["median_s"], "p10_s": q["p10_s"], "p90_s": q["p90_s"],
+            "p90_over_p10": q["p90_s"] / q["p10_s"],
             "steps_per_s": 1.0 / q["median_s"],
             "ratio_vs_dense": medians["torch_dense"] / q["median_s"] if "torch_dense" in medians else None,
             "ratio_vs_sparse_adam": medians["torch_sparse"] / q["median_s"] if "torch_sparse" in medians else None,
+            "ratio_min_vs_sparse_adam": sparse_min / min(m.times) if sparse_min is not None else None,
             "grad_bytes": m.grad_bytes,
             "state_bytes": m.state_bytes,
             "grad_state_mib": (m.grad_bytes + m.state_bytes) / _common.MIB,
@@ -180,8 +201,10 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     for r in rows:
         lines.append("| " + " | ".join([
             r["method"], f"{r['K']:,}", str(r["d"]), f"{r['N']:,}", f"{r['unique_ids']:,.0f}",
-            f"{1e3 * r['median_s']:.3g}", f"{1e3 * r['p10_s']:.3g}", f"{1e3 * r['p90_s']:.3g}",
+            f"{1e3 * r['min_s']:.3g}", f"{1e3 * r['median_s']:.3g}", f"{1e3 * r['p10_s']:.3g}",
+            f"{1e3 * r['p90_s']:.3g}", f"{r['p90_over_p10']:.2f}",
             _common.fmt(r["ratio_vs_dense"], ".2f", "×"), _common.fmt(r["ratio_vs_sparse_adam"], ".2f", "×"),
+            _common.fmt(r["ratio_min_vs_sparse_adam"], ".2f", "×"),
             f"{r['grad_state_mib']:,.1f}", f"{r['peak_extra_mib']:,.1f}", f"{r['first_step_s']:.3g}",
             _common.fmt(r["max_abs_diff_vs_dense"], ".2g"),
         ]) + " |")
@@ -242,7 +265,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="CPU threads for torch (default: torch's current setting)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: CUDA when available, else the CPU")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="subset of methods")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
+                        help=f"methods to run (default: {' '.join(DEFAULT_METHODS)})")
+    parser.add_argument("--loss", choices=LOSSES, default="upstream",
+                        help="upstream: rows.backward(g), the table's own cost; product: (rows * g).sum().backward()")
     parser.add_argument("--out", default="bench_out", help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="data seed")
     size = parser.add_mutually_exclusive_group()
@@ -277,19 +303,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results: Dict[str, Measurement] = {}
     for name in args.methods:
         print(f"{name}: K={args.k:,} d={args.d} N={args.n:,} on {args.device}", file=sys.stderr)
-        results[name] = run_method(name, init, batches, g, args.repeats, args.warmup)
+        results[name] = run_method(name, init, batches, g, args.repeats, args.warmup, args.loss)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     del init, g, batches
 
-    rows = result_rows(results, args.k, args.d, args.n, unique_ids, args.device, stamp)
+    rows = result_rows(results, args.k, args.d, args.n, unique_ids, args.device, stamp, args.loss)
     table = markdown_table(rows)
     _common.write_report(
         args.out, "embedding", rows, table, _common.stamp_text(stamp, ("torch", "triton", "numpy", "python")),
         f"C2 training step: gathered embedding + optimizer (K = {args.k:,}, d = {args.d}, N = {args.n:,}, "
-        f"Zipf s = {args.zipf:g}, fp32, {args.device})",
-        "× dense / × SparseAdam: the baseline's median step over this method's (> 1: faster). grad+state: "
+        f"Zipf s = {args.zipf:g}, fp32, {args.device}, backward from "
+        f"{'the upstream gradient' if args.loss == 'upstream' else '(rows * g).sum()'})",
+        "× dense / × SparseAdam: the baseline's median step over this method's (> 1: faster); (min): the "
+        "fastest steps' ratio. grad+state: "
         "bytes held by the table's gradient and the optimizer state after a step. first step: allocates the "
         "optimizer state, excluded from the timings. max |Δ| vs dense: rows updated by step 1 against torch_dense.",
         lambda path: plot(rows, stamp, args.device, path),

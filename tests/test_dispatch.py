@@ -3,7 +3,7 @@ sparse_adamw and cross_entropy (it only reads the device type, so CUDA cases run
 import pytest
 import torch
 
-from unicode2_fast import _dispatch
+from unicode2_fast import _dispatch, _native
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
@@ -21,6 +21,10 @@ def test_auto_sends_float64_on_cuda_to_torch(op):
 def test_auto_picks_a_kernel_on_cuda_and_torch_on_cpu(op, dtype, monkeypatch):
     monkeypatch.setattr(_dispatch, "cce_available", lambda: False)
     assert _dispatch.resolve(op, "auto", CUDA, (dtype,)) == "triton"
+    native = "native" in _dispatch.OP_BACKENDS[op] and dtype == torch.float32
+    monkeypatch.setattr(_native, "available", lambda: True)
+    assert _dispatch.resolve(op, "auto", CPU, (dtype,)) == ("native" if native else "torch")
+    monkeypatch.setattr(_native, "available", lambda: False)
     assert _dispatch.resolve(op, "auto", CPU, (dtype,)) == "torch"
 
 

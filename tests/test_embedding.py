@@ -262,3 +262,32 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         u2.gathered_embedding(torch.tensor([0]), torch.randn(5, 3, requires_grad=True), backend="triton")
+
+
+def test_cpu_rows_and_gradient_memory_is_reused_only_once_released():
+    # the gather output and the gradient sums come from buffers kept per table: handed out
+    # again once the previous tensors are gone, never while somebody still holds them
+    weight = torch.nn.Parameter(torch.randn(50, 16))
+    ids = torch.tensor([3, 7, 3, 40])
+    upstream = torch.randn(4, 16)
+    rows = u2.gathered_embedding(ids, weight)
+    first_rows = rows.data_ptr()
+    rows.backward(upstream)
+    first_grad = weight.grad._values().data_ptr()
+    kept = u2.gathered_embedding(ids, weight)  # the first rows are still alive: fresh memory
+    assert kept.data_ptr() != first_rows and torch.equal(rows, kept)
+    kept_rows = kept.data_ptr()  # the buffer kept from now on
+    del rows, kept
+    weight.grad = None
+    again = u2.gathered_embedding(torch.tensor([1, 2, 1, 9]), weight)
+    assert again.data_ptr() == kept_rows  # released: reused
+    assert torch.equal(again, weight.detach()[[1, 2, 1, 9]])
+    again.mul_(2.0)  # not a view: in-place ops work as on any tensor
+    again.backward(upstream)
+    assert weight.grad._values().data_ptr() == first_grad
+    reference = torch.zeros(50, 16)
+    reference.index_add_(0, torch.tensor([1, 2, 1, 9]), 2.0 * upstream)
+    torch.testing.assert_close(weight.grad.to_dense(), reference)
+    # a gradient still held (accumulating a second backward) is never overwritten
+    u2.gathered_embedding(torch.tensor([1, 2, 1, 9]), weight).backward(upstream)
+    torch.testing.assert_close(weight.grad.to_dense(), 1.5 * reference)

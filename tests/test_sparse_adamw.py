@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import unicode2_fast as u2
+from unicode2_fast import _native
 from unicode2_fast import sparse_adamw as optim_module
 from unicode2_fast.kernels import sparse_adamw as kernel
 
@@ -21,7 +22,9 @@ HYPER = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
 def _backends():
-    return ["torch", "triton"] if interpret or torch.cuda.is_available() else ["torch"]
+    # "native": the compiled CPU loops, where the C compiler works (it does on CI)
+    native = ["native"] if DEVICE == "cpu" and _native.available() else []
+    return ["torch", *native] + (["triton"] if interpret or torch.cuda.is_available() else [])
 
 
 def _warmup_cosine(total):
@@ -99,7 +102,8 @@ def test_all_rows_touched_equals_adamw(backend, with_scheduler):
         for mine, theirs in pairs:
             assert torch.equal(mine, theirs)
     else:
-        # the kernel rounds 1 - beta^step from float32 log2(beta): an ulp here and there
+        # the kernel rounds 1 - beta^step from float32 log2(beta); the native loop's sqrtf is
+        # correctly rounded, torch's vectorised sqrt not always: an ulp here and there
         for mine, theirs in pairs:
             torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
     assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
@@ -149,7 +153,7 @@ def test_lazy_rows_and_per_row_bias_correction(backend):
         torch.testing.assert_close(weight.detach()[row].cpu(), expected, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", [b for b in _backends() if b != "native"])  # bf16: native is fp32 only
 def test_state_dict_round_trip_continues_identically(backend):
     table, proj, bias = _init(k=11, d=9, out=3, seed=4)
     first = _Model(table, proj, bias, sparse=True).to(DEVICE)

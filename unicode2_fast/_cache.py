@@ -1,4 +1,5 @@
-"""Per-tensor caches: statistics, converted copies and indexes built once per codebook tensor.
+"""Per-tensor caches: statistics, converted copies and indexes built once per codebook tensor,
+and CPU buffers reused from call to call (``reused_buffer``).
 
 Keyed weakly by tensor identity (a dropped codebook frees its entries) and stamped with the
 tensor's version counter, so an in-place change of the codebook rebuilds the entry instead of
@@ -6,7 +7,8 @@ serving stale statistics.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable
+import threading
+from typing import Any, Callable, Hashable, Tuple
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -35,3 +37,39 @@ def cached(tensor: torch.Tensor, key: Hashable, stamp: Hashable = None) -> Any:
     """The current value of (tensor, key) if one was built (and the tensor not changed since), else None."""
     entry = _ENTRIES.get(tensor, {}).get(key)
     return entry[1] if entry is not None and entry[0] == (tensor._version, stamp) else None
+
+
+# owner tensor -> {role: UntypedStorage}: CPU buffers handed out again once nobody holds them
+_BUFFERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_BUFFERS_LOCK = threading.Lock()
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def reused_buffer(owner: torch.Tensor, role: Hashable, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A new contiguous CPU tensor of ``shape`` / ``dtype`` (uninitialised) whose memory is reused.
+
+    Each (owner, role) keeps one storage. When no tensor from an earlier call still holds it
+    (its use count is back to the cache's own reference) the same memory is handed out again,
+    else a fresh storage replaces it, so a caller never gets memory somebody else still reads.
+    Why: a fresh multi-MiB CPU tensor comes straight from mmap whenever glibc has trimmed its
+    heap, and every 4 KiB page then faults on first touch (about 10 us each on a VM, so 30 ms
+    for a 13 MiB gather output against a 1 ms step). The tensor is not a view: in-place ops
+    and autograd treat it as any new tensor. Growing shapes allocate 25% of headroom.
+    """
+    numel = 1
+    for size in shape:
+        numel *= size
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if owner.device.type != "cpu" or _USE_COUNT is None or nbytes == 0:
+        return torch.empty(shape, dtype=dtype, device=owner.device)
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    with _BUFFERS_LOCK:
+        buffers = _BUFFERS.setdefault(owner, {})
+        storage = buffers.get(role)
+        if storage is None or storage.nbytes() < nbytes or _USE_COUNT(storage._cdata) > 1:
+            grown = nbytes if storage is None or storage.nbytes() >= nbytes else max(nbytes, storage.nbytes() * 5 // 4)
+            storage = buffers[role] = torch.UntypedStorage(grown)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape, tuple(reversed(strides)))

@@ -10,6 +10,8 @@ implementation runs. The rules are the same for every op:
 - an explicit "triton" needs CUDA tensors, or Triton's interpreter (``TRITON_INTERPRET=1``) on
   the CPU, and fp32 / fp16 / bf16 tensors.
 - "faiss" (nearest) wraps FAISS's CPU flat indexes; "cce" needs CUDA and the package.
+- "native" (the row AdamW update of sparse_adamw) runs the C loop of ``_native`` on fp32 CPU
+  tensors; "auto" picks it there whenever it compiles (else "torch").
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import os
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
+
+from . import _native
 
 #: dtypes the Triton kernels compute with; float64 always runs on the torch path
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -28,7 +32,7 @@ OP_BACKENDS: Dict[str, Tuple[str, ...]] = {
     "nearest_grouped": ("auto", "triton", "torch", "faiss"),
     "hierarchical": ("auto", "triton", "torch"),
     "embedding": ("auto", "triton", "torch"),
-    "sparse_adamw": ("auto", "triton", "torch"),
+    "sparse_adamw": ("auto", "triton", "torch", "native"),
     "cross_entropy": ("auto", "triton", "torch", "cce"),
 }
 
@@ -62,7 +66,7 @@ def resolve(op: str, backend: str, device: torch.device, dtypes: Iterable[torch.
         device: where the tensors live. dtypes: the floating dtypes of the op's inputs.
 
     Returns:
-        "triton", "torch", "faiss" or "cce" (never "auto").
+        "triton", "torch", "faiss", "cce" or "native" (never "auto").
 
     Raises:
         ValueError: an unknown backend, or one that cannot run on ``device`` / is not installed.
@@ -72,8 +76,11 @@ def resolve(op: str, backend: str, device: torch.device, dtypes: Iterable[torch.
     dtypes = tuple(dtypes)
     kernel_dtypes = all(dtype in TRITON_DTYPES for dtype in dtypes)
     on_cuda = device.type == "cuda"
+    native_dtypes = all(dtype == torch.float32 for dtype in dtypes)
     if backend == "auto":
         if not (on_cuda and kernel_dtypes):
+            if "native" in OP_BACKENDS[op] and device.type == "cpu" and native_dtypes and _native.available():
+                return "native"
             return "torch"
         return "cce" if op == "cross_entropy" and cce_available() else "triton"
     if backend == "triton":
@@ -87,6 +94,14 @@ def resolve(op: str, backend: str, device: torch.device, dtypes: Iterable[torch.
                 "backend='triton' computes in float32/float16/bfloat16; float64 input needs backend='torch' "
                 f"(got {', '.join(str(dtype) for dtype in dtypes)})"
             )
+    elif backend == "native":
+        if device.type != "cpu":
+            raise ValueError(f"backend='native' runs compiled CPU loops; pass CPU tensors (got {device})")
+        if not native_dtypes:
+            raise TypeError("backend='native' computes float32 tables; use backend='torch' for "
+                            f"{', '.join(str(dtype) for dtype in dtypes)}")
+        if not _native.available():
+            raise ValueError(f"backend='native' is unavailable here ({_native.failure()}); use backend='torch'")
     elif backend == "faiss" and device.type != "cpu":
         raise ValueError(f"backend='faiss' wraps FAISS's CPU indexes; pass CPU tensors (got {device})")
     elif backend == "cce":

@@ -16,11 +16,12 @@ Both sum duplicates in fp32 (float64 tables in float64) and round once to the ta
 """
 from __future__ import annotations
 
-from typing import Any, Tuple
+import weakref
+from typing import Any, Optional, Tuple
 
 import torch
 
-from . import _dispatch
+from . import _cache, _dispatch
 from ._checks import check_float, check_matrix, to_tensor
 
 BACKENDS = _dispatch.backends("embedding")
@@ -44,11 +45,14 @@ def check_indices(indices: torch.Tensor, num_rows: int) -> None:
         )
 
 
-def embedding_backward_torch(grad_rows: torch.Tensor, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def embedding_backward_torch(grad_rows: torch.Tensor, ids: torch.Tensor,
+                             weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Row-sparse gradient of ``weight[ids]`` with torch ops: sorted unique ids and summed rows.
 
     Args:
         grad_rows: (N, d) upstream gradient; ids: (N,) int64.
+        weight: the table, when given (CPU): the sums go into memory reused from its previous
+            backward once that gradient is gone (``_cache.reused_buffer``).
 
     Returns:
         unique_ids (U,) int64 ascending and values (U, d) in ``grad_rows``' dtype, summed in fp32
@@ -57,7 +61,11 @@ def embedding_backward_torch(grad_rows: torch.Tensor, ids: torch.Tensor) -> Tupl
     # grad_rows: (N, d), ids: (N,)
     unique_ids, inverse = torch.unique(ids, sorted=True, return_inverse=True)
     accumulate = torch.promote_types(grad_rows.dtype, torch.float32)
-    sums = torch.zeros((unique_ids.shape[0], grad_rows.shape[1]), dtype=accumulate, device=grad_rows.device)
+    shape = (unique_ids.shape[0], grad_rows.shape[1])
+    if weight is None:
+        sums = torch.zeros(shape, dtype=accumulate, device=grad_rows.device)
+    else:
+        sums = _cache.reused_buffer(weight, "embedding.grad", shape, accumulate).zero_()
     sums.index_add_(0, inverse, grad_rows.to(accumulate))
     return unique_ids, sums.to(grad_rows.dtype)
 
@@ -70,7 +78,11 @@ class _GatheredEmbedding(torch.autograd.Function):
         ctx.weight_shape = tuple(weight.shape)
         ctx.weight_dtype = weight.dtype
         ctx.backend = backend
-        return weight.index_select(0, ids)
+        # the table itself (not saved: no version check) keys the reused CPU buffers of the rows
+        # and of the gradient; a weak reference, so the graph does not keep a dropped table alive
+        ctx.weight_ref = weakref.ref(weight)
+        rows = _cache.reused_buffer(weight, "embedding.rows", (ids.shape[0], weight.shape[1]), weight.dtype)
+        return torch.index_select(weight, 0, ids, out=rows)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -84,7 +96,7 @@ class _GatheredEmbedding(torch.autograd.Function):
 
             unique_ids, values = kernel.embedding_backward_triton(grad_rows, ids)
         else:
-            unique_ids, values = embedding_backward_torch(grad_rows, ids)
+            unique_ids, values = embedding_backward_torch(grad_rows, ids, ctx.weight_ref())
         # unique_ids are sorted and in range by construction: flag the tensor coalesced and skip
         # torch's invariant check (a full pass over the ids)
         grad_weight = torch.sparse_coo_tensor(

@@ -22,7 +22,11 @@ Backends for the row update (``backend=`` in the constructor):
               TRITON_INTERPRET=1 (tests);
     "torch"   ``index_select`` the touched rows, update them with vectorised torch ops,
               ``index_copy_`` them back;
-    "auto"    Triton on CUDA for float32/bf16/fp16 parameters, torch otherwise.
+    "native"  one compiled C loop (``_native.row_adamw_fp32``) that reads and writes each touched
+              element of the parameter and both moments once, in place: fp32 CPU parameters
+              (a non-contiguous one takes the torch path);
+    "auto"    Triton on CUDA for float32/bf16/fp16 parameters, native for fp32 CPU parameters
+              when its C loop compiles, torch otherwise.
 
 ``state_dict()`` / ``load_state_dict()`` are torch's, keeping the moments' and counts' dtypes;
 learning-rate schedulers work as with any torch optimizer (``group["lr"]`` is read every step).
@@ -33,7 +37,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from . import _dispatch
+from . import _dispatch, _native
 
 
 class SparseRowAdamW(torch.optim.Optimizer):
@@ -45,7 +49,7 @@ class SparseRowAdamW(torch.optim.Optimizer):
         betas: (beta1, beta2) moment decay rates, each in [0, 1).
         eps: added to the bias-corrected second-moment root.
         weight_decay: decoupled weight decay (AdamW), applied only to the rows a step touches.
-        backend: "auto" | "triton" | "torch" for the sparse row update.
+        backend: "auto" | "triton" | "torch" | "native" for the sparse row update.
 
     Raises:
         ValueError: a hyper-parameter out of range or an unknown backend (at construction); at
@@ -134,12 +138,15 @@ class SparseRowAdamW(torch.optim.Optimizer):
                     f"{high}; row ids must lie in [0, {param.shape[0]})"
                 )
         # autograd drops the coalesced flag when it stores a sparse grad, and accumulating two
-        # backward passes concatenates their entries: coalescing sums duplicates, sorts the ids
-        grad = grad.coalesce()
-        row_ids = grad.indices()[0]
+        # backward passes concatenates their entries: coalescing sums duplicates, sorts the ids.
+        # Ids that are already strictly ascending (u2.gathered_embedding's, one backward) are
+        # used as they are: coalescing them would copy every value row for nothing
+        if not grad.is_coalesced() and not _strictly_ascending(raw_ids):
+            grad = grad.coalesce()
+        row_ids = grad._indices()[0]
         if row_ids.numel() == 0:
             return  # no row touched (e.g. a rank's shard of a table no id of the step fell in): no change
-        values = grad.values()
+        values = grad._values()
         self._row_step(param, row_ids, values.reshape(values.shape[0], -1), state, hyper)
 
     def _row_step(
@@ -156,13 +163,23 @@ class SparseRowAdamW(torch.optim.Optimizer):
         row_step.index_add_(0, row_ids, torch.ones((), dtype=torch.int64, device=param.device).expand_as(row_ids))
         param2d = param.view(rows, -1)
         exp_avg, exp_avg_sq = state["exp_avg"].view(rows, -1), state["exp_avg_sq"].view(rows, -1)
-        if _dispatch.resolve("sparse_adamw", self.backend, param.device, (param.dtype,)) == "triton":
+        backend = self.backend_for(param)
+        if backend == "triton":
             from .kernels import sparse_adamw as kernel  # first use: importing the package compiles nothing
 
             kernel.sparse_adamw_triton(param2d, row_ids, grad_rows, exp_avg, exp_avg_sq, row_step, **hyper)
+        elif backend == "native" and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous():
+            _row_adamw_native(param2d, row_ids, grad_rows, exp_avg, exp_avg_sq, row_step, **hyper)
         else:
             _row_adamw_torch(param2d, row_ids, grad_rows, exp_avg, exp_avg_sq, row_step,
                              workspace=self._scratch(param, row_ids.shape[0], exp_avg), **hyper)
+
+    def backend_for(self, param: torch.Tensor) -> str:
+        """The implementation that updates ``param``'s touched rows: "triton", "native" or "torch"."""
+        backend = _dispatch.resolve("sparse_adamw", self.backend, param.device, (param.dtype,))
+        if backend == "native" and not (param.is_contiguous() and _moment_dtype(param) == torch.float32):
+            return "torch"
+        return backend
 
     def _scratch(self, param: torch.Tensor, n_rows: int, like: torch.Tensor) -> torch.Tensor:
         """(5, >= n_rows, d) scratch for ``param``'s row update, grown by half when too small."""
@@ -188,6 +205,11 @@ class SparseRowAdamW(torch.optim.Optimizer):
             for key, value in saved_state.get(pid, {}).items():
                 if key != "step" and isinstance(value, torch.Tensor):
                     self.state[param][key] = value.to(device=param.device)
+
+
+def _strictly_ascending(ids: torch.Tensor) -> bool:
+    """Whether the 1-D ``ids`` are sorted with no repeats (then they are already coalesced)."""
+    return ids.numel() < 2 or bool((ids[1:] > ids[:-1]).all())
 
 
 def _moment_dtype(param: torch.Tensor) -> torch.dtype:
@@ -226,6 +248,29 @@ def _dense_adamw(
         param.copy_(work)
 
 
+def _bias_corrections(row_step: torch.Tensor, row_ids: torch.Tensor, lr: float, beta1: float, beta2: float,
+                      dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per touched row, in ``dtype``: -lr / (1 - beta1^t) and sqrt(1 - beta2^t), computed in float64
+    from the rows' step counts t (which already count this step)."""
+    steps = row_step.index_select(0, row_ids).to(torch.float64)
+    neg_step_size = (-lr / (1 - beta1 ** steps)).to(dtype)
+    bias_correction2_sqrt = (1 - beta2 ** steps).sqrt().to(dtype)
+    return neg_step_size, bias_correction2_sqrt
+
+
+def _row_adamw_native(
+    param: torch.Tensor, row_ids: torch.Tensor, grad_rows: torch.Tensor,
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, row_step: torch.Tensor, *,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+) -> None:
+    """:func:`_row_adamw_torch`'s update for fp32 (K, d) tensors in one compiled pass (``_native``):
+    the same formulas in the same order, each element read and written once, in place."""
+    neg_step_size, bias_correction2_sqrt = _bias_corrections(row_step, row_ids, lr, beta1, beta2, torch.float32)
+    _native.row_adamw_fp32(param, exp_avg, exp_avg_sq, row_ids.contiguous(),
+                           grad_rows.to(torch.float32).contiguous(), neg_step_size, bias_correction2_sqrt,
+                           decay=1 - lr * weight_decay, beta1=beta1, beta2=beta2, eps=eps)
+
+
 def _row_adamw_torch(
     param: torch.Tensor, row_ids: torch.Tensor, grad_rows: torch.Tensor,
     exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, row_step: torch.Tensor, *,
@@ -256,9 +301,8 @@ def _row_adamw_torch(
         rows.mul_(1 - lr * weight_decay)
     exp_avg_rows.lerp_(grad, 1 - beta1)
     exp_avg_sq_rows.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    steps = row_step.index_select(0, row_ids).to(torch.float64)
-    neg_step_size = (-lr / (1 - beta1 ** steps)).to(work_dtype).unsqueeze(1)
-    bias_correction2_sqrt = (1 - beta2 ** steps).sqrt().to(work_dtype).unsqueeze(1)
+    neg_step_size, bias_correction2_sqrt = _bias_corrections(row_step, row_ids, lr, beta1, beta2, work_dtype)
+    neg_step_size, bias_correction2_sqrt = neg_step_size.unsqueeze(1), bias_correction2_sqrt.unsqueeze(1)
     denom = torch.sqrt(exp_avg_sq_rows, out=scratch[3]).div_(bias_correction2_sqrt).add_(eps)
     update = torch.mul(exp_avg_rows, neg_step_size, out=scratch[4]).div_(denom)
     # addcdiv's (value * m) / denom, with a per-row value

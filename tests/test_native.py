@@ -1,0 +1,160 @@
+"""The compiled CPU row update of SparseRowAdamW (unicode2_fast._native): equal to the torch path
+and to torch.optim.AdamW on the touched rows, untouched rows bit for bit, independent of the
+thread count, and a clear fallback where no C compiler works."""
+import os
+import warnings
+
+import pytest
+import torch
+
+import unicode2_fast as u2
+from unicode2_fast import _dispatch, _native
+from unicode2_fast import sparse_adamw as optim_module
+
+needs_native = pytest.mark.skipif(not _native.available(), reason=f"no working C compiler: {_native.failure()}")
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+
+
+def _state(k, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    param = torch.randn(k, d, generator=g)
+    exp_avg = 0.1 * torch.randn(k, d, generator=g)
+    exp_avg_sq = torch.rand(k, d, generator=g) * 1e-2
+    row_step = torch.randint(0, 50, (k,), generator=g)
+    return param, exp_avg, exp_avg_sq, row_step
+
+
+def _update(backend, param, exp_avg, exp_avg_sq, row_step, row_ids, grad_rows, **hyper):
+    """One row update on copies; returns the new (param, exp_avg, exp_avg_sq)."""
+    param, exp_avg, exp_avg_sq, row_step = (t.clone() for t in (param, exp_avg, exp_avg_sq, row_step))
+    row_step.index_add_(0, row_ids, torch.ones_like(row_ids))
+    update = optim_module._row_adamw_native if backend == "native" else optim_module._row_adamw_torch
+    update(param, row_ids, grad_rows, exp_avg, exp_avg_sq, row_step, **hyper)
+    return param, exp_avg, exp_avg_sq
+
+
+@needs_native
+@pytest.mark.parametrize("k,d,u", [(1, 1, 1), (40, 7, 13), (300, 1153, 120), (2000, 64, 2000), (5000, 1152, 700)])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_native_row_update_equals_the_torch_path(k, d, u, weight_decay):
+    param, exp_avg, exp_avg_sq, row_step = _state(k, d, seed=k + d)
+    g = torch.Generator().manual_seed(u)
+    row_ids = torch.randperm(k, generator=g)[:u].sort().values
+    grad_rows = torch.randn(u, d, generator=g)
+    hyper = dict(HYPER, weight_decay=weight_decay)
+    native = _update("native", param, exp_avg, exp_avg_sq, row_step, row_ids, grad_rows, **hyper)
+    torch_path = _update("torch", param, exp_avg, exp_avg_sq, row_step, row_ids, grad_rows, **hyper)
+    untouched = torch.ones(k, dtype=torch.bool)
+    untouched[row_ids] = False
+    for mine, theirs, before in zip(native, torch_path, (param, exp_avg, exp_avg_sq)):
+        assert torch.equal(mine[untouched], before[untouched])
+        assert not torch.equal(mine[row_ids], before[row_ids])
+        # lerp / addcmul fused as torch's vectorised loop fuses them; torch's Sleef sqrt is not
+        # always correctly rounded, sqrtf is: the parameter can be an ulp apart
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+
+
+@needs_native
+def test_native_row_update_is_independent_of_the_thread_count():
+    param, exp_avg, exp_avg_sq, row_step = _state(3000, 96, seed=1)
+    row_ids = torch.randperm(3000, generator=torch.Generator().manual_seed(2))[:2500]  # unsorted: any unique ids
+    grad_rows = torch.randn(2500, 96, generator=torch.Generator().manual_seed(3))
+    assert 2500 * 96 >= _native.PARALLEL_ELEMENTS  # the split really runs
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(_update("native", param, exp_avg, exp_avg_sq, row_step, row_ids, grad_rows, **HYPER))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@needs_native
+def test_sparse_row_adamw_native_equals_adamw_over_steps_with_unsorted_ids():
+    # gradients built by hand with unsorted unique ids (not coalesced): the optimizer must sort
+    # them; and u2.gathered_embedding's sorted ones, which it uses as they are
+    k, d = 50, 33
+    init = torch.randn(k, d, generator=torch.Generator().manual_seed(0))
+    ours = torch.nn.Parameter(init.clone())
+    reference = torch.nn.Parameter(init.clone())
+    opt = u2.SparseRowAdamW([ours], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, backend="native")
+    ref_opt = torch.optim.AdamW([reference], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        grad = torch.randn(k, d, generator=g)
+        ids = torch.randperm(k, generator=g) if step % 2 else torch.arange(k)
+        ours.grad = torch.sparse_coo_tensor(ids.unsqueeze(0), grad[ids], (k, d))
+        reference.grad = grad
+        opt.step()
+        ref_opt.step()
+        torch.testing.assert_close(ours.detach(), reference.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opt.state[ours]["exp_avg_sq"], ref_opt.state[reference]["exp_avg_sq"],
+                                   rtol=1e-6, atol=1e-9)
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """_native as on a new process: nothing loaded, nothing failed, an empty cache folder."""
+    monkeypatch.setattr(_native, "_library", None)
+    monkeypatch.setattr(_native, "_failure", None)
+    monkeypatch.setenv("UNICODE2_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@needs_native
+def test_the_library_is_built_once_into_the_cache_folder(fresh_native):
+    assert _native.available()
+    files = os.listdir(fresh_native)
+    assert len(files) == 1 and files[0].startswith("native-") and files[0].endswith(".so")  # no temporary left
+    stamp = os.stat(fresh_native / files[0]).st_mtime_ns
+    _native._library = None  # a second process finds the file and does not compile again
+    assert _native.available()
+    assert os.listdir(fresh_native) == files and os.stat(fresh_native / files[0]).st_mtime_ns == stamp
+
+
+def test_without_a_compiler_the_torch_path_runs_with_one_warning(fresh_native, monkeypatch):
+    monkeypatch.setenv("CC", str(fresh_native.parent / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="compiled CPU loop.*unavailable"):
+        assert not _native.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert not _native.available()
+    assert _dispatch.resolve("sparse_adamw", "auto", torch.device("cpu"), (torch.float32,)) == "torch"
+    with pytest.raises(ValueError, match="backend='native' is unavailable"):
+        _dispatch.resolve("sparse_adamw", "native", torch.device("cpu"), (torch.float32,))
+    # the optimizer still works, on the torch path
+    weight = torch.nn.Parameter(torch.randn(6, 4))
+    reference = torch.nn.Parameter(weight.detach().clone())
+    grad = torch.randn(6, 4)
+    weight.grad = grad.to_sparse(1)
+    reference.grad = grad.clone()
+    u2.SparseRowAdamW([weight]).step()
+    torch.optim.AdamW([reference], betas=(0.9, 0.95), weight_decay=0.0).step()
+    assert torch.equal(weight.detach(), reference.detach())
+    assert not list(fresh_native.glob("**/*.so"))
+
+
+def test_explicit_native_backend_rules():
+    with pytest.raises(ValueError, match="pass CPU tensors"):
+        _dispatch.resolve("sparse_adamw", "native", torch.device("cuda"), (torch.float32,))
+    with pytest.raises(TypeError, match="float32 tables"):
+        _dispatch.resolve("sparse_adamw", "native", torch.device("cpu"), (torch.bfloat16,))
+    with pytest.raises(ValueError, match="unknown backend 'native'"):
+        _dispatch.resolve("embedding", "native", torch.device("cpu"), (torch.float32,))
+
+
+@needs_native
+def test_native_loop_rejects_what_it_cannot_read():
+    param, exp_avg, exp_avg_sq, _ = _state(10, 8, seed=0)
+    ids = torch.tensor([1, 3])
+    args = (torch.ones(2), torch.ones(2))
+    with pytest.raises(ValueError, match="contiguous CPU torch.float32 param"):
+        _native.row_adamw_fp32(param.t(), exp_avg, exp_avg_sq, ids, torch.zeros(2, 8), *args,
+                               decay=1.0, beta1=0.9, beta2=0.95, eps=1e-8)
+    with pytest.raises(ValueError, match="torch.int64 row_ids"):
+        _native.row_adamw_fp32(param, exp_avg, exp_avg_sq, ids.int(), torch.zeros(2, 8), *args,
+                               decay=1.0, beta1=0.9, beta2=0.95, eps=1e-8)

@@ -1,0 +1,200 @@
+"""The CPU fast path of ``u2.SparseRowAdamW``: the row AdamW update as one C loop, compiled on first use.
+
+The C2 step touches a few thousand rows of a 500K x 1152 table. On the CPU, torch's eager ops
+make one pass over the touched rows per operation (about fifteen for AdamW: three gathers, the
+element-wise update, three scatters), each into a temporary; the step is then bound by memory
+traffic, not by arithmetic. ``row_adamw_fp32`` does it in one pass, in place: each touched
+element of the parameter and both moments is read once and written once.
+
+It uses the element-wise formulas of ``sparse_adamw._row_adamw_torch``, in the same order. The
+compiler may not contract anything into an FMA (``-ffp-contract=off``); the two multiply-adds
+that torch's vectorised CPU kernels fuse (lerp, addcmul) are written as ``fmaf``, so both moments
+come out as torch's vectorised loop computes them. The parameter can differ by an ulp: torch's vectorised fp32
+``sqrt`` (Sleef) is not always correctly rounded, ``sqrtf`` is (tested against the torch path and
+``torch.optim.AdamW`` at rtol 1e-6). Rows are split over ``torch.get_num_threads()``
+OpenMP threads; each row is owned by one thread, so the result does not depend on the thread
+count. The library asks for ``libgomp.so.1``, which torch has already loaded: it runs on torch's
+own OpenMP threads. (A separate Python thread pool competed with torch's threads, which spin a
+while after each parallel region, and gave steps 5-8x slower than the median.)
+
+The source below is compiled once per machine with the C compiler (``$CC``, else ``cc``) into
+``$UNICODE2_FAST_CACHE_DIR`` (default ``~/.cache/unicode2_fast``) and loaded with ctypes; the
+file name hashes the source, the flags, the compiler's version and the CPU's feature flags
+(``-march=native``), and it is written to a temporary file and renamed, so concurrent processes
+never load a half-written library. Where no compiler works, :func:`available` is False, one
+warning says why, and the callers keep their torch paths.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+import warnings
+from typing import Optional
+
+import torch
+
+SOURCE = r"""
+#include <stdint.h>
+#include <math.h>
+
+/* AdamW on rows ids[0:rows] of p / m / v (row length d), in place, on `threads` OpenMP threads.
+   g: the rows' gradients, in the order of ids. neg_step[i] = -lr / (1 - beta1^t_i),
+   bc2[i] = sqrt(1 - beta2^t_i). */
+void row_adamw_f32(float *restrict p, float *restrict m, float *restrict v, const int64_t *ids,
+                   const float *restrict g, const float *neg_step, const float *bc2, int64_t rows,
+                   int64_t d, float decay, float w1, float beta2, float w2, float eps, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < rows; ++i) {
+        const int64_t r = ids[i];
+        float *restrict pr = p + r * d;
+        float *restrict mr = m + r * d;
+        float *restrict vr = v + r * d;
+        const float *restrict gr = g + i * d;
+        const float ns = neg_step[i], b = bc2[i];
+        for (int64_t j = 0; j < d; ++j) {
+            const float gj = gr[j];
+            float mm = mr[j];
+            /* torch.lerp(m, g, w1), fused as torch's vectorised CPU kernel does */
+            mm = w1 < 0.5f ? fmaf(w1, gj - mm, mm) : fmaf(-(1.0f - w1), gj - mm, gj);
+            /* v.mul_(beta2).addcmul_(g, g, value=w2): torch fuses (w2 * g) * g + v */
+            const float vv = fmaf(w2 * gj, gj, vr[j] * beta2);
+            /* sqrt(v) / bc2 + eps, then p + (m * neg_step) / denom */
+            const float den = sqrtf(vv) / b + eps;
+            pr[j] = pr[j] * decay + (mm * ns) / den;
+            mr[j] = mm;
+            vr[j] = vv;
+        }
+    }
+}
+"""
+
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
+#: below this many elements a call runs on one thread (waking the others costs more)
+PARALLEL_ELEMENTS = 1 << 16
+COMPILE_TIMEOUT_S = 120
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_lock = threading.Lock()
+_library: Optional[ctypes.CDLL] = None
+_failure: Optional[str] = None
+
+
+def cache_dir() -> str:
+    """Where the compiled library is kept: ``$UNICODE2_FAST_CACHE_DIR``, else ``~/.cache/unicode2_fast``."""
+    configured = os.environ.get("UNICODE2_FAST_CACHE_DIR")
+    if configured:
+        return configured
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "unicode2_fast")
+
+
+def _compiler() -> str:
+    return os.environ.get("CC") or "cc"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _library_path(compiler: str) -> str:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = "\n".join([SOURCE, " ".join(FLAGS), version, _cpu_flags(), platform.machine()])
+    return os.path.join(cache_dir(), f"native-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so")
+
+
+def _build() -> ctypes.CDLL:
+    compiler = _compiler()
+    path = _library_path(compiler)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as work:
+            source = os.path.join(work, "native.c")
+            with open(source, "w") as f:
+                f.write(SOURCE)
+            built = os.path.join(work, "native.so")
+            run = subprocess.run([compiler, *FLAGS, source, "-o", built, "-lm"], capture_output=True, text=True,
+                                 timeout=COMPILE_TIMEOUT_S)
+            if run.returncode != 0:
+                raise RuntimeError(f"{compiler} failed ({run.returncode}): {run.stderr.strip()[-500:]}")
+            os.replace(built, path)  # atomic: another process sees no file or the whole library
+    library = ctypes.CDLL(path)
+    library.row_adamw_f32.argtypes = [_P] * 7 + [_I] * 2 + [_F] * 5 + [ctypes.c_int]
+    library.row_adamw_f32.restype = None
+    return library
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    global _library, _failure
+    if _library is not None or _failure is not None:
+        return _library
+    with _lock:
+        if _library is None and _failure is None:
+            try:
+                _library = _build()
+            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
+                _failure = f"{type(error).__name__}: {error}"
+                warnings.warn(
+                    f"unicode2_fast: the compiled CPU loops of the row-sparse training ops are unavailable "
+                    f"({_failure}); gathered_embedding and SparseRowAdamW use their slower torch paths on the CPU. "
+                    f"Set CC to a working C compiler, or UNICODE2_FAST_CACHE_DIR to a writable folder.",
+                    RuntimeWarning, stacklevel=3,
+                )
+    return _library
+
+
+def available() -> bool:
+    """Whether the compiled loops load (compiles them on the first call, about half a second)."""
+    return _load() is not None
+
+
+def failure() -> Optional[str]:
+    """Why the loops are unavailable (None when they loaded or were not tried yet)."""
+    return _failure
+
+
+def _threads(rows: int, row_elements: int) -> int:
+    """OpenMP threads for a call: torch's intra-op thread count, one for small calls."""
+    return 1 if rows * row_elements < PARALLEL_ELEMENTS else max(1, min(torch.get_num_threads(), rows))
+
+
+def _require(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    if tensor.device.type != "cpu" or tensor.dtype != dtype or not tensor.is_contiguous():
+        raise ValueError(f"native loops need a contiguous CPU {dtype} {name}, got {tensor.dtype} on "
+                         f"{tensor.device} (contiguous: {tensor.is_contiguous()})")
+
+
+def row_adamw_fp32(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, row_ids: torch.Tensor,
+                   grad_rows: torch.Tensor, neg_step: torch.Tensor, bias_correction2_sqrt: torch.Tensor, *,
+                   decay: float, beta1: float, beta2: float, eps: float) -> None:
+    """AdamW on the **unique** rows ``row_ids`` of ``param`` / ``exp_avg`` / ``exp_avg_sq``, in place.
+
+    Shapes: param and moments (K, d) fp32 contiguous; row_ids (U,) int64 in [0, K), no repeats
+    (rows are split over threads: a repeated id would be written by two of them);
+    grad_rows (U, d) fp32; neg_step and bias_correction2_sqrt (U,) fp32, per row.
+    ``decay``: 1 - lr * weight_decay (1.0 applies none).
+    """
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"the native loops are unavailable: {_failure}")
+    for tensor, dtype, name in ((param, torch.float32, "param"), (exp_avg, torch.float32, "exp_avg"),
+                                (exp_avg_sq, torch.float32, "exp_avg_sq"), (row_ids, torch.int64, "row_ids"),
+                                (grad_rows, torch.float32, "grad_rows"), (neg_step, torch.float32, "neg_step"),
+                                (bias_correction2_sqrt, torch.float32, "bias_correction2_sqrt")):
+        _require(tensor, dtype, name)
+    rows, d = grad_rows.shape
+    pointers = [t.data_ptr() for t in (param, exp_avg, exp_avg_sq, row_ids, grad_rows, neg_step,
+                                       bias_correction2_sqrt)]
+    library.row_adamw_f32(*pointers, rows, d, decay, 1.0 - beta1, beta2, 1.0 - beta2, eps, _threads(rows, d))
+
