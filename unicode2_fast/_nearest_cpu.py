@@ -1169,6 +1169,14 @@ class _GroupMinima:
         n, w = self.approx.shape
         hit_groups = ((self.minima <= thresh.unsqueeze(1)) & active.unsqueeze(1)).nonzero()
         rows, group = hit_groups[:, 0], hit_groups[:, 1]
+        if w % GROUP_WIDTH == 0:
+            # whole groups are contiguous 64-value rows of the block: one row gather (memcpy
+            # speed; an element-wise index was most of the filter's time on photographs)
+            groups = self.approx.view(n * (w // GROUP_WIDTH), GROUP_WIDTH)
+            values = groups.index_select(0, rows * (w // GROUP_WIDTH) + group)
+            hit = (values <= thresh.index_select(0, rows).unsqueeze(1)).nonzero()
+            which = hit[:, 0]
+            return rows.index_select(0, which), group.index_select(0, which) * GROUP_WIDTH + hit[:, 1]
         cols = group.unsqueeze(1) * GROUP_WIDTH + torch.arange(GROUP_WIDTH)
         inside = cols < w  # the last group of a block may be short
         cols = cols.clamp_(max=w - 1)
