@@ -882,3 +882,42 @@ def test_duplicate_detection_runs_once_per_codebook_for_every_path(monkeypatch):
     c.add_(0.0)  # an in-place change: the codebook is hashed again
     _nearest_cpu.nearest_cpu(x, c, "l2", "int8")
     assert len(hashes) == 2
+
+
+@pytest.mark.skipif(not _nearest_cpu.native_epilogue(), reason="no working C compiler for the native epilogue")
+@pytest.mark.parametrize("lo", [False, True])
+@pytest.mark.parametrize("l2", [False, True])
+def test_native_filter_epilogue_matches_the_torch_passes(lo, l2):
+    from unicode2_fast import _native
+
+    g = torch.Generator().manual_seed(3)
+    m, w = 37, 2 * _nearest_cpu.GROUP_WIDTH + 5  # a short last group
+    hi = torch.randint(-2 ** 20, 2 ** 20, (m, w), generator=g, dtype=torch.int32)
+    low = torch.randint(-2 ** 12, 2 ** 12, (m, w), generator=g, dtype=torch.int32) if lo else None
+    cscale, neg = torch.rand(w, generator=g) * 1e-3, -torch.rand(m, generator=g)
+    csq = torch.rand(w, generator=g) * 10 if l2 else None
+    approx = torch.empty(m, w)
+    minima = torch.empty(m, 3)
+    _native.filter_epilogue(hi, low, _nearest_cpu.X2_BASE, cscale, csq, neg, approx, minima, _nearest_cpu.GROUP_WIDTH)
+    dots = hi.clone() if low is None else low.clone().add_(hi, alpha=_nearest_cpu.X2_BASE)
+    want = dots.float().mul_(cscale)
+    want = torch.addcmul(csq, want, neg.unsqueeze(1)) if l2 else want.mul_(neg.unsqueeze(1))
+    torch.testing.assert_close(approx, want, rtol=2 ** -22, atol=0)  # an fp32 rounding apart at most
+    groups = _nearest_cpu._GroupMinima(approx)  # the torch group minima of the C values
+    assert torch.equal(minima, groups.minima)
+
+
+@pytest.mark.parametrize("name", ["photos", "clustered", "duplicates"])
+@pytest.mark.parametrize("kind", ["int8", "int8x2"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_filter_is_exact_with_and_without_the_native_epilogue(name, kind, metric, monkeypatch):
+    if name == "photos" and metric == "cos":
+        pytest.skip("black patches: zero rows have no cosine (u2.nearest refuses them)")
+    c, x = _real_or_adversarial(name)
+    results = []
+    for native in (False, True):
+        monkeypatch.setattr(_nearest_cpu, "native_epilogue", lambda: native)
+        ids, dists = _nearest_cpu.nearest_cpu(x, c, metric, kind)
+        assert_nearest_ok(ids, dists, x, c, metric, exact=True, rel_tol=2e-7)
+        results.append((ids, dists))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

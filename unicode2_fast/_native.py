@@ -1,21 +1,26 @@
-"""The CPU fast path of ``u2.SparseRowAdamW``: the row AdamW update as one C loop, compiled on first use.
+"""Compiled CPU loops for the hot paths that torch's eager ops run as many memory passes.
 
-The C2 step touches a few thousand rows of a 500K x 1152 table. On the CPU, torch's eager ops
-make one pass over the touched rows per operation (about fifteen for AdamW: three gathers, the
-element-wise update, three scatters), each into a temporary; the step is then bound by memory
-traffic, not by arithmetic. ``row_adamw_fp32`` does it in one pass, in place: each touched
-element of the parameter and both moments is read once and written once.
+``row_adamw_fp32`` -- ``u2.SparseRowAdamW``'s row update. The C2 step touches a few thousand
+rows of a 500K x 1152 table; torch's eager ops make one pass over the touched rows per operation
+(about fifteen for AdamW: three gathers, the element-wise update, three scatters), each into a
+temporary, so the step is bound by memory traffic, not arithmetic. The loop does it in one
+pass, in place: each touched element of the parameter and both moments is read once and
+written once. It uses the element-wise formulas of ``sparse_adamw._row_adamw_torch``, in the
+same order. The compiler may not contract anything into an FMA (``-ffp-contract=off``); the two
+multiply-adds that torch's vectorised CPU kernels fuse (lerp, addcmul) are written as ``fmaf``,
+so both moments come out as torch's vectorised loop computes them. The parameter can differ by
+an ulp: torch's vectorised fp32 ``sqrt`` (Sleef) is not always correctly rounded, ``sqrtf`` is
+(tested against the torch path and ``torch.optim.AdamW`` at rtol 1e-6).
 
-It uses the element-wise formulas of ``sparse_adamw._row_adamw_torch``, in the same order. The
-compiler may not contract anything into an FMA (``-ffp-contract=off``); the two multiply-adds
-that torch's vectorised CPU kernels fuse (lerp, addcmul) are written as ``fmaf``, so both moments
-come out as torch's vectorised loop computes them. The parameter can differ by an ulp: torch's vectorised fp32
-``sqrt`` (Sleef) is not always correctly rounded, ``sqrtf`` is (tested against the torch path and
-``torch.optim.AdamW`` at rtol 1e-6). Rows are split over ``torch.get_num_threads()``
-OpenMP threads; each row is owned by one thread, so the result does not depend on the thread
-count. The library asks for ``libgomp.so.1``, which torch has already loaded: it runs on torch's
-own OpenMP threads. (A separate Python thread pool competed with torch's threads, which spin a
-while after each parallel region, and gave steps 5-8x slower than the median.)
+``filter_epilogue`` -- one block of ``u2.nearest``'s int8 / int8x2 filter after its integer
+GEMMs: the int32 sum of the two levels, the scaling, the l2 terms and the minima of groups of
+64 columns, in one pass instead of five torch passes over the (queries x 2,048) block. The
+filter's error bound covers the fp32 roundings of these steps in either order.
+
+Rows are split over ``torch.get_num_threads()`` OpenMP threads; each row is owned by one
+thread, so results do not depend on the thread count. The library asks for ``libgomp.so.1``,
+which torch has already loaded: it runs on torch's own OpenMP threads. (A separate Python
+thread pool competed with torch's threads, which spin a while after each parallel region.)
 
 The source below is compiled once per machine with the C compiler (``$CC``, else ``cc``) into
 ``$UNICODE2_FAST_CACHE_DIR`` (default ``~/.cache/unicode2_fast``) and loaded with ctypes; the
@@ -68,6 +73,38 @@ void row_adamw_f32(float *restrict p, float *restrict m, float *restrict v, cons
             pr[j] = pr[j] * decay + (mm * ns) / den;
             mr[j] = mm;
             vr[j] = vv;
+        }
+    }
+}
+
+/* The epilogue of one block of u2.nearest's int8 / int8x2 filter, in one pass per row:
+   dots = lo + base * hi (int32, exact; lo NULL: dots = hi), approx = float(dots) * cscale[j],
+   then csq[j] + approx * neg[i] (l2; csq NULL: approx * neg[i]), stored in approx, and the
+   minimum of every group of `width` consecutive columns (the last one may be short) in minima.
+   The same operations in the same order as the torch path (the multiply-add fused, as torch's
+   vectorised addcmul fuses it); the filter's error bound covers their fp32 roundings. */
+void filter_epilogue(const int32_t *hi, const int32_t *lo, int32_t base, int64_t m, int64_t w,
+                     const float *cscale, const float *csq, const float *neg, float *approx,
+                     float *minima, int64_t width, int threads) {
+    const int64_t groups = (w + width - 1) / width;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < m; ++i) {
+        const int32_t *h = hi + i * w;
+        const int32_t *l = lo ? lo + i * w : 0;
+        float *a = approx + i * w;
+        float *mn = minima + i * groups;
+        const float ni = neg[i];
+        for (int64_t g = 0; g < groups; ++g) {
+            const int64_t j0 = g * width, j1 = j0 + width < w ? j0 + width : w;
+            float best = INFINITY;
+            for (int64_t j = j0; j < j1; ++j) {
+                const int32_t dot = l ? l[j] + base * h[j] : h[j];
+                const float f = (float)dot * cscale[j];
+                const float value = csq ? fmaf(f, ni, csq[j]) : f * ni;
+                a[j] = value;
+                best = value < best ? value : best;
+            }
+            mn[g] = best;
         }
     }
 }
@@ -136,6 +173,8 @@ def _build() -> ctypes.CDLL:
     library = ctypes.CDLL(path)
     library.row_adamw_f32.argtypes = [_P] * 7 + [_I] * 2 + [_F] * 5 + [ctypes.c_int]
     library.row_adamw_f32.restype = None
+    library.filter_epilogue.argtypes = [_P, _P, ctypes.c_int32, _I, _I, _P, _P, _P, _P, _P, _I, ctypes.c_int]
+    library.filter_epilogue.restype = None
     return library
 
 
@@ -202,3 +241,30 @@ def row_adamw_fp32(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch
                                        bias_correction2_sqrt)]
     library.row_adamw_f32(*pointers, rows, d, decay, 1.0 - beta1, beta2, 1.0 - beta2, eps, _threads(rows, d))
 
+
+
+def filter_epilogue(hi: torch.Tensor, lo: Optional[torch.Tensor], base: int, cscale: torch.Tensor,
+                    csq: Optional[torch.Tensor], neg: torch.Tensor, approx: torch.Tensor, minima: torch.Tensor,
+                    width: int) -> None:
+    """One block of u2.nearest's integer filter, finished in one pass (see the C source).
+
+    Shapes: hi, lo (m, w) int32 contiguous (lo None: int8, else int8x2 with ``base`` = X2_BASE);
+    cscale, csq (w,) fp32 (csq None: ip / cos); neg (m,) fp32; approx (m, w) fp32 out; minima
+    (m, ceil(w / width)) fp32 out.
+    """
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"the native loops are unavailable: {_failure}")
+    checks = [(hi, torch.int32, "hi"), (cscale, torch.float32, "cscale"), (neg, torch.float32, "neg"),
+              (approx, torch.float32, "approx"), (minima, torch.float32, "minima")]
+    checks += [(t, dtype, name) for t, dtype, name in ((lo, torch.int32, "lo"), (csq, torch.float32, "csq"))
+               if t is not None]
+    for tensor, dtype, name in checks:
+        _require(tensor, dtype, name)
+    m, w = hi.shape
+    if approx.shape != (m, w) or (lo is not None and lo.shape != (m, w)) or cscale.shape != (w,) \
+            or neg.shape != (m,) or minima.shape != (m, -(-w // width)) or (csq is not None and csq.shape != (w,)):
+        raise ValueError(f"filter_epilogue: inconsistent shapes for a ({m}, {w}) block")
+    pointer = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    library.filter_epilogue(hi.data_ptr(), pointer(lo), base, m, w, cscale.data_ptr(), pointer(csq), neg.data_ptr(),
+                            approx.data_ptr(), minima.data_ptr(), width, _threads(m, w))

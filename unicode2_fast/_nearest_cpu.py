@@ -46,7 +46,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import _cells
+from . import _cells, _native
 from ._cache import cached, per_tensor
 from ._certified import GROW64, U32, U64, CandidateStore, fp64_slack, lowest_of_min, pair_objective, sum_rounding
 from ._faiss import faiss_threads
@@ -1147,14 +1147,23 @@ def _scratch() -> _Scratch:
     return _SCRATCH
 
 
+def native_epilogue() -> bool:
+    """Whether the int8 / int8x2 filter finishes its blocks with the compiled C epilogue
+    (``_native.filter_epilogue``; the torch passes otherwise: no C compiler)."""
+    return _native.available()
+
+
 class _GroupMinima:
     """Minima of groups of GROUP_WIDTH consecutive columns of one block of filter values, and the
     (row, column) entries at or below a per-row threshold read back only from the groups whose
     minimum is: one pass over the block instead of a compare and a nonzero over all of it."""
 
-    def __init__(self, approx: torch.Tensor):
-        # approx: (n, w) contiguous
+    def __init__(self, approx: torch.Tensor, minima: Optional[torch.Tensor] = None):
+        # approx: (n, w) contiguous; minima: its (n, groups) group minima when already computed
         self.approx = approx
+        if minima is not None:
+            self.minima = minima
+            return
         n, w = approx.shape
         full = w // GROUP_WIDTH
         parts = []
@@ -1226,10 +1235,16 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
         store.add(r, ids, obj - err)
 
     scratch = _scratch()
+    if kind in ("int8", "int8x2") and native_epilogue():
+        # per block, contiguous fp32 codeword scales and squared norms for the C epilogue
+        block_scale = [cs.scale[s0:s0 + CODE_BLOCK].float().contiguous() for s0 in range(0, k, CODE_BLOCK)]
+        block_sq = [cs.sq[s0:s0 + CODE_BLOCK].float().contiguous() for s0 in range(0, k, CODE_BLOCK)] \
+            if metric == "l2" else None
 
     def block_values(b: int, start: int, stop: int, sel: Optional[torch.Tensor] = None):
-        """(approx (m, w), width (m,)): the filter objective of the queries ``sel`` (None: all)
-        against block b, and the bound on its distance from the true filter objective."""
+        """(approx (m, w), width (m,), minima): the filter objective of the queries ``sel`` (None:
+        all) against block b, the bound on its distance from the true filter objective, and the
+        (m, groups) group minima when the native epilogue computed them (else None)."""
         def of(v: torch.Tensor) -> torch.Tensor:
             return v if sel is None else v[sel]
 
@@ -1241,18 +1256,34 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
             # into reused buffers: fresh (n, CODE_BLOCK) results page-fault on every block, and
             # copy_ + mul_ runs ~3x faster than a mixed-dtype mul
             dots = _filter_gemm(of(qs.filt), cs.filt[start:stop], kind, scratch.get("dots", (m, stop - start), torch.int32))
+            low = None
             if kind == "int8x2":
                 low = _filter_gemm(of(qs.filt2), cs.filt2[start:stop], kind,
                                    scratch.get("dots2", (m, stop - start), torch.int32))
+            approx = scratch.get("approx", (m, stop - start), torch.float32)
+            if native_epilogue():
+                # the int32 sum (exact: d <= MAX_INT8X2_DIM), the scaling, the l2 terms and the
+                # group minima in one C pass instead of five torch passes over the block
+                minima = torch.empty((m, -(-(stop - start) // GROUP_WIDTH)), dtype=torch.float32)
+                _native.filter_epilogue(dots, low, X2_BASE, block_scale[b], block_sq[b] if metric == "l2" else None,
+                                        of(neg_scale).contiguous(), approx, minima, GROUP_WIDTH)
+                return approx, block_width(b, sel), minima
+            if low is not None:
                 dots = low.add_(dots, alpha=X2_BASE)  # exact: d <= MAX_INT8X2_DIM
-            approx = scratch.get("approx", (m, stop - start), torch.float32).copy_(dots).mul_(cs.scale[start:stop])
+            approx = approx.copy_(dots).mul_(cs.scale[start:stop])
         else:
             approx = _filter_gemm(of(qs.filt), cs.filt[start:stop], kind)
         if metric == "l2":
             approx = torch.addcmul(cs.sq[start:stop].to(approx.dtype), approx, of(neg_scale).unsqueeze(1), out=approx)
         else:
             approx.mul_(of(neg_scale).unsqueeze(1))
-        # width: |true filter objective - approx| <= width for every codeword of this block
+        return approx, block_width(b, sel), None
+
+    def block_width(b: int, sel: Optional[torch.Tensor]) -> torch.Tensor:
+        """(m,) bound on |true filter objective - approx| for every codeword of block b (queries ``sel``)."""
+        def of(v: torch.Tensor) -> torch.Tensor:
+            return v if sel is None else v[sel]
+
         filt_norm = of(qs.filt_norm)
         dot_err = filt_norm * cstats.block_res_max[b] + of(qs.res_norm) * cstats.block_norm_max[b]
         dot_err = dot_err + gemm_round * filt_norm * cstats.block_filt_max[b]
@@ -1263,14 +1294,14 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
         # fp32 evaluation of the approximate objective: a few roundings of terms of this size
         magnitude = coef * filt_norm * cstats.block_filt_max[b] + cstats.block_sq_max[b]
         # (+ the absolute rounding of fp32 values below the normal range: squares, products)
-        return approx, (coef * dot_err + 2.0 ** -19 * magnitude + cs.sq_rel_err * cstats.block_sq_max[b]
-                        + 4.0 * d * FP32_SUBNORMAL_STEP)
+        return (coef * dot_err + 2.0 ** -19 * magnitude + cs.sq_rel_err * cstats.block_sq_max[b]
+                + 4.0 * d * FP32_SUBNORMAL_STEP)
 
     with stage("nearest/filter_scan"):
         for b, start in enumerate(range(0, k, CODE_BLOCK)):
             stop = min(k, start + CODE_BLOCK)
-            approx, width = block_values(b, start, stop)
-            groups = _GroupMinima(approx)
+            approx, width, minima = block_values(b, start, stop)
+            groups = _GroupMinima(approx, minima)
             blk_min = groups.minima.amin(dim=1).double()
             # pair space = filter space + offset: each move between them rounds in fp64, by up to
             # an ulp of the larger side, which can exceed the width when the queries lie far from
@@ -1312,7 +1343,7 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
             need = many_rows[(rest_lower <= rest_upper) & ~overflow[many_rows]]
             if need.numel():
                 start = b * CODE_BLOCK
-                approx, width = block_values(b, start, min(k, start + CODE_BLOCK), need)
+                approx, width, _ = block_values(b, start, min(k, start + CODE_BLOCK), need)
                 thresh_f = _filter_threshold(upper[need], offset[need], width, approx.dtype)
                 hit = (approx <= thresh_f.unsqueeze(1)).nonzero()
                 # a query with masses of them (flat regions: hundreds of near-equal codewords) is
