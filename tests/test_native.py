@@ -158,3 +158,19 @@ def test_native_loop_rejects_what_it_cannot_read():
     with pytest.raises(ValueError, match="torch.int64 row_ids"):
         _native.row_adamw_fp32(param, exp_avg, exp_avg_sq, ids.int(), torch.zeros(2, 8), *args,
                                decay=1.0, beta1=0.9, beta2=0.95, eps=1e-8)
+
+
+@needs_native
+def test_row_norms_in_float64_without_underflow():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(300, 37, generator=g)
+    v[:100] *= 1e-30  # fp32 squares would underflow to 0
+    v[100:200] *= 1e30  # and overflow
+    want = v.double().norm(dim=1)
+    torch.testing.assert_close(_native.row_norms_f64(v), want, rtol=1e-15, atol=0)
+    center = torch.randn(37, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(_native.row_norms_f64(v, center), (v.double() - center).pow(2).sum(dim=1),
+                               rtol=1e-15, atol=0)
+    assert _native.row_norms_f64(v.double()) is None  # not fp32: the caller's torch path
+    with pytest.raises(ValueError, match="center"):
+        _native.row_norms_f64(v, center[:5])

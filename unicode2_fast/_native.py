@@ -108,6 +108,28 @@ void filter_epilogue(const int32_t *hi, const int32_t *lo, int32_t base, int64_t
         }
     }
 }
+
+/* out[i] = sqrt(sum_j v[i,j]^2) (center NULL) or sum_j (v[i,j] - center[j])^2 (center given),
+   accumulated in double from fp32 rows, in one pass with no float64 copy of v */
+void row_sums_f64(const float *v, int64_t n, int64_t d, const double *center, double *out, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < n; ++i) {
+        const float *r = v + i * d;
+        double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t j = 0;
+        if (center) {
+            for (; j + 8 <= d; j += 8)
+                for (int l = 0; l < 8; ++l) { const double t = (double)r[j + l] - center[j + l]; acc[l] += t * t; }
+            for (; j < d; ++j) { const double t = (double)r[j] - center[j]; acc[0] += t * t; }
+        } else {
+            for (; j + 8 <= d; j += 8)
+                for (int l = 0; l < 8; ++l) { const double t = (double)r[j + l]; acc[l] += t * t; }
+            for (; j < d; ++j) { const double t = (double)r[j]; acc[0] += t * t; }
+        }
+        const double sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        out[i] = center ? sum : sqrt(sum);
+    }
+}
 """
 
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
@@ -175,6 +197,8 @@ def _build() -> ctypes.CDLL:
     library.row_adamw_f32.restype = None
     library.filter_epilogue.argtypes = [_P, _P, ctypes.c_int32, _I, _I, _P, _P, _P, _P, _P, _I, ctypes.c_int]
     library.filter_epilogue.restype = None
+    library.row_sums_f64.argtypes = [_P, _I, _I, _P, _P, ctypes.c_int]
+    library.row_sums_f64.restype = None
     return library
 
 
@@ -268,3 +292,22 @@ def filter_epilogue(hi: torch.Tensor, lo: Optional[torch.Tensor], base: int, csc
     pointer = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     library.filter_epilogue(hi.data_ptr(), pointer(lo), base, m, w, cscale.data_ptr(), pointer(csq), neg.data_ptr(),
                             approx.data_ptr(), minima.data_ptr(), width, _threads(m, w))
+
+
+def row_norms_f64(v: torch.Tensor, center: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """(n,) float64 row norms of fp32 rows ``v: (n, d)`` (``center`` None), or squared distances
+    from the float64 ``center: (d,)``, summed in float64 in one pass; None where the loops are
+    unavailable or ``v`` is not a contiguous fp32 CPU tensor (the caller uses torch)."""
+    library = _load()
+    if library is None or v.dtype != torch.float32 or v.device.type != "cpu" or v.dim() != 2:
+        return None
+    v = v.contiguous()
+    n, d = v.shape
+    out = torch.empty(n, dtype=torch.float64)
+    if center is not None:
+        center = center.to(torch.float64).contiguous()
+        if center.shape != (d,):
+            raise ValueError(f"row_norms_f64: center of shape {tuple(center.shape)} for rows of length {d}")
+    library.row_sums_f64(v.data_ptr(), n, d, None if center is None else center.data_ptr(), out.data_ptr(),
+                         _threads(n, d))
+    return out

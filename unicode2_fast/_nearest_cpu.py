@@ -284,7 +284,7 @@ class _RowStats:
 
 
 def _row_stats(v: torch.Tensor, kind: str, normalize: bool, center: Optional[torch.Tensor] = None,
-               rows: Optional[torch.Tensor] = None) -> _RowStats:
+               rows: Optional[torch.Tensor] = None, squares: bool = True) -> _RowStats:
     """Quantise / convert rows ``v: (R, d)`` (those of the ids ``rows`` only, when given) for the
     filter and bound the residuals.
 
@@ -292,15 +292,16 @@ def _row_stats(v: torch.Tensor, kind: str, normalize: bool, center: Optional[tor
     distances do not change under a shift, and the filter's error bound scales with the row
     norms, so removing the features' shared mean (large for SigLIP) tightens it a lot.
     The statistics describe the exact transformed rows: the rounding of the transform itself is
-    folded into the residual bounds.
+    folded into the residual bounds. ``squares``: compute the fp32 squared norms ``sq`` (the
+    codebook's enter the filter objective; the queries' are not used).
     """
     parts = []
     count = v.shape[0] if rows is None else rows.numel()
     for start in range(0, count, STAT_CHUNK):
         chunk = v[start:start + STAT_CHUNK] if rows is None else v.index_select(0, rows[start:start + STAT_CHUNK])
-        parts.append(_row_stats_chunk(chunk, kind, normalize, center))
+        parts.append(_row_stats_chunk(chunk, kind, normalize, center, squares))
     if not parts:
-        parts.append(_row_stats_chunk(v, kind, normalize, center))
+        parts.append(_row_stats_chunk(v, kind, normalize, center, squares))
     def joined(f: str) -> Optional[torch.Tensor]:
         return torch.cat([getattr(p, f) for p in parts]) if getattr(parts[0], f) is not None else None
 
@@ -308,7 +309,8 @@ def _row_stats(v: torch.Tensor, kind: str, normalize: bool, center: Optional[tor
                      parts[0].sq_rel_err, filt2=joined("filt2"), lo_norm=joined("lo_norm"))
 
 
-def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool, center: Optional[torch.Tensor]) -> _RowStats:
+def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool, center: Optional[torch.Tensor],
+                     squares: bool = True) -> _RowStats:
     # v: (R, d) any float dtype; center: (d,) or None
     if kind == "fp64" or v.dtype == torch.float64:
         return _row_stats_chunk_fp64(v, kind, normalize, center)
@@ -322,12 +324,12 @@ def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool, center: Option
         v32 = v32 - center.float()  # each element within one rounding of the exact difference
     # norms accumulate in float64: fp32 squares of rows below ~1e-19 underflow, and a bound that
     # underflows lets the filter discard the nearest codeword
-    norm = torch.linalg.vector_norm(v32, dim=1, dtype=torch.float64)
+    norm = _norms64(v32)
     # distance of the rows below from the exact transformed rows
     off_unit = 1.01 * U32 * norm if center is not None else torch.zeros_like(norm)
     if normalize:
         v32 = v32 / norm.float().unsqueeze(1)
-        norm = torch.linalg.vector_norm(v32, dim=1, dtype=torch.float64)
+        norm = _norms64(v32)
         off_unit = torch.full_like(norm, 2.0 * gamma)
     # fp32 results below the normal range round by up to half its smallest step, not relatively
     tiny = 2.0 * math.sqrt(d) * FP32_SUBNORMAL_STEP
@@ -338,7 +340,7 @@ def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool, center: Option
     def residual_bound(residual: torch.Tensor) -> torch.Tensor:
         # each residual element within 2 fp32 roundings of exact (the product with the scale and
         # the difference from v), measured from the digits actually chosen
-        return (torch.linalg.vector_norm(residual, dim=1, dtype=torch.float64) * grow
+        return (_norms64(residual) * grow
                 + 2.0 * U32 * norm * grow + off_unit + tiny)
 
     filt2 = lo_norm = None
@@ -370,7 +372,7 @@ def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool, center: Option
         res_norm = residual_bound(v32 - digits * scale.unsqueeze(1))
         filt = digits.to(torch.int8)
     filt_norm = torch.linalg.vector_norm(digits, dim=1).double() * scale.double() * grow
-    sq = torch.linalg.vecdot(v32, v32) if not normalize else None
+    sq = torch.linalg.vecdot(v32, v32) if squares and not normalize else None
     return _RowStats(filt, scale, res_norm, filt_norm, norm * grow + off_unit + tiny, sq, gamma + 3.0 * U32,
                      filt2=filt2, lo_norm=lo_norm)
 
@@ -614,8 +616,8 @@ def _pilot_upper_bound(x: torch.Tensor, pilot: torch.Tensor, metric: str) -> tor
         val, arg = torch.addmm(c_sq, x32, pilot.t(), alpha=-2.0).min(dim=1)
     else:
         val, arg = torch.mm(x32, pilot.t()).neg_().min(dim=1)
-    x_norm = x32.double().norm(dim=1)
-    c_norm = pilot.double().norm(dim=1)[arg]
+    x_norm = _norms64(x32)
+    c_norm = _norms64(pilot)[arg]
     # fp32 rounding of d-term sums and of the few additions, of the inputs (fp64 queries) and of
     # the unit rows (cos)
     gamma = 2.0 * (x.shape[1] + 8) * U32
@@ -693,7 +695,8 @@ class _FlatCodebook:
     the cache must not hold its own key."""
 
     def __init__(self, codebook: torch.Tensor, metric: str):
-        self.center = _column_mean(codebook) if metric == "l2" else None  # fp64
+        # fp64 holding an fp32 value: fp32 rows shift by it in one fp32 subtraction (see transform)
+        self.center = _column_mean(codebook).float().double() if metric == "l2" else None
         # exact duplicate codewords (flat image regions sample the same patch many times) would
         # all tie and overflow any top-k: FAISS scans one copy, ids map back to the lowest index
         self.ids = distinct_codewords(codebook)  # (K',) original id of each scanned row, or None
@@ -721,6 +724,10 @@ class _FlatCodebook:
 
     def transform(self, v: torch.Tensor, metric: str) -> torch.Tensor:
         """(R, d) rows as FAISS sees them: each element one fp32 rounding of the exact value."""
+        if metric == "l2" and v.dtype != torch.float64:
+            # fp32 / fp16 / bf16 rows less an fp32 center: IEEE fp32 subtraction is one rounding of
+            # the exact difference, the value the fp64 route gives, without two fp64 copies
+            return (v.float() - self.center.float()).contiguous()
         v64 = v.double()
         if metric == "l2":
             v64 = v64 - self.center
@@ -895,7 +902,7 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
     # FAISS's fp32 objective of a pair is within w(x, c) of the exact one: the fp32 rounding of the
     # (shifted) inputs, of the GEMM's d-term sums and of the norms' sums, and the final additions
     gamma = sum_rounding(d + 8, U32) * (1.0 + GROW64)
-    x_norm = queries.double().norm(dim=1) * (1.0 + GROW64)
+    x_norm = _norms64(queries) * (1.0 + GROW64)
 
     def width(x_norms: torch.Tensor, c_norms: torch.Tensor) -> torch.Tensor:
         if metric == "l2":
@@ -922,7 +929,9 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
         if todo.numel() == 0:
             return todo
         kk = min(FLAT_K, k)
-        dist, pos = faiss.knn(queries[todo].numpy(), base, kk, metric=faiss_metric)
+        # (todo: ascending query rows, every one or a subset; all of them need no copy)
+        rows_in = queries if todo.numel() == n else queries[todo]
+        dist, pos = faiss.knn(rows_in.numpy(), base, kk, metric=faiss_metric)
         fl = torch.from_numpy(dist).double()
         fl = fl if metric == "l2" else -fl  # our objective: smaller is nearer
         pos = torch.from_numpy(pos)
@@ -1147,6 +1156,18 @@ def _scratch() -> _Scratch:
     return _SCRATCH
 
 
+def _norms64(v: torch.Tensor) -> torch.Tensor:
+    """(R,) float64 norms of the rows of ``v: (R, d)`` (the C loop for fp32 rows: no float64 copy)."""
+    out = _native.row_norms_f64(v)
+    return torch.linalg.vector_norm(v, dim=1, dtype=torch.float64) if out is None else out
+
+
+def _sq_dist64(v: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """(R,) float64 squared distances of the rows of ``v: (R, d)`` from ``center: (d,)``, in float64."""
+    out = _native.row_norms_f64(v, center)
+    return (v.double() - center.double()).pow(2).sum(dim=1) if out is None else out
+
+
 def native_epilogue() -> bool:
     """Whether the int8 / int8x2 filter finishes its blocks with the compiled C epilogue
     (``_native.filter_epilogue``; the torch passes otherwise: no C compiler)."""
@@ -1198,7 +1219,7 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
     # x: (n, d) queries; returns ids (n,), float64 objective (n,)
     n, d = x.shape
     k = cstats.stats.norm.shape[0]  # rows scanned (distinct codewords)
-    qs = _row_stats(x, "int7" if kind == "fbgemm" else kind, metric == "cos", cstats.center)
+    qs = _row_stats(x, "int7" if kind == "fbgemm" else kind, metric == "cos", cstats.center, squares=False)
     cs = cstats.stats
     u = _FbgemmBlocks.activations(qs.filt) if kind == "fbgemm" else None
     coef = 2.0 if metric == "l2" else 1.0  # filter objective: ||c||^2 - 2<x,c>  or  -<x,c>
@@ -1209,14 +1230,17 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
     neg_scale = (-coef * unit * qs.scale.double()).to(torch.float32 if integer else cs.filt.dtype)
     # The candidates' exact objectives live in the "pair" space (||x-c||^2 for l2); the filter's
     # omits ||x||^2. pair = filter + offset.
-    offset = ((x.double() - cstats.center.double()).pow(2).sum(dim=1) if metric == "l2"
-              else torch.zeros(n, dtype=torch.float64))
+    offset = (_sq_dist64(x, cstats.center) if metric == "l2" else torch.zeros(n, dtype=torch.float64))
     two_stage = x.dtype != torch.float64 and codebook.dtype != torch.float64
     x_pair = x.float() if two_stage else x.double()
     pair_gamma = sum_rounding(d, U32) if two_stage else 0.0
 
     with stage("nearest/pilot"):
-        upper = _pilot_upper_bound(x, cstats.pilot, metric)  # bound on the true minimum (pair space)
+        # bound on the true minimum (pair space). A codebook of one block needs none: the block's
+        # own minimum bounds it, and the pilot (up to the whole codebook at small K) cost as much
+        # as the scan (K = 64, d = 1152: 129 ms of which the pilot took a third, against 47 ms)
+        upper = (_pilot_upper_bound(x, cstats.pilot, metric) if k > CODE_BLOCK
+                 else torch.full((n,), math.inf, dtype=torch.float64))
     store = CandidateStore(n, x.device)
     overflow = store.overflow  # updated in place by store.admit
     deferred = []  # (rows, block, lower bound of the codewords not extracted)
