@@ -67,6 +67,11 @@ def cases(scale: float = 1.0) -> List[Tuple[str, torch.Tensor, torch.Tensor]]:
     out.append(("gaussian", torch.randn(size(50000), 1152, generator=g), torch.randn(size(729), 1152, generator=g)))
     d = siglip_like(size(50000), size(729), 1152)
     out.append(("synthetic SigLIP-like", d.codebook, d.queries))
+    # small codebooks (a VQ layer's 256 .. 1,024 codes): FAISS's scan is short, so u2's fixed
+    # per-query work (statistics, certification) weighs most here
+    d = siglip_like(size(20000), size(8192), 1152, seed=5)
+    for k in (size(256), size(1024)):
+        out.append((f"SigLIP-like queries, small codebook of {k:,}", d.codebook[:k].contiguous(), d.queries))
     return out
 
 
