@@ -298,3 +298,60 @@ def test_lloyd_stops_at_a_fixed_point_with_the_result_of_every_iteration(policy,
     assert len(calls) == stopped_after + 30
     assert real_equal(early.centroids, full.centroids) and real_equal(early.counts, full.counts)
     assert early.objective == full.objective
+
+
+def _exact_ids(x, centroids):
+    return torch.cdist(x.double(), centroids.double()).argmin(dim=1)
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+def test_bf16_assignment_is_the_exact_one_where_it_certifies(clustered, monkeypatch):
+    if clustered:
+        data = u2.data.clustered_codebook(6000, 10, 256, n_families=4, n_cells=30)
+    else:
+        data = siglip_like(6000, 10, 256, seed=3)
+    x = data.codebook.float().contiguous()
+    centroids = x[torch.randperm(6000, generator=torch.Generator().manual_seed(0))[:40]].contiguous()
+    centroids = centroids + 0.01 * torch.randn(centroids.shape, generator=torch.Generator().manual_seed(1))
+    sent = []
+    real = _lloyd.fast_assign
+    monkeypatch.setattr(_lloyd, "fast_assign", lambda rows, c: sent.append(rows.shape[0]) or real(rows, c))
+    assign = _lloyd.Bf16Assign(x)
+    ids, dists = assign(x, centroids)
+    exact = _exact_ids(x, centroids)
+    certified = torch.ones(x.shape[0], dtype=torch.bool)
+    certified[assign.redo] = False
+    # every certified row is the exact argmin; the others went to FAISS's fp32 scan, as before
+    assert bool((ids[certified] == exact[certified]).all())
+    assert sent == ([assign.ambiguous] if assign.ambiguous else []) and assign.redo.numel() == assign.ambiguous
+    assert 0 < int(certified.sum())
+    # certified rows' distances are the bf16 ones: within the bound the certificate used
+    truth = (x.double() - centroids.double()[ids]).pow(2).sum(dim=1)
+    shifted = centroids - assign.center
+    bound = 2 * 2.0 ** -6 * assign.row_norm * float(shifted.norm(dim=1).max())
+    assert bool(((dists.double() - truth).abs()[certified] <= bound[certified] + 1e-5).all())
+
+
+def test_bf16_assignment_certifies_little_on_ties_and_then_rests(monkeypatch):
+    x = torch.randn(3000, 64, generator=torch.Generator().manual_seed(0))
+    centroids = torch.zeros(8, 64)  # every centroid ties: nothing can be certified
+    calls = []
+    real = _lloyd.fast_assign
+    monkeypatch.setattr(_lloyd, "fast_assign", lambda rows, c: calls.append(rows.shape[0]) or real(rows, c))
+    assign = _lloyd.Bf16Assign(x)
+    for _ in range(8):
+        ids, _ = assign(x, centroids)
+        assert bool((ids == 0).all())  # the lowest index of the ties, as FAISS gives
+    # two misses, then the bf16 scan is tried only on every BF16_RETRY_EVERY-th call
+    assert calls[:2] == [3000, 3000] and len(calls) == 8
+    assert assign.calls == 8
+
+
+def test_training_assign_uses_bf16_only_where_it_is_fast(monkeypatch):
+    x = torch.randn(40000, 64)
+    monkeypatch.setattr(_lloyd, "bf16_speedup", lambda: 1.0)
+    assert _lloyd.training_assign(x, 100) is _lloyd.fast_assign
+    monkeypatch.setattr(_lloyd, "bf16_speedup", lambda: 4.0)
+    assert isinstance(_lloyd.training_assign(x, 100), _lloyd.Bf16Assign)
+    assert _lloyd.training_assign(x.double(), 100) is _lloyd.fast_assign
+    assert _lloyd.training_assign(x[:10], 100) is _lloyd.fast_assign  # too small to pay

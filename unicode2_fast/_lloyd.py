@@ -32,7 +32,7 @@ from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import _cells
+from . import _cells, _native
 from ._faiss import faiss_threads
 from .nearest import nearest
 
@@ -104,6 +104,118 @@ def fast_assign(x: torch.Tensor, centroids: torch.Tensor) -> Tuple[torch.Tensor,
         return nearest(x, centroids, backend="faiss")
     with faiss_threads(1):
         return nearest(x, centroids, backend="faiss")
+
+
+#: bf16 GEMM at least this much faster than fp32 (measured once) for the bf16 assignment
+MIN_BF16_SPEEDUP = 2.0
+#: a bf16 assignment whose share of uncertified rows passed this goes back to FAISS for the run
+BF16_MAX_AMBIGUOUS = 0.4
+BF16_RETRY_EVERY = 4
+#: rows per bf16 distance block ((rows, k) fp32 values at a time)
+BF16_ROWS = 8192
+#: |<x^, c^> - <x, c>| <= BF16_DOT_ERROR ||x|| ||c|| for bf16-rounded rows, an fp32-accumulated
+#: GEMM of d <= 4096 terms and a bf16-rounded result: 2^-9 for each input, 2^-9 for the output,
+#: 2^-12 for the sums, rounded up
+BF16_DOT_ERROR = 2.0 ** -6.25
+_bf16_speedup: Optional[float] = None
+
+
+def bf16_speedup() -> float:
+    """How much faster torch's bf16 matmul runs than its fp32 one here (measured once, a
+    (2048 x 1152) x (1152 x 256) product; AVX-512 BF16 / AMX CPUs: 3-5x, others < 1)."""
+    global _bf16_speedup
+    if _bf16_speedup is None:
+        import time
+
+        a, b = torch.randn(2048, 1152), torch.randn(1152, 256)
+        times = []
+        for x, y in ((a, b), (a.bfloat16(), b.bfloat16())):
+            torch.mm(x, y)
+            start = time.perf_counter()
+            for _ in range(3):
+                torch.mm(x, y)
+            times.append(time.perf_counter() - start)
+        _bf16_speedup = times[0] / max(times[1], 1e-9)
+    return _bf16_speedup
+
+
+class Bf16Assign:
+    """A certified assignment for Lloyd's loop over one training set on the CPU: bf16 GEMM
+    distances, exact where they decide, FAISS's fp32 scan for the rest.
+
+    The rows are centred on their mean (distances do not change) and rounded to bf16 once. Per
+    call, every row's distance to each centroid is known within e = 2 BF16_DOT_ERROR ||x|| max||c||
+    (+ the fp32 rounding of ||c||^2 - 2<x, c>); a row whose second-nearest centroid is more than
+    2e farther than its nearest has that nearest as its exact one. The others (near ties, tight
+    clusters) go to :func:`fast_assign`. After two calls in a row in which more than
+    BF16_MAX_AMBIGUOUS of the rows needed that (the first iterations, whose centroids are sampled
+    rows; tight clusters), only every BF16_RETRY_EVERY-th call tries the bf16 scan again. Returned
+    distances of the certified rows are the bf16 ones (within e; Lloyd's loop reads only the ids
+    and their mean).
+    """
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        # any shift leaves the distances as they are; the fp32 mean makes the rows small
+        self.center = x.mean(dim=0)
+        n, d = x.shape
+        self.rows = torch.empty((n, d), dtype=torch.bfloat16)
+        self.row_norm = torch.empty(n, dtype=torch.float64)
+        block = torch.empty((min(n, BF16_ROWS), d), dtype=torch.float32)  # one fp32 block, reused
+        for start in range(0, n, BF16_ROWS):
+            stop = min(n, start + BF16_ROWS)
+            shifted = torch.sub(x[start:stop], self.center, out=block[:stop - start])
+            self.rows[start:stop] = shifted
+            norms = _native.row_norms_f64(shifted)  # (torch's float64 norm casts: 30x slower here)
+            self.row_norm[start:stop] = (torch.linalg.vector_norm(shifted, dim=1, dtype=torch.float64)
+                                         if norms is None else norms)
+        self.sq = self.row_norm.pow(2).float()
+        self.misses = 0  # calls in a row that sent more than BF16_MAX_AMBIGUOUS of the rows on
+        self.calls = 0
+        self.ambiguous = 0  # rows sent to fast_assign by the last call
+
+    def __call__(self, x: torch.Tensor, centroids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        if x is not self.x or (self.misses >= 2 and self.calls % BF16_RETRY_EVERY):
+            return fast_assign(x, centroids)
+        shifted = centroids.float() - self.center
+        c_bf16 = shifted.bfloat16()
+        c_sq = torch.linalg.vecdot(shifted, shifted)  # fp32
+        c_max = float(torch.linalg.vector_norm(shifted, dim=1, dtype=torch.float64).max())
+        n = x.shape[0]
+        ids = torch.empty(n, dtype=torch.int64)
+        dists = torch.empty(n, dtype=torch.float32)
+        uncertain = []
+        for start in range(0, n, BF16_ROWS):
+            stop = min(n, start + BF16_ROWS)
+            values = torch.mm(self.rows[start:stop], c_bf16.t()).float().mul_(-2.0).add_(c_sq)  # (rows, k)
+            best, arg = values.min(dim=1)
+            values.scatter_(1, arg.unsqueeze(1), float("inf"))
+            second = values.amin(dim=1)
+            norm = self.row_norm[start:stop]
+            # each value within err of ||x - c||^2 - ||x||^2 (fp64 bound, fp32 rounding folded in)
+            err = (2.0 * BF16_DOT_ERROR * norm * c_max + 2.0 ** -20 * (c_max ** 2 + 2.0 * norm * c_max)) * 1.01
+            ok = (second.double() - best.double()) > 2.0 * err
+            ids[start:stop] = arg
+            dists[start:stop] = best + self.sq[start:stop]
+            uncertain.append((~ok).nonzero().squeeze(1) + start)
+        redo = torch.cat(uncertain)
+        self.redo = redo  # the rows of the last call that went to fast_assign (tests read them)
+        self.ambiguous = redo.numel()
+        if redo.numel():
+            ids[redo], dists[redo] = fast_assign(x.index_select(0, redo), centroids)
+        self.misses = self.misses + 1 if redo.numel() > BF16_MAX_AMBIGUOUS * n else 0
+        return ids, dists.clamp_min_(0.0)
+
+
+def training_assign(x: torch.Tensor, k: int) -> Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+    """The assignment for Lloyd's loop over ``x: (n, d)`` with ``k`` centroids: :class:`Bf16Assign`
+    on a CPU whose bf16 GEMM is at least MIN_BF16_SPEEDUP x its fp32 one (for fp32 rows, k below
+    FAISS_ASSIGN_MAX_K, n >= 4 BF16_ROWS / 8, d <= 4096), else :func:`fast_assign`."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and k < FAISS_ASSIGN_MAX_K and x.shape[1] <= 4096
+            and x.shape[0] * k * x.shape[1] >= SMALL_ASSIGN_MACS and bf16_speedup() >= MIN_BF16_SPEEDUP):
+        return Bf16Assign(x)
+    return fast_assign
 
 
 #: the means of the clusters (float64 sums; tests patch this name)

@@ -643,8 +643,8 @@ def _kmeans(vectors: torch.Tensor, n_coarse: int, niter: int, seed: int, max_poi
         train = vectors
     init = torch.randperm(n_train, generator=generator)[:n_coarse].to(device)
     # split_halves, not the default refill: a codebook may hold fewer distinct codewords than cells
-    return _lloyd.lloyd(train, train.index_select(0, init).float(), niter, assign=_lloyd.fast_assign,
-                        repair=_lloyd.split_halves).centroids
+    return _lloyd.lloyd(train, train.index_select(0, init).float(), niter,
+                        assign=_lloyd.training_assign(train, n_coarse), repair=_lloyd.split_halves).centroids
 
 
 def _validate_stored(codes: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, centroids: torch.Tensor) -> None:
