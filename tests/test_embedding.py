@@ -291,3 +291,22 @@ def test_cpu_rows_and_gradient_memory_is_reused_only_once_released():
     # a gradient still held (accumulating a second backward) is never overwritten
     u2.gathered_embedding(torch.tensor([1, 2, 1, 9]), weight).backward(upstream)
     torch.testing.assert_close(weight.grad.to_dense(), 1.5 * reference)
+
+
+def test_reused_memory_is_never_shared_memory_nor_far_larger_than_asked():
+    from unicode2_fast import _cache
+
+    weight = torch.randn(10, 4)
+    a = _cache.reused_buffer(weight, "t", (100, 4), torch.float32)
+    a.share_memory_()  # sent to another process, which may still read it after we drop ours
+    shared = a.data_ptr()
+    del a
+    b = _cache.reused_buffer(weight, "t", (100, 4), torch.float32)
+    assert not b.untyped_storage().is_shared() and b.data_ptr() != shared
+    del b
+    small = _cache.reused_buffer(weight, "t", (10, 4), torch.float32)  # 1/10 of the kept storage
+    assert small.untyped_storage().nbytes() == 10 * 4 * 4
+    del small
+    big = _cache.reused_buffer(weight, "huge", (1, _cache.REUSE_MAX_BYTES // 4 + 1), torch.float32)
+    del big
+    assert "huge" not in _cache._BUFFERS[weight]  # a one-off huge request is not kept

@@ -355,3 +355,16 @@ def test_training_assign_uses_bf16_only_where_it_is_fast(monkeypatch):
     assert isinstance(_lloyd.training_assign(x, 100), _lloyd.Bf16Assign)
     assert _lloyd.training_assign(x.double(), 100) is _lloyd.fast_assign
     assert _lloyd.training_assign(x[:10], 100) is _lloyd.fast_assign  # too small to pay
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e15])
+def test_bf16_assignment_is_exact_at_extreme_magnitudes(scale):
+    data = siglip_like(3000, 10, 64, seed=4)
+    x = (data.codebook.double() * scale).float().contiguous()
+    centroids = x[:: 75].contiguous() * 1.001
+    assign = _lloyd.Bf16Assign(x)
+    ids, _ = assign(x, centroids)
+    certified = torch.ones(x.shape[0], dtype=torch.bool)
+    certified[assign.redo] = False
+    exact = _exact_ids(x, centroids)
+    assert bool((ids[certified] == exact[certified]).all())

@@ -174,3 +174,33 @@ def test_row_norms_in_float64_without_underflow():
     assert _native.row_norms_f64(v.double()) is None  # not fp32: the caller's torch path
     with pytest.raises(ValueError, match="center"):
         _native.row_norms_f64(v, center[:5])
+
+
+@needs_native
+def test_a_compiler_command_with_arguments(fresh_native, monkeypatch):
+    monkeypatch.setenv("CC", "env cc")  # as CC="ccache gcc" would be given
+    assert _native.available(), _native.failure()
+
+
+@needs_native
+def test_a_cached_library_that_does_not_load_is_rebuilt(fresh_native):
+    import pathlib
+
+    path = pathlib.Path(_native._library_path(_native._compiler()))  # where this machine's build goes
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a library")  # damaged, or built against another glibc
+    assert _native.available(), _native.failure()
+    assert path.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_fp64_moments_of_an_fp32_parameter_take_the_torch_path():
+    # a state loaded from a float64 run keeps its float64 moments (load_state_dict keeps dtypes)
+    weight = torch.nn.Parameter(torch.randn(6, 4))
+    opt = u2.SparseRowAdamW([weight], lr=0.1)
+    weight.grad = torch.randn(6, 4).to_sparse(1)
+    opt.step()
+    state = opt.state[weight]
+    state["exp_avg"], state["exp_avg_sq"] = state["exp_avg"].double(), state["exp_avg_sq"].double()
+    weight.grad = torch.randn(6, 4).to_sparse(1)
+    opt.step()  # no error; the float64 moments are updated in float64
+    assert state["exp_avg"].dtype == torch.float64 and bool(torch.isfinite(weight).all())

@@ -43,6 +43,8 @@ def cached(tensor: torch.Tensor, key: Hashable, stamp: Hashable = None) -> Any:
 _BUFFERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _BUFFERS_LOCK = threading.Lock()
 _USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+#: larger buffers are not kept between calls
+REUSE_MAX_BYTES = 256 << 20
 
 
 def reused_buffer(owner: torch.Tensor, role: Hashable, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -54,7 +56,8 @@ def reused_buffer(owner: torch.Tensor, role: Hashable, shape: Tuple[int, ...], d
     Why: a fresh multi-MiB CPU tensor comes straight from mmap whenever glibc has trimmed its
     heap, and every 4 KiB page then faults on first touch (about 10 us each on a VM, so 30 ms
     for a 13 MiB gather output against a 1 ms step). The tensor is not a view: in-place ops
-    and autograd treat it as any new tensor. Growing shapes allocate 25% of headroom.
+    and autograd treat it as any new tensor. Growing shapes allocate 25% of headroom; a storage
+    over twice the request, one in shared memory, or one over REUSE_MAX_BYTES is not reused.
     """
     numel = 1
     for size in shape:
@@ -69,7 +72,15 @@ def reused_buffer(owner: torch.Tensor, role: Hashable, shape: Tuple[int, ...], d
     with _BUFFERS_LOCK:
         buffers = _BUFFERS.setdefault(owner, {})
         storage = buffers.get(role)
-        if storage is None or storage.nbytes() < nbytes or _USE_COUNT(storage._cdata) > 1:
+        # in use elsewhere (a live tensor, or moved to shared memory for another process, which
+        # may still read it), too small, or more than twice the request (pickling a result would
+        # write the whole storage): a fresh one
+        if (storage is None or storage.nbytes() < nbytes or storage.nbytes() > 2 * nbytes
+                or storage.is_shared() or _USE_COUNT(storage._cdata) > 1):
             grown = nbytes if storage is None or storage.nbytes() >= nbytes else max(nbytes, storage.nbytes() * 5 // 4)
-            storage = buffers[role] = torch.UntypedStorage(grown)
+            storage = torch.UntypedStorage(grown)
+            if grown <= REUSE_MAX_BYTES:
+                buffers[role] = storage
+            else:
+                buffers.pop(role, None)  # not held between calls: a one-off huge gather frees its memory
         return torch.empty(0, dtype=dtype).set_(storage, 0, shape, tuple(reversed(strides)))

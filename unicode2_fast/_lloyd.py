@@ -114,9 +114,10 @@ BF16_RETRY_EVERY = 4
 #: rows per bf16 distance block ((rows, k) fp32 values at a time)
 BF16_ROWS = 8192
 #: |<x^, c^> - <x, c>| <= BF16_DOT_ERROR ||x|| ||c|| for bf16-rounded rows, an fp32-accumulated
-#: GEMM of d <= 4096 terms and a bf16-rounded result: 2^-9 for each input, 2^-9 for the output,
-#: 2^-12 for the sums, rounded up
+#: GEMM of d <= BF16_MAX_DIM terms and a bf16-rounded result: bf16's unit roundoff 2^-8 for each
+#: input and for the output, 2^-12 for the sums: (1 + 2^-8)^3 (1 + 2^-12) - 1 = 0.01201 <= 0.01314
 BF16_DOT_ERROR = 2.0 ** -6.25
+BF16_MAX_DIM = 4096
 _bf16_speedup: Optional[float] = None
 
 
@@ -155,6 +156,8 @@ class Bf16Assign:
     """
 
     def __init__(self, x: torch.Tensor):
+        if x.dim() != 2 or x.shape[1] > BF16_MAX_DIM or x.dtype != torch.float32:
+            raise ValueError(f"Bf16Assign takes fp32 rows of d <= {BF16_MAX_DIM}, got {x.dtype} {tuple(x.shape)}")
         self.x = x
         # any shift leaves the distances as they are; the fp32 mean makes the rows small
         self.center = x.mean(dim=0)
@@ -180,7 +183,8 @@ class Bf16Assign:
             return fast_assign(x, centroids)
         shifted = centroids.float() - self.center
         c_bf16 = shifted.bfloat16()
-        c_sq = torch.linalg.vecdot(shifted, shifted)  # fp32
+        # fp64 squares rounded once to fp32 (k x d: free): their error is one fp32 rounding
+        c_sq = torch.linalg.vecdot(shifted.double(), shifted.double()).float()
         c_max = float(torch.linalg.vector_norm(shifted, dim=1, dtype=torch.float64).max())
         n = x.shape[0]
         ids = torch.empty(n, dtype=torch.int64)
@@ -194,7 +198,11 @@ class Bf16Assign:
             second = values.amin(dim=1)
             norm = self.row_norm[start:stop]
             # each value within err of ||x - c||^2 - ||x||^2 (fp64 bound, fp32 rounding folded in)
-            err = (2.0 * BF16_DOT_ERROR * norm * c_max + 2.0 ** -20 * (c_max ** 2 + 2.0 * norm * c_max)) * 1.01
+            # (+ an absolute term: bf16 GEMMs may flush subnormal inputs and products to zero, each
+            # flushed element below 2^-126 dropping at most 2^-126 times the other side's largest)
+            flush = 4.0 * self.x.shape[1] * 2.0 ** -126 * (norm + c_max + 1.0)
+            err = (2.0 * BF16_DOT_ERROR * norm * c_max + 2.0 ** -20 * (c_max ** 2 + 2.0 * norm * c_max)
+                   + flush) * 1.01
             ok = (second.double() - best.double()) > 2.0 * err
             ids[start:stop] = arg
             dists[start:stop] = best + self.sq[start:stop]
@@ -212,7 +220,7 @@ def training_assign(x: torch.Tensor, k: int) -> Callable[[torch.Tensor, torch.Te
     """The assignment for Lloyd's loop over ``x: (n, d)`` with ``k`` centroids: :class:`Bf16Assign`
     on a CPU whose bf16 GEMM is at least MIN_BF16_SPEEDUP x its fp32 one (for fp32 rows, k below
     FAISS_ASSIGN_MAX_K, n >= 4 BF16_ROWS / 8, d <= 4096), else :func:`fast_assign`."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and k < FAISS_ASSIGN_MAX_K and x.shape[1] <= 4096
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and k < FAISS_ASSIGN_MAX_K and x.shape[1] <= BF16_MAX_DIM
             and x.shape[0] * k * x.shape[1] >= SMALL_ASSIGN_MACS and bf16_speedup() >= MIN_BF16_SPEEDUP):
         return Bf16Assign(x)
     return fast_assign

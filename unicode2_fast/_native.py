@@ -35,6 +35,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import subprocess
 import tempfile
 import threading
@@ -152,8 +153,9 @@ def cache_dir() -> str:
     return os.path.join(base, "unicode2_fast")
 
 
-def _compiler() -> str:
-    return os.environ.get("CC") or "cc"
+def _compiler() -> list:
+    """The C compiler command: ``$CC`` split as a shell would (``ccache gcc``), else ``cc``."""
+    return shlex.split(os.environ.get("CC") or "cc")
 
 
 def _cpu_flags() -> str:
@@ -167,8 +169,8 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _library_path(compiler: str) -> str:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+def _library_path(compiler: list) -> str:
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = "\n".join([SOURCE, " ".join(FLAGS), version, _cpu_flags(), platform.machine()])
     return os.path.join(cache_dir(), f"native-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so")
 
@@ -176,6 +178,11 @@ def _library_path(compiler: str) -> str:
 def _build() -> ctypes.CDLL:
     compiler = _compiler()
     path = _library_path(compiler)
+    if os.path.exists(path):
+        try:
+            return _bind(ctypes.CDLL(path))
+        except OSError:  # a cached file that does not load here (another glibc, damaged): rebuild it
+            os.remove(path)
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as work:
@@ -185,14 +192,18 @@ def _build() -> ctypes.CDLL:
             built = os.path.join(work, "native.so")
             # a compiler without OpenMP (Apple's clang) still builds the loop, single-threaded
             for flags in (FLAGS, tuple(flag for flag in FLAGS if flag != "-fopenmp")):
-                run = subprocess.run([compiler, *flags, source, "-o", built, "-lm"], capture_output=True, text=True,
+                run = subprocess.run([*compiler, *flags, source, "-o", built, "-lm"], capture_output=True, text=True,
                                      timeout=COMPILE_TIMEOUT_S)
                 if run.returncode == 0:
                     break
             else:
-                raise RuntimeError(f"{compiler} failed ({run.returncode}): {run.stderr.strip()[-500:]}")
+                raise RuntimeError(f"{' '.join(compiler)} failed ({run.returncode}): {run.stderr.strip()[-500:]}")
             os.replace(built, path)  # atomic: another process sees no file or the whole library
-    library = ctypes.CDLL(path)
+    return _bind(ctypes.CDLL(path))
+
+
+def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the loops' C signatures on a loaded library."""
     library.row_adamw_f32.argtypes = [_P] * 7 + [_I] * 2 + [_F] * 5 + [ctypes.c_int]
     library.row_adamw_f32.restype = None
     library.filter_epilogue.argtypes = [_P, _P, ctypes.c_int32, _I, _I, _P, _P, _P, _P, _P, _I, ctypes.c_int]
@@ -213,8 +224,8 @@ def _load() -> Optional[ctypes.CDLL]:
             except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
                 _failure = f"{type(error).__name__}: {error}"
                 warnings.warn(
-                    f"unicode2_fast: the compiled CPU loops of the row-sparse training ops are unavailable "
-                    f"({_failure}); gathered_embedding and SparseRowAdamW use their slower torch paths on the CPU. "
+                    f"unicode2_fast: the compiled CPU loops are unavailable ({_failure}); SparseRowAdamW and "
+                    f"u2.nearest's CPU filters use their slower torch paths. "
                     f"Set CC to a working C compiler, or UNICODE2_FAST_CACHE_DIR to a writable folder.",
                     RuntimeWarning, stacklevel=3,
                 )
@@ -261,6 +272,12 @@ def row_adamw_fp32(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch
                                 (bias_correction2_sqrt, torch.float32, "bias_correction2_sqrt")):
         _require(tensor, dtype, name)
     rows, d = grad_rows.shape
+    k = param.shape[0]
+    if (param.dim() != 2 or param.shape[1] != d or exp_avg.shape != param.shape or exp_avg_sq.shape != param.shape
+            or row_ids.shape != (rows,) or neg_step.shape != (rows,) or bias_correction2_sqrt.shape != (rows,)):
+        raise ValueError("row_adamw_fp32: inconsistent shapes")
+    if rows and (int(row_ids.min()) < 0 or int(row_ids.max()) >= k):
+        raise ValueError(f"row_adamw_fp32: row ids outside [0, {k})")
     pointers = [t.data_ptr() for t in (param, exp_avg, exp_avg_sq, row_ids, grad_rows, neg_step,
                                        bias_correction2_sqrt)]
     library.row_adamw_f32(*pointers, rows, d, decay, 1.0 - beta1, beta2, 1.0 - beta2, eps, _threads(rows, d))

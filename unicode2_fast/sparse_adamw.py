@@ -168,7 +168,8 @@ class SparseRowAdamW(torch.optim.Optimizer):
             from .kernels import sparse_adamw as kernel  # first use: importing the package compiles nothing
 
             kernel.sparse_adamw_triton(param2d, row_ids, grad_rows, exp_avg, exp_avg_sq, row_step, **hyper)
-        elif backend == "native" and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous():
+        elif backend == "native" and all(t.is_contiguous() and t.dtype == torch.float32 for t in (exp_avg, exp_avg_sq)):
+            # (moments loaded from a float64 run keep their dtype: those take the torch path)
             _row_adamw_native(param2d, row_ids, grad_rows, exp_avg, exp_avg_sq, row_step, **hyper)
         else:
             _row_adamw_torch(param2d, row_ids, grad_rows, exp_avg, exp_avg_sq, row_step,
