@@ -7,6 +7,7 @@ serving stale statistics.
 """
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any, Callable, Hashable, Tuple
 
@@ -59,16 +60,9 @@ def reused_buffer(owner: torch.Tensor, role: Hashable, shape: Tuple[int, ...], d
     and autograd treat it as any new tensor. Growing shapes allocate 25% of headroom; a storage
     over twice the request, one in shared memory, or one over REUSE_MAX_BYTES is not reused.
     """
-    numel = 1
-    for size in shape:
-        numel *= size
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if owner.device.type != "cpu" or _USE_COUNT is None or nbytes == 0:
         return torch.empty(shape, dtype=dtype, device=owner.device)
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
     with _BUFFERS_LOCK:
         buffers = _BUFFERS.setdefault(owner, {})
         storage = buffers.get(role)
@@ -83,4 +77,4 @@ def reused_buffer(owner: torch.Tensor, role: Hashable, shape: Tuple[int, ...], d
                 buffers[role] = storage
             else:
                 buffers.pop(role, None)  # not held between calls: a one-off huge gather frees its memory
-        return torch.empty(0, dtype=dtype).set_(storage, 0, shape, tuple(reversed(strides)))
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # contiguous strides

@@ -169,9 +169,7 @@ class Bf16Assign:
             stop = min(n, start + BF16_ROWS)
             shifted = torch.sub(x[start:stop], self.center, out=block[:stop - start])
             self.rows[start:stop] = shifted
-            norms = _native.row_norms_f64(shifted)  # (torch's float64 norm casts: 30x slower here)
-            self.row_norm[start:stop] = (torch.linalg.vector_norm(shifted, dim=1, dtype=torch.float64)
-                                         if norms is None else norms)
+            self.row_norm[start:stop] = _native.norms64(shifted)
         self.sq = self.row_norm.pow(2).float()
         self.misses = 0  # calls in a row that sent more than BF16_MAX_AMBIGUOUS of the rows on
         self.calls = 0

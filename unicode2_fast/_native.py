@@ -328,3 +328,16 @@ def row_norms_f64(v: torch.Tensor, center: Optional[torch.Tensor] = None) -> Opt
     library.row_sums_f64(v.data_ptr(), n, d, None if center is None else center.data_ptr(), out.data_ptr(),
                          _threads(n, d))
     return out
+
+
+def norms64(v: torch.Tensor) -> torch.Tensor:
+    """(R,) float64 norms of the rows of ``v: (R, d)``: :func:`row_norms_f64` for fp32 rows, torch's
+    float64 norm otherwise (which casts the rows first: ~30x slower on fp32 rows)."""
+    out = row_norms_f64(v)
+    return torch.linalg.vector_norm(v, dim=1, dtype=torch.float64) if out is None else out
+
+
+def sq_dist64(v: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """(R,) float64 squared distances of the rows of ``v: (R, d)`` from ``center: (d,)``, in float64."""
+    out = row_norms_f64(v, center)
+    return (v.double() - center.double()).pow(2).sum(dim=1) if out is None else out

@@ -324,12 +324,12 @@ def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool, center: Option
         v32 = v32 - center.float()  # each element within one rounding of the exact difference
     # norms accumulate in float64: fp32 squares of rows below ~1e-19 underflow, and a bound that
     # underflows lets the filter discard the nearest codeword
-    norm = _norms64(v32)
+    norm = _native.norms64(v32)
     # distance of the rows below from the exact transformed rows
     off_unit = 1.01 * U32 * norm if center is not None else torch.zeros_like(norm)
     if normalize:
         v32 = v32 / norm.float().unsqueeze(1)
-        norm = _norms64(v32)
+        norm = _native.norms64(v32)
         off_unit = torch.full_like(norm, 2.0 * gamma)
     # fp32 results below the normal range round by up to half its smallest step, not relatively
     tiny = 2.0 * math.sqrt(d) * FP32_SUBNORMAL_STEP
@@ -340,7 +340,7 @@ def _row_stats_chunk(v: torch.Tensor, kind: str, normalize: bool, center: Option
     def residual_bound(residual: torch.Tensor) -> torch.Tensor:
         # each residual element within 2 fp32 roundings of exact (the product with the scale and
         # the difference from v), measured from the digits actually chosen
-        return (_norms64(residual) * grow
+        return (_native.norms64(residual) * grow
                 + 2.0 * U32 * norm * grow + off_unit + tiny)
 
     filt2 = lo_norm = None
@@ -616,8 +616,8 @@ def _pilot_upper_bound(x: torch.Tensor, pilot: torch.Tensor, metric: str) -> tor
         val, arg = torch.addmm(c_sq, x32, pilot.t(), alpha=-2.0).min(dim=1)
     else:
         val, arg = torch.mm(x32, pilot.t()).neg_().min(dim=1)
-    x_norm = _norms64(x32)
-    c_norm = _norms64(pilot)[arg]
+    x_norm = _native.norms64(x32)
+    c_norm = _native.norms64(pilot)[arg]
     # fp32 rounding of d-term sums and of the few additions, of the inputs (fp64 queries) and of
     # the unit rows (cos)
     gamma = 2.0 * (x.shape[1] + 8) * U32
@@ -902,7 +902,7 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
     # FAISS's fp32 objective of a pair is within w(x, c) of the exact one: the fp32 rounding of the
     # (shifted) inputs, of the GEMM's d-term sums and of the norms' sums, and the final additions
     gamma = sum_rounding(d + 8, U32) * (1.0 + GROW64)
-    x_norm = _norms64(queries) * (1.0 + GROW64)
+    x_norm = _native.norms64(queries) * (1.0 + GROW64)
 
     def width(x_norms: torch.Tensor, c_norms: torch.Tensor) -> torch.Tensor:
         if metric == "l2":
@@ -1156,18 +1156,6 @@ def _scratch() -> _Scratch:
     return _SCRATCH
 
 
-def _norms64(v: torch.Tensor) -> torch.Tensor:
-    """(R,) float64 norms of the rows of ``v: (R, d)`` (the C loop for fp32 rows: no float64 copy)."""
-    out = _native.row_norms_f64(v)
-    return torch.linalg.vector_norm(v, dim=1, dtype=torch.float64) if out is None else out
-
-
-def _sq_dist64(v: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-    """(R,) float64 squared distances of the rows of ``v: (R, d)`` from ``center: (d,)``, in float64."""
-    out = _native.row_norms_f64(v, center)
-    return (v.double() - center.double()).pow(2).sum(dim=1) if out is None else out
-
-
 def native_epilogue() -> bool:
     """Whether the int8 / int8x2 filter finishes its blocks with the compiled C epilogue
     (``_native.filter_epilogue``; the torch passes otherwise: no C compiler)."""
@@ -1230,7 +1218,7 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
     neg_scale = (-coef * unit * qs.scale.double()).to(torch.float32 if integer else cs.filt.dtype)
     # The candidates' exact objectives live in the "pair" space (||x-c||^2 for l2); the filter's
     # omits ||x||^2. pair = filter + offset.
-    offset = (_sq_dist64(x, cstats.center) if metric == "l2" else torch.zeros(n, dtype=torch.float64))
+    offset = (_native.sq_dist64(x, cstats.center) if metric == "l2" else torch.zeros(n, dtype=torch.float64))
     two_stage = x.dtype != torch.float64 and codebook.dtype != torch.float64
     x_pair = x.float() if two_stage else x.double()
     pair_gamma = sum_rounding(d, U32) if two_stage else 0.0
@@ -1259,11 +1247,6 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
         store.add(r, ids, obj - err)
 
     scratch = _scratch()
-    if kind in ("int8", "int8x2") and native_epilogue():
-        # per block, contiguous fp32 codeword scales and squared norms for the C epilogue
-        block_scale = [cs.scale[s0:s0 + CODE_BLOCK].float().contiguous() for s0 in range(0, k, CODE_BLOCK)]
-        block_sq = [cs.sq[s0:s0 + CODE_BLOCK].float().contiguous() for s0 in range(0, k, CODE_BLOCK)] \
-            if metric == "l2" else None
 
     def block_values(b: int, start: int, stop: int, sel: Optional[torch.Tensor] = None):
         """(approx (m, w), width (m,), minima): the filter objective of the queries ``sel`` (None:
@@ -1289,7 +1272,9 @@ def _search_chunk(x, codebook, cstats: _CodebookStats, metric: str, kind: str):
                 # the int32 sum (exact: d <= MAX_INT8X2_DIM), the scaling, the l2 terms and the
                 # group minima in one C pass instead of five torch passes over the block
                 minima = torch.empty((m, -(-(stop - start) // GROUP_WIDTH)), dtype=torch.float32)
-                _native.filter_epilogue(dots, low, X2_BASE, block_scale[b], block_sq[b] if metric == "l2" else None,
+                # (the codewords' fp32 scales and squared norms: slices of contiguous (K',) vectors)
+                _native.filter_epilogue(dots, low, X2_BASE, cs.scale[start:stop],
+                                        cs.sq[start:stop] if metric == "l2" else None,
                                         of(neg_scale).contiguous(), approx, minima, GROUP_WIDTH)
                 return approx, block_width(b, sel), minima
             if low is not None:
