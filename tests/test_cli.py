@@ -119,7 +119,7 @@ def test_profile_nearest_writes_a_chrome_trace_in_a_new_folder(tmp_path, capsys)
     assert len(traces) == 1 and sorted(os.listdir(out)) == [traces[0].name]  # no temporary file left
     names = {event.get("name") for event in json.loads(traces[0].read_text())["traceEvents"]}
     assert {"nearest", "nearest/torch"} <= names
-    assert names & {"nearest/filter_scan", "nearest/flat"}  # the int8 filter or the certified flat scan
+    assert names & {"nearest/filter_scan", "nearest/flat", "nearest/bf16_scan"}  # a filter, the flat or the bf16 scan
     assert "wrote" in capsys.readouterr().out
 
 

@@ -131,6 +131,195 @@ void row_sums_f64(const float *v, int64_t n, int64_t d, const double *center, do
         out[i] = center ? sum : sqrt(sum);
     }
 }
+
+/* ---- u2.nearest's bf16 scan (l2): AVX-512 BF16 dot products, fp32 accumulation ---- */
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define BF16_SCAN 1
+#else
+#define BF16_SCAN 0
+#endif
+#include <string.h>
+
+int bf16_scan_available(void) { return BF16_SCAN; }
+
+static inline uint16_t bf16_round(float f) {  /* round to nearest even (finite f) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* Rows i < n of out (npad, dp): bf16(fl32(x[i] - center)) (center NULL: x[i]), zero padded to dp
+   columns; rows n <= i < npad all zero. norm[i] = ||fl32(x[i] - center)||, resid[i] = the norm of
+   that row less its bf16 rounding, both summed in double (the products of fp32 values are exact). */
+void bf16_pack_rows(const float *x, int64_t n, int64_t d, int64_t ldx, const float *center, uint16_t *out,
+                    int64_t dp, int64_t npad, double *norm, double *resid, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < npad; ++i) {
+        uint16_t *o = out + i * dp;
+        if (i >= n) { memset(o, 0, (size_t)dp * sizeof(uint16_t)); continue; }
+        const float *r = x + i * ldx;
+        double a2[8] = {0, 0, 0, 0, 0, 0, 0, 0}, e2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t j = 0;
+        for (; j < d; j += 8) {
+            const int64_t len = d - j < 8 ? d - j : 8;
+            for (int l = 0; l < len; ++l) {
+                const float a = center ? r[j + l] - center[j + l] : r[j + l];
+                const uint16_t h = bf16_round(a);
+                const uint32_t u = (uint32_t)h << 16;
+                float hf;
+                memcpy(&hf, &u, 4);
+                const float e = a - hf;  /* exact: a and its rounding share the exponent range */
+                o[j + l] = h;
+                a2[l] += (double)a * a;
+                e2[l] += (double)e * e;
+            }
+        }
+        for (j = d; j < dp; ++j) o[j] = 0;
+        norm[i] = sqrt(((a2[0] + a2[1]) + (a2[2] + a2[3])) + ((a2[4] + a2[5]) + (a2[6] + a2[7])));
+        resid[i] = sqrt(((e2[0] + e2[1]) + (e2[2] + e2[3])) + ((e2[4] + e2[5]) + (e2[6] + e2[7])));
+    }
+}
+
+#define SCAN_ROWS 6     /* queries per register tile (6 x 64 codewords: 24 accumulators) */
+#define SCAN_BLOCK 96   /* queries per thread block: their bf16 rows and a panel stay in L2 */
+
+/* Append codeword j (lower bound lo) to a query's list; when full, drop entries above the
+   current upper bound; -1 when it stays full (the caller's exact fallback takes the query). */
+static inline void scan_push(int32_t *c, float *cl, int32_t *count, int cap, int32_t j, float lo, float upper) {
+    if (*count < 0) return;
+    if (*count == cap) {
+        int32_t w = 0;
+        for (int32_t t = 0; t < cap; ++t)
+            if (cl[t] <= upper) { c[w] = c[t]; cl[w] = cl[t]; ++w; }
+        *count = w;
+        if (w == cap) { *count = -1; return; }
+    }
+    c[*count] = j;
+    cl[*count] = lo;
+    ++*count;
+}
+
+/* The candidates of each query i < n (q: (npad, dp) bf16 rows from bf16_pack_rows, npad a multiple
+   of SCAN_ROWS) against the codebook panels (npanels, dp / 2, 64) of bf16 pairs: codeword
+   j = 64 p + l has v_ij = csq[j] - 2 <q_i, b_j> (fp32), and its exact objective within
+   e_ij = aq[i] pw[j] + rq[i] qw[j] + sw[j] of it (padding: csq inf, weights 0). Every j whose lower
+   bound v - e reaches the least upper bound v + e over all codewords, in ascending j, goes to
+   cand[i, :count[i]] (count -1: more than cap). Returns -1 where the CPU lacks AVX-512 BF16. */
+int bf16_scan_l2(const uint16_t *q, int64_t n, int64_t dp, const uint32_t *panels, int64_t npanels,
+                 const float *csq, const float *pw, const float *qw, const float *sw, const float *aq,
+                 const float *rq, int32_t *cand, float *cand_lo, int32_t *count, int cap, int threads) {
+#if BF16_SCAN
+    const int64_t steps = dp / 2;
+    const int64_t blocks = (n + SCAN_BLOCK - 1) / SCAN_BLOCK;
+    const __m512 slack = _mm512_set1_ps(0x1p-23f);
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t r0 = blk * SCAN_BLOCK, r1 = r0 + SCAN_BLOCK < n ? r0 + SCAN_BLOCK : n;
+        float upper[SCAN_BLOCK];
+        for (int64_t i = r0; i < r1; ++i) { upper[i - r0] = INFINITY; count[i] = 0; }
+        for (int64_t p = 0; p < npanels; ++p) {
+            const uint32_t *panel = panels + p * steps * 64;
+            for (int64_t t0 = r0; t0 < r1; t0 += SCAN_ROWS) {
+                const uint16_t *qt = q + t0 * dp;
+                __m512 acc[SCAN_ROWS][4];
+                for (int r = 0; r < SCAN_ROWS; ++r)
+                    for (int s = 0; s < 4; ++s) acc[r][s] = _mm512_setzero_ps();
+                for (int64_t t = 0; t < steps; ++t) {
+                    const uint32_t *b = panel + t * 64;
+                    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b);
+                    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + 16);
+                    const __m512bh b2 = (__m512bh)_mm512_loadu_si512(b + 32);
+                    const __m512bh b3 = (__m512bh)_mm512_loadu_si512(b + 48);
+                    for (int r = 0; r < SCAN_ROWS; ++r) {
+                        int32_t pair;
+                        memcpy(&pair, qt + r * dp + 2 * t, 4);
+                        const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+                        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+                        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+                        acc[r][2] = _mm512_dpbf16_ps(acc[r][2], a, b2);
+                        acc[r][3] = _mm512_dpbf16_ps(acc[r][3], a, b3);
+                    }
+                }
+                for (int r = 0; r < SCAN_ROWS && t0 + r < r1; ++r) {
+                    const int64_t i = t0 + r;
+                    const __m512 ai = _mm512_set1_ps(aq[i]), ri = _mm512_set1_ps(rq[i]);
+                    __m512 lo[4], up[4];
+                    for (int s = 0; s < 4; ++s) {
+                        const int64_t j = p * 64 + s * 16;
+                        const __m512 v = _mm512_sub_ps(_mm512_loadu_ps(csq + j), _mm512_add_ps(acc[r][s], acc[r][s]));
+                        __m512 e = _mm512_add_ps(_mm512_mul_ps(ai, _mm512_loadu_ps(pw + j)),
+                                                 _mm512_add_ps(_mm512_mul_ps(ri, _mm512_loadu_ps(qw + j)),
+                                                               _mm512_loadu_ps(sw + j)));
+                        /* widened for the fp32 roundings of e and of v +- e (all terms >= 0) */
+                        e = _mm512_add_ps(e, _mm512_mul_ps(_mm512_add_ps(_mm512_and_ps(v, sign), e), slack));
+                        up[s] = _mm512_add_ps(v, e);
+                        lo[s] = _mm512_sub_ps(v, e);
+                    }
+                    const float u = _mm512_reduce_min_ps(_mm512_min_ps(_mm512_min_ps(up[0], up[1]), _mm512_min_ps(up[2], up[3])));
+                    float *best = &upper[i - r0];
+                    if (u < *best) *best = u;
+                    const __m512 bound = _mm512_set1_ps(*best);
+                    for (int s = 0; s < 4; ++s) {
+                        __mmask16 m = _mm512_cmp_ps_mask(lo[s], bound, _CMP_LE_OQ);
+                        if (!m) continue;
+                        float lows[16];
+                        _mm512_storeu_ps(lows, lo[s]);
+                        while (m) {
+                            const int bit = __builtin_ctz(m);
+                            m &= m - 1;
+                            scan_push(cand + i * cap, cand_lo + i * cap, count + i, cap, (int32_t)(p * 64 + s * 16 + bit),
+                                      lows[bit], *best);
+                        }
+                    }
+                }
+            }
+        }
+        for (int64_t i = r0; i < r1; ++i) {  /* the final upper bound: drop what it excludes */
+            if (count[i] < 0) continue;
+            int32_t *c = cand + i * cap, w = 0;
+            float *cl = cand_lo + i * cap;
+            for (int32_t t = 0; t < count[i]; ++t)
+                if (cl[t] <= upper[i - r0]) { c[w] = c[t]; cl[w] = cl[t]; ++w; }
+            count[i] = w;
+        }
+    }
+    return 0;
+#else
+    (void)q; (void)n; (void)dp; (void)panels; (void)npanels; (void)csq; (void)pw; (void)qw; (void)sw; (void)aq;
+    (void)rq; (void)cand; (void)cand_lo; (void)count; (void)cap; (void)threads;
+    return -1;
+#endif
+}
+
+/* For each query i with count[i] > 0: of its candidates (codebook rows ids[cand[i, t]], or
+   cand[i, t] with ids NULL), the one with the least float64 sum_j (x_ij - c_j)^2 from the fp32
+   rows (eight partial sums, as row_sums_f64), the lowest id on ties: out_id[i], out_dist[i]. */
+void rerank_l2_f64(const float *x, int64_t ldx, const float *c, int64_t ldc, int64_t n, int64_t d, const int64_t *ids,
+                   const int32_t *cand, const int32_t *count, int cap, int64_t *out_id, double *out_dist, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < n; ++i) {
+        if (count[i] <= 0) continue;
+        const float *xr = x + i * ldx;
+        int64_t best_id = -1;
+        double best = INFINITY;
+        for (int32_t t = 0; t < count[i]; ++t) {
+            const int64_t id = ids ? ids[cand[i * cap + t]] : cand[i * cap + t];
+            const float *cr = c + id * ldc;
+            double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            int64_t j = 0;
+            for (; j + 8 <= d; j += 8)
+                for (int l = 0; l < 8; ++l) { const double u = (double)xr[j + l] - (double)cr[j + l]; acc[l] += u * u; }
+            for (; j < d; ++j) { const double u = (double)xr[j] - (double)cr[j]; acc[0] += u * u; }
+            const double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+            if (s < best || (s == best && id < best_id)) { best = s; best_id = id; }
+        }
+        out_id[i] = best_id;
+        out_dist[i] = best;
+    }
+}
 """
 
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
@@ -210,6 +399,14 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     library.filter_epilogue.restype = None
     library.row_sums_f64.argtypes = [_P, _I, _I, _P, _P, ctypes.c_int]
     library.row_sums_f64.restype = None
+    library.bf16_scan_available.argtypes = []
+    library.bf16_scan_available.restype = ctypes.c_int
+    library.bf16_pack_rows.argtypes = [_P, _I, _I, _I, _P, _P, _I, _I, _P, _P, ctypes.c_int]
+    library.bf16_pack_rows.restype = None
+    library.bf16_scan_l2.argtypes = [_P, _I, _I, _P, _I] + [_P] * 9 + [ctypes.c_int] * 2
+    library.bf16_scan_l2.restype = ctypes.c_int
+    library.rerank_l2_f64.argtypes = [_P, _I, _P, _I, _I, _I, _P, _P, _P, ctypes.c_int, _P, _P, ctypes.c_int]
+    library.rerank_l2_f64.restype = None
     return library
 
 
@@ -341,3 +538,84 @@ def sq_dist64(v: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
     """(R,) float64 squared distances of the rows of ``v: (R, d)`` from ``center: (d,)``, in float64."""
     out = row_norms_f64(v, center)
     return (v.double() - center.double()).pow(2).sum(dim=1) if out is None else out
+
+
+def bf16_scan_available() -> bool:
+    """Whether the compiled loops include the bf16 scan (a CPU with AVX-512 BF16, seen by
+    ``-march=native`` at compile time)."""
+    library = _load()
+    return library is not None and bool(library.bf16_scan_available())
+
+
+def bf16_pack_rows(x: torch.Tensor, center: Optional[torch.Tensor], out: torch.Tensor, norm: torch.Tensor,
+                   resid: torch.Tensor) -> None:
+    """Rows of ``x: (n, d)`` fp32 (row stride free, unit column stride) less ``center: (d,)`` fp32,
+    rounded to bf16 into ``out: (npad, dp)`` int16 (npad >= n, dp >= d, zero padding), with their
+    float64 norms and bf16 rounding-error norms in ``norm`` / ``resid: (npad,)`` float64."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"the native loops are unavailable: {_failure}")
+    n, d = x.shape
+    npad, dp = out.shape
+    if x.dtype != torch.float32 or x.device.type != "cpu" or (d > 1 and x.stride(1) != 1):
+        raise ValueError(f"bf16_pack_rows: x must be CPU fp32 rows with unit column stride, got {x.dtype} {x.stride()}")
+    for tensor, dtype, name in ((out, torch.int16, "out"), (norm, torch.float64, "norm"), (resid, torch.float64, "resid")):
+        _require(tensor, dtype, name)
+    if center is not None:
+        _require(center, torch.float32, "center")
+    if npad < n or dp < d or norm.shape != (npad,) or resid.shape != (npad,) or (center is not None and center.shape != (d,)):
+        raise ValueError("bf16_pack_rows: inconsistent shapes")
+    library.bf16_pack_rows(x.data_ptr(), n, d, x.stride(0), None if center is None else center.data_ptr(), out.data_ptr(),
+                           dp, npad, norm.data_ptr(), resid.data_ptr(), _threads(npad, dp))
+
+
+def bf16_scan_l2(q: torch.Tensor, n: int, panels: torch.Tensor, csq: torch.Tensor, pw: torch.Tensor, qw: torch.Tensor,
+                 sw: torch.Tensor, aq: torch.Tensor, rq: torch.Tensor, cand: torch.Tensor, cand_lo: torch.Tensor,
+                 count: torch.Tensor) -> None:
+    """The candidates of the first ``n`` rows of ``q: (npad, dp)`` (bf16 as int16, npad a multiple
+    of 6) against ``panels: (P, dp / 2, 64)`` int32 (bf16 pairs) into ``cand`` / ``cand_lo:
+    (n, cap)`` and ``count: (n,)`` (-1: more than cap); see the C source for the bound.
+    csq, pw, qw, sw: (64 P,) fp32 per codeword; aq, rq: (n,) fp32 per query."""
+    library = _load()
+    if library is None or not library.bf16_scan_available():
+        raise RuntimeError("the bf16 scan needs the native loops on a CPU with AVX-512 BF16")
+    npad, dp = q.shape
+    panel_count = panels.shape[0]
+    checks = [(q, torch.int16, "q"), (panels, torch.int32, "panels"), (cand, torch.int32, "cand"),
+              (cand_lo, torch.float32, "cand_lo"), (count, torch.int32, "count")]
+    checks += [(t, torch.float32, name) for t, name in ((csq, "csq"), (pw, "pw"), (qw, "qw"), (sw, "sw"), (aq, "aq"),
+                                                        (rq, "rq"))]
+    for tensor, dtype, name in checks:
+        _require(tensor, dtype, name)
+    cap = cand.shape[1] if cand.dim() == 2 else 0
+    if (npad % 6 or npad < n or dp % 32 or panels.shape[1:] != (dp // 2, 64) or cap < 1
+            or any(t.shape != (64 * panel_count,) for t in (csq, pw, qw, sw))
+            or any(t.shape != (n,) for t in (aq, rq, count)) or cand.shape[0] != n or cand_lo.shape != cand.shape):
+        raise ValueError("bf16_scan_l2: inconsistent shapes")
+    library.bf16_scan_l2(q.data_ptr(), n, dp, panels.data_ptr(), panel_count, csq.data_ptr(), pw.data_ptr(), qw.data_ptr(),
+                         sw.data_ptr(), aq.data_ptr(), rq.data_ptr(), cand.data_ptr(), cand_lo.data_ptr(), count.data_ptr(),
+                         cap, _threads(n, 64 * panel_count * dp // 64))
+
+
+def rerank_l2_f64(x: torch.Tensor, codebook: torch.Tensor, ids: Optional[torch.Tensor], cand: torch.Tensor,
+                  count: torch.Tensor, out_id: torch.Tensor, out_dist: torch.Tensor) -> None:
+    """For each row i of ``x: (n, d)`` fp32 with ``count[i] > 0``: of the codebook rows
+    ``ids[cand[i, :count[i]]]`` (``cand`` itself when ids is None), the least float64 squared
+    distance and, among ties, the lowest id, into ``out_id`` (n,) int64 / ``out_dist`` (n,) float64."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"the native loops are unavailable: {_failure}")
+    n, d = x.shape
+    for tensor, name in ((x, "x"), (codebook, "codebook")):
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or (d > 1 and tensor.stride(1) != 1):
+            raise ValueError(f"rerank_l2_f64: {name} must be CPU fp32 rows with unit column stride")
+    for tensor, dtype, name in ((cand, torch.int32, "cand"), (count, torch.int32, "count"), (out_id, torch.int64, "out_id"),
+                                (out_dist, torch.float64, "out_dist")):
+        _require(tensor, dtype, name)
+    if ids is not None:
+        _require(ids, torch.int64, "ids")
+    if codebook.shape[1] != d or cand.shape[0] != n or any(t.shape != (n,) for t in (count, out_id, out_dist)):
+        raise ValueError("rerank_l2_f64: inconsistent shapes")
+    library.rerank_l2_f64(x.data_ptr(), x.stride(0), codebook.data_ptr(), codebook.stride(0), n, d,
+                          None if ids is None else ids.data_ptr(), cand.data_ptr(), count.data_ptr(), cand.shape[1],
+                          out_id.data_ptr(), out_dist.data_ptr(), _threads(n, 8 * d))

@@ -46,7 +46,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import _cells, _native
+from . import _cells, _native, _scan_bf16
 from ._cache import cached, per_tensor
 from ._certified import GROW64, U32, U64, CandidateStore, fp64_slack, lowest_of_min, pair_objective, sum_rounding
 from ._faiss import faiss_threads
@@ -134,6 +134,13 @@ MAX_INT8_DIM = (2**31 - 1) // (127 * 127)
 X2_BASE = 128
 X2_DIGIT = 64
 MAX_INT8X2_DIM = (2**31 - 1) // (127 * 127 * X2_BASE + 2 * 127 * X2_DIGIT)
+#: the bf16 scan (_scan_bf16, l2): codebooks of at most this many rows take it first (beyond, the
+#: int8 filter prunes and the cell scan partitions: less work than scanning every codeword)
+SCAN_MAX_K = 16384
+#: a chunk whose scan leaves more than this share of its queries (too many candidates) counts as
+#: a miss; after SCAN_MISSES in a row the scan is tried again only now and then (_Attempts)
+SCAN_MAX_REST = 0.5
+SCAN_MISSES = 2
 #: candidates are extracted from each block through the minima of groups of this many codewords:
 #: one pass over the block, then only the groups below a query's threshold are read again
 GROUP_WIDTH = 64
@@ -633,16 +640,70 @@ def nearest_cpu(
 
     Args:
         x: (N, d) float queries (finite). codebook: (K, d) float codewords (finite, K >= 1).
-        metric: "l2", "ip" or "cos". filter_kind: "int8" | "int8x2" | "fbgemm" | "fp32" | "fp64" | "flat";
-            None picks by shape and measured GEMM rates (choose_filter).
+        metric: "l2", "ip" or "cos". filter_kind: "bf16" | "int8" | "int8x2" | "fbgemm" | "fp32" | "fp64" |
+            "flat"; None picks by shape and measured GEMM rates (choose_filter). "bf16" is the fused
+            scan of ``_scan_bf16`` (l2, fp32 rows, a CPU with AVX-512 BF16); the queries it leaves
+            (too many candidates) take the automatic choice.
 
     Returns:
         ids (N,) int64 and dists (N,) float32: squared L2, -<x, c>, or 1 - cos(x, c).
     """
+    if x.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float32)
+    if filter_kind == "bf16" or (filter_kind is None and _scan_fits(x, codebook, metric)):
+        with stage("nearest/bf16_scan"):
+            scanned = _bf16_scan(x, codebook, metric, forced=filter_kind == "bf16")
+        if scanned is not None:
+            return scanned
+    if filter_kind == "bf16":
+        filter_kind = None
+    return _nearest_filtered(x, codebook, metric, filter_kind)
+
+
+def _scan_fits(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> bool:
+    """Whether the automatic choice takes the bf16 scan: l2, fp32 rows, a codebook of at most
+    SCAN_MAX_K rows (beyond, the int8 filter's pruning and the cell scan do less work) and at
+    least SMALL_CODEBOOK_ELEMENTS elements, not known to be tightly clustered, on a CPU whose
+    compiled loops have it, and a scan that kept most queries on the last chunks it ran."""
+    k, d = codebook.shape
+    if (metric != "l2" or x.dtype != torch.float32 or codebook.dtype != torch.float32 or k > SCAN_MAX_K
+            or k * d < SMALL_CODEBOOK_ELEMENTS or _cells_built(codebook, metric) or not _scan_bf16.available()):
+        return False
+    return per_tensor(codebook, ("bf16_scan_record",), lambda c: _Attempts(SCAN_MISSES)).worth_trying()
+
+
+def _bf16_scan(x: torch.Tensor, codebook: torch.Tensor, metric: str, forced: bool) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The bf16 scan of ``x`` (see _scan_bf16), its leftover queries by the other paths; None where
+    it cannot run (another metric or dtype, no AVX-512 BF16, magnitudes out of its range)."""
+    if metric != "l2" or not _scan_bf16.available() or torch.float64 in (x.dtype, codebook.dtype):
+        if forced:
+            raise ValueError(f"the bf16 scan takes l2 and fp32 / bf16 / fp16 rows on a CPU with AVX-512 BF16 "
+                             f"(got metric {metric!r}, {x.dtype} queries, {codebook.dtype} codebook, "
+                             f"available: {_scan_bf16.available()})")
+        return None
+    x32 = x.float().contiguous()
+    c32 = codebook.float().contiguous() if codebook.dtype != torch.float32 else codebook.contiguous()
+    book = per_tensor(codebook, ("bf16_scan",), lambda c: _scan_bf16.ScanCodebook(c32, distinct_codewords(c32)))
+    if not book.usable:
+        return None
+    result = _scan_bf16.search(x32, c32, book)
+    if result is None:
+        return None
+    ids, obj, rest = result
+    record = per_tensor(codebook, ("bf16_scan_record",), lambda c: _Attempts(SCAN_MISSES))
+    record.record(rest.numel() <= SCAN_MAX_REST * x.shape[0])
+    if rest.numel():  # too many candidates (masses of near-equidistant codewords): the other exact paths
+        with stage("nearest/bf16_scan_rest"):
+            rest_ids, rest_dists = _nearest_filtered(x.index_select(0, rest), codebook, metric, None)
+        ids[rest], obj[rest] = rest_ids, rest_dists.double()
+    return ids, obj.float()
+
+
+def _nearest_filtered(x: torch.Tensor, codebook: torch.Tensor, metric: str,
+                      filter_kind: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """nearest_cpu past the bf16 scan: the filter engine, the flat path and the cell scan."""
     n, d = x.shape
     k = codebook.shape[0]
-    if n == 0:
-        return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float32)
     kind = filter_kind or choose_filter(n, k, d)
     if filter_kind == "int8x2" and not _int8x2_ok(x, codebook):
         raise ValueError(f"the int8x2 filter takes {MIN_INT8_DIM} <= d <= {MAX_INT8X2_DIM} and no float64 inputs "

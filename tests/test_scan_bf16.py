@@ -1,0 +1,201 @@
+"""u2.nearest's bf16 scan (unicode2_fast._scan_bf16, the compiled loop in _native): the exact float64
+argmin (lowest index on ties) on random, tied, duplicate-heavy and flat-region data at several d,
+its candidate lists bounded on real photographs, queries with too many candidates finished by the
+other exact paths, and the automatic choice where the CPU or the inputs rule it out."""
+import pytest
+import torch
+
+import unicode2_fast as u2
+from unicode2_fast import _nearest_cpu, _native, _scan_bf16
+from unicode2_fast.data import photo_patches, siglip_like
+
+from reference import assert_nearest_ok, objective64
+
+needs_scan = pytest.mark.skipif(not _scan_bf16.available(), reason="no AVX-512 BF16 (or no C compiler) here")
+
+
+def _argmin64(x, codebook):
+    truth = objective64(x, codebook, "l2")
+    best, ids = truth.min(dim=1)  # the first minimum: the lowest index
+    return ids, best
+
+
+@needs_scan
+@pytest.mark.parametrize("d", [1, 7, 31, 32, 33, 100, 192, 1152])
+@pytest.mark.parametrize("data", ["gaussian", "integer ties", "duplicates", "near copies"])
+def test_bf16_scan_is_the_float64_argmin(d, data):
+    g = torch.Generator().manual_seed(d)
+    k, n = 300, 150
+    codebook = torch.randn(k, d, generator=g) * 3.0
+    x = torch.randn(n, d, generator=g) * 3.0
+    if data == "integer ties":  # many exact ties: integer points, exactly representable distances
+        codebook, x = codebook.round().clamp(-2, 2), x.round().clamp(-2, 2)
+    elif data == "duplicates":  # each row repeated: the lowest of the copies wins
+        codebook = codebook[torch.randint(0, 40, (k,), generator=g)]
+    elif data == "near copies":  # queries a hair away from codewords: tiny gaps
+        x = codebook[torch.randint(0, k, (n,), generator=g)] + 1e-5 * torch.randn(n, d, generator=g)
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "l2", "bf16")
+    want, best = _argmin64(x, codebook)
+    assert torch.equal(ids, want)
+    assert torch.allclose(dists.double(), best, rtol=1e-6, atol=1e-30)
+
+
+@needs_scan
+def test_bf16_scan_on_flat_photograph_regions_and_masses_of_ties(monkeypatch):
+    # sampled patches of photographs (flat regions: many near-equidistant codewords) and a mass of
+    # equidistant codewords (the corners of a cube around each query) beyond the candidate cap
+    p = photo_patches(3000, 8, seed=0)
+    codebook, x = p[:2000].contiguous(), p[2000:].contiguous()
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "l2", "bf16")
+    assert_nearest_ok(ids, dists, x, codebook, "l2", exact=True)
+    d = 8
+    corners = torch.tensor([[(i >> b) & 1 for b in range(d)] for i in range(2 ** d)], dtype=torch.float32) * 2 - 1
+    codebook = torch.cat([corners, corners * 3.0])  # 256 codewords at distance d, 256 farther
+    x = torch.zeros(5, d)
+    rest_sizes = []
+    search = _scan_bf16.search
+
+    def counted(*args):
+        result = search(*args)
+        rest_sizes.append(result[2].numel())
+        return result
+
+    monkeypatch.setattr(_scan_bf16, "search", counted)
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "l2", "bf16")
+    assert rest_sizes == [5]  # 256 ties > SCAN_CAP: every query went on to the other paths
+    assert torch.equal(ids, torch.zeros(5, dtype=torch.int64))
+    assert torch.equal(dists, torch.full((5,), float(d)))
+
+
+@needs_scan
+def test_bf16_scan_keeps_few_candidates_on_real_and_synthetic_data():
+    # the work the float64 re-rank does: candidates per query (not time)
+    data = siglip_like(2000, 1024, 1152, seed=3)
+    cases = [(data.codebook[:256].contiguous(), data.queries, 8.0, 0.0)]
+    p = photo_patches(5000, 8, seed=4)
+    cases.append((p[:4096].contiguous(), p[4096:].contiguous(), 40.0, 0.3))
+    for codebook, x, mean_limit, rest_limit in cases:
+        book = _scan_bf16.ScanCodebook(codebook, _nearest_cpu.first_of_duplicates(codebook))
+        n = x.shape[0]
+        npad = -(-n // 6) * 6
+        q = torch.empty(npad, book.dp, dtype=torch.int16)
+        norm, resid = torch.empty(npad, dtype=torch.float64), torch.empty(npad, dtype=torch.float64)
+        _native.bf16_pack_rows(x, book.center, q, norm, resid)
+        a = norm[:n] * (1 + 2 ** -29)
+        ra = resid[:n] * (1 + 2 ** -30) + 2 ** -24 * a
+        cand = torch.empty(n, _scan_bf16.SCAN_CAP, dtype=torch.int32)
+        lo = torch.empty(n, _scan_bf16.SCAN_CAP)
+        count = torch.empty(n, dtype=torch.int32)
+        _native.bf16_scan_l2(q, n, book.panels, book.csq, book.pw, book.qw, book.sw, _scan_bf16._rounded_up(a + ra),
+                             _scan_bf16._rounded_up(ra), cand, lo, count)
+        kept = count[count >= 0].double()
+        assert (count < 0).double().mean() <= rest_limit
+        assert kept.mean() <= mean_limit
+        # every candidate list holds the exact nearest (distinct-row ids map back to codebook rows)
+        want, _ = _argmin64(x, codebook)
+        rows = (count > 0).nonzero().squeeze(1)
+        for i in rows[:200].tolist():
+            kept_ids = cand[i, :int(count[i])].long()
+            kept_ids = kept_ids if book.ids is None else book.ids[kept_ids]
+            assert int(want[i]) in kept_ids.tolist()
+
+
+@needs_scan
+def test_bf16_scan_candidates_are_ascending_and_unique():
+    g = torch.Generator().manual_seed(5)
+    codebook = torch.randn(500, 64, generator=g)
+    x = torch.randn(60, 64, generator=g)
+    book = _scan_bf16.ScanCodebook(codebook, None)
+    n = x.shape[0]
+    q = torch.empty(n, book.dp, dtype=torch.int16)
+    norm, resid = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
+    _native.bf16_pack_rows(x, book.center, q, norm, resid)
+    cand = torch.empty(n, 16, dtype=torch.int32)
+    lo = torch.empty(n, 16)
+    count = torch.empty(n, dtype=torch.int32)
+    # a huge bound (every pair within it): each list overflows its cap of 16
+    big = torch.full((n,), 1e30)
+    _native.bf16_scan_l2(q, n, book.panels, book.csq, book.pw, book.qw, book.sw, big, big, cand, lo, count)
+    assert bool((count == -1).all())
+    zero = torch.zeros(n)
+    _native.bf16_scan_l2(q, n, book.panels, book.csq, book.pw, book.qw, book.sw, zero, zero, cand, lo, count)
+    assert bool((count >= 1).all())
+    for i in range(n):
+        row = cand[i, :int(count[i])]
+        assert bool((row[1:] > row[:-1]).all())
+
+
+@needs_scan
+def test_bf16_pack_rows_rounds_to_nearest_even_and_measures_the_error():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(10, 37, generator=g) * 100
+    center = torch.randn(37, generator=g)
+    out = torch.empty(12, 64, dtype=torch.int16)
+    norm, resid = torch.empty(12, dtype=torch.float64), torch.empty(12, dtype=torch.float64)
+    _native.bf16_pack_rows(x, center, out, norm, resid)
+    shifted = x - center
+    want = shifted.bfloat16().view(torch.int16)  # torch rounds to nearest even
+    assert torch.equal(out[:10, :37], want)
+    assert bool((out[:10, 37:] == 0).all()) and bool((out[10:] == 0).all())
+    assert torch.allclose(norm[:10], shifted.double().norm(dim=1), rtol=1e-12)
+    back = out[:10, :37].view(torch.bfloat16).double()
+    assert torch.allclose(resid[:10], (shifted.double() - back).norm(dim=1), rtol=1e-12)
+
+
+@needs_scan
+def test_automatic_choice_takes_the_scan_for_small_l2_codebooks(monkeypatch):
+    data = siglip_like(2000, 600, 256, seed=1)
+    calls = []
+    search = _scan_bf16.search
+    monkeypatch.setattr(_scan_bf16, "search", lambda *a: calls.append(a[1].shape) or search(*a))
+    ids, dists = u2.nearest(data.queries, data.codebook[:512])
+    assert calls == [(512, 256)]
+    assert_nearest_ok(ids, dists, data.queries, data.codebook[:512], "l2", exact=True)
+    calls.clear()
+    for metric in ("ip", "cos"):  # other metrics, float64 rows, tiny codebooks: not the scan
+        u2.nearest(data.queries, data.codebook[:512], metric=metric)
+    u2.nearest(data.queries.double(), data.codebook[:512].double())
+    u2.nearest(data.queries[:, :16], data.codebook[:64, :16].contiguous())
+    assert calls == []
+
+
+def test_without_the_bf16_instructions_the_other_paths_search(monkeypatch):
+    monkeypatch.setattr(_scan_bf16, "available", lambda: False)
+    data = siglip_like(2000, 300, 128, seed=2)
+    ids, dists = u2.nearest(data.queries, data.codebook[:1024])
+    assert_nearest_ok(ids, dists, data.queries, data.codebook[:1024], "l2", exact=True)
+    with pytest.raises(ValueError, match="bf16 scan"):
+        _nearest_cpu.nearest_cpu(data.queries, data.codebook[:1024], "l2", "bf16")
+
+
+@needs_scan
+def test_bf16_scan_refuses_inputs_it_cannot_bound_and_the_search_stays_exact():
+    g = torch.Generator().manual_seed(7)
+    codebook = torch.randn(400, 48, generator=g)
+    for scale in (1e-15, 1e15):  # norms beyond 2^+-40: the other paths take them, still exact
+        c, x = codebook * scale, torch.randn(50, 48, generator=g) * scale
+        assert not _scan_bf16.ScanCodebook(c, None).usable
+        ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2")
+        assert_nearest_ok(ids, dists, x, c, "l2", exact=True)
+    # a usable codebook, queries out of range: the chunk goes to the other paths
+    x = torch.randn(50, 48, generator=g) * 1e15
+    assert _scan_bf16.search(x, codebook, _scan_bf16.ScanCodebook(codebook, None)) is None
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "l2", "bf16")
+    assert_nearest_ok(ids, dists, x, codebook, "l2", exact=True)
+    with pytest.raises(ValueError, match="bf16 scan"):
+        _nearest_cpu.nearest_cpu(torch.randn(5, 48), codebook, "ip", "bf16")
+
+
+@needs_scan
+def test_native_scan_checks_its_arguments():
+    book = _scan_bf16.ScanCodebook(torch.randn(70, 40), None)
+    q = torch.zeros(6, book.dp, dtype=torch.int16)
+    ok = dict(cand=torch.empty(5, 4, dtype=torch.int32), cand_lo=torch.empty(5, 4), count=torch.empty(5, dtype=torch.int32))
+    aq = torch.zeros(5)
+    with pytest.raises(ValueError, match="inconsistent"):
+        _native.bf16_scan_l2(q[:5], 5, book.panels, book.csq, book.pw, book.qw, book.sw, aq, aq, **ok)  # 5 rows: not a tile
+    with pytest.raises(ValueError, match="int16"):
+        _native.bf16_scan_l2(q.int(), 5, book.panels, book.csq, book.pw, book.qw, book.sw, aq, aq, **ok)
+    with pytest.raises(ValueError, match="inconsistent"):
+        _native.rerank_l2_f64(torch.zeros(5, 40), torch.zeros(3, 41), None, ok["cand"], ok["count"],
+                              torch.empty(5, dtype=torch.int64), torch.empty(5, dtype=torch.float64))
