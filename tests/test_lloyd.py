@@ -349,12 +349,57 @@ def test_bf16_assignment_certifies_little_on_ties_and_then_rests(monkeypatch):
 
 def test_training_assign_uses_bf16_only_where_it_is_fast(monkeypatch):
     x = torch.randn(40000, 64)
+    monkeypatch.setattr(_lloyd._scan_bf16, "available", lambda: False)  # no AVX-512 BF16
     monkeypatch.setattr(_lloyd, "bf16_speedup", lambda: 1.0)
     assert _lloyd.training_assign(x, 100) is _lloyd.fast_assign
     monkeypatch.setattr(_lloyd, "bf16_speedup", lambda: 4.0)
     assert isinstance(_lloyd.training_assign(x, 100), _lloyd.Bf16Assign)
     assert _lloyd.training_assign(x.double(), 100) is _lloyd.fast_assign
     assert _lloyd.training_assign(x[:10], 100) is _lloyd.fast_assign  # too small to pay
+    monkeypatch.setattr(_lloyd._scan_bf16, "available", lambda: True)  # with it: the exact scan
+    assert isinstance(_lloyd.training_assign(x, 100), _lloyd.ScanAssign)
+    assert _lloyd.training_assign(x.double(), 100) is _lloyd.fast_assign
+    assert _lloyd.training_assign(x[:10], 100) is _lloyd.fast_assign
+
+
+needs_scan = pytest.mark.skipif(not _lloyd._scan_bf16.available(), reason="no AVX-512 BF16 (or no C compiler) here")
+
+
+@needs_scan
+@pytest.mark.parametrize("clustered", [False, True])
+def test_scan_assignment_is_the_exact_one_every_call(clustered, monkeypatch):
+    if clustered:
+        data = u2.data.clustered_codebook(6000, 10, 256, n_families=4, n_cells=30)
+    else:
+        data = siglip_like(6000, 10, 256, seed=3)
+    x = data.codebook.float().contiguous()
+    sent = []
+    real = _lloyd.fast_assign
+    monkeypatch.setattr(_lloyd, "fast_assign", lambda rows, c: sent.append(rows.shape[0]) or real(rows, c))
+    assign = _lloyd.ScanAssign(x)
+    g = torch.Generator().manual_seed(0)
+    centroids = x[torch.randperm(6000, generator=g)[:40]].contiguous()
+    for step in range(3):  # new centroids every call, the rows packed once
+        centroids = centroids + 0.01 * torch.randn(centroids.shape, generator=g)
+        ids, dists = assign(x, centroids)
+        assert torch.equal(ids, _exact_ids(x, centroids))
+        truth = (x.double() - centroids.double()[ids]).pow(2).sum(dim=1)
+        assert torch.allclose(dists.double(), truth, rtol=1e-6)
+    assert sum(sent) == 0 or assign.rest > 0
+    # other rows than the packed ones: the plain assignment
+    other = x[:100].clone()
+    ids, _ = assign(other, centroids)
+    assert sent[-1] == 100 and torch.equal(ids, _exact_ids(other, centroids))
+
+
+@needs_scan
+def test_scan_assignment_hands_masses_of_tied_centroids_on():
+    x = torch.randn(3000, 64, generator=torch.Generator().manual_seed(0))
+    centroids = torch.zeros(200, 64)  # every centroid ties: more candidates than the scan keeps
+    assign = _lloyd.ScanAssign(x)
+    ids, dists = assign(x, centroids)
+    assert bool((ids == 0).all()) and assign.rest == 3000
+    assert torch.allclose(dists.double(), x.double().pow(2).sum(dim=1), rtol=1e-6)
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e15])

@@ -93,16 +93,20 @@ def test_triton_magnitudes(magnitude, metric, monkeypatch):
 
 
 @pytest.mark.parametrize("x_scale, c_scale", [(1e12, 1.0), (1.0, 1e12), (1e-12, 1.0), (1e20, 1e-20)])
-@pytest.mark.parametrize("filter_kind", ["int8", "int8x2", "fbgemm", "fp32", "fp64"])
+@pytest.mark.parametrize("filter_kind", ["bf16", "int8", "int8x2", "fbgemm", "fp32", "fp64"])
 def test_queries_far_from_the_codebook(x_scale, c_scale, filter_kind, monkeypatch):
     # the landed code returned id K for 50 of 200 rows of randn * 1e12 against randn (K = 5000):
     # pair-space bounds lost to fp64 rounding when ||x||^2 dwarfs the codebook's spread
-    from unicode2_fast import _nearest_cpu
+    from unicode2_fast import _nearest_cpu, _scan_bf16
 
     if filter_kind == "fbgemm" and _nearest_cpu.fbgemm_speedup() == 0:
         pytest.skip("no working fbgemm dynamic quantized linear")
-
-    monkeypatch.setattr(_nearest_cpu, "choose_filter", lambda n, k, d: filter_kind)
+    if filter_kind == "bf16":  # the automatic choice's bf16 scan (l2, K <= SCAN_MAX_K)
+        if not _scan_bf16.available():
+            pytest.skip("no AVX-512 BF16 here")
+    else:  # the filter engine, past the scan
+        monkeypatch.setattr(_nearest_cpu, "SCAN_MAX_K", 0)
+        monkeypatch.setattr(_nearest_cpu, "choose_filter", lambda n, k, d: filter_kind)
     x, c = _data(200, 5000, 128, 3)
     _check(x * x_scale, c * c_scale, "l2", "torch", exact=True)
 

@@ -55,8 +55,8 @@ def test_bf16_scan_on_flat_photograph_regions_and_masses_of_ties(monkeypatch):
     rest_sizes = []
     search = _scan_bf16.search
 
-    def counted(*args):
-        result = search(*args)
+    def counted(*args, **kwargs):
+        result = search(*args, **kwargs)
         rest_sizes.append(result[2].numel())
         return result
 
@@ -65,6 +65,17 @@ def test_bf16_scan_on_flat_photograph_regions_and_masses_of_ties(monkeypatch):
     assert rest_sizes == [5]  # 256 ties > SCAN_CAP: every query went on to the other paths
     assert torch.equal(ids, torch.zeros(5, dtype=torch.int64))
     assert torch.equal(dists, torch.full((5,), float(d)))
+
+
+def _candidates(x, codebook, book, cap=_scan_bf16.SCAN_CAP):
+    """The compiled scan's candidate lists for ``x`` with the production bound factors."""
+    rows = _scan_bf16.PackedRows(x, book.center)
+    n = x.shape[0]
+    cand = torch.empty(n, cap, dtype=torch.int32)
+    lo = torch.empty(n, cap)
+    count = torch.empty(n, dtype=torch.int32)
+    _native.bf16_scan_l2(rows.q, n, book.panels, book.csq, book.pw, book.qw, book.sw, rows.aq, rows.rq, cand, lo, count)
+    return cand, count
 
 
 @needs_scan
@@ -76,18 +87,7 @@ def test_bf16_scan_keeps_few_candidates_on_real_and_synthetic_data():
     cases.append((p[:4096].contiguous(), p[4096:].contiguous(), 40.0, 0.3))
     for codebook, x, mean_limit, rest_limit in cases:
         book = _scan_bf16.ScanCodebook(codebook, _nearest_cpu.first_of_duplicates(codebook))
-        n = x.shape[0]
-        npad = -(-n // 6) * 6
-        q = torch.empty(npad, book.dp, dtype=torch.int16)
-        norm, resid = torch.empty(npad, dtype=torch.float64), torch.empty(npad, dtype=torch.float64)
-        _native.bf16_pack_rows(x, book.center, q, norm, resid)
-        a = norm[:n] * (1 + 2 ** -29)
-        ra = resid[:n] * (1 + 2 ** -30) + 2 ** -24 * a
-        cand = torch.empty(n, _scan_bf16.SCAN_CAP, dtype=torch.int32)
-        lo = torch.empty(n, _scan_bf16.SCAN_CAP)
-        count = torch.empty(n, dtype=torch.int32)
-        _native.bf16_scan_l2(q, n, book.panels, book.csq, book.pw, book.qw, book.sw, _scan_bf16._rounded_up(a + ra),
-                             _scan_bf16._rounded_up(ra), cand, lo, count)
+        cand, count = _candidates(x, codebook, book)
         kept = count[count >= 0].double()
         assert (count < 0).double().mean() <= rest_limit
         assert kept.mean() <= mean_limit
@@ -98,6 +98,65 @@ def test_bf16_scan_keeps_few_candidates_on_real_and_synthetic_data():
             kept_ids = cand[i, :int(count[i])].long()
             kept_ids = kept_ids if book.ids is None else book.ids[kept_ids]
             assert int(want[i]) in kept_ids.tolist()
+
+
+@needs_scan
+def test_near_ties_from_summation_order_follow_the_float64_objective():
+    # two codewords of the same coordinates in another order: their exact distances to 0 are
+    # equal, their float64 sums differ in the last bit, and which is smaller depends on the order
+    # of the sum; the scan must rank them as every other exact path (and the reference) does
+    g = torch.Generator().manual_seed(8)
+    mismatches = 0
+    for trial in range(20):
+        base = torch.randn(16, generator=g) * 2.0 ** torch.randint(-20, 2, (16,), generator=g).float()
+        pair = torch.stack([base, base[torch.randperm(16, generator=g)]])
+        far = torch.randn(1000, 16, generator=g) * 10 + 50
+        codebook = torch.cat([pair, far]).contiguous()
+        x = torch.zeros(3, 16)
+        want, _ = _argmin64(x, codebook)
+        for kind in ("bf16", None):
+            ids, _ = _nearest_cpu.nearest_cpu(x, codebook, "l2", kind)
+            mismatches += int((ids != want).sum())
+    assert mismatches == 0
+
+
+@needs_scan
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bf16_scan_on_low_precision_and_strided_inputs(dtype):
+    g = torch.Generator().manual_seed(9)
+    codebook = torch.randn(700, 96, generator=g).to(dtype)
+    x = torch.randn(90, 192, generator=g)[:, ::2].to(dtype)  # strided queries
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "l2", "bf16")
+    want, best = _argmin64(x.float(), codebook.float())
+    assert torch.equal(ids, want)
+    assert torch.allclose(dists.double(), best, rtol=1e-6)
+
+
+@needs_scan
+def test_bf16_scan_in_several_chunks_and_with_compacted_candidate_lists(monkeypatch):
+    # chunks of 12 queries; a candidate cap of 4 that the panels fill and empty again: three equal
+    # codewords in each of three panels, nearer panel by panel (the list is compacted as the bound
+    # falls), and the queries' exact nearest are the last panel's
+    monkeypatch.setattr(_scan_bf16, "SCAN_CHUNK", 12)
+    monkeypatch.setattr(_scan_bf16, "SCAN_CAP", 4)
+    d = 8
+    codebook = torch.full((192, d), 100.0)
+    for panel, radius in enumerate((10.0, 5.0, 1.0)):
+        for j in range(3):
+            codebook[64 * panel + 10 + j] = 0.0
+            codebook[64 * panel + 10 + j, j] = radius
+    x = torch.zeros(40, d)
+    rests = []
+    search = _scan_bf16.search
+    monkeypatch.setattr(_scan_bf16, "search", lambda *a, **kw: (lambda r: rests.append(r[2].numel()) or r)(search(*a, **kw)))
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "l2", "bf16")
+    assert rests == [0]  # no query overflowed its four slots
+    assert torch.equal(ids, torch.full((40,), 128 + 10))  # the lowest of the three ties at radius 1
+    assert torch.equal(dists, torch.ones(40))
+    g = torch.Generator().manual_seed(10)
+    codebook, x = torch.randn(300, 40, generator=g), torch.randn(100, 40, generator=g)
+    ids, _ = _nearest_cpu.nearest_cpu(x, codebook, "l2", "bf16")
+    assert torch.equal(ids, _argmin64(x, codebook)[0])
 
 
 @needs_scan
@@ -147,7 +206,7 @@ def test_automatic_choice_takes_the_scan_for_small_l2_codebooks(monkeypatch):
     data = siglip_like(2000, 600, 256, seed=1)
     calls = []
     search = _scan_bf16.search
-    monkeypatch.setattr(_scan_bf16, "search", lambda *a: calls.append(a[1].shape) or search(*a))
+    monkeypatch.setattr(_scan_bf16, "search", lambda *a, **kw: calls.append(a[1].shape) or search(*a, **kw))
     ids, dists = u2.nearest(data.queries, data.codebook[:512])
     assert calls == [(512, 256)]
     assert_nearest_ok(ids, dists, data.queries, data.codebook[:512], "l2", exact=True)
@@ -198,4 +257,5 @@ def test_native_scan_checks_its_arguments():
         _native.bf16_scan_l2(q.int(), 5, book.panels, book.csq, book.pw, book.qw, book.sw, aq, aq, **ok)
     with pytest.raises(ValueError, match="inconsistent"):
         _native.rerank_l2_f64(torch.zeros(5, 40), torch.zeros(3, 41), None, ok["cand"], ok["count"],
-                              torch.empty(5, dtype=torch.int64), torch.empty(5, dtype=torch.float64))
+                              torch.empty(5, dtype=torch.int64), torch.empty(5, dtype=torch.float64),
+                              torch.empty(5, dtype=torch.int8), 1.0)

@@ -296,17 +296,23 @@ int bf16_scan_l2(const uint16_t *q, int64_t n, int64_t dp, const uint32_t *panel
 
 /* For each query i with count[i] > 0: of its candidates (codebook rows ids[cand[i, t]], or
    cand[i, t] with ids NULL), the one with the least float64 sum_j (x_ij - c_j)^2 from the fp32
-   rows (eight partial sums, as row_sums_f64), the lowest id on ties: out_id[i], out_dist[i]. */
+   rows (eight partial sums, as row_sums_f64), the lowest id on ties: out_id[i], out_dist[i].
+   The differences and squares are the single IEEE operations torch computes too; only the order
+   of the sum differs, which moves a sum of d non-negative terms by less than its gamma_d share.
+   near[i] = 1 where another candidate's sum is within `margin` times the best one (a summation
+   order could rank them the other way: the caller re-ranks those rows in torch's order). */
 void rerank_l2_f64(const float *x, int64_t ldx, const float *c, int64_t ldc, int64_t n, int64_t d, const int64_t *ids,
-                   const int32_t *cand, const int32_t *count, int cap, int64_t *out_id, double *out_dist, int threads) {
+                   const int32_t *cand, const int32_t *count, int cap, double margin, int64_t *out_id, double *out_dist,
+                   int8_t *near, int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < n; ++i) {
+        near[i] = 0;
         if (count[i] <= 0) continue;
         const float *xr = x + i * ldx;
         int64_t best_id = -1;
-        double best = INFINITY;
+        double best = INFINITY, second = INFINITY;
         for (int32_t t = 0; t < count[i]; ++t) {
-            const int64_t id = ids ? ids[cand[i * cap + t]] : cand[i * cap + t];
+            const int64_t id = ids ? ids[cand[(int64_t)i * cap + t]] : cand[(int64_t)i * cap + t];
             const float *cr = c + id * ldc;
             double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             int64_t j = 0;
@@ -314,10 +320,12 @@ void rerank_l2_f64(const float *x, int64_t ldx, const float *c, int64_t ldc, int
                 for (int l = 0; l < 8; ++l) { const double u = (double)xr[j + l] - (double)cr[j + l]; acc[l] += u * u; }
             for (; j < d; ++j) { const double u = (double)xr[j] - (double)cr[j]; acc[0] += u * u; }
             const double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-            if (s < best || (s == best && id < best_id)) { best = s; best_id = id; }
+            if (s < best || (s == best && id < best_id)) { second = best; best = s; best_id = id; }
+            else if (s < second) second = s;
         }
         out_id[i] = best_id;
         out_dist[i] = best;
+        near[i] = second <= best * margin;
     }
 }
 """
@@ -405,7 +413,8 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     library.bf16_pack_rows.restype = None
     library.bf16_scan_l2.argtypes = [_P, _I, _I, _P, _I] + [_P] * 9 + [ctypes.c_int] * 2
     library.bf16_scan_l2.restype = ctypes.c_int
-    library.rerank_l2_f64.argtypes = [_P, _I, _P, _I, _I, _I, _P, _P, _P, ctypes.c_int, _P, _P, ctypes.c_int]
+    library.rerank_l2_f64.argtypes = [_P, _I, _P, _I, _I, _I, _P, _P, _P, ctypes.c_int, ctypes.c_double, _P, _P, _P,
+                                      ctypes.c_int]
     library.rerank_l2_f64.restype = None
     return library
 
@@ -598,10 +607,12 @@ def bf16_scan_l2(q: torch.Tensor, n: int, panels: torch.Tensor, csq: torch.Tenso
 
 
 def rerank_l2_f64(x: torch.Tensor, codebook: torch.Tensor, ids: Optional[torch.Tensor], cand: torch.Tensor,
-                  count: torch.Tensor, out_id: torch.Tensor, out_dist: torch.Tensor) -> None:
+                  count: torch.Tensor, out_id: torch.Tensor, out_dist: torch.Tensor, near: torch.Tensor,
+                  margin: float) -> None:
     """For each row i of ``x: (n, d)`` fp32 with ``count[i] > 0``: of the codebook rows
     ``ids[cand[i, :count[i]]]`` (``cand`` itself when ids is None), the least float64 squared
-    distance and, among ties, the lowest id, into ``out_id`` (n,) int64 / ``out_dist`` (n,) float64."""
+    distance and, among ties, the lowest id, into ``out_id`` (n,) int64 / ``out_dist`` (n,) float64;
+    ``near`` (n,) int8: 1 where a second candidate's distance is within ``margin`` times the best."""
     library = _load()
     if library is None:
         raise RuntimeError(f"the native loops are unavailable: {_failure}")
@@ -610,12 +621,12 @@ def rerank_l2_f64(x: torch.Tensor, codebook: torch.Tensor, ids: Optional[torch.T
         if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or (d > 1 and tensor.stride(1) != 1):
             raise ValueError(f"rerank_l2_f64: {name} must be CPU fp32 rows with unit column stride")
     for tensor, dtype, name in ((cand, torch.int32, "cand"), (count, torch.int32, "count"), (out_id, torch.int64, "out_id"),
-                                (out_dist, torch.float64, "out_dist")):
+                                (out_dist, torch.float64, "out_dist"), (near, torch.int8, "near")):
         _require(tensor, dtype, name)
     if ids is not None:
         _require(ids, torch.int64, "ids")
-    if codebook.shape[1] != d or cand.shape[0] != n or any(t.shape != (n,) for t in (count, out_id, out_dist)):
+    if codebook.shape[1] != d or cand.shape[0] != n or any(t.shape != (n,) for t in (count, out_id, out_dist, near)):
         raise ValueError("rerank_l2_f64: inconsistent shapes")
     library.rerank_l2_f64(x.data_ptr(), x.stride(0), codebook.data_ptr(), codebook.stride(0), n, d,
                           None if ids is None else ids.data_ptr(), cand.data_ptr(), count.data_ptr(), cand.shape[1],
-                          out_id.data_ptr(), out_dist.data_ptr(), _threads(n, 8 * d))
+                          margin, out_id.data_ptr(), out_dist.data_ptr(), near.data_ptr(), _threads(n, 8 * d))

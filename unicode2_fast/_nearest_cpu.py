@@ -686,11 +686,12 @@ def _bf16_scan(x: torch.Tensor, codebook: torch.Tensor, metric: str, forced: boo
     book = per_tensor(codebook, ("bf16_scan",), lambda c: _scan_bf16.ScanCodebook(c32, distinct_codewords(c32)))
     if not book.usable:
         return None
-    result = _scan_bf16.search(x32, c32, book)
-    if result is None:
+    result = _scan_bf16.search(x32, c32, book, owner=codebook)
+    record = per_tensor(codebook, ("bf16_scan_record",), lambda c: _Attempts(SCAN_MISSES))
+    if result is None:  # queries beyond the bound's range: a miss (the other paths rescale them)
+        record.record(False)
         return None
     ids, obj, rest = result
-    record = per_tensor(codebook, ("bf16_scan_record",), lambda c: _Attempts(SCAN_MISSES))
     record.record(rest.numel() <= SCAN_MAX_REST * x.shape[0])
     if rest.numel():  # too many candidates (masses of near-equidistant codewords): the other exact paths
         with stage("nearest/bf16_scan_rest"):
