@@ -58,6 +58,7 @@ def test_exact_equals_nearest_on_random_data_with_and_without_fallback(monkeypat
     _assert_same_as_nearest(index, x, codebook)  # loose bounds: queries finish with u2.nearest
     # rounds run to the end however loose the bounds: every surviving cell is scanned
     monkeypatch.setattr(hierarchical, "FALLBACK_FRACTION", 2.0)
+    monkeypatch.setattr(hierarchical, "EXACT_MISSES", 10 ** 9)  # the cells every time, however much they scan
     monkeypatch.setattr(hierarchical, "nearest", None)  # a fallback would now fail loudly
     ids, dists = index.search(x, exact=True)
     ref_ids, ref_dists = u2.nearest(x, codebook)
@@ -432,6 +433,7 @@ def test_exact_mode_equals_nearest_for_ip_and_cos(name, metric, monkeypatch):
     assert_nearest_ok(ids, dists, x, c, metric, exact=True, rel_tol=2e-7)
     # every cell scanned to the end (no fallback, the bounds alone): still exact
     monkeypatch.setattr(hierarchical, "FALLBACK_FRACTION", 2.0)
+    monkeypatch.setattr(hierarchical, "EXACT_MISSES", 10 ** 9)  # the cells every time, however much they scan
     monkeypatch.setattr(hierarchical, "nearest", None)
     again, _ = index.search(x, exact=True)
     assert torch.equal(again, ref_ids)
@@ -487,3 +489,24 @@ def test_ip_and_cos_bad_input():
         u2.HierarchicalIndex.build(bad, n_coarse=10, metric="cos")
     with pytest.raises(ValueError, match="unknown metric"):
         u2.HierarchicalIndex.build(c, n_coarse=10, metric="l1")
+
+
+def test_exact_mode_whose_cells_do_not_pay_runs_the_flat_search(monkeypatch):
+    # unclustered codewords: the cell scans read most of the codebook before the bounds prune;
+    # after EXACT_MISSES such chunks exact mode runs u2.nearest, retrying the cells now and then
+    g = torch.Generator().manual_seed(21)
+    codebook, x = torch.randn(3000, 32, generator=g), torch.randn(120, 32, generator=g)
+    index = u2.HierarchicalIndex.build(codebook, n_coarse=30, niter=5)
+    monkeypatch.setattr(hierarchical, "QUERY_CHUNK", 10)
+    scans, flat = [], []
+    from unicode2_fast import _cells
+    real_search, real_nearest = _cells.exact_search, hierarchical.nearest
+    monkeypatch.setattr(_cells, "exact_search", lambda *a, **k: scans.append(1) or real_search(*a, **k))
+    monkeypatch.setattr(hierarchical, "nearest", lambda rows, *a, **k: flat.append(rows.shape[0]) or real_nearest(rows, *a, **k))
+    ids, dists = index.search(x, exact=True)
+    ref_ids, ref_dists = u2.nearest(x, codebook)
+    assert torch.equal(ids, ref_ids) and torch.equal(dists, ref_dists)
+    chunks, every = 12, hierarchical.EXACT_RETRY_EVERY
+    tried = hierarchical.EXACT_MISSES + (chunks - hierarchical.EXACT_MISSES) // every
+    assert len(scans) == tried  # the first chunk(s), then one in every EXACT_RETRY_EVERY
+    assert flat.count(10) >= chunks - tried  # the skipped chunks went whole to u2.nearest

@@ -156,7 +156,8 @@ class Cells:
 
 
 def exact_search(cells: Cells, x: torch.Tensor, codes: torch.Tensor, codes_sorted: bool, fallback: Fallback,
-                 fallback_fraction: float, metric: str = "l2") -> Tuple[torch.Tensor, torch.Tensor]:
+                 fallback_fraction: float, metric: str = "l2",
+                 work: Optional[List[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact nearest codeword of the queries ``x: (n, d)`` (one chunk: the caller bounds n).
 
     ``codes``: the codewords the float64 re-rank reads: in sorted order (``codes_sorted``) or the
@@ -164,6 +165,7 @@ def exact_search(cells: Cells, x: torch.Tensor, codes: torch.Tensor, codes_sorte
     (the cells hold the unit-normalised codewords: ``rows`` of :class:`Cells` normalises them).
     Returns ids (n,) int64 (original ids) and the objective (n,) float64: the squared distance,
     ``-<x, c>`` or ``-cos(x, c)``; ``fallback`` returns u2.nearest's (ids, dists) for its metric.
+    ``work``: when given, the (query, codeword) pairs the cell scans read are appended to it.
     """
     n = x.shape[0]
     with stage("cells/bounds"):
@@ -179,7 +181,7 @@ def exact_search(cells: Cells, x: torch.Tensor, codes: torch.Tensor, codes_sorte
             x64 = x.double()
             lower, order, scan = _plan_l2(cells, x64 / x64.norm(dim=1, keepdim=True),
                                           16.0 * sum_rounding(2 * x.shape[1] + 10, U64))
-    unsettled, store, upper = _rounds(cells, lower, order, scan, n, x.device, fallback_fraction)
+    unsettled, store, upper = _rounds(cells, lower, order, scan, n, x.device, fallback_fraction, work)
     with stage("cells/rerank"):
         cand_rows, cand_pos, _ = store.surviving(upper)
         cand_ids = cells.perm[cand_pos]
@@ -195,7 +197,7 @@ def exact_search(cells: Cells, x: torch.Tensor, codes: torch.Tensor, codes_sorte
 
 
 def _rounds(cells: Cells, lower: torch.Tensor, order: torch.Tensor, scan: Callable, n: int, device,
-            fallback_fraction: float) -> Tuple[torch.Tensor, CandidateStore, torch.Tensor]:
+            fallback_fraction: float, work: Optional[List[int]] = None) -> Tuple[torch.Tensor, CandidateStore, torch.Tensor]:
     """The round loop of every metric: each unfinished query scans its next unpruned cells.
 
     lower: (n, n_cells) lower bound of each query's objective in each cell, in the scan order
@@ -223,6 +225,8 @@ def _rounds(cells: Cells, lower: torch.Tensor, order: torch.Tensor, scan: Callab
         if rows.numel() == 0:
             break
         done |= pick
+        if work is not None:
+            work.append(int(size[rows, ranks].sum()))
         with stage("cells/scan"):
             scan(rows, order[rows, ranks], upper, store)
     return unsettled, store, upper
