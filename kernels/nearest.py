@@ -50,7 +50,7 @@ def _nearest_kernel(
     part_idx_ptr,     # (n_splits, G, N) int64 partial argmins
     N, K, D, G,
     stride_xg, stride_xn, stride_xd, stride_cg, stride_ck, stride_cd, stride_sg,
-    k_per_split,      # codewords per split, a multiple of BLOCK_K
+    k_per_split,      # codewords per split, a multiple of BLOCK_K; <= 0: cdiv(K, splits) in tiles
     METRIC: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -63,6 +63,10 @@ def _nearest_kernel(
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     mask_n = offs_n < N
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    if k_per_split <= 0:
+        # the autotuned launch: each config's grid has its own split count (tl.num_programs(1));
+        # the splits share K in whole BLOCK_K tiles (a trailing split may be empty)
+        k_per_split = tl.cdiv(tl.cdiv(K, tl.num_programs(1)), BLOCK_K) * BLOCK_K
     k_start = pid_s.to(tl.int64) * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     x_ptr += pid_g * stride_xg
@@ -148,11 +152,19 @@ def choose_splits(n: int, k: int, block_n: int, block_k: int, num_sms: int) -> i
     return int(max(1, min(want, max_useful)))
 
 
+def grid_splits(n: int, k: int, block_n: int, block_k: int, num_sms: int) -> int:
+    """The K-splits of a launch with these tile sizes: :func:`choose_splits`, less any that whole
+    BLOCK_K tiles would leave empty (the count the kernel's ``k_per_split <= 0`` path sees)."""
+    n_splits = choose_splits(n, k, block_n, block_k, num_sms)
+    k_per_split = triton.cdiv(triton.cdiv(k, n_splits), block_k) * block_k
+    return triton.cdiv(k, k_per_split)
+
+
 def reduce_splits(part_val: torch.Tensor, part_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reduce (n_splits, ...) partial minima to (...), ties to the lowest code index.
 
-    Split s covers lower codeword indices than split s + 1, so among equal minima the smallest
-    index is the one required by the tie rule.
+    Among equal minima the smallest index wins (the tie rule), whichever split holds it: slots
+    an autotuned launch left at +inf never do.
     """
     # part_val, part_idx: (S, ...) -- (S, G, N) from the kernel
     best_val = part_val.min(dim=0).values
@@ -237,26 +249,28 @@ def launch(x: torch.Tensor, codebooks: torch.Tensor, cstat: torch.Tensor, metric
     ieee = x.dtype == torch.float32
     autotune = os.environ.get(AUTOTUNE_ENV, "0") == "1" and x.device.type == "cuda"
     cfg = DEFAULT_CONFIGS["fp32" if ieee else "tensor_core"]
-    # Autotuning may pick any BLOCK_K up to 256: splits are sized for the largest so every
-    # split is a whole number of tiles for every config.
-    block_k_for_split = 256 if autotune else cfg["BLOCK_K"]
-    block_n_for_split = 128 if autotune else cfg["BLOCK_N"]
-    # every group's query tiles fill the device together: the split count sees G x N queries
-    n_splits = choose_splits(g * n, k, block_n_for_split, block_k_for_split, num_sms(x.device))
-    k_per_split = triton.cdiv(triton.cdiv(k, n_splits), block_k_for_split) * block_k_for_split
-    n_splits = triton.cdiv(k, k_per_split)
-
-    part_val = torch.empty((n_splits, g, n), dtype=torch.float32, device=x.device)
-    part_idx = torch.empty((n_splits, g, n), dtype=torch.int64, device=x.device)
-    args = (
-        x, codebooks, cstat, part_val, part_idx, n, k, d, g,
-        x.stride(0), x.stride(1), x.stride(2), codebooks.stride(0), codebooks.stride(1), codebooks.stride(2),
-        cstat.stride(0), k_per_split,
-    )
+    sms = num_sms(x.device)
+    strides = (x.stride(0), x.stride(1), x.stride(2), codebooks.stride(0), codebooks.stride(1), codebooks.stride(2),
+               cstat.stride(0))
     if autotune:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), n_splits, g)  # noqa: E731
-        _get_autotuned_kernel()[grid](*args, METRIC=metric_code, IEEE=ieee)
+        # each config gets the split count its own tile sizes want (grid_splits); the kernel
+        # derives its slice from the grid (k_per_split = 0). The partial minima are sized for the
+        # config with the most splits and start at +inf: a config with fewer leaves the rest
+        # unwritten, and the reduction (value, then lowest index) never takes those
+        most = max(grid_splits(g * n, k, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], sms) for c in _autotune_configs())
+        part_val = torch.full((most, g, n), float("inf"), dtype=torch.float32, device=x.device)
+        part_idx = torch.zeros((most, g, n), dtype=torch.int64, device=x.device)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
+                             grid_splits(g * n, k, meta["BLOCK_N"], meta["BLOCK_K"], sms), g)
+        _get_autotuned_kernel()[grid](x, codebooks, cstat, part_val, part_idx, n, k, d, g, *strides, 0,
+                                      METRIC=metric_code, IEEE=ieee)
     else:
+        # every group's query tiles fill the device together: the split count sees G x N queries
+        n_splits = grid_splits(g * n, k, cfg["BLOCK_N"], cfg["BLOCK_K"], sms)
+        k_per_split = triton.cdiv(triton.cdiv(k, n_splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        part_val = torch.empty((n_splits, g, n), dtype=torch.float32, device=x.device)
+        part_idx = torch.empty((n_splits, g, n), dtype=torch.int64, device=x.device)
+        args = (x, codebooks, cstat, part_val, part_idx, n, k, d, g, *strides, k_per_split)
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), n_splits, g)
         _nearest_kernel[grid](
             *args, METRIC=metric_code, IEEE=ieee,

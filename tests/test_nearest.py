@@ -195,6 +195,51 @@ def test_choose_splits_fills_the_device():
     assert nearest_kernel.choose_splits(729, 100, 128, 128, 132) == 1
 
 
+def test_every_autotune_config_gets_its_own_whole_tile_splits():
+    # the autotuned launch sizes the K-splits per config (grid_splits) and its partial buffers for
+    # the config with the most; every config's splits are whole BLOCK_K tiles, none empty
+    for n, k, sms in ((729, 500_000, 132), (2916, 50_000, 132), (7, 1153, 4), (100_000, 500_000, 132)):
+        for config in nearest_kernel._autotune_configs():
+            bn, bk = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+            splits = nearest_kernel.grid_splits(n, k, bn, bk, sms)
+            per_split = -(-(-(-k // splits)) // bk) * bk
+            assert splits >= 1 and (splits - 1) * per_split < k <= splits * per_split
+            assert splits <= nearest_kernel.choose_splits(n, k, bn, bk, sms)
+    # the tile sizes change the split count (one sizing for all configs fitted one of them only):
+    # one image of queries in 64-row tiles wants half the splits of 128-row tiles, 256-row twice
+    counts = {c.kwargs["BLOCK_N"]: nearest_kernel.grid_splits(729, 500_000, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], 132)
+              for c in nearest_kernel._autotune_configs()}
+    assert counts[64] < counts[128] < counts[256]
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [1, 3, 7])
+def test_kernel_takes_its_k_slice_from_the_grid(splits):
+    # k_per_split = 0 (the autotuned launch): each program derives its slice from the grid's split
+    # count; slots beyond the grid stay +inf and the reduction keeps the lowest tied index
+    if torch.cuda.is_available():
+        pytest.skip("an interpreter-sized launch")
+    g = torch.Generator().manual_seed(9)
+    k, d, n = 300, 24, 10
+    c = torch.randn(1, k, d, generator=g)
+    x = torch.randn(1, n, d, generator=g)
+    c[0, [150, 5, 299]] = x[0, 2]  # one query's exact match in three splits
+    cstat = nearest_kernel.codebook_stat(c, "l2")
+    part_val = torch.full((8, 1, n), float("inf"))
+    part_idx = torch.zeros((8, 1, n), dtype=torch.int64)
+    grid = (-(-n // 16), splits, 1)
+    nearest_kernel._nearest_kernel[grid](
+        x, c, cstat, part_val, part_idx, n, k, d, 1, x.stride(0), x.stride(1), x.stride(2),
+        c.stride(0), c.stride(1), c.stride(2), cstat.stride(0), 0,
+        METRIC=nearest_kernel.METRIC_L2, IEEE=True, BLOCK_N=16, BLOCK_K=32, BLOCK_D=16)
+    assert bool(torch.isinf(part_val[splits:]).all())
+    _, ids = nearest_kernel.reduce_splits(part_val, part_idx)
+    truth = objective64(x[0], c[0], "l2")
+    assert ids[0, 2] == 5
+    clear = (truth.sort(dim=1).values[:, 1] - truth.min(dim=1).values) > 1e-3 * truth.min(dim=1).values.abs().clamp_min(1)
+    assert torch.equal(ids[0][clear], truth.argmin(dim=1)[clear])
+
+
 @pytest.mark.parametrize("backend", _backends())
 def test_ties_go_to_lowest_index(backend):
     g = torch.Generator().manual_seed(7)
