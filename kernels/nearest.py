@@ -63,12 +63,13 @@ def _nearest_kernel(
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     mask_n = offs_n < N
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    if k_per_split <= 0:
+    split_len = k_per_split.to(tl.int64)
+    if split_len <= 0:
         # the autotuned launch: each config's grid has its own split count (tl.num_programs(1));
         # the splits share K in whole BLOCK_K tiles (a trailing split may be empty)
-        k_per_split = tl.cdiv(tl.cdiv(K, tl.num_programs(1)), BLOCK_K) * BLOCK_K
-    k_start = pid_s.to(tl.int64) * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
+        split_len = (tl.cdiv(tl.cdiv(K, tl.num_programs(1)), BLOCK_K) * BLOCK_K).to(tl.int64)
+    k_start = pid_s.to(tl.int64) * split_len
+    k_end = tl.minimum(k_start + split_len, K)
     x_ptr += pid_g * stride_xg
     c_ptr += pid_g * stride_cg
     cstat_ptr += pid_g * stride_sg
@@ -127,9 +128,12 @@ _autotuned_kernel = None
 def _get_autotuned_kernel():
     global _autotuned_kernel
     if _autotuned_kernel is None:
-        # k_per_split depends on BLOCK_K, so the launcher passes the split count through
-        # the pre-hook-free path: autotuning keys on the problem shape only.
-        _autotuned_kernel = triton.autotune(configs=_autotune_configs(), key=["N", "K", "D", "METRIC"])(_nearest_kernel)
+        # autotuning keys on the problem shape; each config's grid sizes its own K-splits and the
+        # kernel derives its slice from the grid (k_per_split = 0). restore_value: the benchmark runs of every config write the shared partial buffers; each
+        # run (and the final one) must start from the launcher's +inf, or a config with more
+        # splits would leave its slots for the reduction
+        _autotuned_kernel = triton.autotune(configs=_autotune_configs(), key=["N", "K", "D", "METRIC"],
+                                            restore_value=["part_val_ptr", "part_idx_ptr"])(_nearest_kernel)
     return _autotuned_kernel
 
 

@@ -510,3 +510,7 @@ def test_exact_mode_whose_cells_do_not_pay_runs_the_flat_search(monkeypatch):
     tried = hierarchical.EXACT_MISSES + (chunks - hierarchical.EXACT_MISSES) // every
     assert len(scans) == tried  # the first chunk(s), then one in every EXACT_RETRY_EVERY
     assert flat.count(10) >= chunks - tried  # the skipped chunks went whole to u2.nearest
+    # a short tail chunk leaves the record as it is
+    misses = index._exact_misses
+    index.search(x[:3], exact=True)
+    assert index._exact_misses == misses

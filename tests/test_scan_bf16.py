@@ -106,7 +106,7 @@ def test_near_ties_from_summation_order_follow_the_float64_objective():
     # equal, their float64 sums differ in the last bit, and which is smaller depends on the order
     # of the sum; the scan must rank them as every other exact path (and the reference) does
     g = torch.Generator().manual_seed(8)
-    mismatches = 0
+    mismatches = flips = 0
     for trial in range(20):
         base = torch.randn(16, generator=g) * 2.0 ** torch.randint(-20, 2, (16,), generator=g).float()
         pair = torch.stack([base, base[torch.randperm(16, generator=g)]])
@@ -117,7 +117,15 @@ def test_near_ties_from_summation_order_follow_the_float64_objective():
         for kind in ("bf16", None):
             ids, _ = _nearest_cpu.nearest_cpu(x, codebook, "l2", kind)
             mismatches += int((ids != want).sum())
+        # the compiled loop's own order, without the near-tie re-rank (margin 1): where it picks
+        # the other codeword, the test has exercised the re-rank
+        cand = torch.tensor([[0, 1]], dtype=torch.int32).repeat(3, 1)
+        count = torch.full((3,), 2, dtype=torch.int32)
+        own, dist, near = torch.empty(3, dtype=torch.int64), torch.empty(3, dtype=torch.float64), torch.empty(3, dtype=torch.int8)
+        _native.rerank_l2_f64(x, codebook, None, cand, count, own, dist, near, 1.0)
+        flips += int(own[0] != want[0])
     assert mismatches == 0
+    assert flips > 0  # (the C order disagreed with torch's on some pairs)
 
 
 @needs_scan
@@ -259,3 +267,31 @@ def test_native_scan_checks_its_arguments():
         _native.rerank_l2_f64(torch.zeros(5, 40), torch.zeros(3, 41), None, ok["cand"], ok["count"],
                               torch.empty(5, dtype=torch.int64), torch.empty(5, dtype=torch.float64),
                               torch.empty(5, dtype=torch.int8), 1.0)
+
+
+@needs_scan
+def test_queries_far_beyond_the_codebook_go_to_the_other_paths(monkeypatch):
+    # ||x - m|| over 2^20 times every ||c - m||: float64's rounding of the distances could pass the
+    # bf16 bound, so such queries are finished by the other exact paths
+    g = torch.Generator().manual_seed(11)
+    codebook = torch.randn(500, 32, generator=g) * 1e-3
+    x = torch.cat([torch.randn(20, 32, generator=g) * 1e4, torch.randn(20, 32, generator=g) * 1e-3])
+    rests = []
+    search = _scan_bf16.search
+    monkeypatch.setattr(_scan_bf16, "search", lambda *a, **kw: (lambda r: rests.append(r[2].tolist()) or r)(search(*a, **kw)))
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "l2", "bf16")
+    assert rests == [list(range(20))]
+    assert torch.equal(ids, _argmin64(x, codebook)[0])
+    assert_nearest_ok(ids, dists, x, codebook, "l2", exact=True)
+
+
+@needs_scan
+def test_returned_distances_equal_the_torch_order_objective():
+    # the winner's float64 sum is re-ranked in torch's order wherever another order could round
+    # it to another fp32 distance: distances bit for bit those of the other exact paths
+    g = torch.Generator().manual_seed(12)
+    codebook, x = torch.randn(2000, 100, generator=g), torch.randn(3000, 100, generator=g)
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "l2", "bf16")
+    truth = objective64(x, codebook, "l2")
+    assert torch.equal(ids, truth.argmin(dim=1))
+    assert torch.equal(dists, truth.gather(1, ids.unsqueeze(1)).squeeze(1).float())

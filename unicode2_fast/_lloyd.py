@@ -231,6 +231,7 @@ class ScanAssign:
         if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu":
             raise ValueError(f"ScanAssign takes fp32 CPU rows, got {x.dtype} {tuple(x.shape)} on {x.device}")
         self.source = x
+        self.version = x._version  # the packed rows describe these values: repacked if x changes in place
         self.x = x.contiguous()
         # any center is exact; one near the rows' mean keeps the bound small (a strided sample's mean)
         sample = self.x[::max(1, self.x.shape[0] // CENTER_SAMPLE)]
@@ -238,16 +239,18 @@ class ScanAssign:
         self.rest = 0  # rows the last call sent to fast_assign (tests read it)
 
     def __call__(self, x: torch.Tensor, centroids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if x is not self.source:
+        if x is not self.source or centroids.dtype != torch.float32:
             return fast_assign(x, centroids)
-        c = centroids if centroids.dtype == torch.float32 and centroids.is_contiguous() else centroids.float().contiguous()
+        if x._version != self.version:  # changed in place since it was packed
+            self.__init__(x)
+        c = centroids.contiguous()
         book = _scan_bf16.ScanCodebook(c, None, center=self.rows.center)
         if not (book.usable and self.rows.usable):
             return fast_assign(x, centroids)
         ids, dists, rest = _scan_bf16.search_packed(self.rows, c, book)
         self.rest = rest.numel()
         if rest.numel():
-            ids[rest], rest_dists = fast_assign(self.x.index_select(0, rest), centroids)
+            ids[rest], rest_dists = fast_assign(self.x.index_select(0, rest), c)
             dists[rest] = rest_dists.double()
         return ids, dists.float()
 

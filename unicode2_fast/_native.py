@@ -300,7 +300,8 @@ int bf16_scan_l2(const uint16_t *q, int64_t n, int64_t dp, const uint32_t *panel
    The differences and squares are the single IEEE operations torch computes too; only the order
    of the sum differs, which moves a sum of d non-negative terms by less than its gamma_d share.
    near[i] = 1 where another candidate's sum is within `margin` times the best one (a summation
-   order could rank them the other way: the caller re-ranks those rows in torch's order). */
+   order could rank them the other way) or where the best sum's fp32 rounding is that close to a
+   boundary: the caller re-ranks those rows in torch's order. */
 void rerank_l2_f64(const float *x, int64_t ldx, const float *c, int64_t ldc, int64_t n, int64_t d, const int64_t *ids,
                    const int32_t *cand, const int32_t *count, int cap, double margin, int64_t *out_id, double *out_dist,
                    int8_t *near, int threads) {
@@ -325,7 +326,10 @@ void rerank_l2_f64(const float *x, int64_t ldx, const float *c, int64_t ldc, int
         }
         out_id[i] = best_id;
         out_dist[i] = best;
-        near[i] = second <= best * margin;
+        /* near: a second candidate within the margin, or a best sum that another order could
+           round to another fp32 distance (the margin's square root spans any order's sum) */
+        const double spread = sqrt(margin);
+        near[i] = second <= best * margin || (float)(best / spread) != (float)(best * spread);
     }
 }
 """

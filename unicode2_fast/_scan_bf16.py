@@ -46,6 +46,9 @@ SCAN_CHUNK = 6144
 #: products of such rows overflow or flush; the bound would keep every codeword)
 MAGNITUDE = 40
 U = 2.0 ** -24
+#: queries farther than this many times the codebook's radius from its center go to the other paths
+#: (see _scan: at 2^20 the bound still exceeds float64's rounding of the distances 30,000-fold)
+FAR_RATIO = 2.0 ** 20
 #: longer rows are left to the other paths (the fp32 accumulation bound grows with d)
 MAX_DIM = 65536
 #: float64 sums of squares of fp32 values (exact products) err by far less than this, relatively
@@ -99,6 +102,7 @@ class ScanCodebook:
             factor[k:] = 0.0
         self.csq[k:] = math.inf  # padding: never a candidate
         top = float(b[:k].max()) if k else 0.0
+        self.top = top  # >= every ||c - m||
         self.usable = k > 0 and self.dp <= MAX_DIM and 2.0 ** -MAGNITUDE <= top <= 2.0 ** MAGNITUDE and bool(torch.isfinite(self.csq[:k]).all())
 
 
@@ -125,6 +129,7 @@ class PackedRows:
         a = norm[:n] * ((1.0 + SUM64) * (1.0 + 2.0 * U))  # >= ||x - m||
         ra = resid[:n] * (1.0 + SUM64) + U * a  # >= ||bf16(a32) - (x - m)||
         self.usable = n == 0 or float(a.max()) <= 2.0 ** MAGNITUDE
+        self.a = a  # (n,) fp64 >= ||x - m||
         self.aq = _rounded_up(a + ra)
         self.rq = _rounded_up(ra)
 
@@ -182,6 +187,8 @@ def _scan(rows: PackedRows, start: int, stop: int, codebook: torch.Tensor, book:
     # a float64 sum of d non-negative terms, in any order, is within gamma_d of the exact sum: where
     # our sums differ by more than ((1 + g) / (1 - g))^2, torch's order ranks the pair the same way
     gamma = (d + 2) * U64 / (1.0 - (d + 2) * U64)
+    # (near also flags a winner whose sum, moved by that much, would round to another fp32 distance:
+    # re-ranked in torch's order too, the returned distances are bit for bit the other paths')
     _native.rerank_l2_f64(x, codebook, book.ids, cand, count, ids, dist, near,
                           ((1.0 + gamma) / (1.0 - gamma)) ** 2 * (1.0 + 4 * U64))
     close = near.nonzero().squeeze(1)
@@ -194,4 +201,8 @@ def _scan(rows: PackedRows, start: int, stop: int, codebook: torch.Tensor, book:
         obj, _ = pair_objective(x, codebook, pair_rows, pair_cols, "l2", torch.float64)
         row_ids, row_best = lowest_of_min(n, pair_rows, pair_cols, obj)
         ids[close], dist[close] = row_ids[close], row_best[close]
-    return (count < 0).nonzero().squeeze(1)
+    # a query FAR_RATIO times farther from the center than every codeword: float64's own rounding
+    # of its distances (~gamma_d ||x - c||^2) may pass the bound (~2^-8 ||x - m|| ||c - m||), so
+    # the float64 argmin could lie outside the candidates: the other paths take it
+    far = rows.a[start:stop] > FAR_RATIO * book.top
+    return ((count < 0) | far).nonzero().squeeze(1)

@@ -71,6 +71,8 @@ FALLBACK_FRACTION = 0.25
 EXACT_MAX_SCAN_SHARE = 0.1
 EXACT_MISSES = 1
 EXACT_RETRY_EVERY = 8
+#: chunks of fewer queries (than this, or than QUERY_CHUNK) leave the record as it is
+EXACT_RECORD_ROWS = 256
 
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -552,9 +554,10 @@ class HierarchicalIndex:
             return nearest(rows, self._original_codebook(), metric=metric)
 
         ids, best = _cells.exact_search(self._cells, x, self._codes, True, fallback, FALLBACK_FRACTION, metric, work)
-        paid = sum(work) <= EXACT_MAX_SCAN_SHARE * x.shape[0] * self.ntotal
-        self._exact_misses = 0 if paid else self._exact_misses + 1
-        self._exact_skipped = 0 if paid else self._exact_skipped
+        if x.shape[0] >= min(QUERY_CHUNK, EXACT_RECORD_ROWS):  # (a short tail chunk says little)
+            paid = sum(work) <= EXACT_MAX_SCAN_SHARE * x.shape[0] * self.ntotal
+            self._exact_misses = 0 if paid else self._exact_misses + 1
+            self._exact_skipped = 0 if paid else self._exact_skipped
         return ids, _dists(best, metric)
 
     def _original_codebook(self) -> torch.Tensor:
