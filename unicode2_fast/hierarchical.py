@@ -39,7 +39,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from . import _cells, _dispatch, _lloyd
+from . import _cells, _dispatch, _lloyd, _native
 from ._certified import ieee_fp32_matmul, pair_objective
 from ._checks import (array_kind, check_finite, check_float, check_matrix, check_no_zero_rows, flatten_queries,
                       from_tensor, to_tensor)
@@ -231,7 +231,9 @@ class HierarchicalIndex:
         if metric == "cos":
             check_no_zero_rows(vectors, "codebook")
         # cos: cells of the unit codewords (k-means on the sphere's points); ip: of the codewords
-        space = _unit64(vectors).float() if metric == "cos" else vectors
+        # (cos: any partition keeps exact mode exact, so k-means may read fp32 unit rows: float64
+        # norms in one compiled pass, one fp32 division; the cells' own statistics stay float64)
+        space = _unit32(vectors) if metric == "cos" else vectors
         with stage("hierarchical/kmeans"):
             centroids = _kmeans(space, n_coarse, niter, seed, max_points_per_centroid)
         with stage("hierarchical/assign"):
@@ -647,6 +649,12 @@ class HierarchicalIndex:
 def _dists(objective: torch.Tensor, metric: str) -> torch.Tensor:
     """u2.nearest's float32 distances from float64 objectives (-cos for cos: 1 - cos)."""
     return (1.0 + objective if metric == "cos" else objective).float()
+
+
+def _unit32(rows: torch.Tensor) -> torch.Tensor:
+    """(R, d) fp32 rows scaled to (about) unit norm for the k-means of a cos index (zero rows refused)."""
+    r32 = rows.float().contiguous()
+    return r32 / _native.norms64(r32).float().unsqueeze(1)
 
 
 def _unit64(rows: torch.Tensor) -> torch.Tensor:
