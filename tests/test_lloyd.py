@@ -304,13 +304,18 @@ def _exact_ids(x, centroids):
     return torch.cdist(x.double(), centroids.double()).argmin(dim=1)
 
 
-@pytest.mark.parametrize("clustered", [False, True])
-def test_bf16_assignment_is_the_exact_one_where_it_certifies(clustered, monkeypatch):
+def _assignment_rows(clustered):
+    """(6000, 256) fp32 training rows: the clustered stress codebook or SigLIP-like ones."""
     if clustered:
         data = u2.data.clustered_codebook(6000, 10, 256, n_families=4, n_cells=30)
     else:
         data = siglip_like(6000, 10, 256, seed=3)
-    x = data.codebook.float().contiguous()
+    return data.codebook.float().contiguous()
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+def test_bf16_assignment_is_the_exact_one_where_it_certifies(clustered, monkeypatch):
+    x = _assignment_rows(clustered)
     centroids = x[torch.randperm(6000, generator=torch.Generator().manual_seed(0))[:40]].contiguous()
     centroids = centroids + 0.01 * torch.randn(centroids.shape, generator=torch.Generator().manual_seed(1))
     sent = []
@@ -373,11 +378,7 @@ def _argmin64(x, centroids):
 @needs_scan
 @pytest.mark.parametrize("clustered", [False, True])
 def test_scan_assignment_is_the_exact_one_every_call(clustered, monkeypatch):
-    if clustered:
-        data = u2.data.clustered_codebook(6000, 10, 256, n_families=4, n_cells=30)
-    else:
-        data = siglip_like(6000, 10, 256, seed=3)
-    x = data.codebook.float().contiguous()
+    x = _assignment_rows(clustered)
     sent = []
     real = _lloyd.fast_assign
     monkeypatch.setattr(_lloyd, "fast_assign", lambda rows, c: sent.append(rows.shape[0]) or real(rows, c))

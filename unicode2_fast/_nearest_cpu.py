@@ -669,7 +669,12 @@ def _scan_fits(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> bool:
     if (metric != "l2" or x.dtype != torch.float32 or codebook.dtype != torch.float32 or k > SCAN_MAX_K
             or k * d < SMALL_CODEBOOK_ELEMENTS or _cells_built(codebook, metric) or not _scan_bf16.available()):
         return False
-    return per_tensor(codebook, ("bf16_scan_record",), lambda c: _Attempts(SCAN_MISSES)).worth_trying()
+    return _scan_record(codebook).worth_trying()
+
+
+def _scan_record(codebook: torch.Tensor) -> "_Attempts":
+    """Whether the bf16 scan kept most queries of this codebook's recent chunks."""
+    return per_tensor(codebook, ("bf16_scan_record",), lambda c: _Attempts(SCAN_MISSES))
 
 
 def _bf16_scan(x: torch.Tensor, codebook: torch.Tensor, metric: str, forced: bool) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -687,7 +692,7 @@ def _bf16_scan(x: torch.Tensor, codebook: torch.Tensor, metric: str, forced: boo
     if not book.usable:
         return None
     result = _scan_bf16.search(x32, c32, book, owner=codebook)
-    record = per_tensor(codebook, ("bf16_scan_record",), lambda c: _Attempts(SCAN_MISSES))
+    record = _scan_record(codebook)
     if result is None:  # queries beyond the bound's range: a miss (the other paths rescale them)
         record.record(False)
         return None
