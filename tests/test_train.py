@@ -226,8 +226,12 @@ def test_torchrun_two_ranks_fsdp2_on_cpu(assets, tmp_path):
                "-m", "unicode2_fast", "train", "--llm", assets["llm"], "--codebook", assets["codebook"],
                "--ids", assets["ids"], "--captions", assets["captions"], "--stage", "2", "--steps", "2",
                "--batch-size", "2", "--out", str(out), "--log-every", "1", "--lr", "1e-2"]
-        done = subprocess.run(cmd + (["--replicate-c2"] if mode.startswith("replicated") else []), capture_output=True,
-                              text=True, timeout=240)
+        args = cmd + (["--replicate-c2"] if mode.startswith("replicated") else [])
+        done = subprocess.run(args, capture_output=True, text=True, timeout=240)
+        if done.returncode != 0 and "terminate called without an active exception" in done.stderr:
+            # a rank aborting in the C++ teardown after its work (seen twice in ~10 full runs on the
+            # 2-core CI machine, never in isolation): one rerun; any other failure, or a second, fails
+            done = subprocess.run(args, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "step 2/2" in done.stdout
         reloaded = UnifiedModel.from_pretrained(str(out))
