@@ -72,6 +72,17 @@ def cases(scale: float = 1.0) -> List[Tuple[str, torch.Tensor, torch.Tensor]]:
     d = siglip_like(size(20000), size(8192), 1152, seed=5)
     for k in (size(256), size(1024)):
         out.append((f"SigLIP-like queries, small codebook of {k:,}", d.codebook[:k].contiguous(), d.queries))
+    # tiny codebooks (K x d < 65,536: a VQ layer's codes on short vectors, one sub-codebook of a
+    # multi-codebook quantizer, a call of a few hundred queries): FAISS's whole search is a few
+    # milliseconds or less, so every fixed cost of u2's shows
+    k, n = size(1024), size(8192)
+    p = photo_patches(n + k, 4, gray=True, seed=6)
+    out.append((f"tiny: photos 4x4 grey, {k:,} sampled patches", p[:k], p[k:]))
+    k = size(256)
+    p = photo_patches(n + k, 8, seed=7)
+    out.append((f"tiny: photos 8x8x3, {k:,} sampled patches", p[:k], p[k:]))
+    out.append(("tiny: gaussian, 8 codewords, 163 queries", torch.randn(8, 64, generator=g),
+                torch.randn(max(8, int(163 * scale)), 64, generator=g)))
     return out
 
 
@@ -104,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         assert bool(((ids >= 0) & (ids < codebook.shape[0])).all()), name
         agree = float((ids == torch.from_numpy(index.search(queries.numpy(), 1)[1][:, 0])).double().mean())
         line = (f"| {name} | {codebook.shape[0]:,} | {codebook.shape[1]} | {queries.shape[0]:,} | "
-                f"{u_min:.3f} / {u_med:.3f} | {f_min:.3f} / {f_med:.3f} | {f_med / u_med:.2f}x | {agree:.4f} |")
+                f"{u_min:.3g} / {u_med:.3g} | {f_min:.3g} / {f_med:.3g} | {f_med / u_med:.2f}x | {agree:.4f} |")
         lines.append(line)
         print(line, flush=True)
         k, d, n = codebook.shape[0], codebook.shape[1], queries.shape[0]

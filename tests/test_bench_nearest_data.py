@@ -13,7 +13,7 @@ def test_tiny_run_writes_the_table(tiny_run):
     assert rc == 0
     table = (out / "nearest_data.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 10
+    assert len(rows) == 13
     assert all(line.split("|")[7].strip().endswith("x") for line in rows)  # a ratio in every row
 
 

@@ -434,7 +434,7 @@ def test_filter_choice_follows_the_measured_int8_rate(monkeypatch):
     assert _nearest_cpu.choose_filter(8000, 16384, 192) == "flat"  # too few products per row to pay
     monkeypatch.setattr(_nearest_cpu, "int8_speedup", lambda: 3.5)  # AVX-512 VNNI
     assert _nearest_cpu.choose_filter(729, 500_000, 1152) == "int8"
-    assert _nearest_cpu.choose_filter(729, 100, 64) == "fp64"
+    assert _nearest_cpu.choose_filter(729, 100, 64) == "fp32"  # tiny codebooks: the fp32 filter
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip", "cos"])

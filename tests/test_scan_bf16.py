@@ -41,6 +41,20 @@ def test_bf16_scan_is_the_float64_argmin(d, data):
 
 
 @needs_scan
+@pytest.mark.parametrize("d, packed", [(1, 2), (7, 8), (16, 16), (31, 32), (33, 34), (192, 192)])
+def test_rows_are_padded_to_an_even_length_only(d, packed):
+    # the loop's work is panels x (packed / 2) steps: padding to 32 doubled it at d = 16
+    g = torch.Generator().manual_seed(d)
+    codebook, x = torch.randn(70, d, generator=g), torch.randn(9, d, generator=g)
+    book = _scan_bf16.ScanCodebook(codebook, None)
+    rows = _scan_bf16.PackedRows(x, book.center)
+    assert book.dp == packed and rows.q.shape == (12, packed)
+    assert book.panels.shape == (2, packed // 2, 64)
+    assert torch.equal(rows.q[:9, :d].view(torch.bfloat16).float(), (x - book.center).bfloat16().float())
+    assert bool((rows.q[:, d:] == 0).all()) and bool((rows.q[9:] == 0).all())
+
+
+@needs_scan
 def test_bf16_scan_on_flat_photograph_regions_and_masses_of_ties(monkeypatch):
     # sampled patches of photographs (flat regions: many near-equidistant codewords) and a mass of
     # equidistant codewords (the corners of a cube around each query) beyond the candidate cap
@@ -219,11 +233,15 @@ def test_automatic_choice_takes_the_scan_for_small_l2_codebooks(monkeypatch):
     assert calls == [(512, 256)]
     assert_nearest_ok(ids, dists, data.queries, data.codebook[:512], "l2", exact=True)
     calls.clear()
-    for metric in ("ip", "cos"):  # other metrics, float64 rows, tiny codebooks: not the scan
+    for metric in ("ip", "cos"):  # other metrics, float64 rows: not the scan
         u2.nearest(data.queries, data.codebook[:512], metric=metric)
     u2.nearest(data.queries.double(), data.codebook[:512].double())
-    u2.nearest(data.queries[:, :16], data.codebook[:64, :16].contiguous())
     assert calls == []
+    # tiny codebooks (64 x 16: the fp64 filter ran them at 0.05-0.3x FAISS) take it too
+    tiny_x, tiny_c = data.queries[:, :16].contiguous(), data.codebook[:64, :16].contiguous()
+    ids, dists = u2.nearest(tiny_x, tiny_c)
+    assert calls == [(64, 16)]
+    assert_nearest_ok(ids, dists, tiny_x, tiny_c, "l2", exact=True)
 
 
 def test_without_the_bf16_instructions_the_other_paths_search(monkeypatch):

@@ -585,7 +585,7 @@ def bf16_pack_rows(x: torch.Tensor, center: Optional[torch.Tensor], out: torch.T
 def bf16_scan_l2(q: torch.Tensor, n: int, panels: torch.Tensor, csq: torch.Tensor, pw: torch.Tensor, qw: torch.Tensor,
                  sw: torch.Tensor, aq: torch.Tensor, rq: torch.Tensor, cand: torch.Tensor, cand_lo: torch.Tensor,
                  count: torch.Tensor) -> None:
-    """The candidates of the first ``n`` rows of ``q: (npad, dp)`` (bf16 as int16, npad a multiple
+    """The candidates of the first ``n`` rows of ``q: (npad, dp)`` (bf16 as int16, dp even, npad a multiple
     of 6) against ``panels: (P, dp / 2, 64)`` int32 (bf16 pairs) into ``cand`` / ``cand_lo:
     (n, cap)`` and ``count: (n,)`` (-1: more than cap); see the C source for the bound.
     csq, pw, qw, sw: (64 P,) fp32 per codeword; aq, rq: (n,) fp32 per query."""
@@ -601,7 +601,7 @@ def bf16_scan_l2(q: torch.Tensor, n: int, panels: torch.Tensor, csq: torch.Tenso
     for tensor, dtype, name in checks:
         _require(tensor, dtype, name)
     cap = cand.shape[1] if cand.dim() == 2 else 0
-    if (npad % 6 or npad < n or dp % 32 or panels.shape[1:] != (dp // 2, 64) or cap < 1
+    if (npad % 6 or npad < n or dp % 2 or panels.shape[1:] != (dp // 2, 64) or cap < 1
             or any(t.shape != (64 * panel_count,) for t in (csq, pw, qw, sw))
             or any(t.shape != (n,) for t in (aq, rq, count)) or cand.shape[0] != n or cand_lo.shape != cand.shape):
         raise ValueError("bf16_scan_l2: inconsistent shapes")

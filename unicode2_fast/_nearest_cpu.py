@@ -60,8 +60,9 @@ QUERY_CHUNK = 4096
 STAT_CHUNK = 16384
 #: candidates extracted per (query, block) at once; the rest are re-checked at the end
 BLOCK_CANDIDATES = 32
-#: codebooks below this many elements (K x d) use the fp64 filter: a plain copy, a short scan;
-#: above, the fp64 GEMM (half the fp32 rate) loses to the int8 filter or FAISS's fp32 flat scan
+#: codebooks below this many elements (K x d) use the fp32 filter where the bf16 scan does not run
+#: (ip, cos, float64 rows, CPUs without AVX-512 BF16): a plain copy, a short GEMM; above, the int8
+#: filter or FAISS's fp32 flat scan do less per-query work
 SMALL_CODEBOOK_ELEMENTS = 1 << 16
 #: codewords in the strided sample that gives each query an initial upper bound
 PILOT_SIZE = 2048
@@ -528,12 +529,14 @@ def _best_time(fn, repeats: int = 3) -> float:
 def choose_filter(n: int, k: int, d: int) -> str:
     """How to search an (N, K, d) problem on this machine.
 
-    "fp64": small codebooks (the fp64 filter's statistics are a plain copy, the scan is short);
+    "fp32": small codebooks (K x d < SMALL_CODEBOOK_ELEMENTS: the filter's statistics are a plain
+    fp32 copy, its GEMM is short; 2-4x the fp64 filter's speed on them, measured, and ahead of the
+    flat path's certification, whose per-query work dominates at so few codewords);
     "int8": the certified int8 filter, where int8 GEMM is fast enough to pay for its
     approximation; "flat": FAISS's fp32 flat scan, certified (see _flat_chunk) -- FAISS's speed.
     """
     if k * d < SMALL_CODEBOOK_ELEMENTS:
-        return "fp64"
+        return "fp32"
     if MIN_INT8_DIM <= d <= MAX_INT8_DIM and int8_speedup() >= MIN_INT8_SPEEDUP:
         return "int8"
     if FBGEMM_MIN_DIM <= d <= MAX_INT8_DIM and fbgemm_speedup() >= MIN_FBGEMM_SPEEDUP:
@@ -662,12 +665,12 @@ def nearest_cpu(
 
 def _scan_fits(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> bool:
     """Whether the automatic choice takes the bf16 scan: l2, fp32 rows, a codebook of at most
-    SCAN_MAX_K rows (beyond, the int8 filter's pruning and the cell scan do less work) and at
-    least SMALL_CODEBOOK_ELEMENTS elements, not known to be tightly clustered, on a CPU whose
+    SCAN_MAX_K rows (beyond, the int8 filter's pruning and the cell scan do less work; tiny ones
+    included: 3-16x the fp64 filter's speed there), not known to be tightly clustered, on a CPU whose
     compiled loops have it, and a scan that kept most queries on the last chunks it ran."""
     k, d = codebook.shape
     if (metric != "l2" or x.dtype != torch.float32 or codebook.dtype != torch.float32 or k > SCAN_MAX_K
-            or k * d < SMALL_CODEBOOK_ELEMENTS or _cells_built(codebook, metric) or not _scan_bf16.available()):
+            or _cells_built(codebook, metric) or not _scan_bf16.available()):
         return False
     return _scan_record(codebook).worth_trying()
 
