@@ -81,8 +81,9 @@ def cases(scale: float = 1.0) -> List[Tuple[str, torch.Tensor, torch.Tensor]]:
     k = size(256)
     p = photo_patches(n + k, 8, seed=7)
     out.append((f"tiny: photos 8x8x3, {k:,} sampled patches", p[:k], p[k:]))
-    out.append(("tiny: gaussian, 8 codewords, 163 queries", torch.randn(8, 64, generator=g),
-                torch.randn(max(8, int(163 * scale)), 64, generator=g)))
+    n = max(8, int(163 * scale))
+    out.append((f"tiny: gaussian, 8 codewords, {n:,} queries", torch.randn(8, 64, generator=g),
+                torch.randn(n, 64, generator=g)))
     return out
 
 
