@@ -177,6 +177,31 @@ def test_row_norms_in_float64_without_underflow():
 
 
 @needs_native
+@pytest.mark.parametrize("n, d, k", [(1, 1, 1), (1000, 7, 13), (2000, 129, 5), (25600, 1152, 100)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cluster_sums_are_index_add_bit_for_bit(n, d, k, threads, monkeypatch):
+    # Lloyd's centroid update: the same float64 sums as torch's index_add_ (same order of adds),
+    # strided rows included, on any thread count
+    from unicode2_fast import _cells
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(n + d)
+    wide = torch.randn(n, d + 3, generator=g) * torch.rand(n, 1, generator=g).mul(1e6)
+    x = wide[:, 1:d + 1]  # row stride d + 3
+    ids = torch.randint(0, k, (n,), generator=g)
+    want = torch.zeros(k, d, dtype=torch.float64).index_add_(0, ids, x.double())
+    sums = torch.zeros(k, d, dtype=torch.float64)
+    assert _native.cluster_sums_f64(x, ids, sums)
+    assert torch.equal(sums, want)
+    means, counts = _cells.cluster_means(x, ids, k)
+    assert torch.equal(counts, torch.bincount(ids, minlength=k))
+    assert torch.equal(means, want / counts.clamp_min(1).unsqueeze(1))
+    assert not _native.cluster_sums_f64(x.double(), ids, sums)  # float64 rows: the caller's torch path
+    with pytest.raises(ValueError, match="ids outside"):
+        _native.cluster_sums_f64(x, torch.full((n,), k, dtype=torch.int64), sums)
+
+
+@needs_native
 def test_a_compiler_command_with_arguments(fresh_native, monkeypatch):
     monkeypatch.setenv("CC", "env cc")  # as CC="ccache gcc" would be given
     assert _native.available(), _native.failure()

@@ -968,3 +968,25 @@ def test_filter_is_exact_with_and_without_the_native_epilogue(name, kind, metric
         assert_nearest_ok(ids, dists, x, c, metric, exact=True, rel_tol=2e-7)
         results.append((ids, dists))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_zero_row_check_names_the_first_zero_row_in_bounded_chunks(dtype, monkeypatch):
+    # cos refuses zero rows; the check reads fp32 rows by their float64 norms (one compiled pass)
+    # and other dtypes in chunks of rows, never an (R, d) bool temporary of the whole codebook
+    from unicode2_fast import _checks
+
+    monkeypatch.setattr(_checks, "ZERO_CHECK_ELEMENTS", 64)  # 4 rows of 16 per chunk
+    compared = []
+    real_eq = torch.Tensor.__eq__
+    monkeypatch.setattr(torch.Tensor, "__eq__", lambda a, b: compared.append(a.numel()) or real_eq(a, b))
+    rows = torch.randn(23, 16, dtype=torch.float64).to(dtype)
+    rows[9, 3] = 2.0 ** -149 if dtype == torch.float32 else rows[9, 3]  # a subnormal alone: not zero
+    rows[9, :3], rows[9, 4:] = 0, 0
+    _checks.check_no_zero_rows(rows, "codebook")
+    rows[13], rows[17] = 0, 0
+    with pytest.raises(ValueError, match="codebook row 13 is the zero vector"):
+        _checks.check_no_zero_rows(rows, "codebook")
+    with pytest.raises(ValueError, match="row 13 is the zero vector"):
+        u2.nearest(rows[:2].float(), rows.float(), metric="cos")
+    assert max(compared, default=0) <= 64

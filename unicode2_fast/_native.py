@@ -132,6 +132,25 @@ void row_sums_f64(const float *v, int64_t n, int64_t d, const double *center, do
     }
 }
 
+/* sums[ids[i], :] += (double)x[i, :] for i = 0 .. n-1 in that order (torch's index_add_ on float64
+   rows adds in the same order: the sums are bit for bit its), no float64 copy of x; the threads
+   split the columns (a column's sum is one thread's, in row order) */
+void cluster_sums_f64(const float *x, int64_t n, int64_t d, int64_t ldx, const int64_t *ids, double *sums,
+                      int threads) {
+    /* one contiguous column range per thread (whole cache lines): each row's slice is one stream */
+    const int64_t width = ((d + threads - 1) / threads + 15) / 16 * 16;
+    const int64_t tasks = (d + width - 1) / width;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t j0 = t * width, j1 = j0 + width < d ? j0 + width : d;
+        for (int64_t i = 0; i < n; ++i) {
+            const float *r = x + i * ldx;
+            double *s = sums + ids[i] * d;
+            for (int64_t j = j0; j < j1; ++j) s[j] += (double)r[j];
+        }
+    }
+}
+
 /* ---- u2.nearest's bf16 scan (l2): AVX-512 BF16 dot products, fp32 accumulation ---- */
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
@@ -411,6 +430,8 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     library.filter_epilogue.restype = None
     library.row_sums_f64.argtypes = [_P, _I, _I, _P, _P, ctypes.c_int]
     library.row_sums_f64.restype = None
+    library.cluster_sums_f64.argtypes = [_P, _I, _I, _I, _P, _P, ctypes.c_int]
+    library.cluster_sums_f64.restype = None
     library.bf16_scan_available.argtypes = []
     library.bf16_scan_available.restype = ctypes.c_int
     library.bf16_pack_rows.argtypes = [_P, _I, _I, _I, _P, _P, _I, _I, _P, _P, ctypes.c_int]
@@ -538,6 +559,27 @@ def row_norms_f64(v: torch.Tensor, center: Optional[torch.Tensor] = None) -> Opt
     library.row_sums_f64(v.data_ptr(), n, d, None if center is None else center.data_ptr(), out.data_ptr(),
                          _threads(n, d))
     return out
+
+
+def cluster_sums_f64(x: torch.Tensor, ids: torch.Tensor, sums: torch.Tensor) -> bool:
+    """``sums.index_add_(0, ids, x.double())`` for fp32 rows ``x: (n, d)`` (unit column stride) into
+    contiguous float64 ``sums: (k, d)``, ids (n,) int64 in [0, k): the same sums bit for bit, in one
+    pass with no float64 copy of x. False (nothing done) where the loops are unavailable or the
+    tensors are not of that kind (the caller uses torch)."""
+    library = _load()
+    if (library is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1
+            or ids.dtype != torch.int64 or not ids.is_contiguous() or sums.dtype != torch.float64
+            or not sums.is_contiguous() or sums.device.type != "cpu"):
+        return False
+    n, d = x.shape
+    if ids.shape != (n,) or sums.dim() != 2 or sums.shape[1] != d:
+        raise ValueError(f"cluster_sums_f64: rows {tuple(x.shape)}, ids {tuple(ids.shape)}, sums {tuple(sums.shape)}")
+    if n and (int(ids.min()) < 0 or int(ids.max()) >= sums.shape[0]):
+        raise ValueError(f"cluster_sums_f64: ids outside [0, {sums.shape[0]})")
+    if n and d:
+        library.cluster_sums_f64(x.data_ptr(), n, d, x.stride(0), ids.data_ptr(), sums.data_ptr(),
+                                 _threads(n, d) if d >= 128 else 1)
+    return True
 
 
 def norms64(v: torch.Tensor) -> torch.Tensor:
