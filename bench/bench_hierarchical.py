@@ -129,6 +129,8 @@ def run(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[str, Any]]
     # FAISS's runs after it, warm
     build_times = []
     for _ in range(args.build_repeats):
+        index = None  # (the previous build's memory is freed first, as for FAISS's below)
+        gc.collect()
         start = time.perf_counter()
         index = u2.HierarchicalIndex.build(codebook, n_coarse=args.n_coarse, niter=args.niter, seed=args.seed,
                                            metric=metric)
@@ -192,6 +194,7 @@ def run(args: argparse.Namespace, stamp: Dict[str, Any]) -> List[Dict[str, Any]]
         own_times = []
         for _ in range(args.build_repeats):
             ivf = quantizer = kmeans = None  # (the previous build's memory is freed first)
+            gc.collect()
             start = time.perf_counter()
             kmeans = faiss.Kmeans(d, index.n_coarse, niter=args.niter, seed=args.seed, verbose=False)
             base = _space(codebook, metric)
@@ -341,7 +344,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.n_coarse is None:
         args.n_coarse = max(1, min(1000, args.k // 500))
     if min(args.k, args.n, args.d, args.repeats, args.build_repeats, args.threads, args.n_coarse, *args.nprobe) < 1 or args.warmup < 0:
-        parser.error("need K, N, d, n_coarse, nprobe, repeats, threads >= 1 and warmup >= 0")
+        parser.error("need K, N, d, n_coarse, nprobe, repeats, build-repeats, threads >= 1 and warmup >= 0")
     if args.n_coarse > args.k:
         parser.error(f"--n-coarse {args.n_coarse} exceeds K = {args.k}")
     return args

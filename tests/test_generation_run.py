@@ -301,7 +301,7 @@ def _dist_worker(rank, world, rendezvous, out_dir):
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     # the result is on disk: leave without the interpreter's C++ teardown, where gloo's worker
     # threads now and then abort a finished rank ("terminate called without an active
-    # exception", SIGABRT; seen on the 2-core CI machine under load, see pytorch/pytorch#179291)
+    # exception", SIGABRT, after destroy_process_group; seen on the 2-core CI machine under load)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -989,4 +989,8 @@ def test_zero_row_check_names_the_first_zero_row_in_bounded_chunks(dtype, monkey
         _checks.check_no_zero_rows(rows, "codebook")
     with pytest.raises(ValueError, match="row 13 is the zero vector"):
         u2.nearest(rows[:2].float(), rows.float(), metric="cos")
+    wide = torch.ones(23, 32, dtype=dtype)
+    wide[:, ::2] = rows  # a strided view (every other column): read in chunks, not copied whole
+    with pytest.raises(ValueError, match="codebook row 13 is the zero vector"):
+        _checks.check_no_zero_rows(wide[:, ::2], "codebook")
     assert max(compared, default=0) <= 64

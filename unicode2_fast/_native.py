@@ -137,7 +137,7 @@ void row_sums_f64(const float *v, int64_t n, int64_t d, const double *center, do
    split the columns (a column's sum is one thread's, in row order) */
 void cluster_sums_f64(const float *x, int64_t n, int64_t d, int64_t ldx, const int64_t *ids, double *sums,
                       int threads) {
-    /* one contiguous column range per thread (whole cache lines): each row's slice is one stream */
+    /* one contiguous column range per thread, a multiple of 16 columns: each row's slice is one stream */
     const int64_t width = ((d + threads - 1) / threads + 15) / 16 * 16;
     const int64_t tasks = (d + width - 1) / width;
     #pragma omp parallel for schedule(static) num_threads(threads)
@@ -546,8 +546,10 @@ def row_norms_f64(v: torch.Tensor, center: Optional[torch.Tensor] = None) -> Opt
     """(n,) float64 row norms of fp32 rows ``v: (n, d)`` (``center`` None), or squared distances
     from the float64 ``center: (d,)``, summed in float64 in one pass; None where the loops are
     unavailable or ``v`` is not a contiguous fp32 CPU tensor (the caller uses torch)."""
+    if v.dtype != torch.float32 or v.device.type != "cpu" or v.dim() != 2:
+        return None  # (checked first: other tensors never compile the loops)
     library = _load()
-    if library is None or v.dtype != torch.float32 or v.device.type != "cpu" or v.dim() != 2:
+    if library is None:
         return None
     v = v.contiguous()
     n, d = v.shape
@@ -566,10 +568,12 @@ def cluster_sums_f64(x: torch.Tensor, ids: torch.Tensor, sums: torch.Tensor) -> 
     contiguous float64 ``sums: (k, d)``, ids (n,) int64 in [0, k): the same sums bit for bit, in one
     pass with no float64 copy of x. False (nothing done) where the loops are unavailable or the
     tensors are not of that kind (the caller uses torch)."""
+    if (x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1
+            or ids.dtype != torch.int64 or ids.device.type != "cpu" or not ids.is_contiguous()
+            or sums.dtype != torch.float64 or not sums.is_contiguous() or sums.device.type != "cpu"):
+        return False
     library = _load()
-    if (library is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1
-            or ids.dtype != torch.int64 or not ids.is_contiguous() or sums.dtype != torch.float64
-            or not sums.is_contiguous() or sums.device.type != "cpu"):
+    if library is None:
         return False
     n, d = x.shape
     if ids.shape != (n,) or sums.dim() != 2 or sums.shape[1] != d:

@@ -21,7 +21,8 @@ and q2 in [-64, 64], and computes 128 <q1x, q1c> + <q1x, q2c> + <q2x, q1c> exact
 candidates are read back only from the groups of GROUP_WIDTH codewords whose minimum passes.
 
 The same engine runs with an fp32 or fp64 filter (no quantisation, a GEMM rounding bound instead):
-fp64 for tiny codebooks, fp32 on request. It is worth running only where it prunes and int8 is
+fp32 for tiny codebooks the bf16 scan does not take (their rows that overflow the candidate store
+go to ``_flat_search`` like the int8 filter's), fp64 on request. It is worth running only where it prunes and int8 is
 fast, so ``choose_filter`` measures the int8 GEMM rate once per process (AVX2-only CPUs run it
 at ~0.05x fp32) and a chunk whose filter keeps too many candidates (flat image regions,
 near-duplicates, tight clusters: codewords within the filter's error bound) stops scanning. Both
