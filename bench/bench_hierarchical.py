@@ -343,7 +343,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.k, args.n, args.d, args.n_coarse, args.repeats, args.niter, args.build_repeats = 2000, 37, 64, 16, 1, 5, 1
     if args.n_coarse is None:
         args.n_coarse = max(1, min(1000, args.k // 500))
-    if min(args.k, args.n, args.d, args.repeats, args.build_repeats, args.threads, args.n_coarse, *args.nprobe) < 1 or args.warmup < 0:
+    counts = (args.k, args.n, args.d, args.repeats, args.build_repeats, args.threads, args.n_coarse, *args.nprobe)
+    if min(counts) < 1 or args.warmup < 0:
         parser.error("need K, N, d, n_coarse, nprobe, repeats, build-repeats, threads >= 1 and warmup >= 0")
     if args.n_coarse > args.k:
         parser.error(f"--n-coarse {args.n_coarse} exceeds K = {args.k}")

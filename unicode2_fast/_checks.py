@@ -112,8 +112,8 @@ ZERO_CHECK_ELEMENTS = 1 << 24
 def check_no_zero_rows(t: torch.Tensor, name: str) -> None:
     """Raise ValueError naming the first all-zero row of ``t: (R, d)`` (cosine is undefined for it).
 
-    Contiguous fp32 CPU rows: one compiled pass of float64 norms (a nonzero fp32 value squares to a nonzero
-    float64, so a norm is 0 exactly for a zero row); otherwise ``t == 0`` on chunks of rows: never
+    Contiguous fp32 CPU rows: one compiled pass of float64 norms (a nonzero fp32 value squares to a
+    nonzero float64, so a norm is 0 exactly for a zero row); otherwise ``t == 0`` on chunks of rows: never
     the (R, d) bool temporary (576 MB for a 500,000 x 1152 codebook, on every cos search).
     """
     # (contiguous rows only: the compiled pass would read a strided tensor through a full copy)

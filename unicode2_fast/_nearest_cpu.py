@@ -22,9 +22,9 @@ candidates are read back only from the groups of GROUP_WIDTH codewords whose min
 
 The same engine runs with an fp32 or fp64 filter (no quantisation, a GEMM rounding bound instead):
 fp32 for tiny codebooks the bf16 scan does not take (their rows that overflow the candidate store
-go to ``_flat_search`` like the int8 filter's), fp64 on request. It is worth running only where it prunes and int8 is
-fast, so ``choose_filter`` measures the int8 GEMM rate once per process (AVX2-only CPUs run it
-at ~0.05x fp32) and a chunk whose filter keeps too many candidates (flat image regions,
+go to ``_flat_search`` like the int8 filter's), fp64 on request. It is worth running only where it
+prunes and int8 is fast, so ``choose_filter`` measures the int8 GEMM rate once per process
+(AVX2-only CPUs run it at ~0.05x fp32) and a chunk whose filter keeps too many candidates (flat image regions,
 near-duplicates, tight clusters: codewords within the filter's error bound) stops scanning. Both
 go to ``_flat_search``: FAISS's fp32 flat scan, whose top-k is certified with rigorous fp32
 bounds (exact duplicates scanned once) before the near ties are re-ranked in float64 -- FAISS's
