@@ -256,6 +256,7 @@ def test_fast_int8_machine_searches_group_by_group_with_cached_statistics(metric
 
     monkeypatch.setattr(_nearest_cpu, "choose_filter", lambda n, k, d: "int8")
     monkeypatch.setattr(_nearest_cpu, "SCAN_MAX_K", 0)  # (on AVX-512 BF16 CPUs the bf16 scan would take l2)
+    monkeypatch.setattr(_nearest_cpu._direct, "MAX_K", 0)  # (and the direct scan these small l2 codebooks)
     built, searched = [], []
     real_stats, real_cpu = _nearest_cpu._CodebookStats, _nearest_cpu.nearest_cpu
     monkeypatch.setattr(_nearest_cpu, "_CodebookStats", lambda *a: built.append(1) or real_stats(*a))

@@ -8,9 +8,8 @@ and, among exact ties, the lowest codeword id. Queries with more than CANDIDATE_
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -30,36 +29,52 @@ RERANK_CHUNK = 16384
 RERANK_BYTES = 4 << 20
 
 
-@contextlib.contextmanager
-def ieee_fp32_matmul() -> Iterator[None]:
-    """fp32 matrix products in IEEE fp32 inside the block, whatever the user set.
+class ieee_fp32_matmul:
+    """fp32 matrix products in IEEE fp32 inside the block (``with ieee_fp32_matmul():``), whatever
+    the user set.
 
     The error bounds here assume fp32 rounding; TF32 on CUDA (``allow_tf32``,
     ``set_float32_matmul_precision("high")``) and bf16 on oneDNN CPUs
     (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``) round far more coarsely. The
-    user's settings are restored on exit.
+    user's settings are restored on exit. ``cuda=False`` (CPU tensors) leaves the CUDA switches,
+    which no CPU product reads, alone; a switch already at "ieee" is not written.
     """
-    saved = []
-    # torch >= 2.9: one fp32_precision per backend ("none" inherits the global one)
-    for backend in (getattr(torch.backends.cuda, "matmul", None), getattr(torch.backends, "cudnn", None),
-                    getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)):
-        if backend is not None and hasattr(backend, "fp32_precision"):
-            saved.append((backend, "fp32_precision", backend.fp32_precision))
-    if not saved:  # torch < 2.9: the legacy switches
+
+    __slots__ = ("cuda", "saved", "precision")
+
+    def __init__(self, cuda: bool = True):
+        self.cuda = cuda
+        self.saved = []
+        self.precision = None
+
+    def __enter__(self) -> None:
+        saved = self.saved = []
+        mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+        # torch >= 2.9: one fp32_precision per backend ("none" inherits the global one)
+        backends = (getattr(torch.backends.cuda, "matmul", None), getattr(torch.backends, "cudnn", None), mkldnn)
+        if any(backend is not None and hasattr(backend, "fp32_precision") for backend in backends):
+            for backend in backends if self.cuda else (mkldnn,):
+                if backend is not None and hasattr(backend, "fp32_precision"):
+                    value = backend.fp32_precision
+                    if value != "ieee":
+                        saved.append((backend, "fp32_precision", value))
+                        backend.fp32_precision = "ieee"
+            return
+        # torch < 2.9: the legacy switches
         saved.append((torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32))
         saved.append((torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32))
-        precision = torch.get_float32_matmul_precision()
-    try:
+        self.precision = torch.get_float32_matmul_precision()
         for backend, name, _ in saved:
-            setattr(backend, name, "ieee" if name == "fp32_precision" else False)
-        if saved[0][1] == "allow_tf32":
-            torch.set_float32_matmul_precision("highest")
-        yield
-    finally:
-        for backend, name, value in saved:
+            setattr(backend, name, False)
+        torch.set_float32_matmul_precision("highest")
+
+    def __exit__(self, *exc) -> None:
+        for backend, name, value in self.saved:
             setattr(backend, name, value)
-        if saved[0][1] == "allow_tf32":
-            torch.set_float32_matmul_precision(precision)
+        if self.precision is not None:
+            torch.set_float32_matmul_precision(self.precision)
+            self.precision = None
+        self.saved = []
 
 
 def sum_rounding(d: int, unit: float) -> float:

@@ -172,32 +172,46 @@ static inline uint16_t bf16_round(float f) {  /* round to nearest even (finite f
 /* Rows i < n of out (npad, dp): bf16(fl32(x[i] - center)) (center NULL: x[i]), zero padded to dp
    columns; rows n <= i < npad all zero. norm[i] = ||fl32(x[i] - center)||, resid[i] = the norm of
    that row less its bf16 rounding, both summed in double (the products of fp32 values are exact). */
+/* one element of a packed row: its bf16 rounding into *o, its square and its rounding error's
+   square added to a2 / e2 (inlined with a constant has_center: a loop the compiler vectorises) */
+static inline void pack_one(float a, uint16_t *o, double *a2, double *e2) {
+    const uint16_t h = bf16_round(a);
+    const uint32_t u = (uint32_t)h << 16;
+    float hf;
+    memcpy(&hf, &u, 4);
+    const float e = a - hf;  /* exact: a and its rounding share the exponent range */
+    *o = h;
+    *a2 += (double)a * a;
+    *e2 += (double)e * e;
+}
+
+static inline void pack_row(const float *r, const float *center, const int has_center, int64_t d, int64_t dp,
+                            uint16_t *o, double *norm, double *resid) {
+    double a2[16] = {0}, e2[16] = {0};
+    int64_t j = 0;
+    for (; j + 16 <= d; j += 16)
+        for (int l = 0; l < 16; ++l)
+            pack_one(has_center ? r[j + l] - center[j + l] : r[j + l], o + j + l, a2 + l, e2 + l);
+    for (; j < d; ++j)
+        pack_one(has_center ? r[j] - center[j] : r[j], o + j, a2 + (j & 15), e2 + (j & 15));
+    for (j = d; j < dp; ++j) o[j] = 0;
+    for (int l = 0; l < 8; ++l) { a2[l] += a2[l + 8]; e2[l] += e2[l + 8]; }
+    *norm = sqrt(((a2[0] + a2[1]) + (a2[2] + a2[3])) + ((a2[4] + a2[5]) + (a2[6] + a2[7])));
+    *resid = sqrt(((e2[0] + e2[1]) + (e2[2] + e2[3])) + ((e2[4] + e2[5]) + (e2[6] + e2[7])));
+}
+
+/* Rows i < n of out (npad, dp): bf16(fl32(x[i] - center)) (center NULL: x[i]), zero padded to dp
+   columns; rows n <= i < npad all zero. norm[i] = ||fl32(x[i] - center)||, resid[i] = the norm of
+   that row less its bf16 rounding, both summed in double (the products of fp32 values are exact;
+   sixteen partial sums: any order errs by far less than the callers' SUM64 allowance). */
 void bf16_pack_rows(const float *x, int64_t n, int64_t d, int64_t ldx, const float *center, uint16_t *out,
                     int64_t dp, int64_t npad, double *norm, double *resid, int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < npad; ++i) {
         uint16_t *o = out + i * dp;
         if (i >= n) { memset(o, 0, (size_t)dp * sizeof(uint16_t)); continue; }
-        const float *r = x + i * ldx;
-        double a2[8] = {0, 0, 0, 0, 0, 0, 0, 0}, e2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int64_t j = 0;
-        for (; j < d; j += 8) {
-            const int64_t len = d - j < 8 ? d - j : 8;
-            for (int l = 0; l < len; ++l) {
-                const float a = center ? r[j + l] - center[j + l] : r[j + l];
-                const uint16_t h = bf16_round(a);
-                const uint32_t u = (uint32_t)h << 16;
-                float hf;
-                memcpy(&hf, &u, 4);
-                const float e = a - hf;  /* exact: a and its rounding share the exponent range */
-                o[j + l] = h;
-                a2[l] += (double)a * a;
-                e2[l] += (double)e * e;
-            }
-        }
-        for (j = d; j < dp; ++j) o[j] = 0;
-        norm[i] = sqrt(((a2[0] + a2[1]) + (a2[2] + a2[3])) + ((a2[4] + a2[5]) + (a2[6] + a2[7])));
-        resid[i] = sqrt(((e2[0] + e2[1]) + (e2[2] + e2[3])) + ((e2[4] + e2[5]) + (e2[6] + e2[7])));
+        if (center) pack_row(x + i * ldx, center, 1, d, dp, o, norm + i, resid + i);
+        else pack_row(x + i * ldx, center, 0, d, dp, o, norm + i, resid + i);
     }
 }
 
@@ -313,9 +327,25 @@ int bf16_scan_l2(const uint16_t *q, int64_t n, int64_t dp, const uint32_t *panel
 #endif
 }
 
+/* sum_j (a_j - b_j)^2 in double from fp32 rows (exact differences of the widened values, exact
+   squares' roundings as torch's): 32 partial sums, four vector accumulators that keep the adds'
+   latency off the critical path */
+static inline double sq_dist_f64(const float *a, const float *b, int64_t d) {
+    double acc[32] = {0};
+    int64_t j = 0;
+    for (; j + 32 <= d; j += 32)
+        for (int l = 0; l < 32; ++l) { const double u = (double)a[j + l] - (double)b[j + l]; acc[l] += u * u; }
+    for (; j + 8 <= d; j += 8)
+        for (int l = 0; l < 8; ++l) { const double u = (double)a[j + l] - (double)b[j + l]; acc[l] += u * u; }
+    for (; j < d; ++j) { const double u = (double)a[j] - (double)b[j]; acc[j & 7] += u * u; }
+    for (int l = 0; l < 16; ++l) acc[l] += acc[l + 16];
+    for (int l = 0; l < 8; ++l) acc[l] += acc[l + 8];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 /* For each query i with count[i] > 0: of its candidates (codebook rows ids[cand[i, t]], or
    cand[i, t] with ids NULL), the one with the least float64 sum_j (x_ij - c_j)^2 from the fp32
-   rows (eight partial sums, as row_sums_f64), the lowest id on ties: out_id[i], out_dist[i].
+   rows (sq_dist_f64's partial sums), the lowest id on ties: out_id[i], out_dist[i].
    The differences and squares are the single IEEE operations torch computes too; only the order
    of the sum differs, which moves a sum of d non-negative terms by less than its gamma_d share.
    near[i] = 1 where another candidate's sum is within `margin` times the best one (a summation
@@ -334,12 +364,7 @@ void rerank_l2_f64(const float *x, int64_t ldx, const float *c, int64_t ldc, int
         for (int32_t t = 0; t < count[i]; ++t) {
             const int64_t id = ids ? ids[cand[(int64_t)i * cap + t]] : cand[(int64_t)i * cap + t];
             const float *cr = c + id * ldc;
-            double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            int64_t j = 0;
-            for (; j + 8 <= d; j += 8)
-                for (int l = 0; l < 8; ++l) { const double u = (double)xr[j + l] - (double)cr[j + l]; acc[l] += u * u; }
-            for (; j < d; ++j) { const double u = (double)xr[j] - (double)cr[j]; acc[0] += u * u; }
-            const double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+            const double s = sq_dist_f64(xr, cr, d);
             if (s < best || (s == best && id < best_id)) { second = best; best = s; best_id = id; }
             else if (s < second) second = s;
         }
@@ -349,6 +374,136 @@ void rerank_l2_f64(const float *x, int64_t ldx, const float *c, int64_t ldc, int
            round to another fp32 distance (the margin's square root spans any order's sum) */
         const double spread = sqrt(margin);
         near[i] = second <= best * margin || (float)(best / spread) != (float)(best * spread);
+    }
+}
+/* ---- u2.nearest's direct l2 scan for small codebooks: fp32 differences, certified in float64 ---- */
+#define DIRECT_ROWS 6    /* queries per tile */
+typedef float f32x16 __attribute__((vector_size(64)));  /* GCC / clang vectors: AVX-512 or two AVX2 halves */
+#if defined(__AVX512F__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+/* lane-wise mask ? a : b (mask lanes all ones or zero, as vector comparisons give) */
+static inline f32x16 select16(i32x16 mask, f32x16 a, f32x16 b) {
+    return (f32x16)(((i32x16)a & mask) | ((i32x16)b & ~mask));
+}
+/* acc + v v with one rounding where the CPU fuses it (its add pipes take the subtractions: the
+   loop then runs at the fp32 GEMM's element rate on CPUs with separate add units), else two */
+static inline f32x16 fma16(f32x16 v, f32x16 acc) {
+#if defined(__AVX512F__)
+    return (f32x16)_mm512_fmadd_ps((__m512)v, (__m512)v, (__m512)acc);
+#elif defined(__FMA__)
+    typedef float f32x8 __attribute__((vector_size(32)));
+    f32x8 v0, v1, a0, a1;
+    memcpy(&v0, &v, 32); memcpy(&v1, (const char *)&v + 32, 32);
+    memcpy(&a0, &acc, 32); memcpy(&a1, (const char *)&acc + 32, 32);
+    a0 = (f32x8)_mm256_fmadd_ps((__m256)v0, (__m256)v0, (__m256)a0);
+    a1 = (f32x8)_mm256_fmadd_ps((__m256)v1, (__m256)v1, (__m256)a1);
+    memcpy(&acc, &a0, 32); memcpy((char *)&acc + 32, &a1, 32);
+    return acc;
+#else
+    return acc + v * v;
+#endif
+}
+#define DIRECT_PANEL 16  /* codewords per panel: one vector of fp32 sums per query */
+#define DIRECT_MAX_K 1024
+#define DIRECT_NEAR_CAP 64
+
+/* panels (npanels, d, DIRECT_PANEL): codeword j = 16 p + l at panels[(p d + t) 16 + l] = c[j, t]
+   (padding: zero; its sums are never read) */
+void direct_pack(const float *c, int64_t ldc, int64_t k, int64_t d, float *panels) {
+    const int64_t npanels = (k + DIRECT_PANEL - 1) / DIRECT_PANEL;
+    for (int64_t p = 0; p < npanels; ++p)
+        for (int64_t t = 0; t < d; ++t)
+            for (int l = 0; l < DIRECT_PANEL; ++l) {
+                const int64_t j = p * DIRECT_PANEL + l;
+                panels[(p * d + t) * DIRECT_PANEL + l] = j < k ? c[j * ldc + t] : 0.0f;
+            }
+}
+
+/* Exact l2 nearest codewords of the queries x (n rows) among the k <= DIRECT_MAX_K rows of c.
+   s_ij = the fp32 sum over t of fl32(x_it - c_jt)^2 (a fused or a separate multiply-add per term):
+   all terms are non-negative, so |s - f| <= g f + a (f the exact squared distance, g the relative
+   bound of d + 3 roundings, a the subnormal roundings' absolute bound), unlike the dot-product form
+   whose error grows with ||x|| ||c||. Every j with s_j / (1 + g) - a <= s_min / (1 - g) + a is a
+   candidate (all of them where s_min overflowed), widened by the float64 ranking's own error: the
+   candidates are ranked by sq_dist_f64 from the original rows (lowest index on ties) into out_id /
+   out_dist. Where another candidate is within `margin` of the best or the best's fp32 rounding is
+   that close to a boundary (see rerank_l2_f64), near[i, :count[i]] lists the candidates within the
+   margin, which the caller ranks again in torch's order (count -1: more than DIRECT_NEAR_CAP
+   candidates, the caller ranks every codeword); count[i] = 0 elsewhere. Takes d < 2^20. */
+void direct_l2(const float *x, int64_t ldx, const float *c, int64_t ldc, const float *panels, int64_t n, int64_t k,
+               int64_t d, double margin, int64_t *out_id, double *out_dist, int32_t *near, int32_t *count,
+               int threads) {
+    const int64_t npanels = (k + DIRECT_PANEL - 1) / DIRECT_PANEL;
+    const int64_t tiles = (n + DIRECT_ROWS - 1) / DIRECT_ROWS;
+    const double u = 0x1p-24, g = 1.01 * (d + 3) * u / (1.0 - (d + 3) * u), a = (d + 1) * 0x1p-149;
+    /* h: the float64 ranking's own error (sq_dist_f64 errs by gamma_d relative): its argmin's exact
+       distance is within 1 + h of the least one; 2^-40 covers the roundings of the limit itself */
+    const double h = 2.02 * (d + 2) * 0x1p-53;
+    const double spread = sqrt(margin), grow = (1.0 + g) * (1.0 + h) / (1.0 - g) * (1.0 + 0x1p-40);
+    const f32x16 inf16 = (f32x16){0} + INFINITY;
+    const i32x16 all_valid = (i32x16){0} - 1;
+    i32x16 last_valid;
+    for (int l = 0; l < DIRECT_PANEL; ++l) last_valid[l] = (npanels - 1) * DIRECT_PANEL + l < k ? -1 : 0;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+        const int64_t i0 = tile * DIRECT_ROWS;
+        const float *xr[DIRECT_ROWS];
+        for (int r = 0; r < DIRECT_ROWS; ++r) xr[r] = x + (i0 + r < n ? i0 + r : n - 1) * ldx;
+        float sums[DIRECT_ROWS][DIRECT_MAX_K + DIRECT_PANEL];
+        f32x16 low[DIRECT_ROWS];  /* lane-wise minima of the row's sums (no scalar chain of k compares) */
+        for (int r = 0; r < DIRECT_ROWS; ++r) low[r] = inf16;
+        for (int64_t p = 0; p < npanels; ++p) {
+            const float *panel = panels + p * d * DIRECT_PANEL;
+            f32x16 acc[DIRECT_ROWS];
+            for (int r = 0; r < DIRECT_ROWS; ++r) acc[r] = (f32x16){0};
+            for (int64_t t = 0; t < d; ++t) {
+                f32x16 ct;
+                memcpy(&ct, panel + t * DIRECT_PANEL, sizeof ct);
+                for (int r = 0; r < DIRECT_ROWS; ++r) {
+                    const f32x16 v = xr[r][t] - ct;
+                    acc[r] = fma16(v, acc[r]);
+                }
+            }
+            const i32x16 valid = p == npanels - 1 ? last_valid : all_valid;  /* padding codewords: inf */
+            for (int r = 0; r < DIRECT_ROWS; ++r) {
+                acc[r] = select16(valid, acc[r], inf16);
+                low[r] = select16(acc[r] < low[r], acc[r], low[r]);
+                memcpy(sums[r] + p * DIRECT_PANEL, &acc[r], sizeof acc[r]);
+            }
+        }
+        for (int r = 0; r < DIRECT_ROWS && i0 + r < n; ++r) {
+            const int64_t i = i0 + r;
+            const float *s = sums[r];
+            float smin = INFINITY;
+            for (int l = 0; l < DIRECT_PANEL; ++l) smin = low[r][l] < smin ? low[r][l] : smin;
+            /* (an overflowed minimum keeps every codeword) */
+            const double limit = isfinite(smin) ? ((double)smin + a) * grow + a * (1.0 + 0x1p-40) : INFINITY;
+            float flimit = (float)limit;  /* the largest float <= limit: s <= flimit iff (double)s <= limit */
+            if ((double)flimit > limit) flimit = nextafterf(flimit, -INFINITY);
+            int64_t best_id = 0, kept = 0;
+            double best = INFINITY, second = INFINITY, value[DIRECT_NEAR_CAP];
+            int32_t which[DIRECT_NEAR_CAP];
+            for (int64_t j = 0; j < k; ++j) {
+                if (s[j] > flimit) continue;
+                const double e = sq_dist_f64(xr[r], c + j * ldc, d);
+                if (kept < DIRECT_NEAR_CAP) { value[kept] = e; which[kept] = (int32_t)j; }
+                ++kept;
+                if (e < best) { second = best; best = e; best_id = j; }
+                else if (e < second) second = e;
+            }
+            out_id[i] = best_id;
+            out_dist[i] = best;
+            int32_t *list = near + i * DIRECT_NEAR_CAP, w = 0;
+            if (second <= best * margin || (float)(best / spread) != (float)(best * spread)) {
+                if (kept > DIRECT_NEAR_CAP) w = -1;
+                else
+                    for (int64_t t = 0; t < kept; ++t)
+                        if (value[t] <= best * margin) list[w++] = which[t];
+            }
+            count[i] = w;
+        }
     }
 }
 """
@@ -441,6 +596,10 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     library.rerank_l2_f64.argtypes = [_P, _I, _P, _I, _I, _I, _P, _P, _P, ctypes.c_int, ctypes.c_double, _P, _P, _P,
                                       ctypes.c_int]
     library.rerank_l2_f64.restype = None
+    library.direct_pack.argtypes = [_P, _I, _I, _I, _P]
+    library.direct_pack.restype = None
+    library.direct_l2.argtypes = [_P, _I, _P, _I, _P, _I, _I, _I, ctypes.c_double, _P, _P, _P, _P, ctypes.c_int]
+    library.direct_l2.restype = None
     return library
 
 
@@ -680,3 +839,55 @@ def rerank_l2_f64(x: torch.Tensor, codebook: torch.Tensor, ids: Optional[torch.T
     library.rerank_l2_f64(x.data_ptr(), x.stride(0), codebook.data_ptr(), codebook.stride(0), n, d,
                           None if ids is None else ids.data_ptr(), cand.data_ptr(), count.data_ptr(), cand.shape[1],
                           margin, out_id.data_ptr(), out_dist.data_ptr(), near.data_ptr(), _threads(n, 8 * d))
+
+
+#: the direct scan's largest codebook (DIRECT_MAX_K in the C source: its per-tile sums live on the stack)
+DIRECT_MAX_K = 1024
+DIRECT_PANEL = 16
+#: near-tie candidates listed per query (DIRECT_NEAR_CAP in the C source)
+DIRECT_NEAR_CAP = 64
+
+
+def direct_pack(codebook: torch.Tensor) -> torch.Tensor:
+    """``codebook: (K, d)`` CPU fp32 as the direct scan reads it: (ceil(K / 16), d, 16) panels."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"the native loops are unavailable: {_failure}")
+    k, d = codebook.shape
+    if codebook.dtype != torch.float32 or codebook.device.type != "cpu" or (d > 1 and codebook.stride(1) != 1):
+        raise ValueError("direct_pack: the codebook must be CPU fp32 rows with unit column stride")
+    if not 0 < k <= DIRECT_MAX_K:
+        raise ValueError(f"direct_pack: the direct scan takes 1 .. {DIRECT_MAX_K} codewords, got {k}")
+    panels = torch.empty((-(-k // DIRECT_PANEL), d, DIRECT_PANEL), dtype=torch.float32)
+    library.direct_pack(codebook.data_ptr(), codebook.stride(0), k, d, panels.data_ptr())
+    return panels
+
+
+def direct_l2(x: torch.Tensor, codebook: torch.Tensor, panels: torch.Tensor, margin: float):
+    """Exact l2 nearest codewords of ``x: (n, d)`` in ``codebook: (K, d)`` (CPU fp32, unit column
+    stride; ``panels`` from :func:`direct_pack` of it): ``(ids (n,) int64, squared distances (n,)
+    float64, near (n, DIRECT_NEAR_CAP) int32, count (n,) int32)``, the lowest id on ties. Rows with
+    ``count > 0`` have near ties (within ``margin``, see :func:`rerank_l2_f64`) among
+    ``near[i, :count[i]]``; ``count == -1``: among more codewords than that (rank them all)."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"the native loops are unavailable: {_failure}")
+    n, d = x.shape
+    k = codebook.shape[0]
+    for tensor, name in ((x, "x"), (codebook, "codebook")):
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or (d > 1 and tensor.stride(1) != 1):
+            raise ValueError(f"direct_l2: {name} must be CPU fp32 rows with unit column stride")
+    if codebook.shape[1] != d or panels.shape != (-(-k // DIRECT_PANEL), d, DIRECT_PANEL) or not panels.is_contiguous():
+        raise ValueError(f"direct_l2: a ({k}, {codebook.shape[1]}) codebook, panels {tuple(panels.shape)}, "
+                         f"for ({n}, {d}) queries")
+    if not 0 < k <= DIRECT_MAX_K or d >= 1 << 20:
+        raise ValueError(f"direct_l2: the direct scan takes 1 .. {DIRECT_MAX_K} codewords and d < 2^20, got {k}, {d}")
+    ids = torch.empty(n, dtype=torch.int64)
+    dist = torch.empty(n, dtype=torch.float64)
+    near = torch.empty((n, DIRECT_NEAR_CAP), dtype=torch.int32)
+    count = torch.empty(n, dtype=torch.int32)
+    if n:
+        library.direct_l2(x.data_ptr(), x.stride(0), codebook.data_ptr(), codebook.stride(0), panels.data_ptr(), n, k,
+                          d, margin, ids.data_ptr(), dist.data_ptr(), near.data_ptr(), count.data_ptr(),
+                          _threads(n, k * d))
+    return ids, dist, near, count

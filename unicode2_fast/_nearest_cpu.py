@@ -20,8 +20,11 @@ and q2 in [-64, 64], and computes 128 <q1x, q1c> + <q1x, q2c> + <q2x, q1c> exact
 <q2x, q2c> term included in it. Exact duplicate codewords are scanned once, and each block's
 candidates are read back only from the groups of GROUP_WIDTH codewords whose minimum passes.
 
+Small l2 codebooks (up to 1,024 fp32 rows) go first to the direct scan of ``_direct`` (fp32
+differences, an error bound relative to the distance itself), l2 codebooks of up to SCAN_MAX_K
+fp32 rows on AVX-512 BF16 CPUs to the bf16 scan of ``_scan_bf16``; the rest comes here.
 The same engine runs with an fp32 or fp64 filter (no quantisation, a GEMM rounding bound instead):
-fp32 for tiny codebooks the bf16 scan does not take (their rows that overflow the candidate store
+fp32 for tiny codebooks the scans do not take (their rows that overflow the candidate store
 go to ``_flat_search`` like the int8 filter's), fp64 on request. It is worth running only where it
 prunes and int8 is fast, so ``choose_filter`` measures the int8 GEMM rate once per process
 (AVX2-only CPUs run it at ~0.05x fp32) and a chunk whose filter keeps too many candidates (flat image regions,
@@ -47,7 +50,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import _cells, _native, _scan_bf16
+from . import _cells, _direct, _native, _scan_bf16
 from ._cache import cached, per_tensor
 from ._certified import GROW64, U32, U64, CandidateStore, fp64_slack, lowest_of_min, pair_objective, sum_rounding
 from ._faiss import faiss_threads
@@ -644,16 +647,25 @@ def nearest_cpu(
 
     Args:
         x: (N, d) float queries (finite). codebook: (K, d) float codewords (finite, K >= 1).
-        metric: "l2", "ip" or "cos". filter_kind: "bf16" | "int8" | "int8x2" | "fbgemm" | "fp32" | "fp64" |
-            "flat"; None picks by shape and measured GEMM rates (choose_filter). "bf16" is the fused
-            scan of ``_scan_bf16`` (l2, fp32 rows, a CPU with AVX-512 BF16); the queries it leaves
-            (too many candidates) take the automatic choice.
+        metric: "l2", "ip" or "cos". filter_kind: "direct" | "bf16" | "int8" | "int8x2" | "fbgemm" | "fp32" |
+            "fp64" | "flat"; None picks by shape and measured GEMM rates (choose_filter). "direct" is
+            the fp32 direct-form scan of ``_direct`` (l2, fp32 rows, small codebooks); "bf16" the
+            fused scan of ``_scan_bf16`` (l2, fp32 rows, a CPU with AVX-512 BF16); the queries it
+            leaves (too many candidates) take the automatic choice.
 
     Returns:
         ids (N,) int64 and dists (N,) float32: squared L2, -<x, c>, or 1 - cos(x, c).
     """
     if x.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float32)
+    if filter_kind == "direct" or (filter_kind is None and _direct.fits(x, codebook, metric)):
+        if filter_kind == "direct" and not _direct.takes(x, codebook, metric):
+            raise ValueError(f"the direct scan takes l2, fp32 rows, 1 .. {_direct.MAX_K} codewords and "
+                             f"d <= {_direct.MAX_DIM} (got metric {metric!r}, {x.dtype} queries, {codebook.dtype} "
+                             f"codebook of shape {tuple(codebook.shape)}, native loops: {_native.available()})")
+        with stage("nearest/direct"):
+            ids, obj = _direct.search(x, codebook, distinct_codewords(codebook))
+        return ids, obj.float()
     if filter_kind == "bf16" or (filter_kind is None and _scan_fits(x, codebook, metric)):
         with stage("nearest/bf16_scan"):
             scanned = _bf16_scan(x, codebook, metric, forced=filter_kind == "bf16")

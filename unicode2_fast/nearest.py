@@ -2,7 +2,9 @@
 
 Backends:
     "triton"  fused distance + argmin kernel (kernels/nearest.py) on CUDA tensors;
-    "torch"   on CPU, the exact search of ``_nearest_cpu`` (a certified int8 filter where an int8
+    "torch"   on CPU, the exact search of ``_nearest_cpu`` (small l2 codebooks: a direct-form fp32
+              scan whose error bound is relative to the distance; l2 codebooks up to 16,384 rows
+              on AVX-512 BF16 CPUs: a fused bf16 scan; else a certified int8 filter where an int8
               GEMM is fast -- torch._int_mm on AVX-512 VNNI, fbgemm's 7-bit kernels on AVX2 --, else a
               certified FAISS flat scan, and for tightly clustered l2 codebooks the cell scan of
               ``_cells``; float64 re-ranking of near ties);
@@ -84,7 +86,7 @@ def _nearest(x: Any, codebook: Any, metric: str, backend: str) -> Tuple[Any, Any
         raise ValueError(f"x is on {xt.device} but the codebook is on {cb.device}; move one of them")
     # no_grad: a codebook that requires grad (a Parameter) records nothing either; IEEE fp32: the
     # exact path's error bounds assume fp32 rounding, not TF32 / bf16 (whatever the user set)
-    with torch.no_grad(), ieee_fp32_matmul():
+    with torch.no_grad(), ieee_fp32_matmul(cuda=xt.device.type == "cuda"):
         ids, dists, lead = _search(xt, cb, metric, backend)
     return from_tensor(ids.reshape(lead), kind), from_tensor(dists.reshape(lead), kind)
 

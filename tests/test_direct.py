@@ -1,0 +1,142 @@
+"""u2.nearest's direct scan for small codebooks (unicode2_fast._direct, the compiled loop in _native):
+the exact float64 argmin (lowest index on ties) on random, tied, duplicate-heavy, near-copy and
+photograph data at several d and K, at magnitudes from subnormal to overflowing fp32 squares,
+masses of equidistant codewords past its near-tie list, the work it hands to torch's re-rank, and
+the automatic choice between it and the other exact paths."""
+import faiss
+import pytest
+import torch
+
+import unicode2_fast as u2
+from unicode2_fast import _certified, _direct, _native, _nearest_cpu, _scan_bf16
+from unicode2_fast.data import photo_patches
+
+from reference import assert_nearest_ok, objective64
+
+needs_native = pytest.mark.skipif(not _native.available(), reason="no C compiler here")
+
+
+def _argmin64(x, codebook):
+    best, ids = objective64(x, codebook, "l2").min(dim=1)  # the first minimum: the lowest index
+    return ids, best
+
+
+def _data(kind, n, k, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    codebook = torch.randn(k, d, generator=g) * 3.0
+    x = torch.randn(n, d, generator=g) * 3.0
+    if kind == "integer ties":  # many exact ties: integer points, exactly representable distances
+        codebook, x = codebook.round().clamp(-2, 2), x.round().clamp(-2, 2)
+    elif kind == "duplicates":  # each row repeated: the lowest of the copies wins
+        codebook = codebook[torch.randint(0, max(1, k // 4), (k,), generator=g)]
+    elif kind == "near copies":  # queries a hair away from codewords: tiny gaps
+        x = codebook[torch.randint(0, k, (n,), generator=g)] + 1e-5 * torch.randn(n, d, generator=g)
+    elif kind == "queries on codewords":  # distance exactly 0, and duplicates of it
+        x = codebook[torch.randint(0, k, (n,), generator=g)]
+    return x, codebook
+
+
+@needs_native
+@pytest.mark.parametrize("d", [1, 7, 16, 17, 64, 192, 1152])
+@pytest.mark.parametrize("k", [1, 8, 100, 1024])
+@pytest.mark.parametrize("kind", ["gaussian", "integer ties", "duplicates", "near copies", "queries on codewords"])
+def test_direct_scan_is_the_float64_argmin(d, k, kind):
+    x, codebook = _data(kind, 61, k, d, seed=d * 7 + k)
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "l2", "direct")
+    want, best = _argmin64(x, codebook)
+    assert torch.equal(ids, want)
+    assert torch.equal(dists, best.float())  # the float64 distance, rounded once
+
+
+@needs_native
+@pytest.mark.parametrize("scale_x, scale_c", [(1e-30, 1e-30), (1e-42, 1e-42), (1e18, 1e18), (1e18, 1e-18),
+                                              (3e37, 3e37), (1e-20, 1.0)])
+def test_direct_scan_at_extreme_magnitudes(scale_x, scale_c):
+    # subnormal differences and squares (the bound's absolute term), squares past fp32's range
+    # (an overflowed minimum keeps every codeword): still the float64 argmin of the raw inputs
+    g = torch.Generator().manual_seed(1)
+    codebook = (torch.randn(40, 24, generator=g) * scale_c).float()
+    x = (torch.randn(33, 24, generator=g) * scale_x).float()
+    x[:5] = codebook[:5]  # exact hits
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "l2", "direct")
+    want, best = _argmin64(x, codebook)
+    assert torch.equal(ids, want)
+    assert torch.equal(dists, best.float())
+
+
+@needs_native
+def test_masses_of_equidistant_codewords_past_the_near_list():
+    # each query at the centre of a cube whose 2^7 = 128 corners are codewords: 128 exact ties,
+    # more than the loop lists (DIRECT_NEAR_CAP), so torch ranks every codeword: the lowest wins
+    d = 7
+    corners = torch.cartesian_prod(*[torch.tensor([-1.0, 1.0])] * d)
+    centres = (torch.randn(5, d, generator=torch.Generator().manual_seed(2)) * 100).round()  # far apart
+    codebook = (centres[:, None, :] + corners[None]).reshape(-1, d)[torch.randperm(5 * 128, generator=torch.Generator().manual_seed(3))]
+    x = torch.cat([centres, centres + 0.25])
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "l2", "direct")
+    want, best = _argmin64(x, codebook)
+    assert torch.equal(ids, want)
+    assert torch.equal(dists, best.float())
+    _, _, near, count = _native.direct_l2(x, codebook, _native.direct_pack(codebook), 1.0 + 1e-12)
+    assert bool((count[:5] == -1).all())  # the centres: more ties than listed
+
+
+@needs_native
+def test_only_near_ties_reach_torch_and_only_their_candidates(monkeypatch):
+    # the certificate is relative to the distance itself: on photograph patches (flat regions,
+    # near-duplicates) few queries need torch's order, and those only for their near candidates
+    pairs = []
+    original = _certified.pair_objective
+
+    def counting(x, codebook, rows, cols, *args, **kwargs):
+        pairs.append(rows.numel())
+        return original(x, codebook, rows, cols, *args, **kwargs)
+
+    monkeypatch.setattr("unicode2_fast._direct.pair_objective", counting)
+    p = photo_patches(4096 + 256, 8, seed=5)
+    codebook, x = p[:256].contiguous(), p[256:].contiguous()
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "l2", "direct")
+    assert_nearest_ok(ids, dists, x, codebook, "l2", exact=True)
+    assert sum(pairs) <= 0.01 * x.shape[0] * codebook.shape[0]
+
+
+@needs_native
+def test_direct_scan_strided_rows_and_faiss_agreement():
+    g = torch.Generator().manual_seed(3)
+    codebook = torch.randn(64, 40, generator=g)
+    x = torch.randn(300, 80, generator=g)[:, ::2]  # column stride 2
+    ids, dists = u2.nearest(x, codebook)
+    index = faiss.IndexFlatL2(40)
+    index.add(codebook.numpy())
+    fd, fi = index.search(x.contiguous().numpy(), 1)
+    # well-separated Gaussian data: FAISS's fp32 answer is the exact one
+    assert torch.equal(ids, torch.from_numpy(fi[:, 0]).long())
+    assert torch.allclose(dists, torch.from_numpy(fd[:, 0]), rtol=1e-5)
+
+
+@needs_native
+def test_automatic_choice_takes_the_direct_scan_for_small_problems(monkeypatch):
+    calls = []
+    original = _direct.search
+    monkeypatch.setattr(_direct, "search", lambda *a: calls.append(a[1].shape) or original(*a))
+    g = torch.Generator().manual_seed(4)
+    tiny_x, tiny_c = torch.randn(81, 64, generator=g), torch.randn(8, 64, generator=g)
+    ids, dists = u2.nearest(tiny_x, tiny_c)
+    assert_nearest_ok(ids, dists, tiny_x, tiny_c, "l2", exact=True)
+    assert calls == [(8, 64)]
+    for args in [(torch.randn(5, 64), torch.randn(2000, 64)),  # beyond MAX_K
+                 (torch.randn(5, 64).double(), torch.randn(8, 64).double())]:  # float64: the other paths
+        u2.nearest(*args)
+    u2.nearest(tiny_x, tiny_c, metric="ip")
+    assert calls == [(8, 64)]
+    big_x = torch.randn(20000, 192, generator=g)
+    assert _direct.fits(big_x, torch.randn(512, 192), "l2") == (not _scan_bf16.available())
+
+
+@needs_native
+def test_forced_direct_scan_refuses_what_it_cannot_take():
+    for x, codebook, metric in [(torch.randn(3, 8), torch.randn(5, 8), "ip"),
+                                (torch.randn(3, 8), torch.randn(_direct.MAX_K + 1, 8), "l2"),
+                                (torch.randn(3, 8).double(), torch.randn(5, 8).double(), "l2")]:
+        with pytest.raises(ValueError, match="direct scan takes"):
+            _nearest_cpu.nearest_cpu(x, codebook, metric, "direct")
