@@ -65,6 +65,21 @@ def test_direct_scan_at_extreme_magnitudes(scale_x, scale_c):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_direct_scan_takes_half_precision_rows(dtype):
+    # fp16 / bf16 rows widen to fp32 exactly: the float64 argmin of the half-precision values
+    x, codebook = _data("near copies", 200, 300, 48, seed=9)
+    x, codebook = x.to(dtype), codebook.to(dtype)
+    assert _direct.takes(x, codebook, "l2")
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "l2", "direct")
+    want, best = _argmin64(x, codebook)
+    assert torch.equal(ids, want)
+    assert torch.equal(dists, best.float())
+    ids, _ = u2.nearest(x, codebook)
+    assert torch.equal(ids, want)
+
+
+@needs_native
 def test_masses_of_equidistant_codewords_past_the_near_list():
     # each query at the centre of a cube whose 2^7 = 128 corners are codewords: 128 exact ties,
     # more than the loop lists (DIRECT_NEAR_CAP), so torch ranks every codeword: the lowest wins
@@ -137,6 +152,7 @@ def test_automatic_choice_takes_the_direct_scan_for_small_problems(monkeypatch):
 def test_forced_direct_scan_refuses_what_it_cannot_take():
     for x, codebook, metric in [(torch.randn(3, 8), torch.randn(5, 8), "ip"),
                                 (torch.randn(3, 8), torch.randn(_direct.MAX_K + 1, 8), "l2"),
-                                (torch.randn(3, 8).double(), torch.randn(5, 8).double(), "l2")]:
+                                (torch.randn(3, 8).double(), torch.randn(5, 8).double(), "l2"),
+                                (torch.randn(3, 8).double(), torch.randn(5, 8), "l2")]:
         with pytest.raises(ValueError, match="direct scan takes"):
             _nearest_cpu.nearest_cpu(x, codebook, metric, "direct")

@@ -64,6 +64,43 @@ def test_fbgemm_blocks_give_exact_integer_dot_products():
 
 
 
+
+
+def _saturating_int_mm(a, b):
+    """torch._int_mm as oneDNN computes it without VNNI (seen with ONEDNN_MAX_CPU_ISA=AVX2): the s8
+    left operand shifted to u8 (+128), pairs of products summed by vpmaddubsw with int16 saturation,
+    the shift's compensation subtracted in int32."""
+    u, s = a.int() + 128, b.t().int()
+    k = u.shape[1] - u.shape[1] % 2
+    pairs = (u[:, None, 0:k:2] * s[None, :, 0:k:2] + u[:, None, 1:k:2] * s[None, :, 1:k:2]).clamp(-32768, 32767)
+    out = pairs.sum(dim=2)
+    if u.shape[1] % 2:
+        out += u[:, None, -1] * s[None, :, -1]
+    return (out - 128 * s.sum(dim=1)[None, :]).int()
+
+
+def test_an_inexact_int8_gemm_is_never_used(monkeypatch):
+    # the filters' bounds assume exact int32 dot products: an int8 GEMM whose pair sums saturate
+    # (a CPU without VNNI) must not be picked, however fast, and a forced int8 filter refuses it
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b, out=None: _saturating_int_mm(a, b))
+    monkeypatch.setattr(_nearest_cpu, "_INT8_OK", None)
+    monkeypatch.setattr(_nearest_cpu, "_INT8_SPEEDUP", None)
+    assert not _nearest_cpu.int8_gemm_available()
+    assert _nearest_cpu.int8_speedup() == 0.0
+    assert _nearest_cpu.choose_filter(4000, 2048, 192) != "int8"
+    g = torch.Generator().manual_seed(5)
+    x, codebook = torch.randn(300, 64, generator=g), torch.randn(2000, 64, generator=g)
+    for kind in ("int8", "int8x2"):
+        with pytest.raises(ValueError, match="exact int8 GEMM"):
+            _nearest_cpu.nearest_cpu(x, codebook, "l2", kind)
+    ids, dists = u2.nearest(x, codebook)
+    assert_nearest_ok(ids, dists, x, codebook, "l2", exact=True)
+    # (the emulation gives oneDNN's output bit for bit under ONEDNN_MAX_CPU_ISA=AVX2, measured at d = 64,
+    # 65, 1040: right only where no pair sum passes 2^15)
+    qa = torch.randint(-127, 128, (9, 64), generator=g, dtype=torch.int8)
+    want = qa.double() @ qa.double().t()
+    got = _saturating_int_mm(qa, qa.t()).double()
+    assert not torch.equal(got, want) and float((got == want).double().mean()) > 0.05
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("n,k,d", SHAPES)
 @pytest.mark.parametrize("filter_kind", ["fp64", "fp32", "int8", "int8x2", "fbgemm"])

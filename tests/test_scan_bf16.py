@@ -243,10 +243,10 @@ def test_automatic_choice_takes_the_scan_for_small_l2_codebooks(monkeypatch):
     ids, dists = u2.nearest(tiny_x, tiny_c)
     assert calls == []
     assert_nearest_ok(ids, dists, tiny_x, tiny_c, "l2", exact=True)
-    many_x = data.queries[:, :16].repeat(40, 1)  # 24,000 queries: the bf16 scan's 4x rate pays its fixed cost
-    ids, dists = u2.nearest(many_x, tiny_c)
-    assert calls == [(64, 16)]
-    assert_nearest_ok(ids[:600], dists[:600], tiny_x, tiny_c, "l2", exact=True)
+    many_x, small_c = data.queries.repeat(40, 1), data.codebook[:64]  # 24,000 queries at d = 256: the
+    ids, dists = u2.nearest(many_x, small_c)  # bf16 scan's faster dot products pay for its fixed cost
+    assert calls == [(64, 256)]
+    assert_nearest_ok(ids[:600], dists[:600], data.queries, small_c, "l2", exact=True)
 
 
 def test_without_the_bf16_instructions_the_other_paths_search(monkeypatch):

@@ -29,41 +29,49 @@ from ._certified import U64, lowest_of_min, pair_objective
 MAX_K = _native.DIRECT_MAX_K
 #: rows longer than this go to the other paths (the fp32 sums' relative bound grows with d)
 MAX_DIM = 1 << 16
-#: where the bf16 scan runs (AVX-512 BF16), the direct scan takes K <= DIRECT_ALWAYS_K (the scan's
-#: 64-codeword panels would be mostly padding) and problems of at most DIRECT_WORK = n K (d + 128):
-#: measured on a 2-core AVX-512 BF16 EPYC over n in {256, 2048, 16384}, K in {16 .. 1024}, d in
-#: {16, 64, 192, 1152}, this picks the faster of the two in 43 of 46 cases and loses at most 10%
-#: where it does not (16384 x 64 x 64: bf16 scan 1.65 ms, direct 1.49 ms); the direct scan's gains
-#: run to 5x (256 x 16 x 64: 25 us against 135 us)
-DIRECT_ALWAYS_K = 16
-DIRECT_WORK = 2048 * 64 * (192 + 128)
-#: the per-codeword cost of the direct scan's epilogue, in elements of its main loop
-EPILOGUE_ELEMENTS = 128
+#: where the bf16 scan runs (AVX-512 BF16) the automatic choice compares cost models fitted to a
+#: grid measured on a 2-core AVX-512 BF16 EPYC (n in {256, 2048, 16384}, K in {16 .. 1024}, d in
+#: {16, 64, 192, 1152}): the direct scan's time ~ n K (d + DIRECT_EXTRA), the bf16 scan's ~
+#: SCAN_FIXED + SCAN_RELATIVE n K64 (d + SCAN_EXTRA), K64 = K rounded up to its 64-codeword panels
+#: (about 0.006 ns per direct element on 2 cores). It picks the faster in 45 of the 46 grid cases
+#: and loses 20% on the other (16384 x 128 x 64: bf16 scan 1.77 ms, direct 1.47 ms); the direct
+#: scan's gains run to 5x (256 x 16 x 64: 25 us against 139 us)
+DIRECT_EXTRA = 32
+SCAN_EXTRA = 64
+SCAN_RELATIVE = 0.7
+SCAN_FIXED = 8_000_000
+
+
+#: row dtypes the direct scan takes (fp16 / bf16 rows widen to fp32 exactly)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def takes(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> bool:
-    """Whether the direct scan can run: l2, fp32 rows, K <= MAX_K, d <= MAX_DIM, compiled loops."""
+    """Whether the direct scan can run: l2, fp32 / fp16 / bf16 rows, K <= MAX_K, d <= MAX_DIM,
+    compiled loops."""
     k, d = codebook.shape
-    return (metric == "l2" and x.dtype == torch.float32 and codebook.dtype == torch.float32 and 0 < k <= MAX_K
+    return (metric == "l2" and x.dtype in DTYPES and codebook.dtype in DTYPES and 0 < k <= MAX_K
             and d <= MAX_DIM and _native.available())
 
 
 def fits(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> bool:
     """Whether the automatic choice takes the direct scan: it can run (:func:`takes`) and, where the
-    bf16 scan runs, it does less work than the bf16 scan."""
+    bf16 scan runs, its cost model is below the bf16 scan's."""
     if not takes(x, codebook, metric):
         return False
     n = x.shape[0]
     k, d = codebook.shape
     if not _scan_bf16.available():
         return True  # else the fp32 filter / FAISS flat path: a GEMM at about its rate plus the certification
-    return k <= DIRECT_ALWAYS_K or n * k * (d + EPILOGUE_ELEMENTS) <= DIRECT_WORK
+    panels = -(-k // 64) * 64
+    return n * k * (d + DIRECT_EXTRA) <= SCAN_FIXED + SCAN_RELATIVE * n * panels * (d + SCAN_EXTRA)
 
 
 def search(x: torch.Tensor, codebook: torch.Tensor, ids: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Exact l2 nearest codewords of ``x: (n, d)`` in ``codebook: (K, d)``, both fp32, K <= MAX_K:
+    """Exact l2 nearest codewords of ``x: (n, d)`` in ``codebook: (K, d)`` (fp32 / fp16 / bf16), K <= MAX_K:
     ids (n,) int64 and squared distances (n,) float64. ``ids``: the sorted ids of the distinct rows
     (the first of each set of duplicates; None: all distinct), the only rows scanned."""
+    x = x.float()  # (exact for fp16 / bf16)
     x = x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
     copy, panels = per_tensor(codebook, ("direct_scan",), lambda c: _book(c, ids))
     rows = codebook if copy is None else copy
@@ -90,6 +98,6 @@ def search(x: torch.Tensor, codebook: torch.Tensor, ids: Optional[torch.Tensor])
 def _book(codebook: torch.Tensor, ids: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
     """(the scanned rows where they are a copy, else None; their panels): cached per codebook, and
     never the codebook itself, which a cache value would keep alive forever."""
-    rows = codebook if ids is None else codebook.index_select(0, ids)
+    rows = (codebook if ids is None else codebook.index_select(0, ids)).float()
     rows = rows if rows.shape[1] <= 1 or rows.stride(1) == 1 else rows.contiguous()
     return (None if rows is codebook else rows), _native.direct_pack(rows)

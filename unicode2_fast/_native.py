@@ -377,35 +377,54 @@ void rerank_l2_f64(const float *x, int64_t ldx, const float *c, int64_t ldc, int
     }
 }
 /* ---- u2.nearest's direct l2 scan for small codebooks: fp32 differences, certified in float64 ---- */
-#define DIRECT_ROWS 6    /* queries per tile */
-typedef float f32x16 __attribute__((vector_size(64)));  /* GCC / clang vectors: AVX-512 or two AVX2 halves */
-#if defined(__AVX512F__) || defined(__FMA__)
+#define DIRECT_ROWS (VLANES == 16 ? 6 : 4)  /* queries per tile (its accumulators fill the registers) */
+/* the direct scan's vectors: one register wide (GCC / clang vector extensions; a wider type
+   than the CPU's registers is lowered piecewise, an order of magnitude slower: measured) */
+#if defined(__AVX512F__)
+#define VLANES 16
+#elif defined(__AVX__)
+#define VLANES 8
+#else
+#define VLANES 4
+#endif
+typedef float vf32 __attribute__((vector_size(4 * VLANES)));
+typedef int32_t vi32 __attribute__((vector_size(4 * VLANES)));
+typedef float vf32u __attribute__((vector_size(4 * VLANES), aligned(4), may_alias));  /* unaligned vector access */
+/* (a memcpy into a vector array went through the stack as 16-byte pieces: a store-forwarding
+   stall on every step, 4.5x slower on AVX2) */
+static inline vf32 vload(const float *p) { return *(const vf32u *)p; }
+#if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
-typedef int32_t i32x16 __attribute__((vector_size(64)));
 /* lane-wise mask ? a : b (mask lanes all ones or zero, as vector comparisons give) */
-static inline f32x16 select16(i32x16 mask, f32x16 a, f32x16 b) {
-    return (f32x16)(((i32x16)a & mask) | ((i32x16)b & ~mask));
+static inline vf32 vselect(vi32 mask, vf32 a, vf32 b) {
+    return (vf32)(((vi32)a & mask) | ((vi32)b & ~mask));
+}
+/* bit l set where lane l of a is <= lim */
+static inline uint32_t vmask_le(vf32 a, float lim) {
+#if defined(__AVX512F__)
+    return _mm512_cmp_ps_mask((__m512)a, _mm512_set1_ps(lim), _CMP_LE_OQ);
+#elif defined(__AVX__)
+    return (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps((__m256)a, _mm256_set1_ps(lim), _CMP_LE_OQ));
+#else
+    uint32_t m = 0;
+    for (int l = 0; l < VLANES; ++l) m |= (uint32_t)(a[l] <= lim) << l;
+    return m;
+#endif
 }
 /* acc + v v with one rounding where the CPU fuses it (its add pipes take the subtractions: the
    loop then runs at the fp32 GEMM's element rate on CPUs with separate add units), else two */
-static inline f32x16 fma16(f32x16 v, f32x16 acc) {
+static inline vf32 vfma(vf32 v, vf32 acc) {
 #if defined(__AVX512F__)
-    return (f32x16)_mm512_fmadd_ps((__m512)v, (__m512)v, (__m512)acc);
+    return (vf32)_mm512_fmadd_ps((__m512)v, (__m512)v, (__m512)acc);
 #elif defined(__FMA__)
-    typedef float f32x8 __attribute__((vector_size(32)));
-    f32x8 v0, v1, a0, a1;
-    memcpy(&v0, &v, 32); memcpy(&v1, (const char *)&v + 32, 32);
-    memcpy(&a0, &acc, 32); memcpy(&a1, (const char *)&acc + 32, 32);
-    a0 = (f32x8)_mm256_fmadd_ps((__m256)v0, (__m256)v0, (__m256)a0);
-    a1 = (f32x8)_mm256_fmadd_ps((__m256)v1, (__m256)v1, (__m256)a1);
-    memcpy(&acc, &a0, 32); memcpy((char *)&acc + 32, &a1, 32);
-    return acc;
+    return (vf32)_mm256_fmadd_ps((__m256)v, (__m256)v, (__m256)acc);
 #else
     return acc + v * v;
 #endif
 }
-#define DIRECT_PANEL 16  /* codewords per panel: one vector of fp32 sums per query */
+#define DIRECT_PANEL 16  /* codewords per panel: 16 / VLANES vectors of fp32 sums per query */
+#define DIRECT_PARTS (DIRECT_PANEL / VLANES)
 #define DIRECT_MAX_K 1024
 #define DIRECT_NEAR_CAP 64
 
@@ -442,42 +461,46 @@ void direct_l2(const float *x, int64_t ldx, const float *c, int64_t ldc, const f
        distance is within 1 + h of the least one; 2^-40 covers the roundings of the limit itself */
     const double h = 2.02 * (d + 2) * 0x1p-53;
     const double spread = sqrt(margin), grow = (1.0 + g) * (1.0 + h) / (1.0 - g) * (1.0 + 0x1p-40);
-    const f32x16 inf16 = (f32x16){0} + INFINITY;
-    const i32x16 all_valid = (i32x16){0} - 1;
-    i32x16 last_valid;
-    for (int l = 0; l < DIRECT_PANEL; ++l) last_valid[l] = (npanels - 1) * DIRECT_PANEL + l < k ? -1 : 0;
+    const vf32 vinf = (vf32){0} + INFINITY;
+    const vi32 all_valid = (vi32){0} - 1;
+    vi32 last_valid[DIRECT_PARTS];
+    for (int part = 0; part < DIRECT_PARTS; ++part)
+        for (int l = 0; l < VLANES; ++l)
+            last_valid[part][l] = (npanels - 1) * DIRECT_PANEL + part * VLANES + l < k ? -1 : 0;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t i0 = tile * DIRECT_ROWS;
         const float *xr[DIRECT_ROWS];
         for (int r = 0; r < DIRECT_ROWS; ++r) xr[r] = x + (i0 + r < n ? i0 + r : n - 1) * ldx;
         float sums[DIRECT_ROWS][DIRECT_MAX_K + DIRECT_PANEL];
-        f32x16 low[DIRECT_ROWS];  /* lane-wise minima of the row's sums (no scalar chain of k compares) */
-        for (int r = 0; r < DIRECT_ROWS; ++r) low[r] = inf16;
+        vf32 low[DIRECT_ROWS];  /* lane-wise minima of the row's sums (no scalar chain of k compares) */
+        for (int r = 0; r < DIRECT_ROWS; ++r) low[r] = vinf;
         for (int64_t p = 0; p < npanels; ++p) {
             const float *panel = panels + p * d * DIRECT_PANEL;
-            f32x16 acc[DIRECT_ROWS];
-            for (int r = 0; r < DIRECT_ROWS; ++r) acc[r] = (f32x16){0};
+            vf32 acc[DIRECT_ROWS][DIRECT_PARTS];
+            for (int r = 0; r < DIRECT_ROWS; ++r)
+                for (int part = 0; part < DIRECT_PARTS; ++part) acc[r][part] = (vf32){0};
             for (int64_t t = 0; t < d; ++t) {
-                f32x16 ct;
-                memcpy(&ct, panel + t * DIRECT_PANEL, sizeof ct);
+                vf32 ct[DIRECT_PARTS];
+                for (int part = 0; part < DIRECT_PARTS; ++part) ct[part] = vload(panel + t * DIRECT_PANEL + part * VLANES);
                 for (int r = 0; r < DIRECT_ROWS; ++r) {
-                    const f32x16 v = xr[r][t] - ct;
-                    acc[r] = fma16(v, acc[r]);
+                    const float xv = xr[r][t];
+                    for (int part = 0; part < DIRECT_PARTS; ++part) acc[r][part] = vfma(xv - ct[part], acc[r][part]);
                 }
             }
-            const i32x16 valid = p == npanels - 1 ? last_valid : all_valid;  /* padding codewords: inf */
-            for (int r = 0; r < DIRECT_ROWS; ++r) {
-                acc[r] = select16(valid, acc[r], inf16);
-                low[r] = select16(acc[r] < low[r], acc[r], low[r]);
-                memcpy(sums[r] + p * DIRECT_PANEL, &acc[r], sizeof acc[r]);
-            }
+            for (int r = 0; r < DIRECT_ROWS; ++r)
+                for (int part = 0; part < DIRECT_PARTS; ++part) {
+                    /* padding codewords: inf */
+                    const vf32 v = vselect(p == npanels - 1 ? last_valid[part] : all_valid, acc[r][part], vinf);
+                    low[r] = vselect(v < low[r], v, low[r]);
+                    *(vf32u *)(sums[r] + p * DIRECT_PANEL + part * VLANES) = v;
+                }
         }
         for (int r = 0; r < DIRECT_ROWS && i0 + r < n; ++r) {
             const int64_t i = i0 + r;
             const float *s = sums[r];
             float smin = INFINITY;
-            for (int l = 0; l < DIRECT_PANEL; ++l) smin = low[r][l] < smin ? low[r][l] : smin;
+            for (int l = 0; l < VLANES; ++l) smin = low[r][l] < smin ? low[r][l] : smin;
             /* (an overflowed minimum keeps every codeword) */
             const double limit = isfinite(smin) ? ((double)smin + a) * grow + a * (1.0 + 0x1p-40) : INFINITY;
             float flimit = (float)limit;  /* the largest float <= limit: s <= flimit iff (double)s <= limit */
@@ -485,13 +508,16 @@ void direct_l2(const float *x, int64_t ldx, const float *c, int64_t ldc, const f
             int64_t best_id = 0, kept = 0;
             double best = INFINITY, second = INFINITY, value[DIRECT_NEAR_CAP];
             int32_t which[DIRECT_NEAR_CAP];
-            for (int64_t j = 0; j < k; ++j) {
-                if (s[j] > flimit) continue;
-                const double e = sq_dist_f64(xr[r], c + j * ldc, d);
-                if (kept < DIRECT_NEAR_CAP) { value[kept] = e; which[kept] = (int32_t)j; }
-                ++kept;
-                if (e < best) { second = best; best = e; best_id = j; }
-                else if (e < second) second = e;
+            for (int64_t j0 = 0; j0 < npanels * DIRECT_PANEL; j0 += VLANES) {
+                for (uint32_t m = vmask_le(vload(s + j0), flimit); m; m &= m - 1) {  /* ascending j */
+                    const int64_t j = j0 + __builtin_ctz(m);
+                    if (j >= k) break;  /* padding (inf: reached only by an infinite limit) */
+                    const double e = sq_dist_f64(xr[r], c + j * ldc, d);
+                    if (kept < DIRECT_NEAR_CAP) { value[kept] = e; which[kept] = (int32_t)j; }
+                    ++kept;
+                    if (e < best) { second = best; best = e; best_id = j; }
+                    else if (e < second) second = e;
+                }
             }
             out_id[i] = best_id;
             out_dist[i] = best;

@@ -153,9 +153,20 @@ GROUP_WIDTH = 64
 
 
 def _int8_gemm_available() -> bool:
+    """Whether ``torch._int_mm`` runs here and its int32 dot products are exact, extreme values
+    included: the filters' bounds assume exact integer sums. (Without VNNI, oneDNN may build the
+    products with ``vpmaddubsw``, whose int16 pair sums saturate: seen with ONEDNN_MAX_CPU_ISA=AVX2,
+    where the two-level filter then pruned the true nearest codeword.)"""
     try:
-        a = torch.ones((17, 32), dtype=torch.int8)
-        return int(torch._int_mm(a, a.t())[0, 0]) == 32
+        g = torch.Generator().manual_seed(0)
+        for n, b, d in ((17, 48, 64), (5, 40, 1040)):
+            qx = torch.randint(-127, 128, (n, d), generator=g, dtype=torch.int8)
+            qc = torch.randint(-127, 128, (b, d), generator=g, dtype=torch.int8)
+            qx[0], qx[1], qc[0], qc[1] = 127, -127, 127, -127  # the largest sums of either sign
+            qx[2, ::2], qx[2, 1::2], qc[2, ::2], qc[2, 1::2] = 127, -127, 127, 127  # pairs that cancel
+            if not torch.equal(torch._int_mm(qx, qc.t()).double(), qx.double() @ qc.double().t()):
+                return False
+        return True
     except (RuntimeError, AttributeError):
         return False
 
@@ -164,7 +175,7 @@ _INT8_OK: Optional[bool] = None
 
 
 def int8_gemm_available() -> bool:
-    """Whether this torch build has a working CPU int8 GEMM (``torch._int_mm``)."""
+    """Whether this torch build has a working, exact CPU int8 GEMM (``torch._int_mm``)."""
     global _INT8_OK
     if _INT8_OK is None:
         _INT8_OK = _int8_gemm_available()
@@ -649,7 +660,7 @@ def nearest_cpu(
         x: (N, d) float queries (finite). codebook: (K, d) float codewords (finite, K >= 1).
         metric: "l2", "ip" or "cos". filter_kind: "direct" | "bf16" | "int8" | "int8x2" | "fbgemm" | "fp32" |
             "fp64" | "flat"; None picks by shape and measured GEMM rates (choose_filter). "direct" is
-            the fp32 direct-form scan of ``_direct`` (l2, fp32 rows, small codebooks); "bf16" the
+            the fp32 direct-form scan of ``_direct`` (l2, fp32 / fp16 / bf16 rows, small codebooks); "bf16" the
             fused scan of ``_scan_bf16`` (l2, fp32 rows, a CPU with AVX-512 BF16); the queries it
             leaves (too many candidates) take the automatic choice.
 
@@ -660,7 +671,7 @@ def nearest_cpu(
         return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float32)
     if filter_kind == "direct" or (filter_kind is None and _direct.fits(x, codebook, metric)):
         if filter_kind == "direct" and not _direct.takes(x, codebook, metric):
-            raise ValueError(f"the direct scan takes l2, fp32 rows, 1 .. {_direct.MAX_K} codewords and "
+            raise ValueError(f"the direct scan takes l2, fp32 / fp16 / bf16 rows, 1 .. {_direct.MAX_K} codewords and "
                              f"d <= {_direct.MAX_DIM} (got metric {metric!r}, {x.dtype} queries, {codebook.dtype} "
                              f"codebook of shape {tuple(codebook.shape)}, native loops: {_native.available()})")
         with stage("nearest/direct"):
@@ -727,6 +738,9 @@ def _nearest_filtered(x: torch.Tensor, codebook: torch.Tensor, metric: str,
     n, d = x.shape
     k = codebook.shape[0]
     kind = filter_kind or choose_filter(n, k, d)
+    if filter_kind in ("int8", "int8x2") and not int8_gemm_available():
+        raise ValueError(f"the {filter_kind} filter needs an exact int8 GEMM, and this machine's torch._int_mm is "
+                         f"missing or not exact (a CPU without VNNI: int16 pair sums that saturate)")
     if filter_kind == "int8x2" and not _int8x2_ok(x, codebook):
         raise ValueError(f"the int8x2 filter takes {MIN_INT8_DIM} <= d <= {MAX_INT8X2_DIM} and no float64 inputs "
                          f"(got d = {d}, {x.dtype} queries, {codebook.dtype} codebook)")
