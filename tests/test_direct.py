@@ -49,6 +49,19 @@ def test_direct_scan_is_the_float64_argmin(d, k, kind):
 
 
 @needs_native
+def test_direct_scan_in_query_chunks(monkeypatch):
+    # beyond CHUNK queries the near-tie lists are written chunk by chunk into a reused buffer
+    monkeypatch.setattr(_direct, "CHUNK", 50)
+    for kind in ("integer ties", "duplicates", "gaussian"):
+        x, codebook = _data(kind, 237, 90, 12, seed=5)
+        for _ in range(2):  # the second call reuses the buffer
+            ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "l2", "direct")
+            want, best = _argmin64(x, codebook)
+            assert torch.equal(ids, want)
+            assert torch.equal(dists, best.float())
+
+
+@needs_native
 @pytest.mark.parametrize("scale_x, scale_c", [(1e-30, 1e-30), (1e-42, 1e-42), (1e18, 1e18), (1e18, 1e-18),
                                               (3e37, 3e37), (1e-20, 1.0)])
 def test_direct_scan_at_extreme_magnitudes(scale_x, scale_c):
@@ -92,8 +105,9 @@ def test_masses_of_equidistant_codewords_past_the_near_list():
     want, best = _argmin64(x, codebook)
     assert torch.equal(ids, want)
     assert torch.equal(dists, best.float())
-    _, _, near, count = _native.direct_l2(x, codebook, _native.direct_pack(codebook), 1.0 + 1e-12)
+    _, _, near, count, flagged = _native.direct_l2(x, codebook, _native.direct_pack(codebook), 1.0 + 1e-12)
     assert bool((count[:5] == -1).all())  # the centres: more ties than listed
+    assert flagged == int((count != 0).sum())
 
 
 @needs_native

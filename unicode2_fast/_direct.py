@@ -17,12 +17,12 @@ exact path, so ids and distances are theirs bit for bit, ties to the lowest inde
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
 from . import _native, _scan_bf16
-from ._cache import per_tensor
+from ._cache import per_tensor, reused_buffer
 from ._certified import U64, lowest_of_min, pair_objective
 
 #: the largest codebook the direct scan takes (its per-tile sums live on the compiled loop's stack)
@@ -40,6 +40,8 @@ DIRECT_EXTRA = 32
 SCAN_EXTRA = 64
 SCAN_RELATIVE = 0.7
 SCAN_FIXED = 8_000_000
+#: queries per call of the compiled loop (its near-tie lists: CHUNK x 64 x 4 bytes)
+CHUNK = 16384
 
 
 #: row dtypes the direct scan takes (fp16 / bf16 rows widen to fp32 exactly)
@@ -67,21 +69,39 @@ def fits(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> bool:
     return n * k * (d + DIRECT_EXTRA) <= SCAN_FIXED + SCAN_RELATIVE * n * panels * (d + SCAN_EXTRA)
 
 
-def search(x: torch.Tensor, codebook: torch.Tensor, ids: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def search(x: torch.Tensor, codebook: torch.Tensor,
+           distinct: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact l2 nearest codewords of ``x: (n, d)`` in ``codebook: (K, d)`` (fp32 / fp16 / bf16), K <= MAX_K:
-    ids (n,) int64 and squared distances (n,) float64. ``ids``: the sorted ids of the distinct rows
-    (the first of each set of duplicates; None: all distinct), the only rows scanned."""
+    ids (n,) int64 and squared distances (n,) float64. Only the distinct rows are scanned:
+    ``distinct(codebook)``, called once per codebook version, gives their sorted ids (the first of
+    each set of exact duplicates), or None where all rows are distinct."""
     x = x.float()  # (exact for fp16 / bf16)
     x = x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
-    copy, panels = per_tensor(codebook, ("direct_scan",), lambda c: _book(c, ids))
+    ids, copy, panels = per_tensor(codebook, ("direct_scan",), lambda c: _book(c, distinct(c)))
     rows = codebook if copy is None else copy
     d = x.shape[1]
     # a float64 sum of d non-negative terms, in any order, is within gamma_d of the exact sum: where
     # two sums differ by less than ((1 + g) / (1 - g))^2, torch's order may rank them otherwise
     gamma = (d + 2) * U64 / (1.0 - (d + 2) * U64)
-    best, dist, near, count = _native.direct_l2(x, rows, panels, ((1.0 + gamma) / (1.0 - gamma)) ** 2 * (1.0 + 4 * U64))
-    close = count.nonzero().squeeze(1)
-    if close.numel():  # near ties: ranked by the objective every other exact path computes (torch's order)
+    margin = ((1.0 + gamma) / (1.0 - gamma)) ** 2 * (1.0 + 4 * U64)
+    n = x.shape[0]
+    if n <= CHUNK:
+        best, dist = _chunk(x, rows, panels, margin, None)
+    else:  # the near-tie lists of one chunk at a time, in memory kept between calls
+        best = torch.empty(n, dtype=torch.int64)
+        dist = torch.empty(n, dtype=torch.float64)
+        for start in range(0, n, CHUNK):
+            part = x[start:start + CHUNK]
+            near = reused_buffer(codebook, ("direct_scan", "near"), (part.shape[0], _native.DIRECT_NEAR_CAP), torch.int32)
+            best[start:start + CHUNK], dist[start:start + CHUNK] = _chunk(part, rows, panels, margin, near)
+    return (best if ids is None else ids[best]), dist
+
+
+def _chunk(x: torch.Tensor, rows: torch.Tensor, panels: torch.Tensor, margin: float,
+           near: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    best, dist, near, count, flagged = _native.direct_l2(x, rows, panels, margin, near)
+    if flagged:  # near ties: ranked by the objective every other exact path computes (torch's order)
+        close = count.nonzero().squeeze(1)
         per_row = count[close].long()
         every = per_row < 0  # more near candidates than listed: every codeword of the row
         per_row = torch.where(every, rows.shape[0], per_row)
@@ -92,12 +112,13 @@ def search(x: torch.Tensor, codebook: torch.Tensor, ids: Optional[torch.Tensor])
         obj, _ = pair_objective(x, rows, pair_rows, pair_cols, "l2", torch.float64)
         row_ids, row_best = lowest_of_min(x.shape[0], pair_rows, pair_cols, obj)
         best[close], dist[close] = row_ids[close], row_best[close]
-    return (best if ids is None else ids[best]), dist
+    return best, dist
 
 
-def _book(codebook: torch.Tensor, ids: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
-    """(the scanned rows where they are a copy, else None; their panels): cached per codebook, and
-    never the codebook itself, which a cache value would keep alive forever."""
+def _book(codebook: torch.Tensor, ids: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor],
+                                                                       torch.Tensor]:
+    """(ids, the rows they select where those are a copy or None, their panels): cached per
+    codebook, and never the codebook itself, which a cache value would keep alive forever."""
     rows = (codebook if ids is None else codebook.index_select(0, ids)).float()
     rows = rows if rows.shape[1] <= 1 or rows.stride(1) == 1 else rows.contiguous()
-    return (None if rows is codebook else rows), _native.direct_pack(rows)
+    return ids, (None if rows is codebook else rows), _native.direct_pack(rows)

@@ -450,10 +450,12 @@ void direct_pack(const float *c, int64_t ldc, int64_t k, int64_t d, float *panel
    out_dist. Where another candidate is within `margin` of the best or the best's fp32 rounding is
    that close to a boundary (see rerank_l2_f64), near[i, :count[i]] lists the candidates within the
    margin, which the caller ranks again in torch's order (count -1: more than DIRECT_NEAR_CAP
-   candidates, the caller ranks every codeword); count[i] = 0 elsewhere. Takes d < 2^20. */
-void direct_l2(const float *x, int64_t ldx, const float *c, int64_t ldc, const float *panels, int64_t n, int64_t k,
-               int64_t d, double margin, int64_t *out_id, double *out_dist, int32_t *near, int32_t *count,
-               int threads) {
+   candidates, the caller ranks every codeword); count[i] = 0 elsewhere. Returns how many rows have
+   count[i] != 0. Takes d < 2^20. */
+int64_t direct_l2(const float *x, int64_t ldx, const float *c, int64_t ldc, const float *panels, int64_t n,
+                  int64_t k, int64_t d, double margin, int64_t *out_id, double *out_dist, int32_t *near,
+                  int32_t *count, int threads) {
+    int64_t flagged = 0;
     const int64_t npanels = (k + DIRECT_PANEL - 1) / DIRECT_PANEL;
     const int64_t tiles = (n + DIRECT_ROWS - 1) / DIRECT_ROWS;
     const double u = 0x1p-24, g = 1.01 * (d + 3) * u / (1.0 - (d + 3) * u), a = (d + 1) * 0x1p-149;
@@ -467,7 +469,7 @@ void direct_l2(const float *x, int64_t ldx, const float *c, int64_t ldc, const f
     for (int part = 0; part < DIRECT_PARTS; ++part)
         for (int l = 0; l < VLANES; ++l)
             last_valid[part][l] = (npanels - 1) * DIRECT_PANEL + part * VLANES + l < k ? -1 : 0;
-    #pragma omp parallel for schedule(static) num_threads(threads)
+    #pragma omp parallel for schedule(static) num_threads(threads) reduction(+:flagged)
     for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t i0 = tile * DIRECT_ROWS;
         const float *xr[DIRECT_ROWS];
@@ -529,8 +531,10 @@ void direct_l2(const float *x, int64_t ldx, const float *c, int64_t ldc, const f
                         if (value[t] <= best * margin) list[w++] = which[t];
             }
             count[i] = w;
+            flagged += w != 0;
         }
     }
+    return flagged;
 }
 """
 
@@ -625,7 +629,7 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     library.direct_pack.argtypes = [_P, _I, _I, _I, _P]
     library.direct_pack.restype = None
     library.direct_l2.argtypes = [_P, _I, _P, _I, _P, _I, _I, _I, ctypes.c_double, _P, _P, _P, _P, ctypes.c_int]
-    library.direct_l2.restype = None
+    library.direct_l2.restype = ctypes.c_int64
     return library
 
 
@@ -889,12 +893,14 @@ def direct_pack(codebook: torch.Tensor) -> torch.Tensor:
     return panels
 
 
-def direct_l2(x: torch.Tensor, codebook: torch.Tensor, panels: torch.Tensor, margin: float):
+def direct_l2(x: torch.Tensor, codebook: torch.Tensor, panels: torch.Tensor, margin: float,
+              near: Optional[torch.Tensor] = None):
     """Exact l2 nearest codewords of ``x: (n, d)`` in ``codebook: (K, d)`` (CPU fp32, unit column
     stride; ``panels`` from :func:`direct_pack` of it): ``(ids (n,) int64, squared distances (n,)
-    float64, near (n, DIRECT_NEAR_CAP) int32, count (n,) int32)``, the lowest id on ties. Rows with
-    ``count > 0`` have near ties (within ``margin``, see :func:`rerank_l2_f64`) among
-    ``near[i, :count[i]]``; ``count == -1``: among more codewords than that (rank them all)."""
+    float64, near (n, DIRECT_NEAR_CAP) int32, count (n,) int32, flagged)``, the lowest id on ties.
+    Rows with ``count > 0`` (``flagged`` of them, with the next) have near ties (within ``margin``, see
+    :func:`rerank_l2_f64`) among ``near[i, :count[i]]``; ``count == -1``: among more codewords than
+    that (rank them all). ``near``: a contiguous (n, DIRECT_NEAR_CAP) int32 buffer to write into."""
     library = _load()
     if library is None:
         raise RuntimeError(f"the native loops are unavailable: {_failure}")
@@ -908,12 +914,16 @@ def direct_l2(x: torch.Tensor, codebook: torch.Tensor, panels: torch.Tensor, mar
                          f"for ({n}, {d}) queries")
     if not 0 < k <= DIRECT_MAX_K or d >= 1 << 20:
         raise ValueError(f"direct_l2: the direct scan takes 1 .. {DIRECT_MAX_K} codewords and d < 2^20, got {k}, {d}")
+    if near is None:
+        near = torch.empty((n, DIRECT_NEAR_CAP), dtype=torch.int32)
+    elif near.shape != (n, DIRECT_NEAR_CAP) or near.dtype != torch.int32 or not near.is_contiguous():
+        raise ValueError(f"direct_l2: near must be a contiguous ({n}, {DIRECT_NEAR_CAP}) int32 buffer")
     ids = torch.empty(n, dtype=torch.int64)
     dist = torch.empty(n, dtype=torch.float64)
-    near = torch.empty((n, DIRECT_NEAR_CAP), dtype=torch.int32)
     count = torch.empty(n, dtype=torch.int32)
+    flagged = 0
     if n:
-        library.direct_l2(x.data_ptr(), x.stride(0), codebook.data_ptr(), codebook.stride(0), panels.data_ptr(), n, k,
-                          d, margin, ids.data_ptr(), dist.data_ptr(), near.data_ptr(), count.data_ptr(),
-                          _threads(n, k * d))
-    return ids, dist, near, count
+        flagged = library.direct_l2(x.data_ptr(), x.stride(0), codebook.data_ptr(), codebook.stride(0), panels.data_ptr(),
+                                    n, k, d, margin, ids.data_ptr(), dist.data_ptr(), near.data_ptr(), count.data_ptr(),
+                                    _threads(n, k * d))
+    return ids, dist, near, count, flagged

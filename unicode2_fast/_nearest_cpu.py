@@ -675,7 +675,7 @@ def nearest_cpu(
                              f"d <= {_direct.MAX_DIM} (got metric {metric!r}, {x.dtype} queries, {codebook.dtype} "
                              f"codebook of shape {tuple(codebook.shape)}, native loops: {_native.available()})")
         with stage("nearest/direct"):
-            ids, obj = _direct.search(x, codebook, distinct_codewords(codebook))
+            ids, obj = _direct.search(x, codebook, distinct_codewords)
         return ids, obj.float()
     if filter_kind == "bf16" or (filter_kind is None and _scan_fits(x, codebook, metric)):
         with stage("nearest/bf16_scan"):
