@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import unicode2_fast as u2
-from unicode2_fast import _certified, _direct, _native, _nearest_cpu, _scan_bf16
+from unicode2_fast import _certified, _direct, _native, _nearest_cpu
 from unicode2_fast.data import photo_patches
 
 from reference import assert_nearest_ok, objective64
@@ -54,7 +54,7 @@ def test_direct_scan_in_query_chunks(monkeypatch):
     monkeypatch.setattr(_direct, "CHUNK", 50)
     for kind in ("integer ties", "duplicates", "gaussian"):
         x, codebook = _data(kind, 237, 90, 12, seed=5)
-        for _ in range(2):  # the second call reuses the buffer
+        for _ in range(2):  # (a second call, with the buffer kept between calls)
             ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "l2", "direct")
             want, best = _argmin64(x, codebook)
             assert torch.equal(ids, want)
@@ -90,6 +90,42 @@ def test_direct_scan_takes_half_precision_rows(dtype):
     assert torch.equal(dists, best.float())
     ids, _ = u2.nearest(x, codebook)
     assert torch.equal(ids, want)
+
+
+@needs_native
+def test_a_codeword_whose_fp32_sum_overflows_stays_a_candidate():
+    # the minimum's fp32 sum is finite but the limit passes fp32's range: a codeword whose own sum
+    # overflowed (its exact distance 3.40282356780e38, just below the finite one's) must stay in
+    f = float.fromhex
+    codebook = torch.tensor([[f("0x1.ffffc2p+63"), f("0x1.f5e67ep+54")],  # the finite fp32 sum, farther
+                             [f("0x1.fffffep+63"), f("0x1.3988e2p+52")]])  # the overflowing sum, nearer
+    x = torch.zeros(3, 2)
+    s32 = ((x[:1] - codebook) ** 2).sum(dim=1)
+    assert bool(torch.isinf(s32[1])) and bool(torch.isfinite(s32[0]))  # (the case as described)
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "l2", "direct")
+    want, best = _argmin64(x, codebook)
+    assert torch.equal(want, torch.ones(3, dtype=torch.int64)) and torch.equal(ids, want)
+    assert torch.equal(dists, best.float())
+
+
+@needs_native
+def test_fp32_misorders_near_equidistant_codewords_and_the_certificate_keeps_them():
+    # each query is the centre of 64 codewords on a sphere of radius 3 (equal in float64 before the
+    # fp32 rounding of the codewords, so their distances differ by ~1e-7 relative): plain fp32 sums
+    # pick a wrong one in most rows (a scan that trusted them, or a bound too tight, fails here);
+    # the certified scan returns the float64 argmin of every row
+    g = torch.Generator().manual_seed(8)
+    n, per, d = 16, 64, 48
+    centres = torch.randn(n, d, generator=g, dtype=torch.float64)
+    u = torch.randn(n, per, d, generator=g, dtype=torch.float64)
+    codebook = (centres[:, None, :] + 3.0 * u / u.norm(dim=2, keepdim=True)).reshape(n * per, d).float()
+    x = centres.float()
+    want, best = _argmin64(x, codebook)
+    fp32_pick = ((x[:, None, :] - codebook[None]) ** 2).sum(dim=2).argmin(dim=1)
+    assert int((fp32_pick != want).sum()) >= n // 4
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "l2", "direct")
+    assert torch.equal(ids, want)
+    assert torch.equal(dists, best.float())
 
 
 @needs_native
@@ -159,7 +195,10 @@ def test_automatic_choice_takes_the_direct_scan_for_small_problems(monkeypatch):
     u2.nearest(tiny_x, tiny_c, metric="ip")
     assert calls == [(8, 64)]
     big_x = torch.randn(20000, 192, generator=g)
-    assert _direct.fits(big_x, torch.randn(512, 192), "l2") == (not _scan_bf16.available())
+    book = torch.randn(512, 192)
+    assert not _direct.fits(big_x, book, "l2", lambda: True)  # the bf16 scan's faster dot products win
+    assert _direct.fits(big_x, book, "l2", lambda: False)  # where it would not run, the direct scan
+    assert _direct.fits(tiny_x, tiny_c, "l2", lambda: pytest.fail("not asked"))
 
 
 @needs_native

@@ -52,21 +52,24 @@ class ieee_fp32_matmul:
         mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
         # torch >= 2.9: one fp32_precision per backend ("none" inherits the global one)
         backends = (getattr(torch.backends.cuda, "matmul", None), getattr(torch.backends, "cudnn", None), mkldnn)
-        if any(backend is not None and hasattr(backend, "fp32_precision") for backend in backends):
-            for backend in backends if self.cuda else (mkldnn,):
-                if backend is not None and hasattr(backend, "fp32_precision"):
-                    value = backend.fp32_precision
-                    if value != "ieee":
-                        saved.append((backend, "fp32_precision", value))
-                        backend.fp32_precision = "ieee"
-            return
-        # torch < 2.9: the legacy switches
-        saved.append((torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32))
-        saved.append((torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32))
-        self.precision = torch.get_float32_matmul_precision()
-        for backend, name, _ in saved:
-            setattr(backend, name, False)
-        torch.set_float32_matmul_precision("highest")
+        try:
+            if any(backend is not None and hasattr(backend, "fp32_precision") for backend in backends):
+                for backend in backends if self.cuda else (mkldnn,):
+                    if backend is not None and hasattr(backend, "fp32_precision"):
+                        value = backend.fp32_precision
+                        if value != "ieee":
+                            saved.append((backend, "fp32_precision", value))
+                            backend.fp32_precision = "ieee"
+                return
+            # torch < 2.9: the legacy switches
+            self.precision = torch.get_float32_matmul_precision()
+            for backend, name in ((torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")):
+                saved.append((backend, name, getattr(backend, name)))
+                setattr(backend, name, False)
+            torch.set_float32_matmul_precision("highest")
+        except BaseException:  # a switch that refused: the ones already written go back
+            self.__exit__()
+            raise
 
     def __exit__(self, *exc) -> None:
         for backend, name, value in self.saved:

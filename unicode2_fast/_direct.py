@@ -21,7 +21,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from . import _native, _scan_bf16
+from . import _native
 from ._cache import per_tensor, reused_buffer
 from ._certified import U64, lowest_of_min, pair_objective
 
@@ -56,17 +56,22 @@ def takes(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> bool:
             and d <= MAX_DIM and _native.available())
 
 
-def fits(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> bool:
-    """Whether the automatic choice takes the direct scan: it can run (:func:`takes`) and, where the
-    bf16 scan runs, its cost model is below the bf16 scan's."""
+def fits(x: torch.Tensor, codebook: torch.Tensor, metric: str, scan: Callable[[], bool]) -> bool:
+    """Whether the automatic choice takes the direct scan: it can run (:func:`takes`), and its cost
+    model is below the bf16 scan's or the bf16 scan would not take the search (``scan()``, asked
+    only then)."""
     if not takes(x, codebook, metric):
         return False
     n = x.shape[0]
     k, d = codebook.shape
-    if not _scan_bf16.available():
-        return True  # else the fp32 filter / FAISS flat path: a GEMM at about its rate plus the certification
     panels = -(-k // 64) * 64
-    return n * k * (d + DIRECT_EXTRA) <= SCAN_FIXED + SCAN_RELATIVE * n * panels * (d + SCAN_EXTRA)
+    if n * k * (d + DIRECT_EXTRA) <= SCAN_FIXED + SCAN_RELATIVE * n * panels * (d + SCAN_EXTRA):
+        return True
+    # where the bf16 scan does not run: the filter engine (fp32 below K x d = 65,536) or FAISS's flat
+    # path, a GEMM at about the direct scan's rate plus the certification. (Measured with AVX2 code
+    # and on AVX-512 BF16 CPUs; CPUs with a fast int8 GEMM but no BF16, where the int8 filter could
+    # win at K ~ 1,024 and large d, were not measured.)
+    return not scan()
 
 
 def search(x: torch.Tensor, codebook: torch.Tensor,
@@ -92,8 +97,10 @@ def search(x: torch.Tensor, codebook: torch.Tensor,
         dist = torch.empty(n, dtype=torch.float64)
         for start in range(0, n, CHUNK):
             part = x[start:start + CHUNK]
-            near = reused_buffer(codebook, ("direct_scan", "near"), (part.shape[0], _native.DIRECT_NEAR_CAP), torch.int32)
-            best[start:start + CHUNK], dist[start:start + CHUNK] = _chunk(part, rows, panels, margin, near)
+            # (no reference to the buffer outlives the chunk: the next one gets the same memory)
+            best[start:start + CHUNK], dist[start:start + CHUNK] = _chunk(
+                part, rows, panels, margin,
+                reused_buffer(codebook, ("direct_scan", "near"), (part.shape[0], _native.DIRECT_NEAR_CAP), torch.int32))
     return (best if ids is None else ids[best]), dist
 
 

@@ -47,6 +47,7 @@ import torch
 SOURCE = r"""
 #include <stdint.h>
 #include <math.h>
+#include <float.h>
 
 /* AdamW on rows ids[0:rows] of p / m / v (row length d), in place, on `threads` OpenMP threads.
    g: the rows' gradients, in the order of ids. neg_step[i] = -lr / (1 - beta1^t_i),
@@ -507,6 +508,9 @@ int64_t direct_l2(const float *x, int64_t ldx, const float *c, int64_t ldc, cons
             const double limit = isfinite(smin) ? ((double)smin + a) * grow + a * (1.0 + 0x1p-40) : INFINITY;
             float flimit = (float)limit;  /* the largest float <= limit: s <= flimit iff (double)s <= limit */
             if ((double)flimit > limit) flimit = nextafterf(flimit, -INFINITY);
+            /* a limit past fp32's range keeps the sums that overflowed to inf too: their exact distance
+               may still be below the winner's (the bound holds only for sums that did not overflow) */
+            if (limit > FLT_MAX) flimit = INFINITY;
             int64_t best_id = 0, kept = 0;
             double best = INFINITY, second = INFINITY, value[DIRECT_NEAR_CAP];
             int32_t which[DIRECT_NEAR_CAP];

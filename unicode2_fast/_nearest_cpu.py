@@ -669,7 +669,8 @@ def nearest_cpu(
     """
     if x.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float32)
-    if filter_kind == "direct" or (filter_kind is None and _direct.fits(x, codebook, metric)):
+    if filter_kind == "direct" or (filter_kind is None
+                                   and _direct.fits(x, codebook, metric, lambda: _scan_fits(x, codebook, metric))):
         if filter_kind == "direct" and not _direct.takes(x, codebook, metric):
             raise ValueError(f"the direct scan takes l2, fp32 / fp16 / bf16 rows, 1 .. {_direct.MAX_K} codewords and "
                              f"d <= {_direct.MAX_DIM} (got metric {metric!r}, {x.dtype} queries, {codebook.dtype} "
