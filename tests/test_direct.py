@@ -16,9 +16,16 @@ from reference import assert_nearest_ok, objective64
 needs_native = pytest.mark.skipif(not _native.available(), reason="no C compiler here")
 
 
-def _argmin64(x, codebook):
-    best, ids = objective64(x, codebook, "l2").min(dim=1)  # the first minimum: the lowest index
+def _argmin64(x, codebook, metric="l2"):
+    best, ids = objective64(x, codebook, metric).min(dim=1)  # the first minimum: the lowest index
     return ids, best
+
+
+def _no_zero_rows(v):
+    """cos takes no zero vector: such rows get a 1 in their first column."""
+    v = v.clone()
+    v[(v == 0).all(dim=1), 0] = 1.0
+    return v
 
 
 def _data(kind, n, k, d, seed):
@@ -46,6 +53,54 @@ def test_direct_scan_is_the_float64_argmin(d, k, kind):
     want, best = _argmin64(x, codebook)
     assert torch.equal(ids, want)
     assert torch.equal(dists, best.float())  # the float64 distance, rounded once
+
+
+@needs_native
+@pytest.mark.parametrize("metric", ["ip", "cos"])
+@pytest.mark.parametrize("d", [1, 7, 16, 64, 192, 1152])
+@pytest.mark.parametrize("k", [1, 8, 100, 1024])
+@pytest.mark.parametrize("kind", ["gaussian", "integer ties", "duplicates", "near copies", "queries on codewords"])
+def test_direct_dot_scan_is_the_float64_argmin(metric, d, k, kind):
+    x, codebook = _data(kind, 61, k, d, seed=d * 5 + k)
+    if metric == "cos":
+        x, codebook = _no_zero_rows(x), _no_zero_rows(codebook)
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, metric, "direct")
+    # the float64 optimum (exact ties, e.g. parallel integer codewords under cos, may be ranked either
+    # way by another float64 evaluation order: within 1e-12 of it) ...
+    assert_nearest_ok(ids, dists, x, codebook, metric, rel_tol=1e-12, abs_tol=1e-12)
+    if kind == "gaussian":
+        assert torch.equal(ids, _argmin64(x, codebook, metric)[0])
+    # ... and the very answer of the other exact paths (pair_objective's evaluation, lowest index)
+    other_ids, other = _nearest_cpu.nearest_cpu(x, codebook, metric, "fp64")
+    assert torch.equal(ids, other_ids) and torch.equal(dists, other)
+
+
+@needs_native
+@pytest.mark.parametrize("metric", ["ip", "cos"])
+def test_direct_dot_scan_near_equal_angles_and_masses_of_ties(metric):
+    # codewords at angles that differ by ~1e-7 (fp32 dot products misrank them) and a mass of exact
+    # ties past the near-tie list (the +-1 corners of a cube, all at one angle to the axis query)
+    g = torch.Generator().manual_seed(11)
+    n, per, d = 16, 64, 48
+    axis = torch.randn(n, d, generator=g, dtype=torch.float64)
+    axis = axis / axis.norm(dim=1, keepdim=True)
+    u = torch.randn(n, per, d, generator=g, dtype=torch.float64)
+    u -= (u * axis[:, None, :]).sum(dim=2, keepdim=True) * axis[:, None, :]
+    u = u / u.norm(dim=2, keepdim=True)
+    codebook = (axis[:, None, :] * 0.8 + u * 0.6).reshape(n * per, d).float()  # all at cos 0.8, norm 1
+    x = axis.float()
+    want, best = _argmin64(x, codebook, metric)
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, metric, "direct")
+    assert torch.equal(ids, want)
+    fp32_pick = (x @ codebook.t()).argmax(dim=1)
+    assert int((fp32_pick != want).sum()) >= n // 4  # (what a scan that trusted fp32 would return)
+    corners = torch.cartesian_prod(*[torch.tensor([-1.0, 1.0])] * 7)
+    q = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 2.0]])
+    ids, dists = _nearest_cpu.nearest_cpu(q, corners, metric, "direct")
+    other_ids, other = _nearest_cpu.nearest_cpu(q, corners, metric, "fp64")
+    assert torch.equal(ids, other_ids) and torch.equal(dists, other)
+    assert_nearest_ok(ids, dists, q, corners, metric, rel_tol=1e-12, abs_tol=1e-12)
+    assert int(ids[0]) == int((corners[:, 0] == 1).nonzero()[0])  # the lowest of the 64 tied corners
 
 
 @needs_native
@@ -192,8 +247,14 @@ def test_automatic_choice_takes_the_direct_scan_for_small_problems(monkeypatch):
     for args in [(torch.randn(5, 64), torch.randn(2000, 64)),  # beyond MAX_K
                  (torch.randn(5, 64).double(), torch.randn(8, 64).double())]:  # float64: the other paths
         u2.nearest(*args)
-    u2.nearest(tiny_x, tiny_c, metric="ip")
     assert calls == [(8, 64)]
+    dot_calls = []
+    real_dot = _direct.search_dot
+    monkeypatch.setattr(_direct, "search_dot", lambda *a: dot_calls.append(a[2]) or real_dot(*a))
+    for metric in ("ip", "cos"):
+        ids, dists = u2.nearest(tiny_x, tiny_c, metric=metric)
+        assert_nearest_ok(ids, dists, tiny_x, tiny_c, metric, exact=True)
+    assert dot_calls == ["ip", "cos"]
     big_x = torch.randn(20000, 192, generator=g)
     book = torch.randn(512, 192)
     assert not _direct.fits(big_x, book, "l2", lambda: True)  # the bf16 scan's faster dot products win
@@ -203,7 +264,7 @@ def test_automatic_choice_takes_the_direct_scan_for_small_problems(monkeypatch):
 
 @needs_native
 def test_forced_direct_scan_refuses_what_it_cannot_take():
-    for x, codebook, metric in [(torch.randn(3, 8), torch.randn(5, 8), "ip"),
+    for x, codebook, metric in [(torch.randn(3, 8), torch.randn(_direct.MAX_K + 1, 8), "ip"),
                                 (torch.randn(3, 8), torch.randn(_direct.MAX_K + 1, 8), "l2"),
                                 (torch.randn(3, 8).double(), torch.randn(5, 8).double(), "l2"),
                                 (torch.randn(3, 8).double(), torch.randn(5, 8), "l2")]:

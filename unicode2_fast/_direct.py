@@ -23,7 +23,7 @@ import torch
 
 from . import _native
 from ._cache import per_tensor, reused_buffer
-from ._certified import U64, lowest_of_min, pair_objective
+from ._certified import U32, U64, lowest_of_min, pair_objective
 
 #: the largest codebook the direct scan takes (its per-tile sums live on the compiled loop's stack)
 MAX_K = _native.DIRECT_MAX_K
@@ -49,10 +49,10 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def takes(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> bool:
-    """Whether the direct scan can run: l2, fp32 / fp16 / bf16 rows, K <= MAX_K, d <= MAX_DIM,
-    compiled loops."""
+    """Whether the direct scan can run: fp32 / fp16 / bf16 rows, K <= MAX_K, d <= MAX_DIM, compiled
+    loops (l2: the direct form; ip / cos: fp32 dot products, see :func:`search_dot`)."""
     k, d = codebook.shape
-    return (metric == "l2" and x.dtype in DTYPES and codebook.dtype in DTYPES and 0 < k <= MAX_K
+    return (metric in ("l2", "ip", "cos") and x.dtype in DTYPES and codebook.dtype in DTYPES and 0 < k <= MAX_K
             and d <= MAX_DIM and _native.available())
 
 
@@ -62,6 +62,8 @@ def fits(x: torch.Tensor, codebook: torch.Tensor, metric: str, scan: Callable[[]
     only then)."""
     if not takes(x, codebook, metric):
         return False
+    if metric != "l2":
+        return True  # no bf16 scan for ip / cos; the fp32 filter ran them at 0.2-0.5x FAISS
     n = x.shape[0]
     k, d = codebook.shape
     panels = -(-k // 64) * 64
@@ -129,3 +131,70 @@ def _book(codebook: torch.Tensor, ids: Optional[torch.Tensor]) -> Tuple[Optional
     rows = (codebook if ids is None else codebook.index_select(0, ids)).float()
     rows = rows if rows.shape[1] <= 1 or rows.stride(1) == 1 else rows.contiguous()
     return ids, (None if rows is codebook else rows), _native.direct_pack(rows)
+
+
+def search_dot(x: torch.Tensor, codebook: torch.Tensor, metric: str,
+               distinct: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact "ip" / "cos" nearest codewords (the least -<x, c> / -cos(x, c)) of ``x: (n, d)`` in
+    ``codebook: (K, d)`` (fp32 / fp16 / bf16, no zero rows for cos), K <= MAX_K: ids (n,) int64
+    and the objective (n,) float64, as :func:`search` (``distinct``: see there)."""
+    cosine = metric == "cos"
+    x = x.float()
+    x = x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
+    ids, rows, cnorm, panels, bound = per_tensor(codebook, ("direct_dot", metric),
+                                                 lambda c: _dot_book(c, distinct(c), cosine))
+    rows = codebook if rows is None else rows
+    d = x.shape[1]
+    g = 1.01 * (d + 2) * U32 / (1.0 - (d + 2) * U32)  # the fp32 sum of d fused products
+    if cosine:
+        g += 2.1 * U32  # the normalised rows' fp32 roundings (relative u each, both sides)
+    # two float64 evaluations of one objective, in any summation order, differ by at most dev
+    # (times ||x|| ||c|| for ip; cos: the dot product's, both norms' and the division's roundings)
+    dev = 2.02 * ((d + 2) * U64 if not cosine else (2 * d + 10) * U64)
+    n = x.shape[0]
+    best = torch.empty(n, dtype=torch.int64)
+    obj = torch.empty(n, dtype=torch.float64)
+    for start in range(0, n, CHUNK):
+        part = x[start:start + CHUNK]
+        near = None if part.shape[0] <= 1024 else reused_buffer(codebook, ("direct_scan", "near"),
+                                                                (part.shape[0], _native.DIRECT_NEAR_CAP), torch.int32)
+        got, val, near, count, flagged = _native.direct_dot(part, rows, cnorm, panels, bound, g, dev, cosine, near)
+        if flagged:  # near ties: ranked by the objective every other exact path computes (torch's order)
+            _rerank(part, rows, got, val, near, count, metric)
+        best[start:start + CHUNK], obj[start:start + CHUNK] = got, val
+        del near
+    return (best if ids is None else ids[best]), obj
+
+
+def _rerank(x: torch.Tensor, rows: torch.Tensor, best: torch.Tensor, value: torch.Tensor, near: torch.Tensor,
+            count: torch.Tensor, metric: str) -> None:
+    """Rows with ``count != 0``: their listed candidates (every codeword where count is -1) ranked
+    by ``pair_objective`` (torch's order), the lowest index on ties, into ``best`` / ``value``."""
+    close = count.nonzero().squeeze(1)
+    per_row = count[close].long()
+    every = per_row < 0
+    per_row = torch.where(every, rows.shape[0], per_row)
+    pair_rows = close.repeat_interleave(per_row)
+    slot = torch.arange(pair_rows.numel()) - torch.repeat_interleave(torch.cumsum(per_row, 0) - per_row, per_row)
+    listed = near[pair_rows, slot.clamp_max(near.shape[1] - 1)].long()
+    pair_cols = torch.where(every.repeat_interleave(per_row), slot, listed)
+    obj, _ = pair_objective(x, rows, pair_rows, pair_cols, metric, torch.float64)
+    row_ids, row_best = lowest_of_min(x.shape[0], pair_rows, pair_cols, obj)
+    best[close], value[close] = row_ids[close], row_best[close]
+
+
+def _unit_rows(v: torch.Tensor) -> torch.Tensor:
+    """fp32 rows of ``v`` over their float64 norms (each element within relative 2^-24 of the exact quotient)."""
+    v64 = v.double()
+    return (v64 / v64.norm(dim=1, keepdim=True)).float()
+
+
+def _dot_book(codebook: torch.Tensor, ids: Optional[torch.Tensor], cosine: bool):
+    """(ids, the distinct fp32 rows where a copy else None, their float64 norms, the scanned rows'
+    panels, fp32 upper bounds of the scanned rows' norms): cached per codebook (never the codebook)."""
+    rows = (codebook if ids is None else codebook.index_select(0, ids)).float()
+    rows = rows if rows.shape[1] <= 1 or rows.stride(1) == 1 else rows.contiguous()
+    scanned = _unit_rows(rows) if cosine else rows
+    cnorm = rows.double().norm(dim=1)
+    bound = (scanned.double().norm(dim=1) * (1.0 + 2.0 ** -20)).float()  # rounded up past fp32's rounding
+    return ids, (None if rows is codebook else rows), cnorm.contiguous(), _native.direct_pack(scanned), bound

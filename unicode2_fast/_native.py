@@ -47,6 +47,7 @@ import torch
 SOURCE = r"""
 #include <stdint.h>
 #include <math.h>
+#include <stdlib.h>
 #include <float.h>
 
 /* AdamW on rows ids[0:rows] of p / m / v (row length d), in place, on `threads` OpenMP threads.
@@ -413,6 +414,18 @@ static inline uint32_t vmask_le(vf32 a, float lim) {
     return m;
 #endif
 }
+/* bit l set where lane l of a is >= lim */
+static inline uint32_t vmask_ge(vf32 a, float lim) {
+#if defined(__AVX512F__)
+    return _mm512_cmp_ps_mask((__m512)a, _mm512_set1_ps(lim), _CMP_GE_OQ);
+#elif defined(__AVX__)
+    return (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps((__m256)a, _mm256_set1_ps(lim), _CMP_GE_OQ));
+#else
+    uint32_t m = 0;
+    for (int l = 0; l < VLANES; ++l) m |= (uint32_t)(a[l] >= lim) << l;
+    return m;
+#endif
+}
 /* acc + v v with one rounding where the CPU fuses it (its add pipes take the subtractions: the
    loop then runs at the fp32 GEMM's element rate on CPUs with separate add units), else two */
 static inline vf32 vfma(vf32 v, vf32 acc) {
@@ -422,6 +435,16 @@ static inline vf32 vfma(vf32 v, vf32 acc) {
     return (vf32)_mm256_fmadd_ps((__m256)v, (__m256)v, (__m256)acc);
 #else
     return acc + v * v;
+#endif
+}
+/* acc + a b, fused where the CPU has FMA */
+static inline vf32 vfma2(vf32 a, vf32 b, vf32 acc) {
+#if defined(__AVX512F__)
+    return (vf32)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
+#elif defined(__FMA__)
+    return (vf32)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
+#else
+    return acc + a * b;
 #endif
 }
 #define DIRECT_PANEL 16  /* codewords per panel: 16 / VLANES vectors of fp32 sums per query */
@@ -540,6 +563,150 @@ int64_t direct_l2(const float *x, int64_t ldx, const float *c, int64_t ldc, cons
     }
     return flagged;
 }
+
+/* Exact ip / cos nearest codewords (the least -<x, c> or -cos(x, c)) among the k <= DIRECT_MAX_K
+   codewords. The scanned rows -- the queries x and the panels' codewords as given for ip, both over
+   their float64 norms and rounded to fp32 for cos (the queries here, in a per-thread scratch) --
+   give s_ij = the fp32 sum of fused products, within e_ij = g ||xs_i|| cb[j] + a of the exact
+   <xs_i, cs_j> (g: the d-term sum's bound and, for cos, the normalised rows' roundings; cb[j] >=
+   ||cs_j||; a: subnormal roundings), and e_ij <= E_i = g ||xs_i|| max cb + a. So the exact optimum
+   is at least smax_i - E_i, and every j with s_j >= smax_i - 2 E_i - (the float64 ranking's margin)
+   is a candidate (every codeword where a sum is NaN or +inf); the candidates are ranked by the
+   float64 objective from the original rows c: -sum_t x_t c_t (ip) or that over ||x|| cnorm[j] (cos),
+   the lowest index on ties, into out_id / out_obj. dev bounds how far two float64 evaluations of
+   one objective can differ (times ||x|| max cnorm for ip); where another candidate is within 2 dev
+   of the best, or the returned fp32 distance (obj for ip, 1 + obj for cos) could round the other
+   way, near[i, :count[i]] lists the candidates within 2 dev (count -1: more than DIRECT_NEAR_CAP)
+   for the caller's ranking in torch's order. Returns how many rows have count[i] != 0, or -1 where
+   the scratch memory could not be had. */
+int64_t direct_dot(const float *x, int64_t ldx, const float *c, int64_t ldc, const double *cnorm,
+                   const float *panels, const float *cb, int64_t n, int64_t k, int64_t d, double g, double dev,
+                   int cosine, int64_t *out_id, double *out_obj, int32_t *near, int32_t *count, int threads) {
+    int64_t flagged = 0, failed = 0;
+    const int64_t npanels = (k + DIRECT_PANEL - 1) / DIRECT_PANEL;
+    const int64_t tiles = (n + DIRECT_ROWS - 1) / DIRECT_ROWS;
+    const double a = (d + 1) * 0x1p-149, grow = 1.0 + 0x1p-40;
+    double cmax = 0.0, cbmax = 0.0;
+    for (int64_t j = 0; j < k; ++j) {
+        cmax = cnorm[j] > cmax ? cnorm[j] : cmax;
+        cbmax = cb[j] > cbmax ? cb[j] : cbmax;
+    }
+    const vf32 vninf = (vf32){0} - INFINITY;
+    const vi32 all_valid = (vi32){0} - 1;
+    vi32 last_valid[DIRECT_PARTS];
+    for (int part = 0; part < DIRECT_PARTS; ++part)
+        for (int l = 0; l < VLANES; ++l)
+            last_valid[part][l] = (npanels - 1) * DIRECT_PANEL + part * VLANES + l < k ? -1 : 0;
+    #pragma omp parallel num_threads(threads) reduction(+:flagged, failed)
+    {
+        float *scratch = cosine ? (float *)malloc((size_t)DIRECT_ROWS * (size_t)d * sizeof(float)) : NULL;
+        float *zeros = (float *)calloc((size_t)d, sizeof(float));  /* (norms as distances to the origin) */
+        if ((cosine && !scratch) || !zeros) failed = 1;
+        #pragma omp for schedule(static)
+        for (int64_t tile = 0; tile < tiles; ++tile) {
+            if ((cosine && !scratch) || !zeros) continue;
+            const int64_t i0 = tile * DIRECT_ROWS;
+            const float *xr[DIRECT_ROWS];
+            double xn[DIRECT_ROWS], xb[DIRECT_ROWS];  /* ||x_i||, and >= ||xs_i|| */
+            for (int r = 0; r < DIRECT_ROWS; ++r) {
+                const float *xo = x + (i0 + r < n ? i0 + r : n - 1) * ldx;
+                xn[r] = sqrt(sq_dist_f64(xo, zeros, d));
+                if (cosine) {
+                    /* x_t times the float64 reciprocal of ||x||: within 2^-52 of the quotient before the
+                       fp32 rounding (the bound's 2.1 u allows for both) */
+                    float *u = scratch + r * d;
+                    const double inv = 1.0 / xn[r];
+                    for (int64_t t = 0; t < d; ++t) u[t] = (float)((double)xo[t] * inv);
+                    xr[r] = u;
+                    xb[r] = sqrt(sq_dist_f64(u, zeros, d)) * grow;
+                } else {
+                    xr[r] = xo;
+                    xb[r] = xn[r] * grow;
+                }
+            }
+            float sums[DIRECT_ROWS][DIRECT_MAX_K + DIRECT_PANEL];
+            vf32 high[DIRECT_ROWS];  /* lane-wise maxima of the row's sums */
+            vi32 nan[DIRECT_ROWS];
+            for (int r = 0; r < DIRECT_ROWS; ++r) { high[r] = vninf; nan[r] = (vi32){0}; }
+            for (int64_t p = 0; p < npanels; ++p) {
+                const float *panel = panels + p * d * DIRECT_PANEL;
+                vf32 acc[DIRECT_ROWS][DIRECT_PARTS];
+                for (int r = 0; r < DIRECT_ROWS; ++r)
+                    for (int part = 0; part < DIRECT_PARTS; ++part) acc[r][part] = (vf32){0};
+                for (int64_t t = 0; t < d; ++t) {
+                    vf32 ct[DIRECT_PARTS];
+                    for (int part = 0; part < DIRECT_PARTS; ++part) ct[part] = vload(panel + t * DIRECT_PANEL + part * VLANES);
+                    for (int r = 0; r < DIRECT_ROWS; ++r) {
+                        const vf32 xv = (vf32){0} + xr[r][t];
+                        for (int part = 0; part < DIRECT_PARTS; ++part) acc[r][part] = vfma2(xv, ct[part], acc[r][part]);
+                    }
+                }
+                for (int r = 0; r < DIRECT_ROWS; ++r)
+                    for (int part = 0; part < DIRECT_PARTS; ++part) {
+                        /* padding codewords: -inf (never the maximum, never a candidate) */
+                        const vf32 v = vselect(p == npanels - 1 ? last_valid[part] : all_valid, acc[r][part], vninf);
+                        high[r] = vselect(v > high[r], v, high[r]);
+                        nan[r] |= (vi32)(v != v);
+                        *(vf32u *)(sums[r] + p * DIRECT_PANEL + part * VLANES) = v;
+                    }
+            }
+            for (int r = 0; r < DIRECT_ROWS && i0 + r < n; ++r) {
+                const int64_t i = i0 + r;
+                const float *s = sums[r], *xo = x + i * ldx;
+                float smax = -INFINITY;
+                int bad = 0;
+                for (int l = 0; l < VLANES; ++l) { smax = high[r][l] > smax ? high[r][l] : smax; bad |= nan[r][l] != 0; }
+                /* margin: how far the float64 ranking's values can move (its argmin's exact objective
+                   is within it of the least one, so the bounds widen by it too) */
+                const double margin = cosine ? dev : dev * xn[r] * cmax * grow;
+                const double spread = 2.0 * (g * xb[r] * cbmax * grow + a) * grow + margin * grow;
+                const int all = bad || !isfinite(smax);
+                const double limit = all ? -INFINITY : ((double)smax - spread) - fabs((double)smax) * 0x1p-40;
+                float flimit = (float)limit;  /* the least float >= limit: s >= flimit iff (double)s >= limit */
+                if ((double)flimit < limit) flimit = nextafterf(flimit, INFINITY);
+                if (all || limit < -FLT_MAX) flimit = -INFINITY;
+                int64_t best_id = 0, kept = 0;
+                double best = INFINITY, second = INFINITY, value[DIRECT_NEAR_CAP];
+                int32_t which[DIRECT_NEAR_CAP];
+                for (int64_t j0 = 0; j0 < npanels * DIRECT_PANEL; j0 += VLANES) {
+                    uint32_t m = all ? (1u << VLANES) - 1 : vmask_ge(vload(s + j0), flimit);
+                    for (; m; m &= m - 1) {  /* ascending j */
+                        const int64_t j = j0 + __builtin_ctz(m);
+                        if (j >= k) break;  /* padding */
+                        const float *cr = c + j * ldc;
+                        double acc64[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                        int64_t t = 0;
+                        for (; t + 8 <= d; t += 8)
+                            for (int l = 0; l < 8; ++l) acc64[l] += (double)xo[t + l] * cr[t + l];
+                        for (; t < d; ++t) acc64[0] += (double)xo[t] * cr[t];
+                        double e = -(((acc64[0] + acc64[1]) + (acc64[2] + acc64[3])) + ((acc64[4] + acc64[5]) + (acc64[6] + acc64[7])));
+                        if (cosine) e /= xn[r] * cnorm[j];
+                        if (kept < DIRECT_NEAR_CAP) { value[kept] = e; which[kept] = (int32_t)j; }
+                        ++kept;
+                        if (e < best) { second = best; best = e; best_id = j; }
+                        else if (e < second) second = e;
+                    }
+                }
+                out_id[i] = best_id;
+                out_obj[i] = best;
+                const double lo = cosine ? 1.0 + (best - margin) : best - margin;
+                const double hi = cosine ? 1.0 + (best + margin) : best + margin;
+                int32_t *list = near + i * DIRECT_NEAR_CAP, w = 0;
+                if (second <= best + 2.0 * margin || (float)lo != (float)hi) {
+                    if (kept > DIRECT_NEAR_CAP) w = -1;
+                    else
+                        for (int64_t t = 0; t < kept; ++t)
+                            if (value[t] <= best + 2.0 * margin) list[w++] = which[t];
+                }
+                count[i] = w;
+                flagged += w != 0;
+            }
+        }
+        free(scratch);
+        free(zeros);
+    }
+    return failed ? -1 : flagged;
+}
 """
 
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
@@ -634,6 +801,9 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     library.direct_pack.restype = None
     library.direct_l2.argtypes = [_P, _I, _P, _I, _P, _I, _I, _I, ctypes.c_double, _P, _P, _P, _P, ctypes.c_int]
     library.direct_l2.restype = ctypes.c_int64
+    library.direct_dot.argtypes = [_P, _I, _P, _I, _P, _P, _P, _I, _I, _I, ctypes.c_double, ctypes.c_double,
+                                   ctypes.c_int, _P, _P, _P, _P, ctypes.c_int]
+    library.direct_dot.restype = ctypes.c_int64
     return library
 
 
@@ -931,3 +1101,45 @@ def direct_l2(x: torch.Tensor, codebook: torch.Tensor, panels: torch.Tensor, mar
                                     n, k, d, margin, ids.data_ptr(), dist.data_ptr(), near.data_ptr(), count.data_ptr(),
                                     _threads(n, k * d))
     return ids, dist, near, count, flagged
+
+
+def direct_dot(x: torch.Tensor, codebook: torch.Tensor, cnorm: torch.Tensor, panels: torch.Tensor,
+               bound: torch.Tensor, g: float, dev: float, cosine: bool, near: Optional[torch.Tensor] = None):
+    """Exact ip / cos nearest codewords (the least -<x, c> or -cos(x, c)) of ``x: (n, d)`` among the
+    rows of ``codebook: (K, d)`` (the original fp32 rows, unit column stride). ``panels``
+    (:func:`direct_pack`): the codewords the fp32 scan reads (normalised for cos), ``bound: (K,)``
+    fp32 >= their norms, ``cnorm: (K,)`` float64 norms of ``codebook``'s rows, ``g`` the scan's
+    relative bound, ``dev`` the float64 evaluations' (see the C source). Returns ``(ids, objective
+    (n,) float64, near, count, flagged)`` as :func:`direct_l2`."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"the native loops are unavailable: {_failure}")
+    n, d = x.shape
+    k = codebook.shape[0]
+    for tensor, name in ((x, "x"), (codebook, "codebook")):
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or (d > 1 and tensor.stride(1) != 1):
+            raise ValueError(f"direct_dot: {name} must be CPU fp32 rows with unit column stride")
+    if codebook.shape[1] != d or panels.shape != (-(-k // DIRECT_PANEL), d, DIRECT_PANEL) or not panels.is_contiguous():
+        raise ValueError(f"direct_dot: inconsistent shapes (x {tuple(x.shape)}, codebook {tuple(codebook.shape)}, "
+                         f"panels {tuple(panels.shape)})")
+    _require(cnorm, torch.float64, "cnorm")
+    _require(bound, torch.float32, "bound")
+    if cnorm.shape != (k,) or bound.shape != (k,):
+        raise ValueError("direct_dot: cnorm and bound must be (K,)")
+    if not 0 < k <= DIRECT_MAX_K or d >= 1 << 20:
+        raise ValueError(f"direct_dot: the direct scan takes 1 .. {DIRECT_MAX_K} codewords and d < 2^20, got {k}, {d}")
+    if near is None:
+        near = torch.empty((n, DIRECT_NEAR_CAP), dtype=torch.int32)
+    elif near.shape != (n, DIRECT_NEAR_CAP) or near.dtype != torch.int32 or not near.is_contiguous():
+        raise ValueError(f"direct_dot: near must be a contiguous ({n}, {DIRECT_NEAR_CAP}) int32 buffer")
+    ids = torch.empty(n, dtype=torch.int64)
+    obj = torch.empty(n, dtype=torch.float64)
+    count = torch.empty(n, dtype=torch.int32)
+    flagged = 0
+    if n:
+        flagged = library.direct_dot(x.data_ptr(), x.stride(0), codebook.data_ptr(), codebook.stride(0), cnorm.data_ptr(),
+                                     panels.data_ptr(), bound.data_ptr(), n, k, d, g, dev, int(cosine), ids.data_ptr(),
+                                     obj.data_ptr(), near.data_ptr(), count.data_ptr(), _threads(n, k * d))
+        if flagged < 0:
+            raise MemoryError(f"direct_dot: no scratch memory for {d}-element rows")
+    return ids, obj, near, count, flagged

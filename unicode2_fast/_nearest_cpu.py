@@ -660,7 +660,7 @@ def nearest_cpu(
         x: (N, d) float queries (finite). codebook: (K, d) float codewords (finite, K >= 1).
         metric: "l2", "ip" or "cos". filter_kind: "direct" | "bf16" | "int8" | "int8x2" | "fbgemm" | "fp32" |
             "fp64" | "flat"; None picks by shape and measured GEMM rates (choose_filter). "direct" is
-            the fp32 direct-form scan of ``_direct`` (l2, fp32 / fp16 / bf16 rows, small codebooks); "bf16" the
+            the fp32 direct scan of ``_direct`` (fp32 / fp16 / bf16 rows, small codebooks); "bf16" the
             fused scan of ``_scan_bf16`` (l2, fp32 rows, a CPU with AVX-512 BF16); the queries it
             leaves (too many candidates) take the automatic choice.
 
@@ -672,12 +672,15 @@ def nearest_cpu(
     if filter_kind == "direct" or (filter_kind is None
                                    and _direct.fits(x, codebook, metric, lambda: _scan_fits(x, codebook, metric))):
         if filter_kind == "direct" and not _direct.takes(x, codebook, metric):
-            raise ValueError(f"the direct scan takes l2, fp32 / fp16 / bf16 rows, 1 .. {_direct.MAX_K} codewords and "
+            raise ValueError(f"the direct scan takes fp32 / fp16 / bf16 rows, 1 .. {_direct.MAX_K} codewords and "
                              f"d <= {_direct.MAX_DIM} (got metric {metric!r}, {x.dtype} queries, {codebook.dtype} "
                              f"codebook of shape {tuple(codebook.shape)}, native loops: {_native.available()})")
         with stage("nearest/direct"):
-            ids, obj = _direct.search(x, codebook, distinct_codewords)
-        return ids, obj.float()
+            if metric == "l2":
+                ids, obj = _direct.search(x, codebook, distinct_codewords)
+            else:
+                ids, obj = _direct.search_dot(x, codebook, metric, distinct_codewords)
+        return ids, (1.0 + obj if metric == "cos" else obj).float()
     if filter_kind == "bf16" or (filter_kind is None and _scan_fits(x, codebook, metric)):
         with stage("nearest/bf16_scan"):
             scanned = _bf16_scan(x, codebook, metric, forced=filter_kind == "bf16")
