@@ -94,13 +94,46 @@ def test_direct_dot_scan_near_equal_angles_and_masses_of_ties(metric):
     assert torch.equal(ids, want)
     fp32_pick = (x @ codebook.t()).argmax(dim=1)
     assert int((fp32_pick != want).sum()) >= n // 4  # (what a scan that trusted fp32 would return)
-    corners = torch.cartesian_prod(*[torch.tensor([-1.0, 1.0])] * 7)
-    q = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 2.0]])
+    corners = torch.cartesian_prod(*[torch.tensor([-1.0, 1.0])] * 8)  # 128 tied corners per query
+    q = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 2.0]])
     ids, dists = _nearest_cpu.nearest_cpu(q, corners, metric, "direct")
     other_ids, other = _nearest_cpu.nearest_cpu(q, corners, metric, "fp64")
     assert torch.equal(ids, other_ids) and torch.equal(dists, other)
     assert_nearest_ok(ids, dists, q, corners, metric, rel_tol=1e-12, abs_tol=1e-12)
-    assert int(ids[0]) == int((corners[:, 0] == 1).nonzero()[0])  # the lowest of the 64 tied corners
+    assert int(ids[0]) == int((corners[:, 0] == 1).nonzero()[0])  # the lowest of the 128 tied corners
+    *_, count, flagged = _native.direct_dot(q, corners, corners.double().norm(dim=1), _native.direct_pack(corners),
+                                            corners.norm(dim=1) * 1.001, 1e-5, 1e-12, False)
+    assert bool((count == -1).all()) and flagged == 2  # past the near-tie list: every codeword ranked
+
+
+@needs_native
+def test_direct_dot_scan_at_overflowing_sums_and_norms():
+    # a partial sum past -FLT_MAX that later terms bring back (the exact optimum: codeword 1), and a
+    # zero query against a codeword whose norm bound overflows fp32 (0 x inf in the bound)
+    x = torch.full((2, 3), 1e20)
+    codebook = torch.tensor([[-1e18, -1e18, -1e18], [-3e18, -3e18, 3.4e18]])
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "ip", "direct")
+    want, best = _argmin64(x, codebook, "ip")
+    assert torch.equal(ids, torch.ones(2, dtype=torch.int64)) and torch.equal(ids, want)
+    assert torch.equal(dists, best.float())
+    ids, dists = u2.nearest(x, codebook, metric="ip")  # (the public call rescales such magnitudes first)
+    assert torch.equal(ids, want) and torch.equal(dists, best.float())
+    zero, big = torch.zeros(1, 2), torch.tensor([[3e38, 3e38], [1.0, 0.0]])
+    ids, dists = _nearest_cpu.nearest_cpu(zero, big, "ip", "direct")
+    assert int(ids[0]) == 0 and float(dists[0]) == 0.0  # every objective is -0: the lowest index
+
+
+@needs_native
+@pytest.mark.parametrize("metric", ["ip", "cos"])
+def test_direct_dot_scan_in_query_chunks(monkeypatch, metric):
+    # chunks of more than 1,024 queries write their near-tie lists into a buffer kept between calls
+    monkeypatch.setattr(_direct, "CHUNK", 1200)
+    x, codebook = _data("integer ties", 2500, 90, 12, seed=6)
+    x, codebook = _no_zero_rows(x), _no_zero_rows(codebook)
+    for _ in range(2):
+        ids, dists = _nearest_cpu.nearest_cpu(x, codebook, metric, "direct")
+        other_ids, other = _nearest_cpu.nearest_cpu(x, codebook, metric, "fp64")
+        assert torch.equal(ids, other_ids) and torch.equal(dists, other)
 
 
 @needs_native
@@ -133,18 +166,19 @@ def test_direct_scan_at_extreme_magnitudes(scale_x, scale_c):
 
 
 @needs_native
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_direct_scan_takes_half_precision_rows(dtype):
+def test_direct_scan_takes_half_precision_rows(dtype, metric):
     # fp16 / bf16 rows widen to fp32 exactly: the float64 argmin of the half-precision values
     x, codebook = _data("near copies", 200, 300, 48, seed=9)
     x, codebook = x.to(dtype), codebook.to(dtype)
-    assert _direct.takes(x, codebook, "l2")
-    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "l2", "direct")
-    want, best = _argmin64(x, codebook)
-    assert torch.equal(ids, want)
-    assert torch.equal(dists, best.float())
-    ids, _ = u2.nearest(x, codebook)
-    assert torch.equal(ids, want)
+    assert _direct.takes(x, codebook, metric)
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, metric, "direct")
+    assert_nearest_ok(ids, dists, x.float(), codebook.float(), metric, rel_tol=1e-12, abs_tol=1e-12)
+    other_ids, other = _nearest_cpu.nearest_cpu(x.float(), codebook.float(), metric, "fp64")
+    assert torch.equal(ids, other_ids) and torch.equal(dists, other)
+    ids, _ = u2.nearest(x, codebook, metric=metric)
+    assert torch.equal(ids, other_ids)
 
 
 @needs_native

@@ -571,7 +571,7 @@ int64_t direct_l2(const float *x, int64_t ldx, const float *c, int64_t ldc, cons
    <xs_i, cs_j> (g: the d-term sum's bound and, for cos, the normalised rows' roundings; cb[j] >=
    ||cs_j||; a: subnormal roundings), and e_ij <= E_i = g ||xs_i|| max cb + a. So the exact optimum
    is at least smax_i - E_i, and every j with s_j >= smax_i - 2 E_i - (the float64 ranking's margin)
-   is a candidate (every codeword where a sum is NaN or +inf); the candidates are ranked by the
+   is a candidate (every codeword where a sum is NaN or infinite, or the bound is); the candidates are ranked by the
    float64 objective from the original rows c: -sum_t x_t c_t (ip) or that over ||x|| cnorm[j] (cos),
    the lowest index on ties, into out_id / out_obj. dev bounds how far two float64 evaluations of
    one objective can differ (times ||x|| max cnorm for ip); where another candidate is within 2 dev
@@ -646,7 +646,9 @@ int64_t direct_dot(const float *x, int64_t ldx, const float *c, int64_t ldc, con
                         /* padding codewords: -inf (never the maximum, never a candidate) */
                         const vf32 v = vselect(p == npanels - 1 ? last_valid[part] : all_valid, acc[r][part], vninf);
                         high[r] = vselect(v > high[r], v, high[r]);
-                        nan[r] |= (vi32)(v != v);
+                        /* NaN, or a sum that overflowed to -inf (later terms could have brought the
+                           exact value back): the row keeps every codeword */
+                        nan[r] |= (vi32)(v != v) | ((vi32)(v == vninf) & (p == npanels - 1 ? last_valid[part] : all_valid));
                         *(vf32u *)(sums[r] + p * DIRECT_PANEL + part * VLANES) = v;
                     }
             }
@@ -660,7 +662,8 @@ int64_t direct_dot(const float *x, int64_t ldx, const float *c, int64_t ldc, con
                    is within it of the least one, so the bounds widen by it too) */
                 const double margin = cosine ? dev : dev * xn[r] * cmax * grow;
                 const double spread = 2.0 * (g * xb[r] * cbmax * grow + a) * grow + margin * grow;
-                const int all = bad || !isfinite(smax);
+                /* (a spread that is not finite: a norm bound past fp32's range, 0 x inf for a zero query) */
+                const int all = bad || !isfinite(smax) || !isfinite(spread);
                 const double limit = all ? -INFINITY : ((double)smax - spread) - fabs((double)smax) * 0x1p-40;
                 float flimit = (float)limit;  /* the least float >= limit: s >= flimit iff (double)s >= limit */
                 if ((double)flimit < limit) flimit = nextafterf(flimit, INFINITY);
