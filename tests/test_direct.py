@@ -124,6 +124,21 @@ def test_direct_dot_scan_at_overflowing_sums_and_norms():
 
 
 @needs_native
+def test_zero_ip_queries_tie_every_codeword_without_a_second_ranking():
+    # black photograph patches: <0, c> is exactly 0 for every codeword in any order, so the lowest
+    # index wins in the loop itself and torch re-ranks nothing (it re-ranked every codeword before)
+    codebook = torch.rand(300, 48, generator=torch.Generator().manual_seed(4))
+    x = torch.cat([torch.zeros(5, 48), codebook[:3] + 0.5])
+    scanned = codebook.norm(dim=1) * 1.001
+    ids, obj, _, count, flagged = _native.direct_dot(x, codebook, codebook.double().norm(dim=1),
+                                                     _native.direct_pack(codebook), scanned, 1e-5, 1e-13, False)
+    assert torch.equal(ids[:5], torch.zeros(5, dtype=torch.int64)) and bool((count[:5] == 0).all())
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "ip", "direct")
+    other_ids, other = _nearest_cpu.nearest_cpu(x, codebook, "ip", "fp64")
+    assert torch.equal(ids, other_ids) and torch.equal(dists, other)
+
+
+@needs_native
 @pytest.mark.parametrize("metric", ["ip", "cos"])
 def test_direct_dot_scan_in_query_chunks(monkeypatch, metric):
     # chunks of more than 1,024 queries write their near-tie lists into a buffer kept between calls

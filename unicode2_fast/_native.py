@@ -695,7 +695,9 @@ int64_t direct_dot(const float *x, int64_t ldx, const float *c, int64_t ldc, con
                 const double lo = cosine ? 1.0 + (best - margin) : best - margin;
                 const double hi = cosine ? 1.0 + (best + margin) : best + margin;
                 int32_t *list = near + i * DIRECT_NEAR_CAP, w = 0;
-                if (second <= best + 2.0 * margin || (float)lo != (float)hi) {
+                /* (margin 0: a zero query, whose objectives are all exactly 0 in any order, so its
+                   ties -- flat black patches: every codeword -- need no second ranking) */
+                if ((margin > 0.0 && second <= best + 2.0 * margin) || (float)lo != (float)hi) {
                     if (kept > DIRECT_NEAR_CAP) w = -1;
                     else
                         for (int64_t t = 0; t < kept; ++t)
