@@ -9,6 +9,11 @@ FAISS; u2's ids are the exact float64 argmin) and writes OUT/nearest_data.md and
     python -m unicode2_fast.bench.bench_nearest_data            # about 2 minutes on 2 cores
     python -m unicode2_fast.bench.bench_nearest_data --repeats 5 --out bench_out
     python -m unicode2_fast.bench.bench_nearest_data --scale 0.5   # the main job's --quick sizes
+    python -m unicode2_fast.bench.bench_nearest_data --metric cos  # against faiss.IndexFlatIP (OUT/nearest_data_cos.*)
+
+With ``--metric ip`` / ``cos`` FAISS runs IndexFlatIP (cos: on rows it normalises, the queries
+inside the timed call, as a FAISS user does); for cos the all-zero rows (black photograph patches)
+are left out of every case, since a zero vector has no cosine.
 """
 from __future__ import annotations
 
@@ -87,6 +92,30 @@ def cases(scale: float = 1.0) -> List[Tuple[str, torch.Tensor, torch.Tensor]]:
     return out
 
 
+def _nonzero_rows(v: torch.Tensor) -> torch.Tensor:
+    return v[(v != 0).any(dim=1)].contiguous()
+
+
+def _faiss_index(codebook: torch.Tensor, metric: str):
+    """(index, search(queries) -> (distances, ids))): IndexFlatL2, or IndexFlatIP on normalised rows
+    for cos (the queries normalised inside each search, as a FAISS user does)."""
+    import faiss
+
+    rows = codebook.numpy().copy()
+    if metric == "cos":
+        faiss.normalize_L2(rows)
+    index = faiss.IndexFlatL2(rows.shape[1]) if metric == "l2" else faiss.IndexFlatIP(rows.shape[1])
+    index.add(rows)
+
+    def search(queries: torch.Tensor):
+        q = queries.numpy()
+        if metric == "cos":
+            q = q.copy()
+            faiss.normalize_L2(q)
+        return index.search(q, 1)
+    return index, search
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method and case")
@@ -94,6 +123,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default="bench_out", help="output directory")
     parser.add_argument("--scale", type=float, default=1.0, help="K and N times this (the main job's --quick: 0.5)")
     parser.add_argument("--tiny", action="store_true", help="K and N x 0.02, 1 repeat: smoke test")
+    parser.add_argument("--metric", choices=("l2", "ip", "cos"), default="l2",
+                        help="l2 against IndexFlatL2 (the default), ip / cos against IndexFlatIP")
     args = parser.parse_args(argv)
     if args.tiny:
         args.repeats, args.scale = 1, 0.02
@@ -107,14 +138,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = []
     stamp = _common.machine_stamp()
     print(HEADER, flush=True)
+    metric = args.metric
     for name, codebook, queries in cases(args.scale):
-        index = faiss.IndexFlatL2(codebook.shape[1])
-        index.add(codebook.numpy())
-        f_min, f_med = _times(lambda: index.search(queries.numpy(), 1), args.repeats)
-        u_min, u_med = _times(lambda: u2.nearest(queries, codebook), args.repeats)
-        ids, _ = u2.nearest(queries, codebook)
+        if metric == "cos":  # (a zero vector has no cosine)
+            codebook, queries = _nonzero_rows(codebook), _nonzero_rows(queries)
+        index, faiss_search = _faiss_index(codebook, metric)
+        f_min, f_med = _times(lambda: faiss_search(queries), args.repeats)
+        u_min, u_med = _times(lambda: u2.nearest(queries, codebook, metric=metric), args.repeats)
+        ids, _ = u2.nearest(queries, codebook, metric=metric)
         assert bool(((ids >= 0) & (ids < codebook.shape[0])).all()), name
-        agree = float((ids == torch.from_numpy(index.search(queries.numpy(), 1)[1][:, 0])).double().mean())
+        agree = float((ids == torch.from_numpy(faiss_search(queries)[1][:, 0])).double().mean())
         line = (f"| {name} | {codebook.shape[0]:,} | {codebook.shape[1]} | {queries.shape[0]:,} | "
                 f"{u_min:.3g} / {u_med:.3g} | {f_min:.3g} / {f_med:.3g} | {f_med / u_med:.2f}x | {agree:.4f} |")
         lines.append(line)
@@ -125,12 +158,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "min_s": best, "median_s": median, "queries_per_s": n / median,
                          "gflops": 2.0 * n * k * d / median / 1e9, "ratio_vs_faiss": f_med / median,
                          "ids_agree_faiss": agree if method == "u2" else 1.0, "threads": args.threads,
+                         "metric": metric,
                          "date": stamp["date"]})
     text = _common.stamp_text(stamp)
     os.makedirs(args.out, exist_ok=True)
-    _common.write_text("# exact search on real and adversarial data\n\n" + "\n".join(lines) + f"\n\n{text}\n",
-                       os.path.join(args.out, "nearest_data.md"))
-    _common.write_csv(rows, os.path.join(args.out, "nearest_data.csv"))
+    stem = "nearest_data" if metric == "l2" else f"nearest_data_{metric}"
+    title = "# exact search on real and adversarial data" + ("" if metric == "l2" else f", metric {metric}")
+    _common.write_text(title + "\n\n" + "\n".join(lines) + f"\n\n{text}\n", os.path.join(args.out, f"{stem}.md"))
+    _common.write_csv(rows, os.path.join(args.out, f"{stem}.csv"))
     print(text)
     return 0
 
