@@ -119,7 +119,8 @@ def test_profile_nearest_writes_a_chrome_trace_in_a_new_folder(tmp_path, capsys)
     assert len(traces) == 1 and sorted(os.listdir(out)) == [traces[0].name]  # no temporary file left
     names = {event.get("name") for event in json.loads(traces[0].read_text())["traceEvents"]}
     assert {"nearest", "nearest/torch"} <= names
-    assert names & {"nearest/filter_scan", "nearest/flat", "nearest/bf16_scan"}  # a filter, the flat or the bf16 scan
+    # a filter, the flat path, the bf16 or the direct scan
+    assert names & {"nearest/filter_scan", "nearest/flat", "nearest/bf16_scan", "nearest/direct"}
     assert "wrote" in capsys.readouterr().out
 
 

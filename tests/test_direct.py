@@ -152,6 +152,17 @@ def test_direct_dot_scan_in_query_chunks(monkeypatch, metric):
 
 
 @needs_native
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+@pytest.mark.parametrize("d", [16, 1152])
+def test_direct_scan_at_its_largest_codebook(metric, d):
+    x, codebook = _data("duplicates", 61, _direct.MAX_K, d, seed=d)
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, metric, "direct")
+    other_ids, other = _nearest_cpu.nearest_cpu(x, codebook, metric, "fp64")
+    assert torch.equal(ids, other_ids) and torch.equal(dists, other)
+    assert_nearest_ok(ids, dists, x, codebook, metric, rel_tol=1e-12, abs_tol=1e-12)
+
+
+@needs_native
 def test_direct_scan_in_query_chunks(monkeypatch):
     # beyond CHUNK queries the near-tie lists are written chunk by chunk into a reused buffer
     monkeypatch.setattr(_direct, "CHUNK", 50)
@@ -293,7 +304,7 @@ def test_automatic_choice_takes_the_direct_scan_for_small_problems(monkeypatch):
     ids, dists = u2.nearest(tiny_x, tiny_c)
     assert_nearest_ok(ids, dists, tiny_x, tiny_c, "l2", exact=True)
     assert calls == [(8, 64)]
-    for args in [(torch.randn(5, 64), torch.randn(2000, 64)),  # beyond MAX_K
+    for args in [(torch.randn(5, 64), torch.randn(_direct.MAX_K + 1, 64)),  # beyond MAX_K
                  (torch.randn(5, 64).double(), torch.randn(8, 64).double())]:  # float64: the other paths
         u2.nearest(*args)
     assert calls == [(8, 64)]

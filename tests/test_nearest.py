@@ -700,6 +700,7 @@ def test_automatic_filter_that_keeps_failing_is_skipped_and_retried(monkeypatch)
     c = c.clone()
     monkeypatch.setattr(_nearest_cpu, "choose_filter", lambda n, k, d: "int8")
     monkeypatch.setattr(_nearest_cpu, "SCAN_MAX_K", 0)  # the filter engine's own choice, past the bf16 scan
+    monkeypatch.setattr("unicode2_fast._direct.MAX_K", 0)  # ... and past the direct scan
     monkeypatch.setattr(_nearest_cpu, "QUERY_CHUNK", 10)
     monkeypatch.setattr(_nearest_cpu, "CODE_BLOCK", 128)
     monkeypatch.setattr(_nearest_cpu, "PRUNE_LIMIT", 0)  # no chunk prunes
@@ -879,6 +880,7 @@ def test_two_level_filter_prunes_photographs_where_int8_gives_up(monkeypatch):
 def test_automatic_choice_takes_the_two_level_filter_on_photographs(monkeypatch):
     monkeypatch.setattr(_nearest_cpu, "choose_filter", lambda n, k, d: "int8")
     monkeypatch.setattr(_nearest_cpu, "SCAN_MAX_K", 0)  # the filter engine's own choice, past the bf16 scan
+    monkeypatch.setattr("unicode2_fast._direct.MAX_K", 0)  # ... and past the direct scan
     monkeypatch.setattr(_nearest_cpu, "QUERY_CHUNK", 200)
     c, x = _photos(4096, 600, patch=8, seed=1)
     c = c.clone()

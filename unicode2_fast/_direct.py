@@ -1,4 +1,4 @@
-"""u2.nearest's direct scan: exact l2 nearest codewords for small codebooks (up to 1,024 rows).
+"""u2.nearest's direct scan: exact l2 / ip / cos nearest codewords for small codebooks (up to 4,096 rows).
 
 A residual VQ stage of 8 .. 256 codes, a tiny call of 81 queries: here FAISS's whole search takes
 microseconds, and the fixed cost of the filters (quantisation statistics, candidate stores, the

@@ -449,7 +449,7 @@ static inline vf32 vfma2(vf32 a, vf32 b, vf32 acc) {
 }
 #define DIRECT_PANEL 16  /* codewords per panel: 16 / VLANES vectors of fp32 sums per query */
 #define DIRECT_PARTS (DIRECT_PANEL / VLANES)
-#define DIRECT_MAX_K 1024
+#define DIRECT_MAX_K 4096  /* (the per-tile sums: 6 x 4,112 floats, 99 KB of a thread's stack) */
 #define DIRECT_NEAR_CAP 64
 
 /* panels (npanels, d, DIRECT_PANEL): codeword j = 16 p + l at panels[(p d + t) 16 + l] = c[j, t]
@@ -1051,7 +1051,7 @@ def rerank_l2_f64(x: torch.Tensor, codebook: torch.Tensor, ids: Optional[torch.T
 
 
 #: the direct scan's largest codebook (DIRECT_MAX_K in the C source: its per-tile sums live on the stack)
-DIRECT_MAX_K = 1024
+DIRECT_MAX_K = 4096
 DIRECT_PANEL = 16
 #: near-tie candidates listed per query (DIRECT_NEAR_CAP in the C source)
 DIRECT_NEAR_CAP = 64

@@ -20,7 +20,7 @@ and q2 in [-64, 64], and computes 128 <q1x, q1c> + <q1x, q2c> + <q2x, q1c> exact
 <q2x, q2c> term included in it. Exact duplicate codewords are scanned once, and each block's
 candidates are read back only from the groups of GROUP_WIDTH codewords whose minimum passes.
 
-Small l2 codebooks (up to 1,024 fp32 rows) go first to the direct scan of ``_direct`` (fp32
+Small codebooks (up to 4,096 fp32 / fp16 / bf16 rows) go first to the direct scan of ``_direct`` (fp32
 differences, an error bound relative to the distance itself), l2 codebooks of up to SCAN_MAX_K
 fp32 rows on AVX-512 BF16 CPUs to the bf16 scan of ``_scan_bf16``; the rest comes here.
 The same engine runs with an fp32 or fp64 filter (no quantisation, a GEMM rounding bound instead):
@@ -669,7 +669,8 @@ def nearest_cpu(
     """
     if x.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float32)
-    if filter_kind == "direct" or (filter_kind is None
+    # (a codebook already known to be tightly clustered keeps its cell scan)
+    if filter_kind == "direct" or (filter_kind is None and not _cells_built(codebook, metric)
                                    and _direct.fits(x, codebook, metric, lambda: _scan_fits(x, codebook, metric))):
         if filter_kind == "direct" and not _direct.takes(x, codebook, metric):
             raise ValueError(f"the direct scan takes fp32 / fp16 / bf16 rows, 1 .. {_direct.MAX_K} codewords and "
