@@ -110,17 +110,7 @@ def _chunk(x: torch.Tensor, rows: torch.Tensor, panels: torch.Tensor, margin: fl
            near: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     best, dist, near, count, flagged = _native.direct_l2(x, rows, panels, margin, near)
     if flagged:  # near ties: ranked by the objective every other exact path computes (torch's order)
-        close = count.nonzero().squeeze(1)
-        per_row = count[close].long()
-        every = per_row < 0  # more near candidates than listed: every codeword of the row
-        per_row = torch.where(every, rows.shape[0], per_row)
-        pair_rows = close.repeat_interleave(per_row)
-        slot = torch.arange(pair_rows.numel()) - torch.repeat_interleave(torch.cumsum(per_row, 0) - per_row, per_row)
-        listed = near[pair_rows, slot.clamp_max(near.shape[1] - 1)].long()
-        pair_cols = torch.where(every.repeat_interleave(per_row), slot, listed)
-        obj, _ = pair_objective(x, rows, pair_rows, pair_cols, "l2", torch.float64)
-        row_ids, row_best = lowest_of_min(x.shape[0], pair_rows, pair_cols, obj)
-        best[close], dist[close] = row_ids[close], row_best[close]
+        _rerank(x, rows, best, dist, near, count, "l2")
     return best, dist
 
 
