@@ -76,6 +76,25 @@ def _worker(rank: int, world: int, rendezvous: str, directory: str, threads: int
             torch.save({"times": times, "ids": ids}, result_path)
 
 
+def _exit_after(worker, *args) -> None:
+    """A spawned rank: ``worker(*args)``, then leave without the interpreter's C++ teardown, where
+    gloo's threads now and then abort a finished rank ("terminate called without an active
+    exception", SIGABRT, after destroy_process_group: seen on the 2-core CI machine under load; the
+    tests' ranks leave the same way). Exit code 1, with the traceback printed, if the worker raised."""
+    import sys
+    import traceback
+
+    code = 0
+    try:
+        worker(*args)
+    except BaseException:  # the parent sees the exit code and raises
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _spawn(worker, world: int, directory: str, threads: int, arg: object, name: str, what: str) -> Dict[str, object]:
     """Run ``worker(rank, world, rendezvous, directory, threads_per_rank, arg, result_path)`` on
     ``world`` spawned gloo processes; rank 0's saved result, with the threads each rank had."""
@@ -85,7 +104,7 @@ def _spawn(worker, world: int, directory: str, threads: int, arg: object, name: 
     result_path = os.path.join(directory, f"{name}-{world}.pt")
     ctx = mp.get_context("spawn")
     per_rank = max(1, threads // world)
-    procs = [ctx.Process(target=worker, args=(r, world, rendezvous, directory, per_rank, arg, result_path))
+    procs = [ctx.Process(target=_exit_after, args=(worker, r, world, rendezvous, directory, per_rank, arg, result_path))
              for r in range(world)]
     for p in procs:
         p.start()
