@@ -82,8 +82,6 @@ def search(x: torch.Tensor, codebook: torch.Tensor,
     ids (n,) int64 and squared distances (n,) float64. Only the distinct rows are scanned:
     ``distinct(codebook)``, called once per codebook version, gives their sorted ids (the first of
     each set of exact duplicates), or None where all rows are distinct."""
-    x = x.float()  # (exact for fp16 / bf16)
-    x = x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
     ids, copy, panels = per_tensor(codebook, ("direct_scan",), lambda c: _book(c, distinct(c)))
     rows = codebook if copy is None else copy
     d = x.shape[1]
@@ -91,35 +89,14 @@ def search(x: torch.Tensor, codebook: torch.Tensor,
     # two sums differ by less than ((1 + g) / (1 - g))^2, torch's order may rank them otherwise
     gamma = (d + 2) * U64 / (1.0 - (d + 2) * U64)
     margin = ((1.0 + gamma) / (1.0 - gamma)) ** 2 * (1.0 + 4 * U64)
-    n = x.shape[0]
-    if n <= CHUNK:
-        best, dist = _chunk(x, rows, panels, margin, None)
-    else:  # the near-tie lists of one chunk at a time, in memory kept between calls
-        best = torch.empty(n, dtype=torch.int64)
-        dist = torch.empty(n, dtype=torch.float64)
-        for start in range(0, n, CHUNK):
-            part = x[start:start + CHUNK]
-            # (no reference to the buffer outlives the chunk: the next one gets the same memory)
-            best[start:start + CHUNK], dist[start:start + CHUNK] = _chunk(
-                part, rows, panels, margin,
-                reused_buffer(codebook, ("direct_scan", "near"), (part.shape[0], _native.DIRECT_NEAR_CAP), torch.int32))
-    return (best if ids is None else ids[best]), dist
-
-
-def _chunk(x: torch.Tensor, rows: torch.Tensor, panels: torch.Tensor, margin: float,
-           near: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    best, dist, near, count, flagged = _native.direct_l2(x, rows, panels, margin, near)
-    if flagged:  # near ties: ranked by the objective every other exact path computes (torch's order)
-        _rerank(x, rows, best, dist, near, count, "l2")
-    return best, dist
+    return _chunked(x, codebook, rows, ids, "l2", lambda part, near: _native.direct_l2(part, rows, panels, margin, near))
 
 
 def _book(codebook: torch.Tensor, ids: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor],
                                                                        torch.Tensor]:
     """(ids, the rows they select where those are a copy or None, their panels): cached per
     codebook, and never the codebook itself, which a cache value would keep alive forever."""
-    rows = (codebook if ids is None else codebook.index_select(0, ids)).float()
-    rows = rows if rows.shape[1] <= 1 or rows.stride(1) == 1 else rows.contiguous()
+    rows = _distinct_rows(codebook, ids)
     return ids, (None if rows is codebook else rows), _native.direct_pack(rows)
 
 
@@ -129,8 +106,6 @@ def search_dot(x: torch.Tensor, codebook: torch.Tensor, metric: str,
     ``codebook: (K, d)`` (fp32 / fp16 / bf16, no zero rows for cos), K <= MAX_K: ids (n,) int64
     and the objective (n,) float64, as :func:`search` (``distinct``: see there)."""
     cosine = metric == "cos"
-    x = x.float()
-    x = x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
     ids, rows, cnorm, panels, bound = per_tensor(codebook, ("direct_dot", metric),
                                                  lambda c: _dot_book(c, distinct(c), cosine))
     rows = codebook if rows is None else rows
@@ -141,19 +116,30 @@ def search_dot(x: torch.Tensor, codebook: torch.Tensor, metric: str,
     # two float64 evaluations of one objective, in any summation order, differ by at most dev
     # (times ||x|| ||c|| for ip; cos: the dot product's, both norms' and the division's roundings)
     dev = 2.02 * ((d + 2) * U64 if not cosine else (2 * d + 10) * U64)
+    return _chunked(x, codebook, rows, ids, metric,
+                    lambda part, near: _native.direct_dot(part, rows, cnorm, panels, bound, g, dev, cosine, near))
+
+
+def _chunked(x: torch.Tensor, codebook: torch.Tensor, rows: torch.Tensor, ids: Optional[torch.Tensor], metric: str,
+             scan: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``scan(part, near)`` (a compiled loop's call) over chunks of CHUNK queries, the near ties of
+    each chunk ranked in torch's order (:func:`_rerank`); the ids mapped back through ``ids``. The
+    near-tie lists of chunks of more than 1,024 queries are written into memory kept between calls."""
+    x = x.float()  # (exact for fp16 / bf16)
+    x = x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
     n = x.shape[0]
-    best = torch.empty(n, dtype=torch.int64)
-    obj = torch.empty(n, dtype=torch.float64)
-    for start in range(0, n, CHUNK):
+    parts = []
+    for start in range(0, max(n, 1), CHUNK):  # (no queries: one empty chunk)
         part = x[start:start + CHUNK]
         near = None if part.shape[0] <= 1024 else reused_buffer(codebook, ("direct_scan", "near"),
                                                                 (part.shape[0], _native.DIRECT_NEAR_CAP), torch.int32)
-        got, val, near, count, flagged = _native.direct_dot(part, rows, cnorm, panels, bound, g, dev, cosine, near)
+        got, val, near, count, flagged = scan(part, near)
         if flagged:  # near ties: ranked by the objective every other exact path computes (torch's order)
             _rerank(part, rows, got, val, near, count, metric)
-        best[start:start + CHUNK], obj[start:start + CHUNK] = got, val
-        del near
-    return (best if ids is None else ids[best]), obj
+        parts.append((got, val))
+        del near  # (no reference to the buffer outlives the chunk: the next one gets the same memory)
+    best, value = parts[0] if len(parts) == 1 else (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    return (best if ids is None else ids[best]), value
 
 
 def _rerank(x: torch.Tensor, rows: torch.Tensor, best: torch.Tensor, value: torch.Tensor, near: torch.Tensor,
@@ -182,9 +168,14 @@ def _unit_rows(v: torch.Tensor) -> torch.Tensor:
 def _dot_book(codebook: torch.Tensor, ids: Optional[torch.Tensor], cosine: bool):
     """(ids, the distinct fp32 rows where a copy else None, their float64 norms, the scanned rows'
     panels, fp32 upper bounds of the scanned rows' norms): cached per codebook (never the codebook)."""
-    rows = (codebook if ids is None else codebook.index_select(0, ids)).float()
-    rows = rows if rows.shape[1] <= 1 or rows.stride(1) == 1 else rows.contiguous()
+    rows = _distinct_rows(codebook, ids)
     scanned = _unit_rows(rows) if cosine else rows
     cnorm = rows.double().norm(dim=1)
     bound = (scanned.double().norm(dim=1) * (1.0 + 2.0 ** -20)).float()  # rounded up past fp32's rounding
     return ids, (None if rows is codebook else rows), cnorm.contiguous(), _native.direct_pack(scanned), bound
+
+
+def _distinct_rows(codebook: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """The scanned fp32 rows: ``codebook`` itself where it is fp32 with unit column stride and ``ids`` is None."""
+    rows = (codebook if ids is None else codebook.index_select(0, ids)).float()
+    return rows if rows.shape[1] <= 1 or rows.stride(1) == 1 else rows.contiguous()

@@ -452,6 +452,19 @@ static inline vf32 vfma2(vf32 a, vf32 b, vf32 acc) {
 #define DIRECT_MAX_K 4096  /* (the per-tile sums: 6 x 4,112 floats, 99 KB of a thread's stack) */
 #define DIRECT_NEAR_CAP 64
 
+/* A query's near-tie list for the caller's ranking in torch's order, where `flag`: the kept
+   candidates (value[t], which[t], t < min(kept, DIRECT_NEAR_CAP)) whose value is <= `within`, into
+   list; returns their count, -1 where more than DIRECT_NEAR_CAP were kept, 0 without `flag`. */
+static inline int32_t near_list(int flag, int64_t kept, const double *value, const int32_t *which, double within,
+                                int32_t *list) {
+    if (!flag) return 0;
+    if (kept > DIRECT_NEAR_CAP) return -1;
+    int32_t w = 0;
+    for (int64_t t = 0; t < kept; ++t)
+        if (value[t] <= within) list[w++] = which[t];
+    return w;
+}
+
 /* panels (npanels, d, DIRECT_PANEL): codeword j = 16 p + l at panels[(p d + t) 16 + l] = c[j, t]
    (padding: zero; its sums are never read) */
 void direct_pack(const float *c, int64_t ldc, int64_t k, int64_t d, float *panels) {
@@ -550,15 +563,9 @@ int64_t direct_l2(const float *x, int64_t ldx, const float *c, int64_t ldc, cons
             }
             out_id[i] = best_id;
             out_dist[i] = best;
-            int32_t *list = near + i * DIRECT_NEAR_CAP, w = 0;
-            if (second <= best * margin || (float)(best / spread) != (float)(best * spread)) {
-                if (kept > DIRECT_NEAR_CAP) w = -1;
-                else
-                    for (int64_t t = 0; t < kept; ++t)
-                        if (value[t] <= best * margin) list[w++] = which[t];
-            }
-            count[i] = w;
-            flagged += w != 0;
+            count[i] = near_list(second <= best * margin || (float)(best / spread) != (float)(best * spread),
+                                 kept, value, which, best * margin, near + i * DIRECT_NEAR_CAP);
+            flagged += count[i] != 0;
         }
     }
     return flagged;
@@ -694,17 +701,11 @@ int64_t direct_dot(const float *x, int64_t ldx, const float *c, int64_t ldc, con
                 out_obj[i] = best;
                 const double lo = cosine ? 1.0 + (best - margin) : best - margin;
                 const double hi = cosine ? 1.0 + (best + margin) : best + margin;
-                int32_t *list = near + i * DIRECT_NEAR_CAP, w = 0;
                 /* (margin 0: a zero query, whose objectives are all exactly 0 in any order, so its
                    ties -- flat black patches: every codeword -- need no second ranking) */
-                if ((margin > 0.0 && second <= best + 2.0 * margin) || (float)lo != (float)hi) {
-                    if (kept > DIRECT_NEAR_CAP) w = -1;
-                    else
-                        for (int64_t t = 0; t < kept; ++t)
-                            if (value[t] <= best + 2.0 * margin) list[w++] = which[t];
-                }
-                count[i] = w;
-                flagged += w != 0;
+                count[i] = near_list((margin > 0.0 && second <= best + 2.0 * margin) || (float)lo != (float)hi,
+                                     kept, value, which, best + 2.0 * margin, near + i * DIRECT_NEAR_CAP);
+                flagged += count[i] != 0;
             }
         }
         free(scratch);
@@ -1080,23 +1081,7 @@ def direct_l2(x: torch.Tensor, codebook: torch.Tensor, panels: torch.Tensor, mar
     Rows with ``count > 0`` (``flagged`` of them, with the next) have near ties (within ``margin``, see
     :func:`rerank_l2_f64`) among ``near[i, :count[i]]``; ``count == -1``: among more codewords than
     that (rank them all). ``near``: a contiguous (n, DIRECT_NEAR_CAP) int32 buffer to write into."""
-    library = _load()
-    if library is None:
-        raise RuntimeError(f"the native loops are unavailable: {_failure}")
-    n, d = x.shape
-    k = codebook.shape[0]
-    for tensor, name in ((x, "x"), (codebook, "codebook")):
-        if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or (d > 1 and tensor.stride(1) != 1):
-            raise ValueError(f"direct_l2: {name} must be CPU fp32 rows with unit column stride")
-    if codebook.shape[1] != d or panels.shape != (-(-k // DIRECT_PANEL), d, DIRECT_PANEL) or not panels.is_contiguous():
-        raise ValueError(f"direct_l2: a ({k}, {codebook.shape[1]}) codebook, panels {tuple(panels.shape)}, "
-                         f"for ({n}, {d}) queries")
-    if not 0 < k <= DIRECT_MAX_K or d >= 1 << 20:
-        raise ValueError(f"direct_l2: the direct scan takes 1 .. {DIRECT_MAX_K} codewords and d < 2^20, got {k}, {d}")
-    if near is None:
-        near = torch.empty((n, DIRECT_NEAR_CAP), dtype=torch.int32)
-    elif near.shape != (n, DIRECT_NEAR_CAP) or near.dtype != torch.int32 or not near.is_contiguous():
-        raise ValueError(f"direct_l2: near must be a contiguous ({n}, {DIRECT_NEAR_CAP}) int32 buffer")
+    library, n, k, d, near = _direct_inputs("direct_l2", x, codebook, panels, near)
     ids = torch.empty(n, dtype=torch.int64)
     dist = torch.empty(n, dtype=torch.float64)
     count = torch.empty(n, dtype=torch.int32)
@@ -1116,27 +1101,11 @@ def direct_dot(x: torch.Tensor, codebook: torch.Tensor, cnorm: torch.Tensor, pan
     fp32 >= their norms, ``cnorm: (K,)`` float64 norms of ``codebook``'s rows, ``g`` the scan's
     relative bound, ``dev`` the float64 evaluations' (see the C source). Returns ``(ids, objective
     (n,) float64, near, count, flagged)`` as :func:`direct_l2`."""
-    library = _load()
-    if library is None:
-        raise RuntimeError(f"the native loops are unavailable: {_failure}")
-    n, d = x.shape
-    k = codebook.shape[0]
-    for tensor, name in ((x, "x"), (codebook, "codebook")):
-        if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or (d > 1 and tensor.stride(1) != 1):
-            raise ValueError(f"direct_dot: {name} must be CPU fp32 rows with unit column stride")
-    if codebook.shape[1] != d or panels.shape != (-(-k // DIRECT_PANEL), d, DIRECT_PANEL) or not panels.is_contiguous():
-        raise ValueError(f"direct_dot: inconsistent shapes (x {tuple(x.shape)}, codebook {tuple(codebook.shape)}, "
-                         f"panels {tuple(panels.shape)})")
+    library, n, k, d, near = _direct_inputs("direct_dot", x, codebook, panels, near)
     _require(cnorm, torch.float64, "cnorm")
     _require(bound, torch.float32, "bound")
     if cnorm.shape != (k,) or bound.shape != (k,):
         raise ValueError("direct_dot: cnorm and bound must be (K,)")
-    if not 0 < k <= DIRECT_MAX_K or d >= 1 << 20:
-        raise ValueError(f"direct_dot: the direct scan takes 1 .. {DIRECT_MAX_K} codewords and d < 2^20, got {k}, {d}")
-    if near is None:
-        near = torch.empty((n, DIRECT_NEAR_CAP), dtype=torch.int32)
-    elif near.shape != (n, DIRECT_NEAR_CAP) or near.dtype != torch.int32 or not near.is_contiguous():
-        raise ValueError(f"direct_dot: near must be a contiguous ({n}, {DIRECT_NEAR_CAP}) int32 buffer")
     ids = torch.empty(n, dtype=torch.int64)
     obj = torch.empty(n, dtype=torch.float64)
     count = torch.empty(n, dtype=torch.int32)
@@ -1148,3 +1117,26 @@ def direct_dot(x: torch.Tensor, codebook: torch.Tensor, cnorm: torch.Tensor, pan
         if flagged < 0:
             raise MemoryError(f"direct_dot: no scratch memory for {d}-element rows")
     return ids, obj, near, count, flagged
+
+
+def _direct_inputs(op: str, x: torch.Tensor, codebook: torch.Tensor, panels: torch.Tensor, near: Optional[torch.Tensor]):
+    """The direct scans' shared checks: (library, n, K, d, near), ``near`` a new (n, DIRECT_NEAR_CAP)
+    int32 buffer where none is given."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"the native loops are unavailable: {_failure}")
+    n, d = x.shape
+    k = codebook.shape[0]
+    for tensor, name in ((x, "x"), (codebook, "codebook")):
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or (d > 1 and tensor.stride(1) != 1):
+            raise ValueError(f"{op}: {name} must be CPU fp32 rows with unit column stride")
+    if codebook.shape[1] != d or panels.shape != (-(-k // DIRECT_PANEL), d, DIRECT_PANEL) or not panels.is_contiguous():
+        raise ValueError(f"{op}: a ({k}, {codebook.shape[1]}) codebook, panels {tuple(panels.shape)}, "
+                         f"for ({n}, {d}) queries")
+    if not 0 < k <= DIRECT_MAX_K or d >= 1 << 20:
+        raise ValueError(f"{op}: the direct scan takes 1 .. {DIRECT_MAX_K} codewords and d < 2^20, got {k}, {d}")
+    if near is None:
+        near = torch.empty((n, DIRECT_NEAR_CAP), dtype=torch.int32)
+    elif near.shape != (n, DIRECT_NEAR_CAP) or near.dtype != torch.int32 or not near.is_contiguous():
+        raise ValueError(f"{op}: near must be a contiguous ({n}, {DIRECT_NEAR_CAP}) int32 buffer")
+    return library, n, k, d, near
