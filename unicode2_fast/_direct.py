@@ -5,7 +5,7 @@ microseconds, and the fixed cost of the filters (quantisation statistics, candid
 bf16 scan's 64-codeword panels) was most of u2's time (0.02x FAISS on 81 queries x 8 codewords).
 
 The compiled loop of ``_native.direct_l2`` computes the distances in the direct form
-s = sum_t fl32(fl32(x_t - c_t)^2), accumulated in fp32, 16 codewords per vector. All its terms
+s = sum_t fl32(x_t - c_t)^2, accumulated in fp32 by FMAs, 16 codewords per vector. All its terms
 are non-negative, so its error is relative to the distance itself -- |s - f| <= g f + a, g about
 (d + 3) 2^-24, a the subnormal roundings' absolute bound -- not to ||x|| ||c|| as in the
 dot-product form of every GEMM (FAISS's included), and it holds for any finite fp32 inputs
@@ -14,6 +14,11 @@ bound are re-ranked by the float64 direct distance from the original rows; queri
 them are within float64's summation-order margin (or whose fp32 distance could round the other
 way) are ranked again in torch's order by ``pair_objective`` -- the objective of every other
 exact path, so ids and distances are theirs bit for bit, ties to the lowest index.
+
+ip and cos (``_native.direct_dot``) use the same loop with fused dot products: their error is
+bounded by g ||x|| ||c|| (cos: on rows over their float64 norms, rounded to fp32), every codeword
+within twice that bound of the best fp32 value is re-ranked in float64 from the original rows,
+and near ties go to torch's order the same way.
 """
 from __future__ import annotations
 

@@ -20,8 +20,9 @@ and q2 in [-64, 64], and computes 128 <q1x, q1c> + <q1x, q2c> + <q2x, q1c> exact
 <q2x, q2c> term included in it. Exact duplicate codewords are scanned once, and each block's
 candidates are read back only from the groups of GROUP_WIDTH codewords whose minimum passes.
 
-Small codebooks (up to 4,096 fp32 / fp16 / bf16 rows) go first to the direct scan of ``_direct`` (fp32
-differences, an error bound relative to the distance itself), l2 codebooks of up to SCAN_MAX_K
+Small codebooks (up to 4,096 fp32 / fp16 / bf16 rows) go first to the direct scan of ``_direct`` (l2:
+fp32 differences, an error bound relative to the distance itself; ip / cos: fp32 dot products with
+a norm bound), l2 codebooks of up to SCAN_MAX_K
 fp32 rows on AVX-512 BF16 CPUs to the bf16 scan of ``_scan_bf16``; the rest comes here.
 The same engine runs with an fp32 or fp64 filter (no quantisation, a GEMM rounding bound instead):
 fp32 for tiny codebooks the scans do not take (their rows that overflow the candidate store
