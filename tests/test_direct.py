@@ -324,7 +324,7 @@ def test_automatic_choice_takes_the_direct_scan_for_small_problems(monkeypatch):
 
 @needs_native
 def test_forced_direct_scan_refuses_what_it_cannot_take():
-    for x, codebook, metric in [(torch.randn(3, 8), torch.randn(_direct.MAX_K + 1, 8), "ip"),
+    for x, codebook, metric in [(torch.randn(3, 8).double(), torch.randn(_direct.MAX_K + 1, 8), "ip"),
                                 (torch.randn(3, 8), torch.randn(_direct.MAX_K + 1, 8), "l2"),
                                 (torch.randn(3, 8).double(), torch.randn(5, 8).double(), "l2"),
                                 (torch.randn(3, 8).double(), torch.randn(5, 8), "l2")]:

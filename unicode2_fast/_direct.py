@@ -18,7 +18,11 @@ exact path, so ids and distances are theirs bit for bit, ties to the lowest inde
 ip and cos (``_native.direct_dot``) use the same loop with fused dot products: their error is
 bounded by g ||x|| ||c|| (cos: on rows over their float64 norms, rounded to fp32), every codeword
 within twice that bound of the best fp32 value is re-ranked in float64 from the original rows,
-and near ties go to torch's order the same way.
+and near ties go to torch's order the same way. Queries with more near ties than the loop lists
+(flat image regions: their unit rows are all alike) have them pre-selected by a float64 GEMM
+(``_mass_pairs``) before torch's order ranks them. Past MAX_K codewords (``search_dot_blocked``)
+the same loop runs over blocks of the codebook that stay in the cache, and the blocks' winners
+are ranked against each other.
 """
 from __future__ import annotations
 
@@ -114,22 +118,109 @@ def search_dot(x: torch.Tensor, codebook: torch.Tensor, metric: str,
     ids, rows, cnorm, panels, bound = per_tensor(codebook, ("direct_dot", metric),
                                                  lambda c: _dot_book(c, distinct(c), cosine))
     rows = codebook if rows is None else rows
+    g, dev = _dot_bounds(x.shape[1], cosine)
+    return _chunked(x, codebook, rows, ids, metric,
+                    lambda part, near: _native.direct_dot(part, rows, cnorm, panels, bound, g, dev, cosine, near))
+
+
+#: past MAX_K codewords the ip / cos scan runs over blocks of the codebook of at most this many bytes of
+#: fp32 rows (each block's panels stay in the cache while every tile of queries passes over them)
+BLOCK_BYTES = 1 << 21
+
+
+def block_rows(d: int) -> int:
+    """Codewords per block of :func:`search_dot_blocked`: a multiple of 16, at most MAX_K."""
+    return max(16, min(MAX_K, BLOCK_BYTES // (4 * max(1, d)) // 16 * 16))
+
+
+def takes_blocked(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> bool:
+    """Whether :func:`search_dot_blocked` can run: ip / cos, fp32 / fp16 / bf16 rows, d <= MAX_DIM,
+    compiled loops (any K)."""
+    return (metric in ("ip", "cos") and x.dtype in DTYPES and codebook.dtype in DTYPES and codebook.shape[0] > 0
+            and codebook.shape[1] <= MAX_DIM and _native.available())
+
+
+def search_dot_blocked(x: torch.Tensor, codebook: torch.Tensor, metric: str,
+                       distinct: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`search_dot` for codebooks of any size: the compiled scan over blocks of
+    :func:`block_rows` codewords, each block's exact winner (ranked in torch's order where the
+    block had near ties), then the winners of one query whose objectives lie within twice the
+    float64 evaluations' deviation of the least ranked again in torch's order, the lowest index
+    on ties. No codeword outside a block's winner can win: within its block it lost to the winner
+    in torch's order, or tied it with a higher index.
+
+    Its cost is the full scan's (FAISS's work at the fp32 dot-product rate, data-independent): the
+    bound is ``g ||x|| max ||c||`` per block, so masses of near-equal codewords (flat image regions,
+    tight clusters) cost float64 re-ranks of those codewords only, never a wider scan."""
+    cosine = metric == "cos"
+    step = block_rows(codebook.shape[1])
+    ids, rows, cnorm, blocks, bound = per_tensor(codebook, ("direct_dot_blocked", metric, step),
+                                                 lambda c: _dot_blocks(c, distinct(c), cosine, step))
+    rows = codebook if rows is None else rows
     d = x.shape[1]
+    g, dev = _dot_bounds(d, cosine)
+    x = x.float()
+    x = x if d <= 1 or x.stride(1) == 1 else x.contiguous()
+    n, k = x.shape[0], rows.shape[0]
+    values = torch.empty((n, len(blocks)), dtype=torch.float64)
+    winners = torch.empty((n, len(blocks)), dtype=torch.int64)
+    for b, panels in enumerate(blocks):
+        lo, hi = b * step, min(k, (b + 1) * step)
+        part_rows, part_norms, part_bound = rows[lo:hi], cnorm[lo:hi], bound[lo:hi]
+        got, val = _chunked(x, codebook, part_rows, None, metric,
+                            lambda part, near: _native.direct_dot(part, part_rows, part_norms, panels, part_bound, g, dev,
+                                                                  cosine, near), rounding=False)
+        winners[:, b] = got + lo
+        values[:, b] = val
+    best, which = values.min(dim=1)  # (the first minimum: the lowest block on equal values)
+    won = winners.gather(1, which.unsqueeze(1)).squeeze(1)
+    if len(blocks) > 1 and n:
+        # two float64 evaluations of one objective differ by at most margin (see search_dot)
+        margin = (torch.tensor(dev, dtype=torch.float64) if cosine
+                  else dev * _native.norms64(x) * cnorm.max() * (1.0 + 2.0 ** -40))
+        close = values <= (best + 2.0 * margin).unsqueeze(1)
+        again = (close.sum(dim=1) > 1).nonzero().squeeze(1)
+        if again.numel():
+            pair_rows, pair_blocks = close[again].nonzero().unbind(1)
+            pair_rows = again[pair_rows]
+            pair_cols = winners[pair_rows, pair_blocks]
+            obj, _ = pair_objective(x, rows, pair_rows, pair_cols, metric, torch.float64)
+            row_ids, row_best = lowest_of_min(n, pair_rows, pair_cols, obj)
+            won[again] = row_ids[again]
+    if n:  # the winners' objectives in torch's order: the fp32 distances every other exact path returns
+        best, _ = pair_objective(x, rows, torch.arange(n), won, metric, torch.float64)
+    return (won if ids is None else ids[won]), best
+
+
+def _dot_blocks(codebook: torch.Tensor, ids: Optional[torch.Tensor], cosine: bool, step: int):
+    """:func:`_dot_book` for :func:`search_dot_blocked`: (ids, rows copy or None, float64 norms, the
+    panels of each block of ``step`` scanned rows, fp32 norm bounds)."""
+    rows = _distinct_rows(codebook, ids)
+    scanned, cnorm, bound = _scanned_rows(rows, cosine)
+    blocks = [_native.direct_pack(scanned[lo:lo + step]) for lo in range(0, rows.shape[0], step)]
+    return ids, (None if rows is codebook else rows), cnorm, blocks, bound
+
+
+def _dot_bounds(d: int, cosine: bool) -> Tuple[float, float]:
+    """(g, dev) of the dot-product scans: the fp32 scan's relative bound and the float64 evaluations'
+    deviation (see search_dot)."""
     g = 1.01 * (d + 2) * U32 / (1.0 - (d + 2) * U32)  # the fp32 sum of d fused products
     if cosine:
         g += 2.1 * U32  # the normalised rows' fp32 roundings (relative u each, both sides)
     # two float64 evaluations of one objective, in any summation order, differ by at most dev
     # (times ||x|| ||c|| for ip; cos: the dot product's, both norms' and the division's roundings)
     dev = 2.02 * ((d + 2) * U64 if not cosine else (2 * d + 10) * U64)
-    return _chunked(x, codebook, rows, ids, metric,
-                    lambda part, near: _native.direct_dot(part, rows, cnorm, panels, bound, g, dev, cosine, near))
+    return g, dev
 
 
 def _chunked(x: torch.Tensor, codebook: torch.Tensor, rows: torch.Tensor, ids: Optional[torch.Tensor], metric: str,
-             scan: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
+             scan: Callable, rounding: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """``scan(part, near)`` (a compiled loop's call) over chunks of CHUNK queries, the near ties of
     each chunk ranked in torch's order (:func:`_rerank`); the ids mapped back through ``ids``. The
-    near-tie lists of chunks of more than 1,024 queries are written into memory kept between calls."""
+    near-tie lists of chunks of more than 1,024 queries are written into memory kept between calls.
+    ``rounding=False``: rows flagged only because their fp32 distance could round the other way
+    (count 1: no second candidate) keep the loop's float64 value (the blocked scan ranks its final
+    winners in torch's order itself)."""
     x = x.float()  # (exact for fp16 / bf16)
     x = x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
     n = x.shape[0]
@@ -140,44 +231,106 @@ def _chunked(x: torch.Tensor, codebook: torch.Tensor, rows: torch.Tensor, ids: O
                                                                 (part.shape[0], _native.DIRECT_NEAR_CAP), torch.int32)
         got, val, near, count, flagged = scan(part, near)
         if flagged:  # near ties: ranked by the objective every other exact path computes (torch's order)
-            _rerank(part, rows, got, val, near, count, metric)
+            _rerank(part, rows, got, val, near, count if rounding else count.masked_fill(count == 1, 0), metric)
         parts.append((got, val))
         del near  # (no reference to the buffer outlives the chunk: the next one gets the same memory)
     best, value = parts[0] if len(parts) == 1 else (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
     return (best if ids is None else ids[best]), value
 
 
+#: float64 products per block of the pre-selection of :func:`_mass_pairs` (8 MiB)
+MASS_BLOCK = 1 << 20
+
+
 def _rerank(x: torch.Tensor, rows: torch.Tensor, best: torch.Tensor, value: torch.Tensor, near: torch.Tensor,
             count: torch.Tensor, metric: str) -> None:
-    """Rows with ``count != 0``: their listed candidates (every codeword where count is -1) ranked
-    by ``pair_objective`` (torch's order), the lowest index on ties, into ``best`` / ``value``."""
+    """Rows with ``count != 0``: their listed candidates ranked by ``pair_objective`` (torch's order),
+    the lowest index on ties, into ``best`` / ``value``. Where count is -1 (more near ties than the
+    loop lists): every codeword for l2; for ip / cos those :func:`_mass_pairs` pre-selects."""
     close = count.nonzero().squeeze(1)
+    if close.numel() == 0:
+        return
     per_row = count[close].long()
     every = per_row < 0
-    per_row = torch.where(every, rows.shape[0], per_row)
-    pair_rows = close.repeat_interleave(per_row)
-    slot = torch.arange(pair_rows.numel()) - torch.repeat_interleave(torch.cumsum(per_row, 0) - per_row, per_row)
+    if metric != "l2" and bool(every.any()):
+        mass_rows, mass_cols = _mass_pairs(x, rows, close[every], metric)
+        close_listed, per_listed = close[~every], per_row[~every]
+    else:
+        mass_rows = mass_cols = None
+        close_listed, per_listed = close, torch.where(every, rows.shape[0], per_row)
+        every_listed = every
+    if mass_rows is not None:
+        every_listed = torch.zeros(close_listed.numel(), dtype=torch.bool)
+    pair_rows = close_listed.repeat_interleave(per_listed)
+    slot = torch.arange(pair_rows.numel()) - torch.repeat_interleave(torch.cumsum(per_listed, 0) - per_listed, per_listed)
     listed = near[pair_rows, slot.clamp_max(near.shape[1] - 1)].long()
-    pair_cols = torch.where(every.repeat_interleave(per_row), slot, listed)
+    pair_cols = torch.where(every_listed.repeat_interleave(per_listed), slot, listed)
+    if mass_rows is not None:
+        pair_rows, pair_cols = torch.cat([pair_rows, mass_rows]), torch.cat([pair_cols, mass_cols])
     obj, _ = pair_objective(x, rows, pair_rows, pair_cols, metric, torch.float64)
     row_ids, row_best = lowest_of_min(x.shape[0], pair_rows, pair_cols, obj)
     best[close], value[close] = row_ids[close], row_best[close]
 
 
-def _unit_rows(v: torch.Tensor) -> torch.Tensor:
-    """fp32 rows of ``v`` over their float64 norms (each element within relative 2^-24 of the exact quotient)."""
-    v64 = v.double()
-    return (v64 / v64.norm(dim=1, keepdim=True)).float()
+def _mass_pairs(x: torch.Tensor, rows: torch.Tensor, queries: torch.Tensor, metric: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(query, codeword) pairs that can hold the torch-order winner of each of ``queries`` (ip /
+    cos rows with more near ties than the loop lists: flat image regions, whose unit rows are
+    all alike), from a float64 GEMM of them against every codeword. Any two float64 evaluations
+    of one objective differ by at most dev (times ||x|| max ||c|| for ip), so the torch-order
+    winner's GEMM value is within 3 dev of the least GEMM value: keeping every codeword within
+    4 dev keeps it, and usually a few dozen codewords instead of all K."""
+    cosine = metric == "cos"
+    _, dev = _dot_bounds(x.shape[1], cosine)
+    c64 = rows.double()
+    c_norm = c64.norm(dim=1)
+    step = max(1, MASS_BLOCK // max(1, rows.shape[0]))
+    out_rows, out_cols = [], []
+    for start in range(0, queries.numel(), step):
+        q = queries[start:start + step]
+        x64 = x.index_select(0, q).double()
+        x_norm = x64.norm(dim=1, keepdim=True)
+        obj = (x64 @ c64.t()).neg_()
+        if cosine:
+            obj.div_(x_norm * c_norm)
+            tol = torch.full_like(x_norm, 4.0 * dev)
+        else:
+            tol = 4.0 * dev * x_norm * c_norm.max() * (1.0 + 2.0 ** -40)
+        keep = obj <= obj.amin(dim=1, keepdim=True) + tol
+        r, c = keep.nonzero().unbind(1)
+        out_rows.append(q[r])
+        out_cols.append(c)
+    return torch.cat(out_rows), torch.cat(out_cols)
+
+
+#: rows per step of :func:`_unit_rows` (its float64 quotients stay a few MiB)
+UNIT_CHUNK = 4096
+
+
+def _unit_rows(v: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """fp32 rows of ``v`` (fp32) over their float64 ``norms`` (each element within relative 2^-24 of
+    the exact quotient), a chunk of rows at a time."""
+    out = torch.empty(v.shape, dtype=torch.float32)
+    for start in range(0, v.shape[0], UNIT_CHUNK):
+        stop = start + UNIT_CHUNK
+        out[start:stop] = v[start:stop].double().div_(norms[start:stop].unsqueeze(1))  # (rounded to fp32)
+    return out
+
+
+def _scanned_rows(rows: torch.Tensor, cosine: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the rows the fp32 scan reads: ``rows`` for ip, unit rows for cos; float64 norms of ``rows``;
+    fp32 upper bounds of the scanned rows' norms, rounded up past fp32's rounding)."""
+    cnorm = _native.norms64(rows).contiguous()
+    scanned = _unit_rows(rows, cnorm) if cosine else rows
+    bound = (_native.norms64(scanned) * (1.0 + 2.0 ** -20)).float()
+    return scanned, cnorm, bound
 
 
 def _dot_book(codebook: torch.Tensor, ids: Optional[torch.Tensor], cosine: bool):
     """(ids, the distinct fp32 rows where a copy else None, their float64 norms, the scanned rows'
     panels, fp32 upper bounds of the scanned rows' norms): cached per codebook (never the codebook)."""
     rows = _distinct_rows(codebook, ids)
-    scanned = _unit_rows(rows) if cosine else rows
-    cnorm = rows.double().norm(dim=1)
-    bound = (scanned.double().norm(dim=1) * (1.0 + 2.0 ** -20)).float()  # rounded up past fp32's rounding
-    return ids, (None if rows is codebook else rows), cnorm.contiguous(), _native.direct_pack(scanned), bound
+    scanned, cnorm, bound = _scanned_rows(rows, cosine)
+    return ids, (None if rows is codebook else rows), cnorm, _native.direct_pack(scanned), bound
 
 
 def _distinct_rows(codebook: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:

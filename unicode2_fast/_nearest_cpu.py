@@ -36,6 +36,12 @@ speed plus the cost of those ties. Where a strided pilot of the queries shows th
 certify (tight clusters: whole cells within the fp32 bound), an l2 codebook is partitioned once
 into about sqrt(K) cells and searched by the exact cell scan of ``_cells`` (residual form,
 triangle-inequality pruning; 3.9x FAISS flat on the clustered benchmark case).
+ip / cos codebooks past the direct scan's 4,096 rows whose queries the filter does not prune go to
+the flat path only while its top-k certifies most of them; the queries it leaves (more than
+FLAT_FAIL_SHARE of a chunk: flat regions, whose unit rows are all alike, and tight clusters), and
+the codebook's later chunks after such a chunk, take the direct scan over codebook blocks
+(``_direct.search_dot_blocked``: FAISS's work at the fp32 dot-product rate, a bound that does not
+widen, float64 re-ranks of the near ties only).
 Never holds N x K: queries are processed in chunks and codewords in blocks, and per-query candidate
 lists are capped; a query that exceeds the cap goes to the flat search, and one with masses of
 distinct, equidistant codewords to a streaming float64 scan.
@@ -47,7 +53,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -85,6 +91,10 @@ PRUNE_CHECK_BLOCKS = 1
 FILTER_MISSES = 2
 FILTER_RETRY_EVERY = 8
 #: the flat path's FAISS top-k: it certifies most queries of real photographs (93-96%), and a
+#: ip / cos chunks in a row whose flat scan left more than FLAT_FAIL_SHARE of the queries uncertified
+#: before the codebook's later chunks go straight to the blocked direct scan (retried every
+#: FILTER_RETRY_EVERY-th chunk)
+FLAT_DOT_MISSES = 1
 #: larger k costs FAISS more than the threshold scan of the rest (see _flat_search)
 FLAT_K = 8
 #: the threshold scan of the flat path: queries and codewords per fp32 block (32 MB), and the
@@ -673,13 +683,17 @@ def nearest_cpu(
     # (a codebook already known to be tightly clustered keeps its cell scan)
     if filter_kind == "direct" or (filter_kind is None and not _cells_built(codebook, metric)
                                    and _direct.fits(x, codebook, metric, lambda: _scan_fits(x, codebook, metric))):
-        if filter_kind == "direct" and not _direct.takes(x, codebook, metric):
-            raise ValueError(f"the direct scan takes fp32 / fp16 / bf16 rows, 1 .. {_direct.MAX_K} codewords and "
-                             f"d <= {_direct.MAX_DIM} (got metric {metric!r}, {x.dtype} queries, {codebook.dtype} "
-                             f"codebook of shape {tuple(codebook.shape)}, native loops: {_native.available()})")
+        blocked = filter_kind == "direct" and _direct.takes_blocked(x, codebook, metric) and codebook.shape[0] > _direct.MAX_K
+        if filter_kind == "direct" and not (blocked or _direct.takes(x, codebook, metric)):
+            raise ValueError(f"the direct scan takes fp32 / fp16 / bf16 rows, 1 .. {_direct.MAX_K} codewords (ip / cos: "
+                             f"any number) and d <= {_direct.MAX_DIM} (got metric {metric!r}, {x.dtype} queries, "
+                             f"{codebook.dtype} codebook of shape {tuple(codebook.shape)}, native loops: "
+                             f"{_native.available()})")
         with stage("nearest/direct"):
             if metric == "l2":
                 ids, obj = _direct.search(x, codebook, distinct_codewords)
+            elif blocked:
+                ids, obj = _direct.search_dot_blocked(x, codebook, metric, distinct_codewords)
             else:
                 ids, obj = _direct.search_dot(x, codebook, metric, distinct_codewords)
         return ids, (1.0 + obj if metric == "cos" else obj).float()
@@ -756,6 +770,11 @@ def _nearest_filtered(x: torch.Tensor, codebook: torch.Tensor, metric: str,
     # ~2^-6 error bound), the two-level filter (~2^-13, three int8 GEMMs' work) usually prunes
     # before the chunk goes to FAISS's flat scan
     two_level = filter_kind is None and kind == "int8" and _int8x2_ok(x, codebook)
+    # ip / cos where the filter does not prune (or none runs): the direct scan's dot products over
+    # blocks of the codebook instead of FAISS's flat scan, whose norm-relative certificate keeps
+    # masses of candidates on flat image regions and tight clusters (cos: 0.08-0.13x FAISS there on
+    # a 2-core AVX2 EPYC) -- FAISS's own work at the fp32 rate, with a bound that does not widen
+    blocked = filter_kind is None and metric != "l2" and _direct.takes_blocked(x, codebook, metric)
     cstats = None
     if kind != "flat":
         with stage("nearest/codebook_stats"):
@@ -778,6 +797,23 @@ def _nearest_filtered(x: torch.Tensor, codebook: torch.Tensor, metric: str,
             if finer.worth_trying():
                 result = _search_chunk(chunk, codebook, finer, metric, "int8x2")
             finer.record(result is not None)
+        if result is None and blocked:
+            # ip / cos: FAISS's flat scan while it certifies most queries of this codebook's chunks
+            # (Gaussian-like data: BLAS's rate), else the direct scan over codebook blocks
+            record = per_tensor(codebook, ("flat_record", metric), lambda c: _Attempts(FLAT_DOT_MISSES))
+            part = chunk  # (bound now: the closure below runs inside this iteration only)
+
+            def dense(rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                with stage("nearest/direct_blocked"):
+                    return _direct.search_dot_blocked(part.index_select(0, rows), codebook, metric, distinct_codewords)
+
+            if record.worth_trying():
+                report = {}
+                with stage("nearest/flat"):
+                    result = _flat_search(chunk, codebook, metric, dense=dense, report=report)
+                record.record(report.get("uncertified", 0) == 0)
+            else:
+                result = dense(torch.arange(chunk.shape[0]))
         if result is None:  # the flat path, or a filter scan that stopped pruning
             with stage("nearest/flat"):
                 result = _flat_search(chunk, codebook, metric)
@@ -979,7 +1015,9 @@ class _BandIndex(_Attempts):
         return blocks, work / max(1, n * self.proj.numel())
 
 
-def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok: bool = True,
+                 dense: Optional[Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None,
+                 report: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact nearest codewords by FAISS's flat fp32 scan (its BLAS speed, data-independent),
     certified: ids (n,) and float64 objective (n,).
 
@@ -993,7 +1031,10 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
     scan in torch that keeps every codeword whose lower bound reaches the query's running upper
     bound, and the few with more than THRESHOLD_CAP of those to the streaming float64 scan (masses
     of distinct, equidistant codewords). Exact duplicate codewords are scanned once (see
-    _FlatCodebook).
+    _FlatCodebook). ``dense(rows)``, where given (ip / cos: the blocked direct scan), settles the
+    queries instead of the threshold scan and the cell scan when more than FLAT_FAIL_SHARE of them
+    do not certify (or the codebook is known to be clustered); ``report["uncertified"]`` then
+    tells how many went there.
     """
     import faiss
 
@@ -1127,7 +1168,12 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
         # queries (400 of 8000 cost 27% of the whole at K = 16384): the threshold scan settles them.
         every = torch.arange(n)
         band = None
-        if cells_ok and _cells_built(codebook, metric):
+        if dense is not None and _cells_built(codebook, metric):
+            to_cells, failed = every[:0], every[:0]
+            ids[every], best[every] = dense(every)
+            if report is not None:
+                report["uncertified"] = n
+        elif cells_ok and _cells_built(codebook, metric):
             to_cells, failed = every, every[:0]
         elif (band := _band_plan(x, codebook, flat, queries, x_norm, metric)) is not None:
             # the band search settles the chunk: every query scans only the codewords of its band
@@ -1137,6 +1183,11 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
         else:
             failed = settle(every)
             many = failed.numel() > FLAT_FAIL_SHARE * n
+            if report is not None:
+                report["uncertified"] = failed.numel() if many else 0
+            if many and dense is not None:
+                ids[failed], best[failed] = dense(failed)
+                failed = every[:0]
             to_cells = failed if many and cells_ok and _use_cells(codebook, metric, failed.numel()) else every[:0]
             failed = failed if to_cells.numel() == 0 else every[:0]
         if to_cells.numel():

@@ -1,0 +1,207 @@
+"""The direct scan's ip / cos form over blocks of the codebook (unicode2_fast._direct.search_dot_blocked):
+the very answer of the other exact paths (pair_objective's float64 objective in torch's order, the
+lowest index on ties) on random, tied, duplicate-heavy and photograph data, ties and near ties
+split across blocks, the float64 pre-selection of masses of near ties (flat image regions), and
+the automatic choice between it and FAISS's certified flat scan."""
+import pytest
+import torch
+
+from unicode2_fast import _certified, _direct, _native, _nearest_cpu
+from unicode2_fast.data import photo_patches
+
+from reference import assert_nearest_ok
+
+needs_native = pytest.mark.skipif(not _native.available(), reason="no C compiler here")
+
+
+def _no_zero_rows(v):
+    v = v.clone()
+    v[(v == 0).all(dim=1), 0] = 1.0
+    return v
+
+
+def _data(kind, n, k, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    codebook = torch.randn(k, d, generator=g) * 3.0
+    x = torch.randn(n, d, generator=g) * 3.0
+    if kind == "integer ties":  # exact ties: parallel integer codewords (cos), equal dot products (ip)
+        codebook, x = codebook.round().clamp(-2, 2), x.round().clamp(-2, 2)
+    elif kind == "duplicates":  # each row repeated, the copies in different blocks
+        codebook = codebook[torch.randint(0, max(1, k // 4), (k,), generator=g)]
+    elif kind == "near copies":
+        x = codebook[torch.randint(0, k, (n,), generator=g)] + 1e-5 * torch.randn(n, d, generator=g)
+    return _no_zero_rows(x), _no_zero_rows(codebook)
+
+
+def _blocked(x, codebook, metric):
+    return _direct.search_dot_blocked(x, codebook, metric, _nearest_cpu.distinct_codewords)
+
+
+def _as_dists(obj, metric):
+    return (1.0 + obj if metric == "cos" else obj).float()
+
+
+@needs_native
+@pytest.mark.parametrize("metric", ["ip", "cos"])
+@pytest.mark.parametrize("d", [7, 64, 192])
+@pytest.mark.parametrize("kind", ["gaussian", "integer ties", "duplicates", "near copies", "photographs"])
+def test_blocked_scan_is_the_answer_of_the_other_exact_paths(monkeypatch, metric, d, kind):
+    monkeypatch.setattr(_direct, "BLOCK_BYTES", 4 * 32 * d)  # blocks of 32 codewords: 32 of them
+    assert _direct.block_rows(d) == 32
+    if kind == "photographs":  # grey patches, flat regions: near ties across blocks
+        side = {7: 3, 64: 8, 192: 14}[d]
+        p = photo_patches(1000 + 300, side, gray=True, seed=d)[:, :d]
+        p = p[p.norm(dim=1) > 0]
+        codebook, x = p[:1000].contiguous(), p[1000:].contiguous()
+    else:
+        x, codebook = _data(kind, 53, 1000, d, seed=d + len(kind))
+    ids, obj = _blocked(x, codebook, metric)
+    dists = _as_dists(obj, metric)
+    other_ids, other = _nearest_cpu.nearest_cpu(x, codebook, metric, "fp64")
+    assert torch.equal(ids, other_ids) and torch.equal(dists, other)
+    assert_nearest_ok(ids, dists, x, codebook, metric, rel_tol=1e-12, abs_tol=1e-12)
+    # the unblocked scan (one block) returns the same ids and fp32 distances
+    one_ids, one_obj = _direct.search_dot(x, codebook, metric, _nearest_cpu.distinct_codewords)
+    assert torch.equal(ids, one_ids) and torch.equal(dists, _as_dists(one_obj, metric))
+
+
+@needs_native
+@pytest.mark.parametrize("metric", ["ip", "cos"])
+def test_ties_and_near_ties_split_across_blocks(monkeypatch, metric):
+    monkeypatch.setattr(_direct, "BLOCK_BYTES", 4 * 16 * 8)  # blocks of 16 codewords
+    # 256 corners of a cube, all tied for the axis queries: the lowest index of 16 blocks' winners
+    corners = torch.cartesian_prod(*[torch.tensor([-1.0, 1.0])] * 8)
+    q = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 2.0], [1.0, 1, 0, 0, 0, 0, 0, 0]])
+    ids, obj = _blocked(q, corners, metric)
+    other_ids, other = _nearest_cpu.nearest_cpu(q, corners, metric, "fp64")
+    assert torch.equal(ids, other_ids) and torch.equal(_as_dists(obj, metric), other)
+    assert int(ids[0]) == int((corners[:, 0] == 1).nonzero()[0])
+    # codewords one fp32 ulp apart in angle, in different blocks: fp32 ranks them at random
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(40, 8, generator=g)
+    near = base * (1.0 + 2.0 ** -23) + 1e-7 * torch.randn(40, 8, generator=g)
+    codebook = torch.cat([base, torch.randn(200, 8, generator=g), near])
+    x = base + 1e-3 * torch.randn(40, 8, generator=g)
+    ids, obj = _blocked(x, codebook, metric)
+    other_ids, other = _nearest_cpu.nearest_cpu(x, codebook, metric, "fp64")
+    assert torch.equal(ids, other_ids) and torch.equal(_as_dists(obj, metric), other)
+
+
+@needs_native
+@pytest.mark.parametrize("metric", ["ip", "cos"])
+def test_blocked_scan_past_the_direct_scans_limit(metric):
+    # K > MAX_K: nearest_cpu's forced "direct" takes the blocked scan (it refused before)
+    g = torch.Generator().manual_seed(2)
+    p = photo_patches(_direct.MAX_K + 700 + 400, 8, seed=3)
+    p = p[p.norm(dim=1) > 0]
+    codebook, x = p[:_direct.MAX_K + 700].contiguous(), p[_direct.MAX_K + 700:].contiguous()
+    x = torch.cat([x, torch.randn(50, x.shape[1], generator=g)])
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, metric, "direct")
+    other_ids, other = _nearest_cpu.nearest_cpu(x, codebook, metric, "fp64")
+    assert torch.equal(ids, other_ids) and torch.equal(dists, other)
+    assert_nearest_ok(ids, dists, x, codebook, metric, rel_tol=1e-12, abs_tol=1e-12)
+    half_ids, half = _nearest_cpu.nearest_cpu(x.half(), codebook.half(), metric, "direct")
+    ref_ids, ref = _nearest_cpu.nearest_cpu(x.half().float(), codebook.half().float(), metric, "fp64")
+    assert torch.equal(half_ids, ref_ids) and torch.equal(half, ref)
+
+
+@needs_native
+def test_flat_regions_rank_only_their_near_ties_in_torch(monkeypatch):
+    # grey 16x16 photograph patches: flat regions normalise to nearly one unit row, so some queries
+    # have more near ties than the loop lists (count -1). Torch ranks only the codewords the float64
+    # GEMM pre-selects for them (it ranked every codeword of the block before: 74% of a 2.7 s search)
+    pairs, masses = [], []
+    original, original_mass = _certified.pair_objective, _direct._mass_pairs
+
+    def counting(x, codebook, rows, cols, *args, **kwargs):
+        pairs.append(rows.numel())
+        return original(x, codebook, rows, cols, *args, **kwargs)
+
+    def counting_mass(x, rows, queries, metric):
+        masses.append(queries.numel())
+        return original_mass(x, rows, queries, metric)
+
+    monkeypatch.setattr("unicode2_fast._direct.pair_objective", counting)
+    monkeypatch.setattr(_direct, "_mass_pairs", counting_mass)
+    p = photo_patches(3000 + 1000, 16, gray=True, seed=2)
+    p = p[p.norm(dim=1) > 0]
+    codebook, x = p[:3000].contiguous(), p[3000:].contiguous()
+    ids, obj = _blocked(x, codebook, "cos")
+    assert sum(masses) > 0  # such queries occur
+    # every ranked pair: a near tie, the pre-selected masses, or a winner's final objective
+    assert sum(pairs) <= 0.02 * x.shape[0] * codebook.shape[0]
+    other_ids, other = _nearest_cpu.nearest_cpu(x, codebook, "cos", "fp64")
+    assert torch.equal(ids, other_ids) and torch.equal(_as_dists(obj, "cos"), other)
+
+
+@needs_native
+def test_mass_pairs_keep_the_torch_order_winner():
+    # 128 exactly tied corners plus near-ties a few float64 ulps away: the pre-selection keeps them all
+    corners = torch.cartesian_prod(*[torch.tensor([-1.0, 1.0])] * 7)
+    others = torch.randn(300, 7, generator=torch.Generator().manual_seed(1))
+    others[:, 0] = -others[:, 0].abs()  # (farther from the query than every corner with a +1 first)
+    codebook = torch.cat([others, corners])
+    q = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0]])
+    for metric in ("ip", "cos"):
+        rows, cols = _direct._mass_pairs(q, codebook, torch.tensor([0]), metric)
+        assert bool((rows == 0).all())
+        tied = 300 + (corners[:, 0] == 1).nonzero().squeeze(1)
+        assert set(tied.tolist()) <= set(cols.tolist())
+        assert cols.numel() < codebook.shape[0] // 2
+
+
+@needs_native
+def test_automatic_choice_keeps_faiss_where_it_certifies_and_leaves_it_where_it_does_not(monkeypatch):
+    flat_calls, blocked_calls = [], []
+    original_flat, original_blocked = _nearest_cpu._flat_search, _direct.search_dot_blocked
+
+    def flat(x, *args, **kwargs):
+        flat_calls.append(x.shape[0])
+        return original_flat(x, *args, **kwargs)
+
+    def blocked(x, *args, **kwargs):
+        blocked_calls.append(x.shape[0])
+        return original_blocked(x, *args, **kwargs)
+
+    monkeypatch.setattr(_nearest_cpu, "_flat_search", flat)
+    monkeypatch.setattr(_direct, "search_dot_blocked", blocked)
+    monkeypatch.setattr(_nearest_cpu, "choose_filter", lambda n, k, d: "flat")
+    # Gaussian rows: FAISS's fp32 top-k certifies them, so the flat path stays
+    g = torch.Generator().manual_seed(0)
+    codebook, x = torch.randn(5000, 64, generator=g), torch.randn(300, 64, generator=g)
+    for _ in range(2):
+        ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "cos")
+    assert len(flat_calls) == 2 and not blocked_calls
+    assert_nearest_ok(ids, dists, x, codebook, "cos", exact=True)
+    # flat grey patches: a third of the queries fail FAISS's certificate; they take the blocked scan,
+    # and the codebook's later calls go there directly
+    flat_calls.clear()
+    p = photo_patches(5000 + 1000, 16, gray=True, seed=2)
+    p = p[p.norm(dim=1) > 0]
+    codebook, x = p[:5000].contiguous(), p[5000:].contiguous()
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "cos")
+    assert len(flat_calls) == 1 and 0.25 * x.shape[0] < blocked_calls[0] < x.shape[0]
+    want_ids, want = _nearest_cpu.nearest_cpu(x, codebook, "cos", "fp64")
+    assert torch.equal(ids, want_ids) and torch.equal(dists, want)
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "cos")
+    assert len(flat_calls) == 1 and blocked_calls[1] == x.shape[0]
+    assert torch.equal(ids, want_ids) and torch.equal(dists, want)
+
+
+@needs_native
+@pytest.mark.parametrize("block", [16, 4096])
+def test_constant_rows_tie_in_exact_arithmetic_and_torch_orders_them(monkeypatch, block):
+    # 300 constant rows (flat image regions): every one at cos exactly 1 to a constant query, so the
+    # float64 evaluations differ only in their last bits and each order ranks them otherwise. The
+    # answer is torch's order's (pair_objective), found among the GEMM's pre-selected near ties
+    monkeypatch.setattr(_direct, "BLOCK_BYTES", 4 * block * 64)
+    g = torch.Generator().manual_seed(8)
+    levels = torch.rand(300, generator=g) * 0.9 + 0.05
+    codebook = torch.cat([levels[:, None].expand(300, 64), torch.rand(200, 64, generator=g)])
+    codebook = codebook[torch.randperm(500, generator=g)].contiguous()
+    x = torch.cat([torch.rand(12, 1, generator=g).expand(12, 64), torch.rand(12, 64, generator=g)]).contiguous()
+    ids, obj = _blocked(x, codebook, "cos")
+    other_ids, other = _nearest_cpu.nearest_cpu(x, codebook, "cos", "fp64")
+    assert torch.equal(ids, other_ids) and torch.equal(_as_dists(obj, "cos"), other)
+    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "cos", "direct")
+    assert torch.equal(ids, other_ids) and torch.equal(dists, other)
