@@ -151,41 +151,58 @@ def test_mass_pairs_keep_the_torch_order_winner():
 
 
 @needs_native
-def test_automatic_choice_keeps_faiss_where_it_certifies_and_leaves_it_where_it_does_not(monkeypatch):
-    flat_calls, blocked_calls = [], []
+def test_automatic_choice_times_both_paths_and_keeps_the_faster(monkeypatch):
+    # a fake clock: the flat path costs 1 unit a call, the blocked scan 2 (also when the flat path
+    # hands it its uncertified queries), so the choice is deterministic here
+    flat_calls, blocked_calls, now = [], [], [0.0]
     original_flat, original_blocked = _nearest_cpu._flat_search, _direct.search_dot_blocked
 
     def flat(x, *args, **kwargs):
         flat_calls.append(x.shape[0])
+        now[0] += 1.0
         return original_flat(x, *args, **kwargs)
 
     def blocked(x, *args, **kwargs):
         blocked_calls.append(x.shape[0])
+        now[0] += 2.0
         return original_blocked(x, *args, **kwargs)
 
     monkeypatch.setattr(_nearest_cpu, "_flat_search", flat)
     monkeypatch.setattr(_direct, "search_dot_blocked", blocked)
+    monkeypatch.setattr(_nearest_cpu, "_clock", lambda: now[0])
     monkeypatch.setattr(_nearest_cpu, "choose_filter", lambda n, k, d: "flat")
-    # Gaussian rows: FAISS's fp32 top-k certifies them, so the flat path stays
+    # Gaussian rows: FAISS's fp32 top-k certifies them all; flat (1) beats blocked (2) and stays
     g = torch.Generator().manual_seed(0)
     codebook, x = torch.randn(5000, 64, generator=g), torch.randn(300, 64, generator=g)
-    for _ in range(2):
+    want_ids, want = _nearest_cpu.nearest_cpu(x, codebook, "cos", "fp64")
+    for _ in range(6):
         ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "cos")
-    assert len(flat_calls) == 2 and not blocked_calls
-    assert_nearest_ok(ids, dists, x, codebook, "cos", exact=True)
-    # flat grey patches: a third of the queries fail FAISS's certificate; they take the blocked scan,
-    # and the codebook's later calls go there directly
-    flat_calls.clear()
+        assert torch.equal(ids, want_ids) and torch.equal(dists, want)
+    # flat twice (the first untimed: it builds its tables), blocked twice, then flat
+    assert flat_calls == [300] * 4 and blocked_calls == [300] * 2
+    # flat grey patches: a third of the queries fail FAISS's certificate and go on to the blocked
+    # scan (flat 1 + 2 > 2), so after one chunk each the codebook's chunks take the blocked scan
+    flat_calls.clear(), blocked_calls.clear()
     p = photo_patches(5000 + 1000, 16, gray=True, seed=2)
     p = p[p.norm(dim=1) > 0]
     codebook, x = p[:5000].contiguous(), p[5000:].contiguous()
-    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "cos")
-    assert len(flat_calls) == 1 and 0.25 * x.shape[0] < blocked_calls[0] < x.shape[0]
     want_ids, want = _nearest_cpu.nearest_cpu(x, codebook, "cos", "fp64")
-    assert torch.equal(ids, want_ids) and torch.equal(dists, want)
-    ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "cos")
-    assert len(flat_calls) == 1 and blocked_calls[1] == x.shape[0]
-    assert torch.equal(ids, want_ids) and torch.equal(dists, want)
+    for _ in range(5):
+        ids, dists = _nearest_cpu.nearest_cpu(x, codebook, "cos")
+        assert torch.equal(ids, want_ids) and torch.equal(dists, want)
+    n = x.shape[0]
+    assert flat_calls == [n, n] and all(0.25 * n < rows < n for rows in blocked_calls[:2])
+    assert blocked_calls[2:] == [n, n, n]
+
+
+def test_dot_paths_retry_the_slower_path_now_and_then():
+    paths = _nearest_cpu._DotPaths()
+    picks = []
+    for _ in range(2 * _nearest_cpu.FILTER_RETRY_EVERY):
+        path = picks.append(paths.pick()) or picks[-1]
+        paths.record(path, 3.0 if path == "flat" else 1.0, 100)
+    assert picks[:4] == ["flat", "flat", "blocked", "blocked"]  # (each path's first run is untimed)
+    assert picks.count("flat") == 2 + 2  # its first two chunks, then every FILTER_RETRY_EVERY-th
 
 
 @needs_native

@@ -36,12 +36,11 @@ speed plus the cost of those ties. Where a strided pilot of the queries shows th
 certify (tight clusters: whole cells within the fp32 bound), an l2 codebook is partitioned once
 into about sqrt(K) cells and searched by the exact cell scan of ``_cells`` (residual form,
 triangle-inequality pruning; 3.9x FAISS flat on the clustered benchmark case).
-ip / cos codebooks past the direct scan's 4,096 rows whose queries the filter does not prune go to
-the flat path only while its top-k certifies most of them; the queries it leaves (more than
-FLAT_FAIL_SHARE of a chunk: flat regions, whose unit rows are all alike, and tight clusters), and
-the codebook's later chunks after such a chunk, take the direct scan over codebook blocks
-(``_direct.search_dot_blocked``: FAISS's work at the fp32 dot-product rate, a bound that does not
-widen, float64 re-ranks of the near ties only).
+ip / cos codebooks past the direct scan's 4,096 rows whose queries the filter does not prune take
+the flat path, whose uncertified queries (flat regions, whose unit rows are all alike, and tight
+clusters) then go to the direct scan over codebook blocks (``_direct.search_dot_blocked``:
+FAISS's work at the fp32 dot-product rate, a bound that does not widen, float64 re-ranks of the
+near ties only), or that scan alone, whichever settled the codebook's chunks faster (_DotPaths).
 Never holds N x K: queries are processed in chunks and codewords in blocks, and per-query candidate
 lists are capped; a query that exceeds the cap goes to the flat search, and one with masses of
 distinct, equidistant codewords to a streaming float64 scan.
@@ -91,10 +90,6 @@ PRUNE_CHECK_BLOCKS = 1
 FILTER_MISSES = 2
 FILTER_RETRY_EVERY = 8
 #: the flat path's FAISS top-k: it certifies most queries of real photographs (93-96%), and a
-#: ip / cos chunks in a row whose flat scan left more than FLAT_FAIL_SHARE of the queries uncertified
-#: before the codebook's later chunks go straight to the blocked direct scan (retried every
-#: FILTER_RETRY_EVERY-th chunk)
-FLAT_DOT_MISSES = 1
 #: larger k costs FAISS more than the threshold scan of the rest (see _flat_search)
 FLAT_K = 8
 #: the threshold scan of the flat path: queries and codewords per fp32 block (32 MB), and the
@@ -470,6 +465,44 @@ class _Attempts:
             self.skipped = 0
 
 
+#: the clock _DotPaths times its chunks with (a function, so a test can drive it)
+_clock = time.perf_counter
+
+
+class _DotPaths:
+    """Which path settles an ip / cos codebook's unpruned chunks faster, per query: FAISS's certified
+    flat scan (its uncertified queries then take the blocked scan) or the blocked direct scan alone.
+
+    Neither wins everywhere (a 2-core AVX2 EPYC: 8x8x3 photograph patches against 16,384 sampled
+    patches, ip, flat 0.63 s against blocked 0.45 s, FAISS 0.46 s; Gaussian 729 x 50,000 x 1152,
+    cos, flat 0.74 s against 0.85 s), and it depends on the data and on the CPU's BLAS, so each is
+    timed on a chunk -- its second: the first builds its per-codebook tables -- the faster is kept,
+    and the other timed again every FILTER_RETRY_EVERY-th chunk (the queries may have changed)."""
+
+    PATHS = ("flat", "blocked")
+
+    def __init__(self):
+        self.cost = {}  # path -> seconds per query on its latest timed chunk
+        self.seen = set()  # paths that ran once (untimed)
+        self.chunks = 0
+
+    def pick(self) -> str:
+        self.chunks += 1
+        for path in self.PATHS:
+            if path not in self.cost:
+                return path
+        best = min(self.PATHS, key=lambda p: self.cost[p])
+        if self.chunks % FILTER_RETRY_EVERY == 0:
+            return self.PATHS[1 - self.PATHS.index(best)]
+        return best
+
+    def record(self, path: str, seconds: float, rows: int) -> None:
+        if path not in self.seen:
+            self.seen.add(path)
+            return
+        self.cost[path] = seconds / max(1, rows)
+
+
 class _CodebookStats(_Attempts):
     """Per-codebook filter statistics, cached across calls (built once, then reused), and the
     record of whether the filter prunes on this codebook's queries."""
@@ -798,22 +831,23 @@ def _nearest_filtered(x: torch.Tensor, codebook: torch.Tensor, metric: str,
                 result = _search_chunk(chunk, codebook, finer, metric, "int8x2")
             finer.record(result is not None)
         if result is None and blocked:
-            # ip / cos: FAISS's flat scan while it certifies most queries of this codebook's chunks
-            # (Gaussian-like data: BLAS's rate), else the direct scan over codebook blocks
-            record = per_tensor(codebook, ("flat_record", metric), lambda c: _Attempts(FLAT_DOT_MISSES))
+            # ip / cos: FAISS's certified flat scan (its uncertified queries to the blocked scan) or
+            # the blocked direct scan, whichever settled this codebook's chunks faster (_DotPaths)
+            paths = per_tensor(codebook, ("dot_paths", metric), lambda c: _DotPaths())
             part = chunk  # (bound now: the closure below runs inside this iteration only)
 
             def dense(rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
                 with stage("nearest/direct_blocked"):
                     return _direct.search_dot_blocked(part.index_select(0, rows), codebook, metric, distinct_codewords)
 
-            if record.worth_trying():
-                report = {}
+            path = paths.pick()
+            began = _clock()
+            if path == "flat":
                 with stage("nearest/flat"):
-                    result = _flat_search(chunk, codebook, metric, dense=dense, report=report)
-                record.record(report.get("uncertified", 0) == 0)
+                    result = _flat_search(chunk, codebook, metric, dense=dense)
             else:
                 result = dense(torch.arange(chunk.shape[0]))
+            paths.record(path, _clock() - began, chunk.shape[0])
         if result is None:  # the flat path, or a filter scan that stopped pruning
             with stage("nearest/flat"):
                 result = _flat_search(chunk, codebook, metric)
@@ -1016,8 +1050,8 @@ class _BandIndex(_Attempts):
 
 
 def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok: bool = True,
-                 dense: Optional[Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None,
-                 report: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 dense: Optional[Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact nearest codewords by FAISS's flat fp32 scan (its BLAS speed, data-independent),
     certified: ids (n,) and float64 objective (n,).
 
@@ -1032,9 +1066,8 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
     bound, and the few with more than THRESHOLD_CAP of those to the streaming float64 scan (masses
     of distinct, equidistant codewords). Exact duplicate codewords are scanned once (see
     _FlatCodebook). ``dense(rows)``, where given (ip / cos: the blocked direct scan), settles the
-    queries instead of the threshold scan and the cell scan when more than FLAT_FAIL_SHARE of them
-    do not certify (or the codebook is known to be clustered); ``report["uncertified"]`` then
-    tells how many went there.
+    queries that do not certify instead of the threshold scan and the cell scan (every query where
+    the codebook is known to be clustered).
     """
     import faiss
 
@@ -1171,8 +1204,6 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
         if dense is not None and _cells_built(codebook, metric):
             to_cells, failed = every[:0], every[:0]
             ids[every], best[every] = dense(every)
-            if report is not None:
-                report["uncertified"] = n
         elif cells_ok and _cells_built(codebook, metric):
             to_cells, failed = every, every[:0]
         elif (band := _band_plan(x, codebook, flat, queries, x_norm, metric)) is not None:
@@ -1183,9 +1214,7 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
         else:
             failed = settle(every)
             many = failed.numel() > FLAT_FAIL_SHARE * n
-            if report is not None:
-                report["uncertified"] = failed.numel() if many else 0
-            if many and dense is not None:
+            if dense is not None and failed.numel():
                 ids[failed], best[failed] = dense(failed)
                 failed = every[:0]
             to_cells = failed if many and cells_ok and _use_cells(codebook, metric, failed.numel()) else every[:0]
