@@ -26,6 +26,7 @@ are ranked against each other.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -144,10 +145,10 @@ def search_dot_blocked(x: torch.Tensor, codebook: torch.Tensor, metric: str,
                        distinct: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`search_dot` for codebooks of any size: the compiled scan over blocks of
     :func:`block_rows` codewords, each block's exact winner (ranked in torch's order where the
-    block had near ties), then the winners of one query whose objectives lie within twice the
-    float64 evaluations' deviation of the least ranked again in torch's order, the lowest index
-    on ties. No codeword outside a block's winner can win: within its block it lost to the winner
-    in torch's order, or tied it with a higher index.
+    block had near ties) merged into a running winner per query: where the two objectives lie
+    within twice the float64 evaluations' deviation they are ranked in torch's order, the lower
+    index on ties. No codeword outside a block's winner can win: within its block it lost to the
+    winner in torch's order, or tied it with a higher index. Memory: O(n) besides the scan's own.
 
     Its cost is the full scan's (FAISS's work at the fp32 dot-product rate, data-independent): the
     bound is ``g ||x|| max ||c||`` per block, so masses of near-equal codewords (flat image regions,
@@ -162,31 +163,34 @@ def search_dot_blocked(x: torch.Tensor, codebook: torch.Tensor, metric: str,
     x = x.float()
     x = x if d <= 1 or x.stride(1) == 1 else x.contiguous()
     n, k = x.shape[0], rows.shape[0]
-    values = torch.empty((n, len(blocks)), dtype=torch.float64)
-    winners = torch.empty((n, len(blocks)), dtype=torch.int64)
+    # two float64 evaluations of one objective differ by at most margin (see search_dot)
+    margin = (torch.full((n,), dev, dtype=torch.float64) if cosine
+              else dev * _native.norms64(x) * cnorm.max() * (1.0 + 2.0 ** -40))
+    best = torch.full((n,), math.inf, dtype=torch.float64)
+    won = torch.zeros(n, dtype=torch.int64)
     for b, panels in enumerate(blocks):
         lo, hi = b * step, min(k, (b + 1) * step)
         part_rows, part_norms, part_bound = rows[lo:hi], cnorm[lo:hi], bound[lo:hi]
         got, val = _chunked(x, codebook, part_rows, None, metric,
                             lambda part, near: _native.direct_dot(part, part_rows, part_norms, panels, part_bound, g, dev,
                                                                   cosine, near), rounding=False)
-        winners[:, b] = got + lo
-        values[:, b] = val
-    best, which = values.min(dim=1)  # (the first minimum: the lowest block on equal values)
-    won = winners.gather(1, which.unsqueeze(1)).squeeze(1)
-    if len(blocks) > 1 and n:
-        # two float64 evaluations of one objective differ by at most margin (see search_dot)
-        margin = (torch.tensor(dev, dtype=torch.float64) if cosine
-                  else dev * _native.norms64(x) * cnorm.max() * (1.0 + 2.0 ** -40))
-        close = values <= (best + 2.0 * margin).unsqueeze(1)
-        again = (close.sum(dim=1) > 1).nonzero().squeeze(1)
+        got += lo
+        # the running winner against this block's: one clearly better (by more than 2 margin) wins
+        # in any order; two closer than that are ranked in torch's order, the lower index on ties.
+        # (Exact: every codeword left out lost to one kept, clearly or in torch's order.)
+        better = val < best - 2.0 * margin
+        close = (val <= best + 2.0 * margin) & ~better
+        best = torch.where(better, val, best)
+        won = torch.where(better, got, won)
+        again = close.nonzero().squeeze(1)
         if again.numel():
-            pair_rows, pair_blocks = close[again].nonzero().unbind(1)
-            pair_rows = again[pair_rows]
-            pair_cols = winners[pair_rows, pair_blocks]
-            obj, _ = pair_objective(x, rows, pair_rows, pair_cols, metric, torch.float64)
-            row_ids, row_best = lowest_of_min(n, pair_rows, pair_cols, obj)
-            won[again] = row_ids[again]
+            held, new = won[again], got[again]
+            pairs = torch.cat([again, again])
+            obj, _ = pair_objective(x, rows, pairs, torch.cat([held, new]), metric, torch.float64)
+            old_obj, new_obj = obj[:again.numel()], obj[again.numel():]
+            take = (new_obj < old_obj) | ((new_obj == old_obj) & (new < held))
+            won[again] = torch.where(take, new, held)
+            best[again] = torch.where(take, new_obj, old_obj)
     if n:  # the winners' objectives in torch's order: the fp32 distances every other exact path returns
         best, _ = pair_objective(x, rows, torch.arange(n), won, metric, torch.float64)
     return (won if ids is None else ids[won]), best
