@@ -155,8 +155,7 @@ def search_dot_blocked(x: torch.Tensor, codebook: torch.Tensor, metric: str,
     tight clusters) cost float64 re-ranks of those codewords only, never a wider scan."""
     cosine = metric == "cos"
     step = block_rows(codebook.shape[1])
-    ids, rows, cnorm, blocks, bound = per_tensor(codebook, ("direct_dot_blocked", metric, step),
-                                                 lambda c: _dot_blocks(c, distinct(c), cosine, step))
+    ids, rows, cnorm, blocks, bound = blocked_book(codebook, metric, distinct)
     rows = codebook if rows is None else rows
     d = x.shape[1]
     g, dev = _dot_bounds(d, cosine)
@@ -194,6 +193,13 @@ def search_dot_blocked(x: torch.Tensor, codebook: torch.Tensor, metric: str,
     if n:  # the winners' objectives in torch's order: the fp32 distances every other exact path returns
         best, _ = pair_objective(x, rows, torch.arange(n), won, metric, torch.float64)
     return (won if ids is None else ids[won]), best
+
+
+def blocked_book(codebook: torch.Tensor, metric: str, distinct: Callable[[torch.Tensor], Optional[torch.Tensor]]):
+    """The per-codebook tables of :func:`search_dot_blocked` (built on the first call, then cached)."""
+    step = block_rows(codebook.shape[1])
+    return per_tensor(codebook, ("direct_dot_blocked", metric, step),
+                      lambda c: _dot_blocks(c, distinct(c), metric == "cos", step))
 
 
 def _dot_blocks(codebook: torch.Tensor, ids: Optional[torch.Tensor], cosine: bool, step: int):

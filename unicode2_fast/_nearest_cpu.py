@@ -476,14 +476,13 @@ class _DotPaths:
     Neither wins everywhere (a 2-core AVX2 EPYC: 8x8x3 photograph patches against 16,384 sampled
     patches, ip, flat 0.63 s against blocked 0.45 s, FAISS 0.46 s; Gaussian 729 x 50,000 x 1152,
     cos, flat 0.74 s against 0.85 s), and it depends on the data and on the CPU's BLAS, so each is
-    timed on a chunk -- its second: the first builds its per-codebook tables -- the faster is kept,
+    timed on a chunk (its per-codebook tables built before the clock starts), the faster is kept,
     and the other timed again every FILTER_RETRY_EVERY-th chunk (the queries may have changed)."""
 
     PATHS = ("flat", "blocked")
 
     def __init__(self):
-        self.cost = {}  # path -> seconds per query on its latest timed chunk
-        self.seen = set()  # paths that ran once (untimed)
+        self.cost = {}  # path -> seconds per query on its latest chunk
         self.chunks = 0
 
     def pick(self) -> str:
@@ -497,9 +496,6 @@ class _DotPaths:
         return best
 
     def record(self, path: str, seconds: float, rows: int) -> None:
-        if path not in self.seen:
-            self.seen.add(path)
-            return
         self.cost[path] = seconds / max(1, rows)
 
 
@@ -841,6 +837,11 @@ def _nearest_filtered(x: torch.Tensor, codebook: torch.Tensor, metric: str,
                     return _direct.search_dot_blocked(part.index_select(0, rows), codebook, metric, distinct_codewords)
 
             path = paths.pick()
+            # (the path's per-codebook tables built first, so the clock times its search alone)
+            if path == "flat":
+                per_tensor(codebook, ("flat", metric), lambda c: _FlatCodebook(c, metric))
+            else:
+                _direct.blocked_book(codebook, metric, distinct_codewords)
             began = _clock()
             if path == "flat":
                 with stage("nearest/flat"):
