@@ -265,12 +265,10 @@ def _rerank(x: torch.Tensor, rows: torch.Tensor, best: torch.Tensor, value: torc
     if metric != "l2" and bool(every.any()):
         mass_rows, mass_cols = _mass_pairs(x, rows, close[every], metric)
         close_listed, per_listed = close[~every], per_row[~every]
+        every_listed = torch.zeros(close_listed.numel(), dtype=torch.bool)
     else:
         mass_rows = mass_cols = None
-        close_listed, per_listed = close, torch.where(every, rows.shape[0], per_row)
-        every_listed = every
-    if mass_rows is not None:
-        every_listed = torch.zeros(close_listed.numel(), dtype=torch.bool)
+        close_listed, per_listed, every_listed = close, torch.where(every, rows.shape[0], per_row), every
     pair_rows = close_listed.repeat_interleave(per_listed)
     slot = torch.arange(pair_rows.numel()) - torch.repeat_interleave(torch.cumsum(per_listed, 0) - per_listed, per_listed)
     listed = near[pair_rows, slot.clamp_max(near.shape[1] - 1)].long()

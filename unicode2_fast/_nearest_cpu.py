@@ -800,9 +800,9 @@ def _nearest_filtered(x: torch.Tensor, codebook: torch.Tensor, metric: str,
     # before the chunk goes to FAISS's flat scan
     two_level = filter_kind is None and kind == "int8" and _int8x2_ok(x, codebook)
     # ip / cos where the filter does not prune (or none runs): the direct scan's dot products over
-    # blocks of the codebook instead of FAISS's flat scan, whose norm-relative certificate keeps
-    # masses of candidates on flat image regions and tight clusters (cos: 0.08-0.13x FAISS there on
-    # a 2-core AVX2 EPYC) -- FAISS's own work at the fp32 rate, with a bound that does not widen
+    # blocks of the codebook beside FAISS's flat scan, whose norm-relative certificate keeps masses
+    # of candidates on flat image regions and tight clusters (cos: 0.08-0.13x FAISS there on a
+    # 2-core AVX2 EPYC) -- FAISS's own work at the fp32 rate, with a bound that does not widen
     blocked = filter_kind is None and metric != "l2" and _direct.takes_blocked(x, codebook, metric)
     cstats = None
     if kind != "flat":
