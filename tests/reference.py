@@ -48,3 +48,27 @@ def assert_nearest_ok(ids, dists, x, codebook, metric, *, rel_tol=0.0, abs_tol=0
         assert torch.equal(ids[clear], best_idx[clear]), "ids differ where the nearest code is clear"
     err = (dists - chosen).abs()
     assert bool((err <= tol + 1e-6 * scale).all()), f"dists off by up to {err.max().item():.3g}"
+
+
+def no_zero_rows(v):
+    """cos takes no zero vector: such rows get a 1 in their first column."""
+    v = v.clone()
+    v[(v == 0).all(dim=1), 0] = 1.0
+    return v
+
+
+def search_data(kind, n, k, d, seed):
+    """(queries, codebook) of one of the search tests' kinds: "gaussian", "integer ties", "duplicates",
+    "near copies", "queries on codewords"."""
+    g = torch.Generator().manual_seed(seed)
+    codebook = torch.randn(k, d, generator=g) * 3.0
+    x = torch.randn(n, d, generator=g) * 3.0
+    if kind == "integer ties":  # many exact ties: integer points, exactly representable distances
+        codebook, x = codebook.round().clamp(-2, 2), x.round().clamp(-2, 2)
+    elif kind == "duplicates":  # each row repeated: the lowest of the copies wins
+        codebook = codebook[torch.randint(0, max(1, k // 4), (k,), generator=g)]
+    elif kind == "near copies":  # queries a hair away from codewords: tiny gaps
+        x = codebook[torch.randint(0, k, (n,), generator=g)] + 1e-5 * torch.randn(n, d, generator=g)
+    elif kind == "queries on codewords":  # distance exactly 0, and duplicates of it
+        x = codebook[torch.randint(0, k, (n,), generator=g)]
+    return x, codebook

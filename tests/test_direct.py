@@ -12,6 +12,7 @@ from unicode2_fast import _certified, _direct, _native, _nearest_cpu
 from unicode2_fast.data import photo_patches
 
 from reference import assert_nearest_ok, objective64
+from reference import no_zero_rows as _no_zero_rows, search_data as _data
 
 needs_native = pytest.mark.skipif(not _native.available(), reason="no C compiler here")
 
@@ -19,28 +20,6 @@ needs_native = pytest.mark.skipif(not _native.available(), reason="no C compiler
 def _argmin64(x, codebook, metric="l2"):
     best, ids = objective64(x, codebook, metric).min(dim=1)  # the first minimum: the lowest index
     return ids, best
-
-
-def _no_zero_rows(v):
-    """cos takes no zero vector: such rows get a 1 in their first column."""
-    v = v.clone()
-    v[(v == 0).all(dim=1), 0] = 1.0
-    return v
-
-
-def _data(kind, n, k, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    codebook = torch.randn(k, d, generator=g) * 3.0
-    x = torch.randn(n, d, generator=g) * 3.0
-    if kind == "integer ties":  # many exact ties: integer points, exactly representable distances
-        codebook, x = codebook.round().clamp(-2, 2), x.round().clamp(-2, 2)
-    elif kind == "duplicates":  # each row repeated: the lowest of the copies wins
-        codebook = codebook[torch.randint(0, max(1, k // 4), (k,), generator=g)]
-    elif kind == "near copies":  # queries a hair away from codewords: tiny gaps
-        x = codebook[torch.randint(0, k, (n,), generator=g)] + 1e-5 * torch.randn(n, d, generator=g)
-    elif kind == "queries on codewords":  # distance exactly 0, and duplicates of it
-        x = codebook[torch.randint(0, k, (n,), generator=g)]
-    return x, codebook
 
 
 @needs_native

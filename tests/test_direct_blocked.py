@@ -9,28 +9,14 @@ import torch
 from unicode2_fast import _certified, _direct, _native, _nearest_cpu
 from unicode2_fast.data import photo_patches
 
-from reference import assert_nearest_ok
+from reference import assert_nearest_ok, no_zero_rows, search_data
 
 needs_native = pytest.mark.skipif(not _native.available(), reason="no C compiler here")
 
 
-def _no_zero_rows(v):
-    v = v.clone()
-    v[(v == 0).all(dim=1), 0] = 1.0
-    return v
-
-
 def _data(kind, n, k, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    codebook = torch.randn(k, d, generator=g) * 3.0
-    x = torch.randn(n, d, generator=g) * 3.0
-    if kind == "integer ties":  # exact ties: parallel integer codewords (cos), equal dot products (ip)
-        codebook, x = codebook.round().clamp(-2, 2), x.round().clamp(-2, 2)
-    elif kind == "duplicates":  # each row repeated, the copies in different blocks
-        codebook = codebook[torch.randint(0, max(1, k // 4), (k,), generator=g)]
-    elif kind == "near copies":
-        x = codebook[torch.randint(0, k, (n,), generator=g)] + 1e-5 * torch.randn(n, d, generator=g)
-    return _no_zero_rows(x), _no_zero_rows(codebook)
+    x, codebook = search_data(kind, n, k, d, seed)
+    return no_zero_rows(x), no_zero_rows(codebook)
 
 
 def _blocked(x, codebook, metric):
