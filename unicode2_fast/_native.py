@@ -654,7 +654,7 @@ int64_t direct_dot(const float *x, int64_t ldx, const float *c, int64_t ldc, con
                 vf32 acc[DIRECT_ROWS][DIRECT_PARTS];
                 for (int r = 0; r < DIRECT_ROWS; ++r)
                     for (int part = 0; part < DIRECT_PARTS; ++part) acc[r][part] = (vf32){0};
-                    for (int64_t t = 0; t < d; ++t) {
+                for (int64_t t = 0; t < d; ++t) {
                     vf32 ct[DIRECT_PARTS];
                     for (int part = 0; part < DIRECT_PARTS; ++part) ct[part] = vload(panel + t * DIRECT_PANEL + part * VLANES);
                     for (int r = 0; r < DIRECT_ROWS; ++r) {

@@ -839,7 +839,7 @@ def _nearest_filtered(x: torch.Tensor, codebook: torch.Tensor, metric: str,
             path = paths.pick()
             # (the path's per-codebook tables built first, so the clock times its search alone)
             if path == "flat":
-                per_tensor(codebook, ("flat", metric), lambda c: _FlatCodebook(c, metric))
+                _flat_codebook(codebook, metric)
             else:
                 _direct.blocked_book(codebook, metric, distinct_codewords)
             began = _clock()
@@ -908,6 +908,11 @@ class _FlatCodebook:
         elif metric == "cos":
             v64 = v64 / v64.norm(dim=1, keepdim=True)
         return v64.float().contiguous()
+
+
+def _flat_codebook(codebook: torch.Tensor, metric: str) -> _FlatCodebook:
+    """The codebook's _FlatCodebook for ``metric`` (built once, then cached)."""
+    return per_tensor(codebook, ("flat", metric), lambda c: _FlatCodebook(c, metric))
 
 
 def _announce_copy(codebook: torch.Tensor, copy: torch.Tensor, what: str) -> None:
@@ -1073,7 +1078,7 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
     import faiss
 
     n, d = x.shape
-    flat = per_tensor(codebook, ("flat", metric), lambda c: _FlatCodebook(c, metric))
+    flat = _flat_codebook(codebook, metric)
     k = codebook.shape[0] if flat.ids is None else flat.ids.shape[0]  # rows FAISS scans
     base = (codebook if flat.vectors is None else flat.vectors).detach().numpy()
     queries = flat.transform(x, metric)
