@@ -229,3 +229,75 @@ def test_fp64_moments_of_an_fp32_parameter_take_the_torch_path():
     weight.grad = torch.randn(6, 4).to_sparse(1)
     opt.step()  # no error; the float64 moments are updated in float64
     assert state["exp_avg"].dtype == torch.float64 and bool(torch.isfinite(weight).all())
+
+
+def _keep_reference(v: torch.Tensor, margin: torch.Tensor, offset: torch.Tensor, cap: int, width: int):
+    """gemm_keep's contract, block by block of ``width`` columns of the (rows, K) objectives: the
+    least value so far, the columns so far within its threshold; None once more than cap were."""
+    best = torch.full((v.shape[0],), float("inf"), dtype=torch.float64)
+    kept = [torch.zeros(0, dtype=torch.int64)] * v.shape[0]
+    for c0 in range(0, v.shape[1], width):
+        best = torch.minimum(best, v[:, c0:c0 + width].double().amin(dim=1))
+        t = best + margin + 16 * 2.0 ** -53 * (best.abs() + offset.abs() + margin.abs())
+        tf = t.float()
+        tf = torch.where(tf.double() < t, torch.nextafter(tf, torch.tensor(float("inf"))), tf)
+        for i in range(v.shape[0]):
+            if kept[i] is not None:
+                now = torch.nonzero(v[i, :c0 + width] <= tf[i]).flatten()
+                kept[i] = now if now.numel() <= cap else None
+    return best, kept
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("fold", ["native-1", "native-2", "torch"])
+def test_gemm_keep_folds_blocks_into_the_least_value_and_every_near_column(metric, fold, monkeypatch):
+    # the compiled fold on 1 and 2 threads, and the torch fold the flat scan takes without a compiler
+    if fold == "torch":
+        from unicode2_fast._nearest_cpu import gemm_keep_torch as keep
+    else:
+        if not _native.available():
+            pytest.skip(f"no working C compiler: {_native.failure()}")
+        threads = int(fold[-1])
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        keep = _native.gemm_keep
+    g = torch.Generator().manual_seed(0)
+    rows, k, cap = 300, 1000, 6
+    dots = torch.randn(rows, k, generator=g)
+    dots[:, 500:510] = dots[:, 0:1]  # exact ties of column 0 in a later block: rows past cap
+    sq = torch.rand(k, generator=g) if metric == "l2" else None
+    coef = 2.0 if metric == "l2" else 1.0
+    v = sq - coef * dots if metric == "l2" else -dots
+    # per row: a margin that keeps none, some or (past cap) too many of the runners-up
+    margin = torch.rand(rows, generator=g, dtype=torch.float64) * 0.5
+    offset = torch.rand(rows, generator=g, dtype=torch.float64) * 100
+    best = torch.full((rows,), float("inf"), dtype=torch.float64)
+    cand_v, cand_c = torch.empty(rows, cap), torch.empty(rows, cap, dtype=torch.int64)
+    count = torch.zeros(rows, dtype=torch.int32)
+    for c0 in range(0, k, 333):  # blocks of uneven width, the last one short
+        block = dots[:, c0:c0 + 333]
+        keep(block, c0, None if sq is None else sq[c0:c0 + 333].contiguous(), coef, margin, offset,
+             best, cand_v, cand_c, count)
+    ref_best, ref_kept = _keep_reference(v, margin, offset, cap, 333)
+    assert torch.equal(best, ref_best)
+    assert any(kept is None for kept in ref_kept) and any(kept is not None and kept.numel() > 1 for kept in ref_kept)
+    for i, kept in enumerate(ref_kept):
+        if kept is None:
+            assert count[i] == -1
+        else:
+            assert count[i] == kept.numel()
+            got = torch.sort(cand_c[i, :count[i]]).values
+            assert torch.equal(got, kept) and torch.equal(cand_v[i, :count[i]], v[i, cand_c[i, :count[i]]])
+
+
+@needs_native
+def test_gemm_keep_rejects_what_it_cannot_read():
+    g = torch.zeros(4, 8)
+    state = (torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
+             torch.zeros(4, dtype=torch.float64), torch.zeros(4, 2), torch.zeros(4, 2, dtype=torch.int64),
+             torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="g must be fp32"):
+        _native.gemm_keep(g.double(), 0, None, 1.0, *state)
+    with pytest.raises(ValueError, match="count must be"):
+        _native.gemm_keep(g, 0, None, 1.0, *state[:5], torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="sq must be"):
+        _native.gemm_keep(g, 0, torch.zeros(7), 2.0, *state)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import unicode2_fast as u2
-from unicode2_fast import _certified, _nearest_cpu
+from unicode2_fast import _certified, _native, _nearest_cpu
 from unicode2_fast.kernels import nearest as nearest_kernel
 
-from reference import assert_nearest_ok, objective64
+from reference import assert_nearest_ok, no_zero_rows, objective64
 
 METRICS = ["l2", "ip", "cos"]
 # (N, K, d): 1, 7, 129, 1153 and K not a multiple of any block (CODE_BLOCK = 2048, BLOCK_K = 64/128)
@@ -428,20 +428,42 @@ def test_exact_on_real_and_adversarial_data(name, kind):
     assert_nearest_ok(ids, dists, x, c, "l2", exact=True, rel_tol=2e-7)
 
 
+def _flat_scan_blocks(monkeypatch):
+    """(rows, first column, columns) of every GEMM block the flat scan folds (_native.gemm_keep,
+    or its torch twin without a C compiler)."""
+    blocks = []
+    for owner, name in ((_native, "gemm_keep"), (_nearest_cpu, "gemm_keep_torch")):
+        def keep(g, col0, *args, _real=getattr(owner, name)):
+            blocks.append((g.shape[0], col0, g.shape[1]))
+            return _real(g, col0, *args)
+
+        monkeypatch.setattr(owner, name, keep)
+    return blocks
+
+
+@pytest.mark.parametrize("name", ["photos", "clustered", "duplicates"])
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+def test_flat_scan_without_the_compiled_fold_gives_the_same_answer(name, metric, monkeypatch):
+    # no C compiler: the flat scan folds its GEMM blocks in torch (gemm_keep_torch), same result
+    c, x = _real_or_adversarial(name)
+    if metric == "cos":
+        c, x = no_zero_rows(c), no_zero_rows(x)
+    ids, dists = _nearest_cpu.nearest_cpu(x, c, metric, "flat")
+    monkeypatch.setattr(_native, "available", lambda: False)
+    blocks = _flat_scan_blocks(monkeypatch)
+    ids_t, dists_t = _nearest_cpu.nearest_cpu(x, c, metric, "flat")
+    assert blocks and torch.equal(ids_t, ids) and torch.equal(dists_t, dists)
+    assert_nearest_ok(ids_t, dists_t, x, c, metric, exact=True, rel_tol=2e-7)
+
+
 @pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
 def test_flat_path_scans_each_duplicate_once_and_keeps_the_lowest_id(metric, monkeypatch):
     c, x = _real_or_adversarial("duplicates")
-    scanned = []
-    real_knn = __import__("faiss").knn
-
-    def knn(xq, xb, k, **kwargs):
-        scanned.append(xb.shape[0])
-        return real_knn(xq, xb, k, **kwargs)
-
-    monkeypatch.setattr("faiss.knn", knn)
+    blocks = _flat_scan_blocks(monkeypatch)
     ids, dists = _nearest_cpu.nearest_cpu(x, c, metric, "flat")
     assert_nearest_ok(ids, dists, x, c, metric, exact=True, rel_tol=2e-7)
-    assert scanned and max(scanned) == torch.unique(c, dim=0).shape[0] < c.shape[0]
+    # the codewords the flat scan's GEMM read: one copy of each distinct row
+    assert blocks and max(col0 + cols for _, col0, cols in blocks) == torch.unique(c, dim=0).shape[0] < c.shape[0]
 
 
 def test_filter_that_stops_pruning_hands_the_chunk_to_the_flat_path(monkeypatch):
@@ -587,28 +609,28 @@ def test_certified_search_runs_ieee_fp32_whatever_the_user_set(monkeypatch):
 
 @pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
 def test_flat_path_settles_what_its_top_k_cannot_by_one_threshold_scan(metric, monkeypatch):
-    # tight clusters: FAISS's top-8 certifies almost no query; each query is searched by FAISS at
-    # most once (a second FAISS round on a few hundred queries ran at a fraction of FAISS's speed),
-    # the rest settle in the threshold scan, block by block, and the result is the float64 argmin
+    # tight clusters: the flat scan's candidate lists overflow for almost every query; each query
+    # is scanned by it at most once (a second round on a few hundred queries ran at a fraction of
+    # the GEMM's speed), the rest settle in the threshold scan, block by block, and the result is
+    # the float64 argmin
     c, x = _real_or_adversarial("clustered")
     monkeypatch.setattr(_nearest_cpu, "THRESHOLD_BLOCK", 256)
     monkeypatch.setattr(_nearest_cpu, "THRESHOLD_ROWS", 64)
-    searched = []
-    real_knn = __import__("faiss").knn
-    monkeypatch.setattr("faiss.knn", lambda xq, xb, k, **kw: searched.append(xq.shape[0]) or real_knn(xq, xb, k, **kw))
+    blocks = _flat_scan_blocks(monkeypatch)
     fp64_rows = []
     real_scan = _nearest_cpu.exact_scan
     monkeypatch.setattr(_nearest_cpu, "exact_scan", lambda xq, *a: fp64_rows.append(xq.shape[0]) or real_scan(xq, *a))
     ids, dists = _nearest_cpu.nearest_cpu(x, c, metric, "flat")
     assert_nearest_ok(ids, dists, x, c, metric, exact=True, rel_tol=2e-7)
-    assert sum(searched) <= x.shape[0] and not fp64_rows
+    # each query is scanned once by the flat GEMM (col0 0: the start of its one pass over the codebook)
+    assert sum(rows for rows, col0, _ in blocks if col0 == 0) <= x.shape[0] and not fp64_rows
 
 
 def test_flat_path_hands_masses_of_equidistant_codewords_to_the_float64_scan(monkeypatch):
     # more than THRESHOLD_CAP candidates for a query: it is finished by the streaming float64
     # scan, only it, and exactly
     c, x = _real_or_adversarial("clustered")
-    monkeypatch.setattr(_nearest_cpu, "FLAT_K", 1)  # certifies nothing: every query is thresholded
+    monkeypatch.setattr(_nearest_cpu, "FLAT_CAP", 0)  # certifies nothing: every query is thresholded
     monkeypatch.setattr(_nearest_cpu, "THRESHOLD_CAP", 1)
     fp64_rows = []
     real_scan = _nearest_cpu.exact_scan
@@ -620,7 +642,7 @@ def test_flat_path_hands_masses_of_equidistant_codewords_to_the_float64_scan(mon
 
 def _tight_clusters():
     """Cells 1000x tighter than data.clustered_codebook's: every codeword of a query's cell lies
-    within the fp32 flat scan's error bound (its top-8 certifies almost nothing)."""
+    within the fp32 flat scan's error bound (it certifies almost nothing)."""
     from unicode2_fast import data
 
     d = data.clustered_codebook(4000, 600, 128, n_families=6, n_cells=40)
@@ -639,7 +661,7 @@ def _route_small_codebooks_to_cells(monkeypatch):
 
 
 def test_clustered_codebook_goes_to_the_cell_scan_and_stays_exact(monkeypatch):
-    # tight clusters fail the flat path's top-k round almost everywhere; a partition of the
+    # tight clusters fail the flat path's first round almost everywhere; a partition of the
     # codebook is built once and the cell scan settles those queries
     c, x = _tight_clusters()
     calls = _route_small_codebooks_to_cells(monkeypatch)
@@ -755,13 +777,11 @@ def _argmin64(x, c):
 @pytest.mark.parametrize("patch", [4, 8])
 def test_band_search_on_photographs_scans_a_fraction_and_is_exact(patch, monkeypatch):
     c, x, plans = _photo_band_case(monkeypatch, patch)
-    knn_calls = []
-    real_knn = __import__("faiss").knn
-    monkeypatch.setattr("faiss.knn", lambda *a, **kw: knn_calls.append(1) or real_knn(*a, **kw))
+    knn_calls = _flat_scan_blocks(monkeypatch)
     ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", "flat")
     assert torch.equal(ids, _argmin64(x, c))
     assert_nearest_ok(ids, dists, x, c, "l2", exact=True, rel_tol=2e-7)
-    # the band was taken (no FAISS top-k round) and scanned well under the full codebook
+    # the band was taken (no flat scan round) and scanned well under the full codebook
     (blocks, work), = plans
     assert not knn_calls and work < 0.6
     rows = torch.cat([r for r, _, _ in blocks])

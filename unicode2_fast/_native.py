@@ -727,6 +727,77 @@ int64_t direct_dot(const float *x, int64_t ldx, const float *c, int64_t ldc, con
     }
     return failed ? -1 : flagged;
 }
+
+/* ---- u2.nearest's flat scan past its fp32 GEMM: running minimum and kept candidates per query ---- */
+/* One (rows x cols) block of fp32 dot products g (row stride ldg) of queries against the scanned
+   codewords col0 .. col0 + cols - 1: objective v = sq[j] - coef g (l2: coef 2 and sq the codewords'
+   fp32 squared norms, as torch.addmm evaluates it; ip / cos: sq NULL, v = -g). Per query i:
+   best[i], the least v so far (+inf before the first block), and every codeword with
+   v <= best[i] + margin[i] + 16 u64 (|best[i]| + offset[i] + margin[i]) (the threshold rounded up
+   to fp32) in cand_v / cand_c[i * cap ...], count[i] of them; count[i] = -1 once more than cap
+   lay within that threshold at the end of a block (the caller settles that query another way).
+   Entries past the threshold are dropped as best falls. Each row is owned by one thread: results do not depend on the count. */
+void gemm_keep(const float *g, int64_t ldg, int64_t rows, int64_t cols, int64_t col0, const float *sq, float coef,
+               const double *margin, const double *offset, double *best, float *cand_v, int64_t *cand_c,
+               int32_t *count, int32_t cap, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < rows; ++i) {
+        const float *gr = g + i * ldg;
+        vf32 m = vsplat(INFINITY);
+        int64_t j = 0;
+        if (sq) {
+            const vf32 cv = vsplat(coef);
+            for (; j + VLANES <= cols; j += VLANES) {
+                vf32 v = vload(sq + j) - cv * vload(gr + j);
+                m = vselect((vi32)(v < m), v, m);
+            }
+        } else {
+            for (; j + VLANES <= cols; j += VLANES) {
+                vf32 v = -vload(gr + j);
+                m = vselect((vi32)(v < m), v, m);
+            }
+        }
+        float least = INFINITY;
+        for (int l = 0; l < VLANES; ++l) least = m[l] < least ? m[l] : least;
+        for (; j < cols; ++j) {
+            float v = sq ? sq[j] - coef * gr[j] : -gr[j];
+            least = v < least ? v : least;
+        }
+        double b = best[i] < (double)least ? best[i] : (double)least;
+        best[i] = b;
+        double t = b + margin[i];
+        t += 16.0 * (DBL_EPSILON / 2) * (fabs(b) + fabs(offset[i]) + fabs(margin[i]));
+        float tf = (float)t;
+        if ((double)tf < t) tf = nextafterf(tf, INFINITY);
+        int32_t c = count[i];
+        if (c < 0) continue;
+        float *cv_row = cand_v + i * cap;
+        int64_t *cc_row = cand_c + i * cap;
+        int32_t w = 0;  /* the kept entries still within the (lower) threshold */
+        for (int32_t e = 0; e < c; ++e)
+            if (cv_row[e] <= tf) { cv_row[w] = cv_row[e]; cc_row[w] = cc_row[e]; ++w; }
+        c = w;
+        j = 0;
+        for (; j + VLANES <= cols && c >= 0; j += VLANES) {
+            vf32 v = sq ? vload(sq + j) - vsplat(coef) * vload(gr + j) : -vload(gr + j);
+            uint32_t hit = vmask_le(v, tf);
+            while (hit && c >= 0) {
+                int l = __builtin_ctz(hit);
+                hit &= hit - 1;
+                if (c == cap) { c = -1; break; }
+                cv_row[c] = v[l]; cc_row[c] = col0 + j + l; ++c;
+            }
+        }
+        for (; j < cols && c >= 0; ++j) {
+            float v = sq ? sq[j] - coef * gr[j] : -gr[j];
+            if (v <= tf) {
+                if (c == cap) { c = -1; break; }
+                cv_row[c] = v; cc_row[c] = col0 + j; ++c;
+            }
+        }
+        count[i] = c;
+    }
+}
 """
 
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
@@ -824,6 +895,8 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     library.direct_dot.argtypes = [_P, _I, _P, _I, _P, _P, _P, _I, _I, _I, ctypes.c_double, ctypes.c_double,
                                    ctypes.c_int, _P, _P, _P, _P, ctypes.c_int]
     library.direct_dot.restype = ctypes.c_int64
+    library.gemm_keep.argtypes = [_P, _I, _I, _I, _I, _P, _F, _P, _P, _P, _P, _P, _P, ctypes.c_int32, ctypes.c_int]
+    library.gemm_keep.restype = None
     return library
 
 
@@ -1154,3 +1227,31 @@ def _direct_inputs(op: str, x: torch.Tensor, codebook: torch.Tensor, panels: tor
     elif near.shape != (n, DIRECT_NEAR_CAP) or near.dtype != torch.int32 or not near.is_contiguous():
         raise ValueError(f"{op}: near must be a contiguous ({n}, {DIRECT_NEAR_CAP}) int32 buffer")
     return library, n, k, d, near
+
+
+def gemm_keep(g: torch.Tensor, col0: int, sq: Optional[torch.Tensor], coef: float, margin: torch.Tensor,
+              offset: torch.Tensor, best: torch.Tensor, cand_v: torch.Tensor, cand_c: torch.Tensor,
+              count: torch.Tensor) -> None:
+    """One block ``g: (rows, cols)`` fp32 dot products (unit column stride) of the flat scan's GEMM,
+    folded into the running state of its queries, in place: ``best (rows,)`` float64 least objective
+    (``sq[j] - coef g`` for l2, ``-g`` with ``sq`` None), ``cand_v / cand_c (rows, cap)`` fp32 / int64
+    the codewords (``col0 + j``) within ``margin (rows,)`` (float64) of it, ``count (rows,)`` int32
+    their number, -1 past ``cap`` (see the C source)."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"the native loops are unavailable: {_failure}")
+    rows, cols = g.shape
+    if g.dtype != torch.float32 or (cols > 1 and g.stride(1) != 1):
+        raise ValueError("gemm_keep: g must be fp32 with unit column stride")
+    cap = cand_v.shape[1] if cand_v.dim() == 2 else -1
+    for tensor, dtype, shape, name in ((margin, torch.float64, (rows,), "margin"), (offset, torch.float64, (rows,), "offset"),
+                                       (best, torch.float64, (rows,), "best"), (cand_v, torch.float32, (rows, cap), "cand_v"),
+                                       (cand_c, torch.int64, (rows, cap), "cand_c"), (count, torch.int32, (rows,), "count")):
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape or not tensor.is_contiguous():
+            raise ValueError(f"gemm_keep: {name} must be a contiguous {dtype} tensor of shape {shape}")
+    if sq is not None and (sq.dtype != torch.float32 or sq.shape != (cols,) or not sq.is_contiguous()):
+        raise ValueError(f"gemm_keep: sq must be a contiguous fp32 tensor of shape ({cols},)")
+    if rows and cols:
+        library.gemm_keep(g.data_ptr(), g.stride(0), rows, cols, col0, None if sq is None else sq.data_ptr(), coef,
+                          margin.data_ptr(), offset.data_ptr(), best.data_ptr(), cand_v.data_ptr(), cand_c.data_ptr(),
+                          count.data_ptr(), cap, _threads(rows, cols))

@@ -30,10 +30,10 @@ go to ``_flat_search`` like the int8 filter's), fp64 on request. It is worth run
 prunes and int8 is fast, so ``choose_filter`` measures the int8 GEMM rate once per process
 (AVX2-only CPUs run it at ~0.05x fp32) and a chunk whose filter keeps too many candidates (flat image regions,
 near-duplicates, tight clusters: codewords within the filter's error bound) stops scanning. Both
-go to ``_flat_search``: FAISS's fp32 flat scan, whose top-k is certified with rigorous fp32
-bounds (exact duplicates scanned once) before the near ties are re-ranked in float64 -- FAISS's
-speed plus the cost of those ties. Where a strided pilot of the queries shows the top-k would not
-certify (tight clusters: whole cells within the fp32 bound), an l2 codebook is partitioned once
+go to ``_flat_search``: FAISS's algorithm (fp32 GEMM blocks in torch's BLAS, a running minimum per
+query: ``_native.gemm_keep``) whose winner is certified with rigorous fp32 bounds (exact duplicates
+scanned once) before the near ties are re-ranked in float64 -- FAISS's speed plus the cost of those
+ties. Where a strided pilot of the queries shows the flat scan would not certify (tight clusters: whole cells within the fp32 bound), an l2 codebook is partitioned once
 into about sqrt(K) cells and searched by the exact cell scan of ``_cells`` (residual form,
 triangle-inequality pruning; 3.9x FAISS flat on the clustered benchmark case).
 ip / cos codebooks past the direct scan's 4,096 rows whose queries the filter does not prune take
@@ -89,9 +89,12 @@ PRUNE_CHECK_BLOCKS = 1
 #: to the flat path, trying the filter again on every FILTER_RETRY_EVERY-th one
 FILTER_MISSES = 2
 FILTER_RETRY_EVERY = 8
-#: the flat path's FAISS top-k: it certifies most queries of real photographs (93-96%), and a
-#: larger k costs FAISS more than the threshold scan of the rest (see _flat_search)
-FLAT_K = 8
+#: the flat scan's candidates per query (codewords within twice the widest error bound of its
+#: least fp32 objective): past them the query goes to the threshold scan (see _flat_search)
+FLAT_CAP = 32
+#: the flat scan's fp32 GEMM blocks: queries x codewords (16 MiB, reused)
+FLAT_GEMM_ROWS = 4096
+FLAT_GEMM_COLS = 1024
 #: the threshold scan of the flat path: queries and codewords per fp32 block (32 MB), and the
 #: candidates per query past which it hands the query to the streaming float64 scan
 THRESHOLD_ROWS = 1024
@@ -470,7 +473,7 @@ _clock = time.perf_counter
 
 
 class _DotPaths:
-    """Which path settles an ip / cos codebook's unpruned chunks faster, per query: FAISS's certified
+    """Which path settles an ip / cos codebook's unpruned chunks faster, per query: the certified
     flat scan (its uncertified queries then take the blocked scan) or the blocked direct scan alone.
 
     Neither wins everywhere (a 2-core AVX2 EPYC: 8x8x3 photograph patches against 16,384 sampled
@@ -588,7 +591,7 @@ def choose_filter(n: int, k: int, d: int) -> str:
     fp32 copy, its GEMM is short; 2-4x the fp64 filter's speed on them, measured, and ahead of the
     flat path's certification, whose per-query work dominates at so few codewords);
     "int8": the certified int8 filter, where int8 GEMM is fast enough to pay for its
-    approximation; "flat": FAISS's fp32 flat scan, certified (see _flat_chunk) -- FAISS's speed.
+    approximation; "flat": the certified fp32 flat scan (see _flat_search) -- FAISS's speed.
     """
     if k * d < SMALL_CODEBOOK_ELEMENTS:
         return "fp32"
@@ -797,10 +800,10 @@ def _nearest_filtered(x: torch.Tensor, codebook: torch.Tensor, metric: str,
         kind = "flat"  # an earlier search found this codebook tightly clustered: its cells settle the queries
     # where the int8 filter keeps too much (photographs: flat regions put many codewords within its
     # ~2^-6 error bound), the two-level filter (~2^-13, three int8 GEMMs' work) usually prunes
-    # before the chunk goes to FAISS's flat scan
+    # before the chunk goes to the flat scan
     two_level = filter_kind is None and kind == "int8" and _int8x2_ok(x, codebook)
     # ip / cos where the filter does not prune (or none runs): the direct scan's dot products over
-    # blocks of the codebook beside FAISS's flat scan, whose norm-relative certificate keeps masses
+    # blocks of the codebook beside the flat scan, whose norm-relative certificate keeps masses
     # of candidates on flat image regions and tight clusters (cos: 0.08-0.13x FAISS there on a
     # 2-core AVX2 EPYC) -- FAISS's own work at the fp32 rate, with a bound that does not widen
     blocked = filter_kind is None and metric != "l2" and _direct.takes_blocked(x, codebook, metric)
@@ -827,7 +830,7 @@ def _nearest_filtered(x: torch.Tensor, codebook: torch.Tensor, metric: str,
                 result = _search_chunk(chunk, codebook, finer, metric, "int8x2")
             finer.record(result is not None)
         if result is None and blocked:
-            # ip / cos: FAISS's certified flat scan (its uncertified queries to the blocked scan) or
+            # ip / cos: the certified flat scan (its uncertified queries to the blocked scan) or
             # the blocked direct scan, whichever settled this codebook's chunks faster (_DotPaths)
             paths = per_tensor(codebook, ("dot_paths", metric), lambda c: _DotPaths())
             part = chunk  # (bound now: the closure below runs inside this iteration only)
@@ -863,7 +866,7 @@ def _nearest_filtered(x: torch.Tensor, codebook: torch.Tensor, metric: str,
 
 
 class _FlatCodebook:
-    """The codebook as FAISS's flat scan reads it: fp32 rows, shifted by their mean (l2: the
+    """The codebook as the flat scan reads it: fp32 rows, shifted by their mean (l2: the
     rounding bound scales with the row norms, as in _row_stats) or unit (cos), and the largest row
     norm for the error bound. ``vectors`` is None when the codebook itself is that (ip, fp32):
     the cache must not hold its own key."""
@@ -1055,32 +1058,58 @@ class _BandIndex(_Attempts):
         return blocks, work / max(1, n * self.proj.numel())
 
 
+def gemm_keep_torch(dots: torch.Tensor, col0: int, sq: Optional[torch.Tensor], coef: float, margin: torch.Tensor,
+                    offset: torch.Tensor, best: torch.Tensor, cand_v: torch.Tensor, cand_c: torch.Tensor,
+                    count: torch.Tensor) -> None:
+    """``_native.gemm_keep`` in torch ops (no C compiler): the same state, the same fp32 objectives
+    and thresholds, so the same candidates."""
+    v = sq - coef * dots if sq is not None else -dots
+    torch.minimum(best, v.amin(dim=1).double(), out=best)
+    t = best + margin + 16.0 * U64 * (best.abs() + offset.abs() + margin.abs())
+    tf = t.float()
+    tf = torch.where(tf.double() < t, torch.nextafter(tf, torch.tensor(math.inf)), tf)
+    cap = cand_v.shape[1]
+    old = (torch.arange(cap).unsqueeze(0) < count.clamp_min(0).unsqueeze(1)) & (cand_v <= tf.unsqueeze(1))
+    old_r, old_s = old.nonzero(as_tuple=True)
+    new_r, new_j = (v <= tf.unsqueeze(1)).nonzero(as_tuple=True)
+    r = torch.cat([old_r, new_r])
+    vals = torch.cat([cand_v[old_r, old_s], v[new_r, new_j]])
+    cols = torch.cat([cand_c[old_r, old_s], new_j + col0])
+    order = torch.argsort(r, stable=True)  # kept entries first, then the block's in column order
+    r, vals, cols = r[order], vals[order], cols[order]
+    per_row = torch.bincount(r, minlength=count.shape[0]).to(torch.int32)
+    slot = torch.arange(r.numel()) - (torch.cumsum(per_row, 0) - per_row)[r]
+    live = count >= 0
+    fits = (slot < cap) & live[r]
+    cand_v[r[fits], slot[fits]] = vals[fits]
+    cand_c[r[fits], slot[fits]] = cols[fits]
+    count.copy_(torch.where(live & (per_row <= cap), per_row, torch.full_like(count, -1)))
+
+
 def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok: bool = True,
                  dense: Optional[Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Exact nearest codewords by FAISS's flat fp32 scan (its BLAS speed, data-independent),
-    certified: ids (n,) and float64 objective (n,).
+    """Exact nearest codewords by a flat fp32 scan (FAISS's algorithm at torch's BLAS speed,
+    data-independent), certified: ids (n,) and float64 objective (n,).
 
-    FAISS returns each query's top-k by fp32 distance. Every fp32 distance is within a rigorous
-    bound w(x, c) of the exact one (fp32 rounding of the inputs, of the GEMM and of the norms), so
-    min over the k of (fp32 + w) bounds the exact minimum from above; a query whose k-th distance
-    minus the widest bound still exceeds that has its exact nearest codeword -- and every exact
-    tie of it -- among the k: all others are provably farther. Of the k, those whose lower bound
-    reaches the upper one are re-ranked in float64 from the original vectors (lowest index on
-    ties). Queries that do not certify (more than k codewords within the bound) go to a threshold
-    scan in torch that keeps every codeword whose lower bound reaches the query's running upper
-    bound, and the few with more than THRESHOLD_CAP of those to the streaming float64 scan (masses
-    of distinct, equidistant codewords). Exact duplicate codewords are scanned once (see
-    _FlatCodebook). ``dense(rows)``, where given (ip / cos: the blocked direct scan), settles the
-    queries that do not certify instead of the threshold scan and the cell scan (every query where
-    the codebook is known to be clustered).
+    The scan (``settle``) takes fp32 GEMM blocks of queries x codewords and keeps per query its
+    least fp32 objective and every codeword within twice the widest error bound of it
+    (``_native.gemm_keep``). Every fp32 objective is within a rigorous bound w(x, c) of the exact
+    one (fp32 rounding of the inputs, of the GEMM and of the norms), so the least fp32 value plus w
+    bounds the exact minimum from above, and a codeword not kept is provably farther than it: the
+    exact nearest codeword and every exact tie of it are among the kept ones, of which those whose
+    lower bound reaches the upper one are re-ranked in float64 from the original vectors (lowest
+    index on ties). Queries that keep more than FLAT_CAP go to a threshold scan in torch that
+    keeps every codeword whose lower bound reaches the query's running upper bound, and the few
+    with more than THRESHOLD_CAP of those to the streaming float64 scan (masses of distinct,
+    equidistant codewords). Exact duplicate codewords are scanned once (see _FlatCodebook).
+    ``dense(rows)``, where given (ip / cos: the blocked direct scan), settles the queries that do
+    not certify instead of the threshold scan and the cell scan (every query where the codebook is
+    known to be clustered).
     """
-    import faiss
-
     n, d = x.shape
     flat = _flat_codebook(codebook, metric)
-    k = codebook.shape[0] if flat.ids is None else flat.ids.shape[0]  # rows FAISS scans
-    base = (codebook if flat.vectors is None else flat.vectors).detach().numpy()
+    k = codebook.shape[0] if flat.ids is None else flat.ids.shape[0]  # rows the flat scan reads
     queries = flat.transform(x, metric)
     # FAISS's fp32 objective of a pair is within w(x, c) of the exact one: the fp32 rounding of the
     # (shifted) inputs, of the GEMM's d-term sums and of the norms' sums, and the final additions
@@ -1097,7 +1126,6 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
     ids = torch.full((n,), -1, dtype=torch.int64)
     best = torch.full((n,), math.inf, dtype=torch.float64)
     bound = torch.full((n,), math.inf, dtype=torch.float64)  # upper bound on each exact minimum
-    faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
 
     def finish(rows: torch.Tensor, cols: torch.Tensor, near: torch.Tensor) -> None:
         """Re-rank the near pairs of ``rows`` (cols: (r, kk) original ids) in float64."""
@@ -1107,29 +1135,55 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
         ids[rows], best[rows] = row_ids[rows], row_best[rows]
 
     def settle(todo: torch.Tensor) -> torch.Tensor:
-        """FAISS's top-FLAT_K over the queries ``todo``: settle those it certifies, return the rest
-        (their upper bounds recorded in ``bound``)."""
+        """The flat scan of the queries ``todo``: fp32 GEMM blocks (torch's BLAS, FAISS's own
+        algorithm and speed) folded by ``_native.gemm_keep`` into each query's running minimum and
+        the codewords within twice the widest bound of it. Settles the queries with at most
+        FLAT_CAP of those (their exact nearest and every tie of it are among them: all others are
+        provably farther); returns the rest, their upper bounds recorded in ``bound``."""
         if todo.numel() == 0:
             return todo
-        kk = min(FLAT_K, k)
+        t = todo.numel()
+        vectors, sq = flat.scanned(codebook)
         # (todo: ascending query rows, every one or a subset; all of them need no copy)
-        rows_in = queries if todo.numel() == n else queries[todo]
-        dist, pos = faiss.knn(rows_in.numpy(), base, kk, metric=faiss_metric)
-        fl = torch.from_numpy(dist).double()
-        fl = fl if metric == "l2" else -fl  # our objective: smaller is nearer
-        pos = torch.from_numpy(pos)
-        w = width(x_norm[todo].unsqueeze(1), flat.norms[pos])  # (t, kk) per-pair error bounds
-        upper = (fl + w).min(dim=1, keepdim=True).values  # >= the exact minimum
-        bound[todo] = upper.squeeze(1)
-        # every codeword FAISS did not return is at fl >= fl[:, -1], within the widest bound
-        w_any = width(x_norm[todo], torch.tensor(flat.norm_max, dtype=torch.float64))
-        certified = (fl[:, -1] - w_any > upper.squeeze(1)) if kk < k else torch.ones(todo.shape[0], dtype=torch.bool)
-        if bool(certified.any()):
-            # only codewords whose lower bound reaches the upper bound can be the exact nearest
-            near = (fl - w)[certified] <= upper[certified]
-            cols = pos[certified] if flat.ids is None else flat.ids[pos[certified]]
-            finish(todo[certified], cols, near)
-        return todo[~certified]
+        rows_in = queries if t == n else queries[todo]
+        xn = x_norm[todo]
+        q_sq = rows_in.double().pow(2).sum(dim=1) if metric == "l2" else torch.zeros(t, dtype=torch.float64)
+        w_any = width(xn, torch.tensor(flat.norm_max, dtype=torch.float64))
+        # a codeword can be the nearest only if v - w + ||q||^2 <= best + ||q||^2 + w (v: the
+        # fp32 objective less ||q||^2, as the threshold scan evaluates it; w <= w_any)
+        margin = (2.0 * w_any * (1.0 + 2.0 ** -20)).contiguous()
+        least = torch.full((t,), math.inf, dtype=torch.float64)
+        cap = min(FLAT_CAP, k)
+        cand_v = torch.empty((t, cap), dtype=torch.float32)
+        cand_c = torch.zeros((t, cap), dtype=torch.int64)
+        count = torch.zeros(t, dtype=torch.int32)
+        coef = 2.0 if metric == "l2" else 1.0
+        scratch = _scratch()
+        fold = _native.gemm_keep if _native.available() else gemm_keep_torch
+        for q0 in range(0, t, FLAT_GEMM_ROWS):
+            q1 = min(t, q0 + FLAT_GEMM_ROWS)
+            q = rows_in[q0:q1]
+            for c0 in range(0, k, FLAT_GEMM_COLS):
+                c1 = min(k, c0 + FLAT_GEMM_COLS)
+                dots = torch.mm(q, vectors[c0:c1].t(), out=scratch.get("flat_dots", (q1 - q0, c1 - c0), torch.float32))
+                fold(dots, c0, sq[c0:c1] if metric == "l2" else None, coef, margin[q0:q1], q_sq[q0:q1],
+                     least[q0:q1], cand_v[q0:q1], cand_c[q0:q1], count[q0:q1])
+        settled = count > 0  # (none kept: objectives that are not numbers; the threshold scan's to judge)
+        slots = torch.arange(cap).unsqueeze(0) < count.clamp_min(0).unsqueeze(1)
+        v = cand_v.double()
+        w = width(xn.unsqueeze(1), flat.norms[cand_c])
+        slack = fp64_slack(v, q_sq.unsqueeze(1))
+        # >= the exact minimum: the least fp32 objective, and (settled rows) each kept pair's own bound
+        upper = least + q_sq + w_any + fp64_slack(least, q_sq)
+        pair_upper = torch.where(slots, v + q_sq.unsqueeze(1) + w + slack, torch.full_like(v, math.inf))
+        if cap:
+            upper = torch.minimum(upper, pair_upper.amin(dim=1))
+        bound[todo] = upper
+        if bool(settled.any()):
+            near = (slots & (v + q_sq.unsqueeze(1) - w - slack <= upper.unsqueeze(1)))[settled]
+            cols = cand_c[settled] if flat.ids is None else flat.ids[cand_c[settled]]
+            finish(todo[settled], cols, near)
+        return todo[~settled]
 
     def threshold(todo: torch.Tensor, view: Optional["_BandIndex"] = None,
                   blocks: Optional[List[Tuple[torch.Tensor, int, int]]] = None) -> torch.Tensor:
