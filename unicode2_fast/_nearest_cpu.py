@@ -1114,7 +1114,9 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
     # FAISS's fp32 objective of a pair is within w(x, c) of the exact one: the fp32 rounding of the
     # (shifted) inputs, of the GEMM's d-term sums and of the norms' sums, and the final additions
     gamma = sum_rounding(d + 8, U32) * (1.0 + GROW64)
-    x_norm = _native.norms64(queries) * (1.0 + GROW64)
+    # (l2: ||q||^2 in float64 once, for the scans' objectives; its root rounded up for the bounds)
+    q_sq_all = _native.sq_dist64(queries, torch.zeros(d, dtype=torch.float64)) if metric == "l2" else None
+    x_norm = (_native.norms64(queries) if q_sq_all is None else q_sq_all.sqrt()) * (1.0 + GROW64)
 
     def width(x_norms: torch.Tensor, c_norms: torch.Tensor) -> torch.Tensor:
         if metric == "l2":
@@ -1147,7 +1149,7 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
         # (todo: ascending query rows, every one or a subset; all of them need no copy)
         rows_in = queries if t == n else queries[todo]
         xn = x_norm[todo]
-        q_sq = rows_in.double().pow(2).sum(dim=1) if metric == "l2" else torch.zeros(t, dtype=torch.float64)
+        q_sq = q_sq_all[todo] if metric == "l2" else torch.zeros(t, dtype=torch.float64)
         w_any = width(xn, torch.tensor(flat.norm_max, dtype=torch.float64))
         # a codeword can be the nearest only if v - w + ||q||^2 <= best + ||q||^2 + w (v: the
         # fp32 objective less ||q||^2, as the threshold scan evaluates it; w <= w_any)
@@ -1169,14 +1171,16 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
                 fold(dots, c0, sq[c0:c1] if metric == "l2" else None, coef, margin[q0:q1], q_sq[q0:q1],
                      least[q0:q1], cand_v[q0:q1], cand_c[q0:q1], count[q0:q1])
         settled = count > 0  # (none kept: objectives that are not numbers; the threshold scan's to judge)
-        slots = torch.arange(cap).unsqueeze(0) < count.clamp_min(0).unsqueeze(1)
+        used = int(count.max()) if cap else 0  # (the widest kept list: the tables past it are unused)
+        cand_v, cand_c = cand_v[:, :max(used, 0)], cand_c[:, :max(used, 0)]
+        slots = torch.arange(cand_v.shape[1]).unsqueeze(0) < count.clamp_min(0).unsqueeze(1)
         v = cand_v.double()
         w = width(xn.unsqueeze(1), flat.norms[cand_c])
         slack = fp64_slack(v, q_sq.unsqueeze(1))
         # >= the exact minimum: the least fp32 objective, and (settled rows) each kept pair's own bound
         upper = least + q_sq + w_any + fp64_slack(least, q_sq)
         pair_upper = torch.where(slots, v + q_sq.unsqueeze(1) + w + slack, torch.full_like(v, math.inf))
-        if cap:
+        if cand_v.shape[1]:
             upper = torch.minimum(upper, pair_upper.amin(dim=1))
         bound[todo] = upper
         if bool(settled.any()):
@@ -1209,7 +1213,7 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
                 continue
             q = queries[rows]
             xn = x_norm[rows]
-            q_sq = q.double().pow(2).sum(dim=1) if metric == "l2" else torch.zeros(rows.numel(), dtype=torch.float64)
+            q_sq = q_sq_all[rows] if metric == "l2" else torch.zeros(rows.numel(), dtype=torch.float64)
             upper = bound[rows].clone()
             hit_rows, hit_cols, hit_vals = [], [], []
             count = torch.zeros(rows.numel(), dtype=torch.int64)
