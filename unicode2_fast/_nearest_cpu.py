@@ -33,9 +33,11 @@ near-duplicates, tight clusters: codewords within the filter's error bound) stop
 go to ``_flat_search``: FAISS's algorithm (fp32 GEMM blocks in torch's BLAS, a running minimum per
 query: ``_native.gemm_keep``) whose winner is certified with rigorous fp32 bounds (exact duplicates
 scanned once) before the near ties are re-ranked in float64 -- FAISS's speed plus the cost of those
-ties. Where a strided pilot of the queries shows the flat scan would not certify (tight clusters: whole cells within the fp32 bound), an l2 codebook is partitioned once
-into about sqrt(K) cells and searched by the exact cell scan of ``_cells`` (residual form,
-triangle-inequality pruning; 3.9x FAISS flat on the clustered benchmark case).
+ties. Where a strided pilot of the queries shows the flat scan would not certify (tight clusters: whole cells within the fp32 bound), an l2 or cos codebook (cos: its unit
+rows) is partitioned once into about sqrt(K) cells and searched by the exact cell scan of
+``_cells`` (residual form, triangle-inequality pruning; 7.4x FAISS flat on the clustered benchmark
+case, l2, a 2-core AVX2 EPYC); a codebook whose cells scan most of it or hand the queries back
+(CELLS_MAX_WORK: flat image regions under cos) stops taking them.
 ip / cos codebooks past the direct scan's 4,096 rows whose queries the filter does not prune take
 the flat path, whose uncertified queries (flat regions, whose unit rows are all alike, and tight
 clusters) then go to the direct scan over codebook blocks (``_direct.search_dot_blocked``:
@@ -116,9 +118,14 @@ BAND_MISSES = 2
 FLAT_QUERY_CHUNK = 16384
 #: share of a chunk's queries that must fail the top-k round for its failures to go to the cell scan
 FLAT_FAIL_SHARE = 0.25
-#: l2 codebooks of at least this many codewords whose pilot fails the top-k round (tight clusters)
+#: l2 / cos codebooks of at least this many codewords whose flat scan fails (tight clusters)
 #: are searched by the exact cell scan of ``_cells`` over a partition built once per codebook
 CELLS_MIN_K = 8192
+#: the metrics of the cell scan (cos: l2 on the unit sphere; ip's norm bounds prune little in cells)
+CELLS_METRICS = ("l2", "cos")
+#: a codebook whose cell scan read more than this share of its (query, codeword) pairs on a
+#: chunk stops taking it (its cells do not prune those queries)
+CELLS_MAX_WORK = 0.3
 #: ... when the chunk has at least this many queries per cell, or the partition is already built
 CELLS_MIN_QUERIES_PER_CELL = 2
 #: the partition: about sqrt(K) cells from a strided sample, CELLS_NITER Lloyd steps over at most
@@ -829,8 +836,8 @@ def _nearest_filtered(x: torch.Tensor, codebook: torch.Tensor, metric: str,
             if finer.worth_trying():
                 result = _search_chunk(chunk, codebook, finer, metric, "int8x2")
             finer.record(result is not None)
-        if result is None and blocked:
-            # ip / cos: the certified flat scan (its uncertified queries to the blocked scan) or
+        if result is None and blocked and not _cells_built(codebook, metric):
+            # ip / cos (cos codebooks known to be tightly clustered: their cell scan, below): the certified flat scan (its uncertified queries to the blocked scan) or
             # the blocked direct scan, whichever settled this codebook's chunks faster (_DotPaths)
             paths = per_tensor(codebook, ("dot_paths", metric), lambda c: _DotPaths())
             part = chunk  # (bound now: the closure below runs inside this iteration only)
@@ -1265,10 +1272,7 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
         # queries (400 of 8000 cost 27% of the whole at K = 16384): the threshold scan settles them.
         every = torch.arange(n)
         band = None
-        if dense is not None and _cells_built(codebook, metric):
-            to_cells, failed = every[:0], every[:0]
-            ids[every], best[every] = dense(every)
-        elif cells_ok and _cells_built(codebook, metric):
+        if cells_ok and _cells_built(codebook, metric):
             to_cells, failed = every, every[:0]
         elif (band := _band_plan(x, codebook, flat, queries, x_norm, metric)) is not None:
             # the band search settles the chunk: every query scans only the codewords of its band
@@ -1278,18 +1282,35 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
         else:
             failed = settle(every)
             many = failed.numel() > FLAT_FAIL_SHARE * n
-            if dense is not None and failed.numel():
+            to_cells = failed if many and cells_ok and _use_cells(codebook, metric, failed.numel()) else every[:0]
+            if to_cells.numel():
+                failed = every[:0]
+            elif dense is not None and failed.numel():
                 ids[failed], best[failed] = dense(failed)
                 failed = every[:0]
-            to_cells = failed if many and cells_ok and _use_cells(codebook, metric, failed.numel()) else every[:0]
-            failed = failed if to_cells.numel() == 0 else every[:0]
         if to_cells.numel():
-            cells = per_tensor(codebook, ("cells",), _codebook_cells)
+            cells = per_tensor(codebook, ("cells", metric), lambda c: _codebook_cells(c, metric))
+
+            def fallback(xr: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                # cos: the blocked direct scan (the flat scan's threshold scan keeps masses of
+                # candidates where cells do not prune: flat image regions); the cell scan takes
+                # u2.nearest's distances, 1 - cos, not the objective -cos
+                work.append(xr.shape[0] * k)  # (a query the cells hand back costs a full scan)
+                if metric == "cos" and _direct.takes_blocked(xr, codebook, metric):
+                    fb_ids, fb_obj = _direct.search_dot_blocked(xr, codebook, metric, distinct_codewords)
+                else:
+                    fb_ids, fb_obj = _flat_search(xr, codebook, metric, cells_ok=False)
+                return fb_ids, (1.0 + fb_obj if metric == "cos" else fb_obj)
+
+            work: List[int] = []
             for start in range(0, to_cells.numel(), CELLS_QUERY_CHUNK):
                 rows = to_cells[start:start + CELLS_QUERY_CHUNK]
-                ids[rows], best[rows] = _cells.exact_search(
-                    cells, x[rows], codebook, False, lambda xr: _flat_search(xr, codebook, metric, cells_ok=False),
-                    CELLS_FALLBACK_FRACTION)
+                ids[rows], best[rows] = _cells.exact_search(cells, x[rows], codebook, False, fallback,
+                                                            CELLS_FALLBACK_FRACTION, metric, work)
+            # cells that scanned most of the codebook or handed it back (flat image regions: unit
+            # rows all alike) did not pay; such a codebook's later chunks take the other paths
+            if sum(work) > CELLS_MAX_WORK * to_cells.numel() * k:
+                per_tensor(codebook, ("cells_unpaid", metric), lambda c: True)
         todo = threshold(failed) if band is None else threshold(every, view, blocks)
     if todo.numel():  # more than THRESHOLD_CAP distinct codewords within the bound: equidistant masses
         ids[todo], best[todo] = exact_scan(x[todo], codebook, metric)
@@ -1322,27 +1343,36 @@ def _cell_count(k: int) -> int:
 
 
 def _cells_built(codebook: torch.Tensor, metric: str) -> bool:
-    """Whether an earlier search partitioned this codebook (it found it tightly clustered)."""
-    return metric == "l2" and cached(codebook, ("cells",)) is not None
+    """Whether an earlier search partitioned this codebook for ``metric`` (it found it tightly clustered)."""
+    return (metric in CELLS_METRICS and cached(codebook, ("cells", metric)) is not None
+            and cached(codebook, ("cells_unpaid", metric)) is None)
 
 
 def _use_cells(codebook: torch.Tensor, metric: str, n: int) -> bool:
     """Whether the queries of a chunk that failed the flat path's pilot go to the cell scan."""
     k = codebook.shape[0]
-    if metric != "l2" or k < CELLS_MIN_K:
+    if metric not in CELLS_METRICS or k < CELLS_MIN_K or cached(codebook, ("cells_unpaid", metric)) is not None:
         return False
     return _cells_built(codebook, metric) or n >= CELLS_MIN_QUERIES_PER_CELL * _cell_count(k)
 
 
-def _codebook_cells(codebook: torch.Tensor) -> _cells.Cells:
-    """A partition of ``codebook: (K, d)`` into about sqrt(K) cells for the exact cell scan."""
+def _codebook_cells(codebook: torch.Tensor, metric: str = "l2") -> _cells.Cells:
+    """A partition of ``codebook: (K, d)`` into about sqrt(K) cells for the exact cell scan (cos:
+    of its unit rows, which the cells then hold: cos is l2 on the unit sphere)."""
     import faiss
 
     k = codebook.shape[0]
     n_cells = _cell_count(k)
 
+    def rows_of(index: torch.Tensor) -> torch.Tensor:
+        rows = codebook.index_select(0, index)
+        if metric == "cos":
+            r64 = rows.double()
+            return r64 / r64.norm(dim=1, keepdim=True)
+        return rows
+
     def rows32(index: torch.Tensor) -> torch.Tensor:
-        return codebook.index_select(0, index).float().contiguous()
+        return rows_of(index).float().contiguous()
 
     def assign(v32: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(faiss.knn(v32.numpy(), centres.numpy(), 1)[1][:, 0]).long()
@@ -1360,7 +1390,7 @@ def _codebook_cells(codebook: torch.Tensor) -> _cells.Cells:
         for start in range(0, k, STAT_CHUNK):
             cell[start:start + STAT_CHUNK] = assign(rows32(torch.arange(start, min(k, start + STAT_CHUNK))), centres)
         perm = torch.sort(cell, stable=True).indices  # stable: a cell keeps its codewords' original order
-        result = _cells.Cells(lambda a, b: codebook.index_select(0, perm[a:b]), perm,
+        result = _cells.Cells(lambda a, b: rows_of(perm[a:b]), perm,
                               _cells.offsets(torch.bincount(cell, minlength=n_cells)), centres, eager=True)
     _announce_copy(codebook, result.residuals()[0], "minus its cell centres, for tightly clustered codebooks")
     return result

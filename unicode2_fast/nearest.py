@@ -6,8 +6,9 @@ Backends:
               scan whose error bound is relative to the distance; l2 codebooks up to 16,384 rows
               on AVX-512 BF16 CPUs: a fused bf16 scan; else a certified int8 filter where an int8
               GEMM is fast -- torch._int_mm on AVX-512 VNNI, fbgemm's 7-bit kernels on AVX2 --, else a
-              certified flat scan (FAISS's algorithm: fp32 GEMM blocks and a running minimum), and for tightly clustered l2 codebooks the cell scan of
-              ``_cells``; float64 re-ranking of near ties);
+              certified flat scan (FAISS's algorithm: fp32 GEMM blocks and a running minimum),
+              and for tightly clustered l2 / cos codebooks the cell scan of ``_cells``; float64
+              re-ranking of near ties);
               on CUDA, blocked cuBLAS matmul + argmin (float64 inputs: in float64);
     "faiss"   IndexFlatL2 / IndexFlatIP, results converted to our (ids, dists) meaning (fp32:
               FAISS's own answer, which may differ from the exact one on near-ties);
