@@ -5,12 +5,23 @@ TRITON_INTERPRET must be set before any @triton.jit function is created, i.e. be
 """
 import importlib
 import os
+import sys
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The repository root holds kernels/ (installed as unicode2_fast.kernels, see setup.py). With the
+# root on sys.path (``python -m pytest`` puts the working directory there) it shadows the PyPI
+# package ``kernels``, which transformers >= 5.25 installs and imports: ``import transformers``'s
+# model classes then fail ("cannot import name 'CUDAProperties' from 'kernels'"). The installed
+# package needs no root on the path; child processes (torchrun, ``python -m unicode2_fast``) started
+# from the root get PYTHONSAFEPATH (Python >= 3.11: no working directory on their path either).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _ROOT]
+os.environ.setdefault("PYTHONSAFEPATH", "1")
 
 # A bounded thread count keeps the suite predictable on the 2-core CI machine.
 torch.manual_seed(0)

@@ -173,7 +173,7 @@ def test_automatic_choice_times_both_paths_and_keeps_the_faster(monkeypatch):
     monkeypatch.setattr(_direct, "search_dot_blocked", blocked)
     monkeypatch.setattr(_nearest_cpu, "_clock", lambda: now[0])
     monkeypatch.setattr(_nearest_cpu, "choose_filter", lambda n, k, d: "flat")
-    # Gaussian rows: FAISS's fp32 top-k certifies them all; flat (1) beats blocked (2) and stays
+    # Gaussian rows: the fp32 flat scan certifies them all; flat (1) beats blocked (2) and stays
     g = torch.Generator().manual_seed(0)
     codebook, x = torch.randn(5000, 64, generator=g), torch.randn(300, 64, generator=g)
     want_ids, want = _nearest_cpu.nearest_cpu(x, codebook, "cos", "fp64")

@@ -263,7 +263,7 @@ def test_gemm_keep_folds_blocks_into_the_least_value_and_every_near_column(metri
     g = torch.Generator().manual_seed(0)
     rows, k, cap = 300, 1000, 6
     dots = torch.randn(rows, k, generator=g)
-    dots[:, 500:510] = dots[:, 0:1]  # exact ties of column 0 in a later block: rows past cap
+    dots[:, 500:510] = dots[:, 0:1]  # (ip: exact ties of column 0 in a later block, rows past cap)
     sq = torch.rand(k, generator=g) if metric == "l2" else None
     coef = 2.0 if metric == "l2" else 1.0
     v = sq - coef * dots if metric == "l2" else -dots

@@ -450,9 +450,13 @@ def test_flat_scan_without_the_compiled_fold_gives_the_same_answer(name, metric,
         c, x = no_zero_rows(c), no_zero_rows(x)
     ids, dists = _nearest_cpu.nearest_cpu(x, c, metric, "flat")
     monkeypatch.setattr(_native, "available", lambda: False)
-    blocks = _flat_scan_blocks(monkeypatch)
+    compiled = []
+    monkeypatch.setattr(_native, "gemm_keep", lambda *a: compiled.append(1))
+    torch_blocks = []
+    real = _nearest_cpu.gemm_keep_torch
+    monkeypatch.setattr(_nearest_cpu, "gemm_keep_torch", lambda g, *a: torch_blocks.append(g.shape) or real(g, *a))
     ids_t, dists_t = _nearest_cpu.nearest_cpu(x, c, metric, "flat")
-    assert blocks and torch.equal(ids_t, ids) and torch.equal(dists_t, dists)
+    assert torch_blocks and not compiled and torch.equal(ids_t, ids) and torch.equal(dists_t, dists)
     assert_nearest_ok(ids_t, dists_t, x, c, metric, exact=True, rel_tol=2e-7)
 
 
@@ -608,7 +612,7 @@ def test_certified_search_runs_ieee_fp32_whatever_the_user_set(monkeypatch):
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
-def test_flat_path_settles_what_its_top_k_cannot_by_one_threshold_scan(metric, monkeypatch):
+def test_flat_path_settles_what_its_scan_cannot_by_one_threshold_scan(metric, monkeypatch):
     # tight clusters: the flat scan's candidate lists overflow for almost every query; each query
     # is scanned by it at most once (a second round on a few hundred queries ran at a fraction of
     # the GEMM's speed), the rest settle in the threshold scan, block by block, and the result is
@@ -624,6 +628,22 @@ def test_flat_path_settles_what_its_top_k_cannot_by_one_threshold_scan(metric, m
     assert_nearest_ok(ids, dists, x, c, metric, exact=True, rel_tol=2e-7)
     # each query is scanned once by the flat GEMM (col0 0: the start of its one pass over the codebook)
     assert sum(rows for rows, col0, _ in blocks if col0 == 0) <= x.shape[0] and not fp64_rows
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_flat_scan_hands_rows_past_its_candidate_cap_to_the_threshold_scan(metric, monkeypatch):
+    # photographs: flat regions keep several codewords within the bound; with a cap of 2 the flat
+    # scan settles only the other rows, the threshold scan the rest, each row once, exactly
+    c, x = _real_or_adversarial("photos")
+    monkeypatch.setattr(_nearest_cpu, "FLAT_CAP", 2)
+    settled = []  # rows of each float64 re-rank: the flat scan's first, then the threshold scan's
+    real = _nearest_cpu._near_pairs
+    monkeypatch.setattr(_nearest_cpu, "_near_pairs", lambda xq, cb, rows, *a: settled.append(rows) or real(xq, cb, rows, *a))
+    ids, dists = _nearest_cpu.nearest_cpu(x, c, metric, "flat")
+    assert_nearest_ok(ids, dists, x, c, metric, exact=True, rel_tol=2e-7)
+    assert len(settled) >= 2 and 0 < settled[0].numel() < x.shape[0]
+    every = torch.sort(torch.cat(settled)).values
+    assert torch.equal(every, torch.arange(x.shape[0]))
 
 
 def test_flat_path_hands_masses_of_equidistant_codewords_to_the_float64_scan(monkeypatch):

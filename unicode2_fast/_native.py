@@ -770,7 +770,8 @@ void gemm_keep(const float *g, int64_t ldg, int64_t rows, int64_t cols, int64_t 
         float tf = (float)t;
         if ((double)tf < t) tf = nextafterf(tf, INFINITY);
         int32_t c = count[i];
-        if (c < 0) continue;
+        if (c > cap) c = -1;  /* (a count past the list: never written, treated as overflowed) */
+        if (c < 0) { count[i] = c; continue; }
         float *cv_row = cand_v + i * cap;
         int64_t *cc_row = cand_c + i * cap;
         int32_t w = 0;  /* the kept entries still within the (lower) threshold */

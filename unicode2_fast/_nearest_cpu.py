@@ -33,8 +33,8 @@ near-duplicates, tight clusters: codewords within the filter's error bound) stop
 go to ``_flat_search``: FAISS's algorithm (fp32 GEMM blocks in torch's BLAS, a running minimum per
 query: ``_native.gemm_keep``) whose winner is certified with rigorous fp32 bounds (exact duplicates
 scanned once) before the near ties are re-ranked in float64 -- FAISS's speed plus the cost of those
-ties. Where a strided pilot of the queries shows the flat scan would not certify (tight clusters: whole cells within the fp32 bound), an l2 or cos codebook (cos: its unit
-rows) is partitioned once into about sqrt(K) cells and searched by the exact cell scan of
+ties. Where most queries of a chunk do not certify (tight clusters: whole cells within the fp32
+bound), an l2 or cos codebook (cos: its unit rows) is partitioned once into about sqrt(K) cells and searched by the exact cell scan of
 ``_cells`` (residual form, triangle-inequality pruning; 7.4x FAISS flat on the clustered benchmark
 case, l2, a 2-core AVX2 EPYC); a codebook whose cells scan most of it or hand the queries back
 (CELLS_MAX_WORK: flat image regions under cos) stops taking them.
@@ -114,9 +114,9 @@ BAND_MAX_DIM = 512
 BAND_MIN_K = 8192
 #: chunks in a row whose bands were too wide before they are planned only now and then (_Attempts)
 BAND_MISSES = 2
-#: queries per call of the flat path (FAISS's speed needs thousands per call)
+#: queries per call of the flat path (the GEMM's speed needs thousands per call)
 FLAT_QUERY_CHUNK = 16384
-#: share of a chunk's queries that must fail the top-k round for its failures to go to the cell scan
+#: share of a chunk's queries that must fail the flat scan for its failures to go to the cell scan
 FLAT_FAIL_SHARE = 0.25
 #: l2 / cos codebooks of at least this many codewords whose flat scan fails (tight clusters)
 #: are searched by the exact cell scan of ``_cells`` over a partition built once per codebook
@@ -126,6 +126,9 @@ CELLS_METRICS = ("l2", "cos")
 #: a codebook whose cell scan read more than this share of its (query, codeword) pairs on a
 #: chunk stops taking it (its cells do not prune those queries)
 CELLS_MAX_WORK = 0.3
+#: ... judged on chunks of at least this many queries (a few queries say little); the partition
+#: stays cached once it did not pay (not retried)
+CELLS_RECORD_ROWS = 256
 #: ... when the chunk has at least this many queries per cell, or the partition is already built
 CELLS_MIN_QUERIES_PER_CELL = 2
 #: the partition: about sqrt(K) cells from a strided sample, CELLS_NITER Lloyd steps over at most
@@ -882,7 +885,7 @@ class _FlatCodebook:
         # fp64 holding an fp32 value: fp32 rows shift by it in one fp32 subtraction (see transform)
         self.center = _column_mean(codebook).float().double() if metric == "l2" else None
         # exact duplicate codewords (flat image regions sample the same patch many times) would
-        # all tie and overflow any top-k: FAISS scans one copy, ids map back to the lowest index
+        # all tie and overflow any candidate list: the flat scan reads one copy, ids map back to the lowest index
         self.ids = distinct_codewords(codebook)  # (K',) original id of each scanned row, or None
         rows = codebook if self.ids is None else codebook.index_select(0, self.ids)
         if metric == "ip" and self.ids is None and codebook.dtype == torch.float32 and codebook.is_contiguous():
@@ -1069,7 +1072,8 @@ def gemm_keep_torch(dots: torch.Tensor, col0: int, sq: Optional[torch.Tensor], c
                     offset: torch.Tensor, best: torch.Tensor, cand_v: torch.Tensor, cand_c: torch.Tensor,
                     count: torch.Tensor) -> None:
     """``_native.gemm_keep`` in torch ops (no C compiler): the same state, the same fp32 objectives
-    and thresholds, so the same candidates."""
+    and thresholds, so the same candidates (finite objectives: the callers' inputs are checked and
+    rescaled into range; NaN would propagate here and be skipped by the compiled fold)."""
     v = sq - coef * dots if sq is not None else -dots
     torch.minimum(best, v.amin(dim=1).double(), out=best)
     t = best + margin + 16.0 * U64 * (best.abs() + offset.abs() + margin.abs())
@@ -1078,7 +1082,8 @@ def gemm_keep_torch(dots: torch.Tensor, col0: int, sq: Optional[torch.Tensor], c
     cap = cand_v.shape[1]
     old = (torch.arange(cap).unsqueeze(0) < count.clamp_min(0).unsqueeze(1)) & (cand_v <= tf.unsqueeze(1))
     old_r, old_s = old.nonzero(as_tuple=True)
-    new_r, new_j = (v <= tf.unsqueeze(1)).nonzero(as_tuple=True)
+    live = count >= 0
+    new_r, new_j = ((v <= tf.unsqueeze(1)) & live.unsqueeze(1)).nonzero(as_tuple=True)
     r = torch.cat([old_r, new_r])
     vals = torch.cat([cand_v[old_r, old_s], v[new_r, new_j]])
     cols = torch.cat([cand_c[old_r, old_s], new_j + col0])
@@ -1086,7 +1091,6 @@ def gemm_keep_torch(dots: torch.Tensor, col0: int, sq: Optional[torch.Tensor], c
     r, vals, cols = r[order], vals[order], cols[order]
     per_row = torch.bincount(r, minlength=count.shape[0]).to(torch.int32)
     slot = torch.arange(r.numel()) - (torch.cumsum(per_row, 0) - per_row)[r]
-    live = count >= 0
     fits = (slot < cap) & live[r]
     cand_v[r[fits], slot[fits]] = vals[fits]
     cand_c[r[fits], slot[fits]] = cols[fits]
@@ -1118,8 +1122,9 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
     flat = _flat_codebook(codebook, metric)
     k = codebook.shape[0] if flat.ids is None else flat.ids.shape[0]  # rows the flat scan reads
     queries = flat.transform(x, metric)
-    # FAISS's fp32 objective of a pair is within w(x, c) of the exact one: the fp32 rounding of the
-    # (shifted) inputs, of the GEMM's d-term sums and of the norms' sums, and the final additions
+    # the fp32 objective of a pair (||c||^2 - 2 <q, c>, or -<q, c>; FAISS's evaluation order or the
+    # flat scan's) is within w(x, c) of the exact one: the fp32 rounding of the (shifted) inputs,
+    # of the GEMM's d-term sums and of the norms' sums, and the final additions
     gamma = sum_rounding(d + 8, U32) * (1.0 + GROW64)
     # (l2: ||q||^2 in float64 once, for the scans' objectives; its root rounded up for the bounds)
     q_sq_all = _native.sq_dist64(queries, torch.zeros(d, dtype=torch.float64)) if metric == "l2" else None
@@ -1265,11 +1270,12 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
         return torch.cat(masses) if masses else todo[:0]
 
     with faiss_threads(torch.get_num_threads()):
-        # Tight clusters fail the top-k round almost everywhere: when more than FLAT_FAIL_SHARE of
-        # the chunk does, its failures go to the cell scan over a partition built once per
-        # codebook; a codebook already partitioned sends every query there directly. The other
-        # failures do not go back to FAISS, which runs far below its speed on a few hundred
-        # queries (400 of 8000 cost 27% of the whole at K = 16384): the threshold scan settles them.
+        # Tight clusters overflow the flat scan's candidate lists almost everywhere: when more than
+        # FLAT_FAIL_SHARE of the chunk does, its failures go to the cell scan over a partition built
+        # once per codebook; a codebook already partitioned sends every query there directly. The
+        # other failures do not go back to a flat scan, which runs far below its speed on a few
+        # hundred queries (400 of 8000 cost 27% of the whole at K = 16384, measured with FAISS):
+        # the threshold scan settles them.
         every = torch.arange(n)
         band = None
         if cells_ok and _cells_built(codebook, metric):
@@ -1295,7 +1301,7 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
                 # cos: the blocked direct scan (the flat scan's threshold scan keeps masses of
                 # candidates where cells do not prune: flat image regions); the cell scan takes
                 # u2.nearest's distances, 1 - cos, not the objective -cos
-                work.append(xr.shape[0] * k)  # (a query the cells hand back costs a full scan)
+                work.append(xr.shape[0] * k_all)  # (a query the cells hand back costs a full scan)
                 if metric == "cos" and _direct.takes_blocked(xr, codebook, metric):
                     fb_ids, fb_obj = _direct.search_dot_blocked(xr, codebook, metric, distinct_codewords)
                 else:
@@ -1303,13 +1309,14 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
                 return fb_ids, (1.0 + fb_obj if metric == "cos" else fb_obj)
 
             work: List[int] = []
+            k_all = codebook.shape[0]  # (the cells partition every row, duplicates included)
             for start in range(0, to_cells.numel(), CELLS_QUERY_CHUNK):
                 rows = to_cells[start:start + CELLS_QUERY_CHUNK]
                 ids[rows], best[rows] = _cells.exact_search(cells, x[rows], codebook, False, fallback,
                                                             CELLS_FALLBACK_FRACTION, metric, work)
             # cells that scanned most of the codebook or handed it back (flat image regions: unit
             # rows all alike) did not pay; such a codebook's later chunks take the other paths
-            if sum(work) > CELLS_MAX_WORK * to_cells.numel() * k:
+            if to_cells.numel() >= CELLS_RECORD_ROWS and sum(work) > CELLS_MAX_WORK * to_cells.numel() * k_all:
                 per_tensor(codebook, ("cells_unpaid", metric), lambda c: True)
         todo = threshold(failed) if band is None else threshold(every, view, blocks)
     if todo.numel():  # more than THRESHOLD_CAP distinct codewords within the bound: equidistant masses
@@ -1405,11 +1412,12 @@ def _filter_threshold(upper: torch.Tensor, offset: torch.Tensor, width: torch.Te
 
 
 class _Scratch(threading.local):
-    """Per-thread buffers of the filter scan, reused across blocks, chunks and calls.
+    """Per-thread buffers of the filter scan and the flat scan, reused across blocks, chunks and calls.
 
     A fresh (rows, CODE_BLOCK) result page-faults on first touch, which on a 2-core machine costs
     as much as the int8 GEMM that fills it. At most 3 buffers of QUERY_CHUNK x CODE_BLOCK entries
-    (96 MiB) are held per thread that searched.
+    (96 MiB) and the flat scan's FLAT_GEMM_ROWS x FLAT_GEMM_COLS block (16 MiB) are held per thread
+    that searched.
     """
 
     def __init__(self):
