@@ -34,10 +34,11 @@ go to ``_flat_search``: FAISS's algorithm (fp32 GEMM blocks in torch's BLAS, a r
 query: ``_native.gemm_keep``) whose winner is certified with rigorous fp32 bounds (exact duplicates
 scanned once) before the near ties are re-ranked in float64 -- FAISS's speed plus the cost of those
 ties. Where most queries of a chunk do not certify (tight clusters: whole cells within the fp32
-bound), an l2 or cos codebook (cos: its unit rows) is partitioned once into about sqrt(K) cells and searched by the exact cell scan of
-``_cells`` (residual form, triangle-inequality pruning; 7.4x FAISS flat on the clustered benchmark
-case, l2, a 2-core AVX2 EPYC); a codebook whose cells scan most of it or hand the queries back
-(CELLS_MAX_WORK: flat image regions under cos) stops taking them.
+bound), an l2 or cos codebook (cos: its unit rows) is partitioned once into about sqrt(K) cells
+and searched by the exact cell scan of ``_cells`` (residual form, triangle-inequality pruning;
+6.2-7.4x FAISS flat on the clustered benchmark case, l2 and cos, a 2-core AVX2 EPYC); a codebook
+whose cells scan most of it or hand the queries back (CELLS_MAX_WORK: flat image regions under
+cos) stops taking them.
 ip / cos codebooks past the direct scan's 4,096 rows whose queries the filter does not prune take
 the flat path, whose uncertified queries (flat regions, whose unit rows are all alike, and tight
 clusters) then go to the direct scan over codebook blocks (``_direct.search_dot_blocked``:
@@ -840,8 +841,9 @@ def _nearest_filtered(x: torch.Tensor, codebook: torch.Tensor, metric: str,
                 result = _search_chunk(chunk, codebook, finer, metric, "int8x2")
             finer.record(result is not None)
         if result is None and blocked and not _cells_built(codebook, metric):
-            # ip / cos (cos codebooks known to be tightly clustered: their cell scan, below): the certified flat scan (its uncertified queries to the blocked scan) or
-            # the blocked direct scan, whichever settled this codebook's chunks faster (_DotPaths)
+            # ip / cos (cos codebooks known to be tightly clustered: their cell scan, below): the
+            # certified flat scan (its uncertified queries to the blocked scan) or the blocked
+            # direct scan, whichever settled this codebook's chunks faster (_DotPaths)
             paths = per_tensor(codebook, ("dot_paths", metric), lambda c: _DotPaths())
             part = chunk  # (bound now: the closure below runs inside this iteration only)
 
