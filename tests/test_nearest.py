@@ -680,15 +680,22 @@ def _route_small_codebooks_to_cells(monkeypatch):
     return calls
 
 
+def _first_search_of_tight_clusters(monkeypatch, metric):
+    """(codebook, queries, cell-scan call sizes, ids) of a first flat-path search of tight
+    clusters: exact, and most queries went to the cell scan."""
+    c, x = _tight_clusters()
+    calls = _route_small_codebooks_to_cells(monkeypatch)
+    ids, dists = _nearest_cpu.nearest_cpu(x, c, metric, "flat")
+    assert_nearest_ok(ids, dists, x, c, metric, exact=True, rel_tol=2e-7)
+    assert _nearest_cpu.FLAT_FAIL_SHARE * x.shape[0] < sum(calls) <= x.shape[0]
+    return c, x, calls, ids
+
+
 def test_clustered_codebook_goes_to_the_cell_scan_and_stays_exact(monkeypatch):
     # tight clusters fail the flat path's first round almost everywhere; a partition of the
     # codebook is built once and the cell scan settles those queries
-    c, x = _tight_clusters()
-    calls = _route_small_codebooks_to_cells(monkeypatch)
-    ids, dists = _nearest_cpu.nearest_cpu(x, c, "l2", "flat")
-    assert_nearest_ok(ids, dists, x, c, "l2", exact=True, rel_tol=2e-7)
+    c, x, calls, ids = _first_search_of_tight_clusters(monkeypatch, "l2")
     first = sum(calls)
-    assert _nearest_cpu.FLAT_FAIL_SHARE * x.shape[0] < first <= x.shape[0]
     cells = _cache_entry(c)
     assert cells is not None and cells.n_cells == round(c.shape[0] ** 0.5)
     # cached: a second call reuses the partition, with any number of queries, and sends every
@@ -701,22 +708,17 @@ def test_clustered_codebook_goes_to_the_cell_scan_and_stays_exact(monkeypatch):
     assert torch.equal(ids3, ids[:50]) and sum(calls) == first + 350
 
 
-def _cache_entry(codebook):
+def _cache_entry(codebook, metric="l2"):
     from unicode2_fast import _cache
-    return _cache.cached(codebook, ("cells", "l2"))
+    return _cache.cached(codebook, ("cells", metric))
 
 
 def test_clustered_cos_codebook_goes_to_the_cell_scan_of_its_unit_rows(monkeypatch):
     # cos is l2 on the unit sphere: tight clusters fail the flat scan there too, and the partition
     # of the unit codewords settles them exactly (0.75x FAISS before, on the clustered benchmark)
-    c, x = _tight_clusters()
-    calls = _route_small_codebooks_to_cells(monkeypatch)
-    ids, dists = _nearest_cpu.nearest_cpu(x, c, "cos", "flat")
-    assert_nearest_ok(ids, dists, x, c, "cos", exact=True, rel_tol=2e-7)
+    c, x, calls, ids = _first_search_of_tight_clusters(monkeypatch, "cos")
     first = sum(calls)
-    assert _nearest_cpu.FLAT_FAIL_SHARE * x.shape[0] < first <= x.shape[0]
-    from unicode2_fast import _cache
-    cells = _cache.cached(c, ("cells", "cos"))
+    cells = _cache_entry(c, "cos")
     assert cells is not None and _cache_entry(c) is None
     # the cells hold unit rows
     rows, _ = cells.residuals()

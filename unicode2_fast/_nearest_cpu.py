@@ -1185,8 +1185,8 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
                 fold(dots, c0, sq[c0:c1] if metric == "l2" else None, coef, margin[q0:q1], q_sq[q0:q1],
                      least[q0:q1], cand_v[q0:q1], cand_c[q0:q1], count[q0:q1])
         settled = count > 0  # (none kept: objectives that are not numbers; the threshold scan's to judge)
-        used = int(count.max()) if cap else 0  # (the widest kept list: the tables past it are unused)
-        cand_v, cand_c = cand_v[:, :max(used, 0)], cand_c[:, :max(used, 0)]
+        used = max(int(count.max()), 0)  # (the widest kept list: the tables past it are unused)
+        cand_v, cand_c = cand_v[:, :used], cand_c[:, :used]
         slots = torch.arange(cand_v.shape[1]).unsqueeze(0) < count.clamp_min(0).unsqueeze(1)
         v = cand_v.double()
         w = width(xn.unsqueeze(1), flat.norms[cand_c])
@@ -1194,7 +1194,7 @@ def _flat_search(x: torch.Tensor, codebook: torch.Tensor, metric: str, cells_ok:
         # >= the exact minimum: the least fp32 objective, and (settled rows) each kept pair's own bound
         upper = least + q_sq + w_any + fp64_slack(least, q_sq)
         pair_upper = torch.where(slots, v + q_sq.unsqueeze(1) + w + slack, torch.full_like(v, math.inf))
-        if cand_v.shape[1]:
+        if used:
             upper = torch.minimum(upper, pair_upper.amin(dim=1))
         bound[todo] = upper
         if bool(settled.any()):
